@@ -1,0 +1,31 @@
+# Everything a fresh machine needs. `make test` and `make demo` build .venv from nothing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch pinned in the same command as everything that depends on it (else pip fetches CUDA)
+	$(BIN)/pip install -q "$(TORCH)" -e ".[lm,server,dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/python examples/seed_experiment.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .bench

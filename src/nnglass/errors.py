@@ -1,0 +1,42 @@
+"""One exception hierarchy. Every message names the problem, the user's file:line when
+there is one, and what to do instead. The server maps each class to one HTTP status
+(server/app.py keeps that table)."""
+
+from __future__ import annotations
+
+
+class NNglassError(Exception):
+    """Base class of every error nnglass raises on purpose."""
+
+    def __init__(self, message: str, where: str = "") -> None:
+        self.where = where
+        super().__init__(f"{message}\n  at {where}" if where else message)
+        self.message = message
+
+
+class TraceError(NNglassError):
+    """Code inside a `trace` block cannot be recorded (e.g. `if proxy:`)."""
+
+
+class GraphError(NNglassError):
+    """A graph is malformed: bad structure, unknown op, bad reference, too large."""
+
+
+class VersionError(GraphError):
+    """The graph's wire version is not one this side speaks."""
+
+
+class ExecutionError(NNglassError):
+    """A node failed while the model ran (shape error, bad index, ...)."""
+
+
+class OutOfOrderError(ExecutionError):
+    """A value was needed before the model produced it, or a site never ran."""
+
+
+class PolicyError(NNglassError):
+    """The graph touches something the model's exposure policy forbids."""
+
+
+class RemoteError(NNglassError):
+    """The service refused or failed a job."""

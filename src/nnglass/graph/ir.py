@@ -1,0 +1,161 @@
+"""The intervention graph: a flat list of nodes in SSA order.
+
+Invariants (the rest of nnglass relies on them):
+- A node only refers to nodes with a smaller id (SSA order == program order).
+- Arguments are plain data: literals, `Ref`s to earlier nodes, `TensorRef`s to
+  attached tensors, and containers of those (list, tuple, dict with str keys, slice).
+- `op` is one of the opcodes below or a name in the op registry. Nothing else.
+
+Opcodes (the whole IR; everything else is a registry call):
+
+    get       read a site                       site
+    set       write a site: args[0]            site
+    grad      gradient of args[0] (a tensor a site produced)
+    set_grad  replace the gradient of args[0] by args[1]
+    module    call the module at args[0] (a path) on args[1:], kwargs
+    param     read the parameter or buffer at args[0] (a dotted path)
+    backward  args[0].backward(gradient=args[1]) restricted to the declared .grads
+    <name>    a registry op, e.g. "torch.add", "Tensor.sum", "operator.getitem"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+WIRE_VERSION = "1.0"
+
+GET, SET, GRAD, SET_GRAD, MODULE, PARAM, BACKWARD = (
+    "get",
+    "set",
+    "grad",
+    "set_grad",
+    "module",
+    "param",
+    "backward",
+)
+OPCODES = frozenset({GET, SET, GRAD, SET_GRAD, MODULE, PARAM, BACKWARD})
+SITE_KINDS = ("input", "inputs", "output", "result")
+ALL_STEPS = -1  # Site.step for nodes inside `tracer.all()`
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A reference to the value of an earlier node."""
+
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    """A reference to a tensor attached to the graph (travels as safetensors)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """Where a `get`/`set` touches the model.
+
+    path: dotted module path ("" is the root); kind: input | inputs | output | result;
+    call: which call of the module within a step (0-based); step: generation step,
+    or ALL_STEPS for every step.
+    """
+
+    path: str
+    kind: str
+    call: int = 0
+    step: int = 0
+
+
+@dataclass(slots=True)
+class Node:
+    id: int
+    op: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    site: Site | None = None
+    invoke: int | None = None  # rows of this invoke; None = the whole batch
+    step: int = 0  # the step scope the node runs in (ALL_STEPS: every step)
+    save: bool = False
+    where: str = ""  # the user's file:line
+
+    def refs(self) -> list[int]:
+        """Ids of the nodes this node reads."""
+        out: list[int] = []
+        _collect_refs(self.args, out)
+        _collect_refs(self.kwargs, out)
+        return out
+
+
+def _collect_refs(obj: Any, out: list[int]) -> None:
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Ref):
+            out.append(x.id)
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, slice):
+            stack.extend((x.start, x.stop, x.step))
+
+
+@dataclass(slots=True)
+class Invoke:
+    """One invoke's model inputs (already encoded: tensors as TensorRefs)."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Graph:
+    """An experiment: nodes, the invokes that feed the forward pass, attached tensors.
+
+    mode: "trace" (one forward), "generate" (options hold generate kwargs) or "session"
+    (`children` are traces run in order, sharing values by node id across them).
+    """
+
+    model: str = ""
+    nodes: list[Node] = field(default_factory=list)
+    invokes: list[Invoke] = field(default_factory=list)
+    tensors: dict[str, Any] = field(default_factory=dict)  # key -> torch.Tensor
+    mode: str = "trace"
+    options: dict[str, Any] = field(default_factory=dict)
+    version: str = WIRE_VERSION
+
+    def add(self, op: str, args: tuple = (), kwargs: dict | None = None, **fields: Any) -> Node:
+        node = Node(len(self.nodes), op, args, kwargs or {}, **fields)
+        self.nodes.append(node)
+        return node
+
+    def attach(self, tensor: Any) -> TensorRef:
+        key = f"t{len(self.tensors)}"
+        self.tensors[key] = tensor
+        return TensorRef(key)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __str__(self) -> str:
+        lines = [f"graph {self.model!r} mode={self.mode} invokes={len(self.invokes)}"]
+        lines += [format_node(n) for n in self.nodes]
+        return "\n".join(lines)
+
+
+def format_node(n: Node) -> str:
+    site = f" @{n.site.path or '<root>'}.{n.site.kind}[{n.site.call}]" if n.site else ""
+    args = ", ".join(_fmt(a) for a in n.args)
+    kw = "".join(f", {k}={_fmt(v)}" for k, v in n.kwargs.items())
+    flags = (" save" if n.save else "") + (f" invoke={n.invoke}" if n.invoke is not None else "")
+    return f"  %{n.id} = {n.op}({args}{kw}){site}{flags}  # {n.where}"
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, Ref):
+        return f"%{x.id}"
+    if isinstance(x, TensorRef):
+        return f"<tensor {x.key}>"
+    return repr(x)

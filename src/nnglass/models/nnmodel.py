@@ -1,0 +1,115 @@
+"""NNModel: any torch.nn.Module, traced.
+
+Invokes are batched by concatenating tensor arguments on dim 0 (each invoke's rows are
+remembered); non-tensor arguments must be equal across invokes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import TraceError
+from ..graph.ir import Graph, Invoke
+from ..runtime.backend import Backend, LocalBackend
+from ..runtime.interpreter import Interpreter, resolve
+from ..runtime.run import execute
+from ..tracing.envoy import Envoy
+from ..tracing.tracer import Tracer, user_where
+
+
+class NNModel:
+    """Wraps (does not copy) a module. `with net.trace(x): net.layer.output.save()`."""
+
+    def __init__(self, module: torch.nn.Module, name: str | None = None) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_envoy", Envoy(module, ""))
+        object.__setattr__(self, "name", name or type(module).__name__)
+        object.__setattr__(self, "_local", LocalBackend(self))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The wrapped torch module itself."""
+        return self._module
+
+    def trace(self, *args: Any, remote: bool = False, **kwargs: Any) -> Tracer:
+        """Record the block; on exit run it with `args`/`kwargs` as the forward's inputs."""
+        if remote:
+            raise TraceError("remote=True is for models a server hosts: use LanguageModel(name)",
+                             user_where())  # fmt: skip
+        return Tracer(self, args, kwargs)
+
+    # --- what Tracer needs ---------------------------------------------------------------
+    def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke:
+        return Invoke(tuple(tracer.encode(a) for a in args), {k: tracer.encode(v) for k, v in kwargs.items()})
+
+    def _execute(self, graph: Graph) -> dict[int, Any]:
+        return self._backend().execute(graph)
+
+    def _backend(self) -> Backend:
+        return self._local
+
+    # --- running (also what a server calls) ---------------------------------------------
+    def run_graph(self, graph: Graph) -> dict[int, Any]:
+        args, kwargs, rows, batch = batch_invokes(graph)
+        module = self._module
+
+        def forward(interp: Interpreter) -> Any:
+            return module(*args, **kwargs)
+
+        return execute(graph, module, forward, rows, batch)
+
+    # --- the module tree ------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._envoy, name)
+
+    def __getitem__(self, index: int) -> Envoy:
+        return self._envoy[index]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._envoy, name, value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._module!r})"
+
+
+def batch_invokes(graph: Graph) -> tuple[tuple, dict, list[tuple[int, int]], int]:
+    """Concatenate the invokes' tensor arguments on dim 0; return args, kwargs, rows, batch."""
+    invokes = [
+        (resolve(inv.args, [], graph.tensors), resolve(inv.kwargs, [], graph.tensors))
+        for inv in graph.invokes
+    ]
+    if len(invokes) == 1:
+        args, kwargs = invokes[0]
+        n = _batch_size(args, kwargs)
+        return args, kwargs, [(0, n)], n
+    first_args, first_kwargs = invokes[0]
+    for a, k in invokes[1:]:
+        if len(a) != len(first_args) or set(k) != set(first_kwargs):
+            raise TraceError("every invoke must pass the same arguments (tensors are batched on dim 0)")
+    rows, start = [], 0
+    for a, k in invokes:
+        n = _batch_size(a, k)
+        rows.append((start, start + n))
+        start += n
+    args = tuple(_merge([a[i] for a, _ in invokes]) for i in range(len(first_args)))
+    kwargs = {name: _merge([k[name] for _, k in invokes]) for name in first_kwargs}
+    return args, kwargs, rows, start
+
+
+def _merge(values: list[Any]) -> Any:
+    if isinstance(values[0], torch.Tensor):
+        return torch.cat(values, dim=0)
+    if any(v != values[0] for v in values[1:]):
+        raise TraceError(f"non-tensor arguments must be equal across invokes: {values!r}")
+    return values[0]
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.dim():
+            return int(v.shape[0])
+    return 1
+
+

@@ -1,0 +1,94 @@
+"""Hooks: the only place nnglass touches a model, and only for the length of one run.
+
+Invariants:
+- Hooks go only on modules the graph references, and every one is removed in a
+  `finally`, also when the forward raises or stops early.
+- A hook acts only for the run active in the current context (a context variable), so
+  threads tracing the same model at once never see each other's interventions.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from ..errors import GraphError
+from .interpreter import Interpreter
+
+ACTIVE: contextvars.ContextVar[Interpreter | None] = contextvars.ContextVar("nnglass_run", default=None)
+
+
+def find_module(model: torch.nn.Module, path: str, where: str = "") -> torch.nn.Module:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        raise GraphError(f"the model has no module at `{path}`", where) from None
+
+
+def _first_keyword_input(module: torch.nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _pre_hook(interp: Interpreter, path: str, kinds: set[str], params: list[str]) -> Any:
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        if ACTIVE.get() is not interp or interp.suspended:
+            return None
+        new_args, new_kwargs = args, kwargs
+        if "inputs" in kinds:
+            new_args, new_kwargs = interp.fire(path, "inputs", (args, kwargs))
+            new_args = tuple(new_args)
+        if "input" in kinds:
+            if new_args:
+                new_args = (interp.fire(path, "input", new_args[0]), *new_args[1:])
+            else:
+                name = next((p for p in params if p in new_kwargs), None)
+                if name is None:
+                    interp.fire(path, "input", None)
+                else:
+                    new_kwargs = {**new_kwargs, name: interp.fire(path, "input", new_kwargs[name])}
+        if new_args is args and new_kwargs is kwargs:
+            return None
+        return new_args, new_kwargs
+
+    return hook
+
+
+def _forward_hook(interp: Interpreter, path: str) -> Any:
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if ACTIVE.get() is not interp or interp.suspended:
+            return None
+        new = interp.fire(path, "output", output)
+        return None if new is output else new
+
+    return hook
+
+
+@contextmanager
+def hooked(model: torch.nn.Module, interp: Interpreter) -> Iterator[None]:
+    """Install the run's hooks and make it the active run in this context."""
+    handles = []
+    token = ACTIVE.set(interp)
+    try:
+        where = {n.site.path: n.where for n in interp.nodes if n.site is not None}
+        for path, kinds in interp.plan.hooked.items():
+            module = find_module(model, path, where.get(path, ""))
+            pre = kinds & {"input", "inputs"}
+            if pre:
+                params = _first_keyword_input(module) if "input" in pre else []
+                handles.append(module.register_forward_pre_hook(
+                    _pre_hook(interp, path, pre, params), with_kwargs=True))  # fmt: skip
+            if "output" in kinds:
+                handles.append(module.register_forward_hook(_forward_hook(interp, path), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        ACTIVE.reset(token)

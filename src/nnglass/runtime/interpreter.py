@@ -1,0 +1,368 @@
+"""The Interpreter: runs a graph interleaved with the model's forward pass.
+
+Execution is dataflow, driven by the model: a hook `fire`s a site, the site's get/set
+nodes run in program order, and every node whose inputs are ready runs at once (lowest
+id first), so each value is computed as early as the forward pass allows and dropped
+when nothing needs it. Subclasses override the per-node methods (`call_op`,
+`call_module`, `read_param`, `backward`) to scan with fake tensors or check a policy
+without a second walk.
+
+Invariants:
+- Hooks see the model's tensors; setters never mutate a tensor held elsewhere (a site
+  that is edited in place is copied first; `set` replaces rather than writes into).
+- Saved values are snapshots (detached copies taken when the node completes).
+- Backward computes gradients only for the sites the graph asked for: it uses
+  `torch.autograd.grad`, which never accumulates into any `.grad`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import torch
+
+from ..errors import ExecutionError, NNglassError, OutOfOrderError
+from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, MODULE, PARAM, SET, SET_GRAD, Node, Ref, TensorRef
+from .plan import Plan, SiteKey, site_key
+
+_UNSET: Any = object()
+
+
+class EarlyStop(BaseException):  # noqa: N818 - not an error: model code must not catch it
+    """Raised from a hook once nothing more is needed from the forward pass."""
+
+
+def resolve(x: Any, values: list[Any], tensors: dict[str, Any]) -> Any:
+    t = type(x)
+    if t is Ref:
+        return values[x.id]
+    if t is tuple or t is list:
+        return t([resolve(y, values, tensors) for y in x])
+    if t is dict:
+        return {k: resolve(v, values, tensors) for k, v in x.items()}
+    if t is slice:
+        return slice(resolve(x.start, values, tensors), resolve(x.stop, values, tensors),
+                     resolve(x.step, values, tensors))  # fmt: skip
+    if t is TensorRef:
+        return tensors[x.key]
+    return x
+
+
+def snapshot(x: Any) -> Any:
+    """A detached copy of a value's tensors, so later edits cannot change it."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
+        return type(x)(snapshot(y) for y in x)
+    if isinstance(x, dict):
+        out = {k: snapshot(v) for k, v in x.items()}
+        return out if type(x) is dict else _rebuild(x, out)
+    return x
+
+
+def _rebuild(obj: Any, items: dict) -> Any:
+    """Same class as `obj` (e.g. a transformers ModelOutput), new contents."""
+    try:
+        return type(obj)(**items)
+    except TypeError:
+        return items
+
+
+def _copy_tensors(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if type(x) in (list, tuple):
+        return type(x)(_copy_tensors(y) for y in x)
+    if isinstance(x, dict):
+        out = {k: _copy_tensors(v) for k, v in x.items()}
+        return out if type(x) is dict else _rebuild(x, out)
+    return x
+
+
+class Interpreter:
+    """Runs one graph against one model. Create one per run."""
+
+    def __init__(self, plan: Plan, model: torch.nn.Module, rows: list[tuple[int, int]],
+                 batch_size: int, can_stop: bool = True) -> None:  # fmt: skip
+        self.plan = plan
+        self.nodes = plan.graph.nodes
+        self.model = model
+        self.tensors = plan.graph.tensors
+        self.rows = rows  # invoke index -> (start, stop)
+        self.batch_size = batch_size
+        self.can_stop = can_stop
+        n = len(self.nodes)
+        self.values: list[Any] = [_UNSET] * n
+        self.remaining = [len(d) for d in plan.deps]
+        self.left = n  # nodes not yet run
+        self.saved: dict[int, Any] = {}
+        self.step = 0
+        self.calls: dict[tuple[str, str], int] = {}
+        self.suspended = 0  # > 0 while a `module` node runs a module: hooks pass through
+        self.fired: list[SiteKey] = []
+        self._ready: list[int] = []
+        self._grad_hooks: list[Any] = []
+        self._grad_pending: dict[int, torch.Tensor] = {}  # get node -> tensor awaiting grad
+
+    # --- driving ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._ready.extend(self.plan.starters)
+        heapq.heapify(self._ready)
+        self.drain()
+
+    def next_step(self) -> None:
+        """A new generation step: call counters restart, every-step nodes run again."""
+        self.step += 1
+        self.calls.clear()
+        for i in self.plan.all_steps:
+            if self.values[i] is not _UNSET:
+                self.values[i] = _UNSET
+                self.left += 1
+            self.remaining[i] = sum(1 for d in self.plan.deps[i] if self.values[d] is _UNSET)
+            if not self.remaining[i] and self.nodes[i].op not in (GET, SET, GRAD, SET_GRAD):
+                heapq.heappush(self._ready, i)
+        self.drain()
+
+    def fire(self, path: str, kind: str, value: Any) -> Any:
+        """A hook reached (path, kind): run that site's nodes; return the value to use."""
+        ck = (path, kind)
+        call = self.calls.get(ck, 0)
+        self.calls[ck] = call + 1
+        sites = self.plan.sites
+        key = (path, kind, call, self.step)
+        ids = sites.get(key)
+        every = sites.get((path, kind, call, ALL_STEPS))
+        if ids is None and every is None:
+            return value
+        if every is not None:
+            ids = sorted((ids or []) + every)
+            if key not in self.plan.copy_sites and (path, kind, call, ALL_STEPS) in self.plan.copy_sites:
+                value = _copy_tensors(value)
+        if key in self.plan.copy_sites:
+            value = _copy_tensors(value)
+        self.fired.append(key)
+        gets: list[int] = []
+        for i in ids:
+            node = self.nodes[i]
+            if self.remaining[i]:
+                self._out_of_order(node)
+            if node.op == GET:
+                self.complete(i, self._slice(value, node.invoke))
+                gets.append(i)
+            else:
+                value = self._replace(value, self.values_of(node.args[0]), node.invoke)
+                self.complete(i, None)
+            self.drain()
+        for i in self.plan.inplace_at.get(key, ()):
+            if self.values[i] is _UNSET:
+                self._out_of_order(self.nodes[i])
+        for i in gets:
+            if i in self.plan.grad_groups:
+                value = self._watch_grad(i, value)
+        if self.left == 0 and self.can_stop:
+            raise EarlyStop
+        return value
+
+    def values_of(self, arg: Any) -> Any:
+        return resolve(arg, self.values, self.tensors)
+
+    # --- completing nodes -----------------------------------------------------------------
+    def complete(self, i: int, value: Any) -> None:
+        self.values[i] = value
+        self.left -= 1
+        node = self.nodes[i]
+        if node.save:
+            snap = snapshot(value)
+            if node.step == ALL_STEPS:
+                self.saved.setdefault(i, []).append(snap)
+            else:
+                self.saved[i] = snap
+        remaining = self.remaining
+        for c in self.plan.consumers[i]:
+            remaining[c] -= 1
+            if not remaining[c] and self.nodes[c].op not in (GET, SET, GRAD, SET_GRAD):
+                heapq.heappush(self._ready, c)
+
+    def drain(self) -> None:
+        ready = self._ready
+        while ready:
+            i = heapq.heappop(ready)
+            if self.values[i] is not _UNSET:
+                continue
+            node = self.nodes[i]
+            try:
+                value = self.run_node(node)
+            except (NNglassError, EarlyStop):
+                raise
+            except Exception as e:
+                raise ExecutionError(f"{type(e).__name__}: {e}", node.where) from e
+            self.complete(i, value)
+
+    def run_node(self, node: Node) -> Any:
+        op = node.op
+        args = resolve(node.args, self.values, self.tensors)
+        kwargs = resolve(node.kwargs, self.values, self.tensors) if node.kwargs else {}
+        if op == MODULE:
+            return self.call_module(args[0], args[1:], kwargs)
+        if op == PARAM:
+            return self.read_param(args[0])
+        if op == BACKWARD:
+            return self.backward(node, *args, **kwargs)
+        return self.call_op(node, self.plan.fns[node.id], args, kwargs)
+
+    # --- per-node behaviour (override to scan or check) ----------------------------------
+    def call_op(self, node: Node, fn: Any, args: tuple, kwargs: dict) -> Any:
+        return fn(*args, **kwargs)
+
+    def call_module(self, path: str, args: tuple, kwargs: dict) -> Any:
+        self.suspended += 1
+        try:
+            return self.model.get_submodule(path)(*args, **kwargs)
+        finally:
+            self.suspended -= 1
+
+    def read_param(self, path: str) -> Any:
+        module_path, _, name = path.rpartition(".")
+        module = self.model.get_submodule(module_path)
+        value = module._parameters.get(name)
+        if value is None:
+            value = module._buffers[name]
+        return value.detach()
+
+    def backward(self, node: Node, tensor: Any, gradient: Any = None) -> None:
+        targets = [i for i in self._grad_pending if i < node.id]
+        if not targets:
+            return None
+        inputs = [self._grad_pending.pop(i) for i in targets]
+        with torch.enable_grad():
+            torch.autograd.grad([tensor], inputs, grad_outputs=[gradient], retain_graph=True,
+                                allow_unused=True)  # fmt: skip
+        return None
+
+    # --- gradients -------------------------------------------------------------------------
+    def _watch_grad(self, get_id: int, value: Any) -> Any:
+        """Hook the gradient of the site value read by `get_id` (the full batch)."""
+        group = self.plan.grad_groups[get_id]
+        _, path = self.plan.grad_path[group[0]]
+        tensor = _index(value, path)
+        if not isinstance(tensor, torch.Tensor):
+            raise ExecutionError("`.grad` needs a tensor here", self.nodes[group[0]].where)
+        if not tensor.requires_grad:
+            # Frozen weights: make this activation a leaf of its own graph (never a parameter).
+            tensor = tensor.detach().requires_grad_(True)
+            value = _replace_at(value, path, tensor)
+        invoke = self.nodes[get_id].invoke
+
+        def on_grad(grad: torch.Tensor) -> torch.Tensor:
+            for i in group:
+                node = self.nodes[i]
+                if self.values[i] is not _UNSET:
+                    continue
+                if self.remaining[i]:
+                    self._out_of_order(node)
+                if node.op == GRAD:
+                    self.complete(i, self._slice(grad, invoke))
+                else:
+                    grad = self._replace(grad, self.values_of(node.args[1]), invoke)
+                    self.complete(i, None)
+                self.drain()
+            return grad
+
+        self._grad_hooks.append(tensor.register_hook(on_grad))
+        self._grad_pending[get_id] = tensor
+        return value
+
+    def close(self) -> None:
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks.clear()
+        self._grad_pending.clear()
+
+    # --- invokes -----------------------------------------------------------------------
+    def _slice(self, value: Any, invoke: int | None) -> Any:
+        if invoke is None or len(self.rows) == 1:
+            return value
+        start, stop = self.rows[invoke]
+        return _map_batch(value, self.batch_size, lambda t: t[start:stop])
+
+    def _replace(self, value: Any, new: Any, invoke: int | None) -> Any:
+        if invoke is None or len(self.rows) == 1:
+            return new
+        start, stop = self.rows[invoke]
+
+        def put(full: torch.Tensor, part: Any) -> torch.Tensor:
+            out = full.clone()
+            out[start:stop] = part
+            return out
+
+        return _zip_batch(value, new, self.batch_size, put)
+
+    # --- errors --------------------------------------------------------------------------
+    def _out_of_order(self, node: Node) -> None:
+        blocker = self._blocker(node)
+        b = self.nodes[blocker]
+        what = f"`{b.site.path or '<root>'}.{b.site.kind}`" if b.site else f"%{b.id} ({b.op})"
+        raise OutOfOrderError(
+            f"this needs a value from {what} (line {b.where}), which the model has not "
+            "computed yet here: values can only flow forward through the model",
+            node.where,
+        )
+
+    def _blocker(self, node: Node) -> int:
+        """The earliest unfinished node this one waits on (follows the chain down)."""
+        stack, seen = [node.id], set()
+        best = node.id
+        while stack:
+            i = stack.pop()
+            for d in self.plan.deps[i]:
+                if self.values[d] is _UNSET and d not in seen:
+                    seen.add(d)
+                    stack.append(d)
+                    if self.nodes[d].op in (GET, GRAD) or d < best:
+                        best = d
+        return best
+
+    def unfinished(self) -> list[Node]:
+        return [n for n in self.nodes if self.values[n.id] is _UNSET]
+
+    def site_of(self, node: Node) -> SiteKey | None:
+        return site_key(node) if node.site else None
+
+
+def _map_batch(x: Any, batch: int, fn: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x) if x.dim() and x.shape[0] == batch else x
+    if type(x) in (list, tuple):
+        return type(x)(_map_batch(y, batch, fn) for y in x)
+    if isinstance(x, dict):
+        out = {k: _map_batch(v, batch, fn) for k, v in x.items()}
+        return out if type(x) is dict else _rebuild(x, out)
+    return x
+
+
+def _zip_batch(full: Any, part: Any, batch: int, put: Any) -> Any:
+    if isinstance(full, torch.Tensor):
+        if full.dim() and full.shape[0] == batch:
+            return put(full, part)
+        return part
+    if type(full) in (list, tuple) and type(part) in (list, tuple) and len(full) == len(part):
+        return type(full)(_zip_batch(f, p, batch, put) for f, p in zip(full, part))
+    if isinstance(full, dict) and isinstance(part, dict):
+        out = {k: _zip_batch(full[k], v, batch, put) if k in full else v for k, v in part.items()}
+        return out if type(full) is dict else _rebuild(full, out)
+    return part
+
+
+def _index(value: Any, path: tuple[int, ...]) -> Any:
+    for i in path:
+        value = value[i]
+    return value
+
+
+def _replace_at(value: Any, path: tuple[int, ...], new: Any) -> Any:
+    if not path:
+        return new
+    items = list(value)
+    items[path[0]] = _replace_at(items[path[0]], path[1:], new)
+    return type(value)(items)

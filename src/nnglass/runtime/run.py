@@ -1,0 +1,89 @@
+"""`execute`: one graph, one model, one forward (or generate) call, hooks in between.
+
+Invariant: whatever happens (error mid-forward, early stop, out-of-order), the model is
+left as it was: no hooks, no edited weights, no `.grad`; the next run starts clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import OutOfOrderError
+from ..graph.ir import GRAD, SET_GRAD, Graph
+from ..graph.ops import REGISTRY, OpRegistry
+from .hooks import hooked
+from .interpreter import EarlyStop, Interpreter
+from .plan import build_plan
+
+
+def execute(
+    graph: Graph,
+    model: torch.nn.Module,
+    forward: Callable[[Interpreter], Any],
+    rows: list[tuple[int, int]],
+    batch_size: int,
+    *,
+    registry: OpRegistry = REGISTRY,
+    can_stop: bool = True,
+    interpreter: type[Interpreter] = Interpreter,
+) -> dict[int, Any]:
+    """Run `graph` while `forward(interp)` runs the model; return the saved values by node id."""
+    plan = build_plan(graph, registry)
+    interp = interpreter(plan, model, rows, batch_size, can_stop=can_stop)
+    try:
+        with hooked(model, interp):
+            interp.start()
+            try:
+                if plan.has_backward:
+                    with torch.enable_grad():
+                        forward(interp)
+                else:
+                    forward(interp)
+            except EarlyStop:
+                pass
+        check_finished(interp)
+        return interp.saved
+    finally:
+        interp.close()
+
+
+def check_finished(interp: Interpreter) -> None:
+    """Every node must have run; name the first that did not, and why."""
+    unfinished = interp.unfinished()
+    if not unfinished:
+        return
+    for node in unfinished:
+        if node.site is not None:
+            s = node.site
+            ran = interp.calls.get((s.path, s.kind), 0)
+            step = f" at generation step {s.step}" if interp.plan.max_step else ""
+            if s.step > interp.step:
+                raise OutOfOrderError(
+                    f"generation step {s.step} never happened (the last step was "
+                    f"{interp.step}): `.value` of this node has nothing to return",
+                    node.where,
+                )
+            raise OutOfOrderError(
+                f"`{s.path or '<root>'}.{s.kind}` call {s.call}{step} never happened: the "
+                f"module ran {ran} time(s) in that step{_stop_hint(interp)}",
+                node.where,
+            )
+        if node.op in (GRAD, SET_GRAD):
+            raise OutOfOrderError(
+                "this gradient was never computed: no `.backward()` after it reaches this "
+                "value (does the loss depend on it?)",
+                node.where,
+            )
+    node = unfinished[0]
+    blocker = interp.nodes[interp._blocker(node)]
+    raise OutOfOrderError(
+        f"this value was never computed: it waits on line {blocker.where}, which never ran",
+        node.where,
+    )
+
+
+def _stop_hint(interp: Interpreter) -> str:
+    return "" if interp.fired else " (no hooked module ran at all: is it part of the forward?)"

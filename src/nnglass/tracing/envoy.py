@@ -1,0 +1,160 @@
+"""Envoys: a mirror of the module tree that turns site accesses into graph nodes.
+
+`net.layers[3].mlp.output` walks Envoys (validated against the real module tree, so
+a bad path fails at the user's line) and records a `get` of site ("layers.3.mlp",
+"output"). Envoys hold no per-trace state: the active tracer comes from a context
+variable, so two threads can trace the same model at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import TraceError
+from ..graph.ir import GET, MODULE, PARAM, SET, Graph, Invoke
+from .proxy import Proxy
+from .tracer import Tracer, current_tracer, user_where
+
+
+class TracedModel(Protocol):
+    """What a Tracer needs from the model it records against (NNModel, LanguageModel)."""
+
+    name: str
+
+    def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke: ...
+
+    def _execute(self, graph: Graph) -> dict[int, Any]: ...
+
+
+class Envoy:
+    """Stands for one module at `path` inside traces."""
+
+    __slots__ = ("_children", "_module", "_path")
+
+    def __init__(self, module: torch.nn.Module, path: str) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_children", {})
+
+    # --- the tree ------------------------------------------------------------------------
+    def _child(self, name: str) -> Envoy:
+        child = self._children.get(name)
+        if child is None:
+            module = self._module._modules[name]
+            path = f"{self._path}.{name}" if self._path else name
+            child = self._children[name] = Envoy(module, path)
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        module = self._module
+        if name in module._modules:
+            return self._child(name)
+        if name in module._parameters or name in module._buffers:
+            path = f"{self._path}.{name}" if self._path else name
+            return current_tracer(f"`{path}`").record(PARAM, (path,))
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            raise TraceError(
+                f"{type(module).__name__} at `{self._path or '<root>'}` has no submodule or "
+                f"attribute {name!r}; submodules: {', '.join(module._modules) or 'none'}",
+                user_where(),
+            ) from None
+
+    def __getitem__(self, index: int) -> Envoy:
+        names = list(self._module._modules)
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise TraceError(f"index modules with an int, got {index!r}", user_where())
+        if not -len(names) <= index < len(names):
+            raise TraceError(
+                f"`{self._path or '<root>'}` has {len(names)} submodules (0..{len(names) - 1}); "
+                f"index {index} is out of range",
+                user_where(),
+            )
+        return self._child(names[index])
+
+    def __len__(self) -> int:
+        return len(self._module._modules)
+
+    def __iter__(self) -> Any:
+        return (self._child(n) for n in self._module._modules)
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    # --- sites ---------------------------------------------------------------------------
+    def call(self, i: int) -> SiteCall:
+        """The module's i-th call (0-based) in the current step."""
+        if not isinstance(i, int) or i < 0:
+            raise TraceError(f"call index must be an int >= 0, got {i!r}", user_where())
+        return SiteCall(self, i)
+
+    output = property(lambda self: SiteCall(self, 0).output,
+                      lambda self, v: setattr(SiteCall(self, 0), "output", v))  # fmt: skip
+    input = property(lambda self: SiteCall(self, 0).input,
+                     lambda self, v: setattr(SiteCall(self, 0), "input", v))  # fmt: skip
+    inputs = property(lambda self: SiteCall(self, 0).inputs,
+                      lambda self, v: setattr(SiteCall(self, 0), "inputs", v))  # fmt: skip
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input", "inputs"):
+            object.__setattr__(self, name, value)
+        elif name in self._module._modules:
+            raise TraceError(f"cannot replace submodule {name!r} inside a trace", user_where())
+        else:
+            raise TraceError(f"cannot set attribute {name!r} of a module inside a trace; set "
+                             "`.output`, `.input` or `.inputs`", user_where())  # fmt: skip
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
+        """Run this module on traced values (e.g. `net.head(h)` for a logit lens)."""
+        tracer = current_tracer(f"calling `{self._path}`")
+        return tracer.record(MODULE, (self._path, *args), kwargs)
+
+    def forward_parameters(self) -> list[str]:
+        return list(inspect.signature(self._module.forward).parameters)
+
+
+class SiteCall:
+    """`.output`, `.input`, `.inputs` of one call of one module."""
+
+    __slots__ = ("call_index", "envoy")
+
+    def __init__(self, envoy: Envoy, call_index: int) -> None:
+        object.__setattr__(self, "envoy", envoy)
+        object.__setattr__(self, "call_index", call_index)
+
+    def _get(self, kind: str) -> Proxy:
+        tracer = current_tracer(f"`.{kind}`")
+        return tracer.record_site(GET, self.envoy._path, kind, self.call_index)
+
+    def _set(self, kind: str, value: Any) -> None:
+        tracer = current_tracer(f"setting `.{kind}`")
+        tracer.record_site(SET, self.envoy._path, kind, self.call_index, value)
+
+    @property
+    def output(self) -> Proxy:
+        """Exactly what the module's forward returned (a tuple stays a tuple)."""
+        return self._get("output")
+
+    @property
+    def input(self) -> Proxy:
+        """The first positional argument, else the first forward parameter given by keyword."""
+        return self._get("input")
+
+    @property
+    def inputs(self) -> tuple[Proxy, Proxy]:
+        """(args, kwargs) the module was called with."""
+        both = self._get("inputs")
+        return both[0], both[1]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in ("output", "input", "inputs"):
+            raise TraceError(f"cannot set {name!r} on a module call", user_where())
+        if name == "inputs" and not (isinstance(value, tuple) and len(value) == 2):
+            raise TraceError("`.inputs` must be set to an (args, kwargs) pair", user_where())
+        self._set(name, value)

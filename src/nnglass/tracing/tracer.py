@@ -1,0 +1,200 @@
+"""The tracer: records a `with model.trace(...)` block into a Graph, then has it run.
+
+Invariants:
+- Recording never runs model code and never touches tensors' data.
+- Each node remembers the user's file:line (the first frame outside nnglass and torch).
+- On exit without an exception, the graph runs exactly once (through the model's
+  backend); saved proxies then hold their values. With an exception, nothing runs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import TraceError
+from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, SET, Graph, Invoke, Ref, Site
+from .proxy import Proxy, Saved, finish
+
+if TYPE_CHECKING:
+    from .envoy import TracedModel
+
+_CURRENT: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar("nnglass_tracer", default=None)
+_SKIP_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.path.dirname(os.path.abspath(torch.__file__)),
+)
+
+
+def current_tracer(what: str) -> Tracer:
+    tracer = _CURRENT.get()
+    if tracer is None:
+        raise TraceError(f"{what} is only available inside a `with model.trace(...)` block", user_where())
+    return tracer
+
+
+def user_where() -> str:
+    """file:line of the innermost frame that is neither nnglass nor torch code."""
+    f = sys._getframe(1)
+    while f.f_back is not None and f.f_code.co_filename.startswith(_SKIP_DIRS):
+        f = f.f_back
+    return f"{f.f_code.co_filename}:{f.f_lineno}"
+
+
+class Tracer:
+    """Records one trace. Use via `model.trace(...)`, not directly."""
+
+    def __init__(self, model: TracedModel, args: tuple, kwargs: dict, mode: str = "trace",
+                 options: dict | None = None) -> None:  # fmt: skip
+        self.model = model
+        self.graph = Graph(model=model.name, mode=mode, options=dict(options or {}))
+        self.invoke_index: int | None = None
+        self.step = 0
+        self.saved: dict[int, tuple[Proxy, int]] = {}  # id(proxy) -> (proxy, node id)
+        self._tensor_keys: dict[int, Ref | Any] = {}
+        self._token: contextvars.Token | None = None
+        self._in_invoke = False
+        self._implicit = bool(args or kwargs)
+        if self._implicit:
+            self.graph.invokes.append(model._prepare_invoke(self, args, kwargs))
+
+    # --- the block ---------------------------------------------------------------------
+    def __enter__(self) -> Tracer:
+        if _CURRENT.get() is not None:
+            raise TraceError("traces cannot be nested; use tracer.invoke(...) or a session", user_where())
+        self._token = _CURRENT.set(self)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        _CURRENT.reset(self._token)
+        if exc_type is not None:
+            return False
+        if not self.graph.invokes:
+            raise TraceError("nothing to run: pass inputs to trace(...) or use tracer.invoke(...)",
+                             user_where())  # fmt: skip
+        self.check()
+        values = self.model._execute(self.graph)
+        for proxy, node_id in self.saved.values():
+            finish(proxy, values[node_id])
+        return False
+
+    @contextmanager
+    def invoke(self, *args: Any, **kwargs: Any) -> Iterator[Tracer]:
+        """A group of inputs batched with the others; its nodes see only its rows."""
+        if self._in_invoke:
+            raise TraceError("invokes cannot be nested", user_where())
+        if self._implicit:
+            raise TraceError("tracer.invoke(...) cannot be combined with inputs passed to "
+                             "trace(...); pass all inputs through invokes", user_where())
+        self._in_invoke = True
+        if args or kwargs:
+            self.graph.invokes.append(self.model._prepare_invoke(self, args, kwargs))
+            self.invoke_index = len(self.graph.invokes) - 1
+        else:
+            self.invoke_index = None  # no input: sees the whole batch
+        try:
+            yield self
+        finally:
+            self._in_invoke = False
+            self.invoke_index = None
+
+    @contextmanager
+    def all(self) -> Iterator[Tracer]:
+        """Nodes recorded inside run at every generation step; saved values become lists."""
+        with self._step_scope(ALL_STEPS):
+            yield self
+
+    @contextmanager
+    def step(self, k: int) -> Iterator[Tracer]:
+        """Nodes recorded inside run at generation step k (0: the prompt's forward pass)."""
+        if not isinstance(k, int) or k < 0:
+            raise TraceError(f"step must be an int >= 0, got {k!r}", user_where())
+        with self._step_scope(k):
+            yield self
+
+    @contextmanager
+    def _step_scope(self, step: int) -> Iterator[None]:
+        previous, self.step = self.step, step
+        try:
+            yield
+        finally:
+            self.step = previous
+
+    # --- recording ---------------------------------------------------------------------
+    def where(self) -> str:
+        return user_where()
+
+    def record(self, op: str, args: tuple = (), kwargs: dict | None = None,
+               site: Site | None = None) -> Proxy:  # fmt: skip
+        node = self.graph.add(
+            op,
+            tuple(self.encode(a) for a in args),
+            {k: self.encode(v) for k, v in kwargs.items()} if kwargs else {},
+            site=site, invoke=self.invoke_index, step=self.step, where=user_where(),
+        )  # fmt: skip
+        return Proxy(self, node.id)
+
+    def record_inplace(self, proxy: Proxy, op: str, args: tuple, kwargs: dict | None = None) -> Proxy:
+        """An in-place edit: the proxy now stands for the edited value."""
+        new = self.record(op, args, kwargs)
+        proxy._id = new._id
+        return proxy
+
+    def record_site(self, op: str, path: str, kind: str, call: int, value: Any = None) -> Proxy:
+        site = Site(path, kind, call, self.step)
+        return self.record(op, () if op == GET else (value,), None, site)
+
+    def record_backward(self, proxy: Proxy, gradient: Any) -> None:
+        args = (proxy,) if gradient is None else (proxy, gradient)
+        self.record(BACKWARD, args)
+
+    def mark_saved(self, proxy: Proxy) -> None:
+        self.graph.nodes[proxy._id].save = True
+        self.saved[id(proxy)] = (proxy, proxy._id)
+
+    def encode(self, x: Any) -> Any:
+        """A user value as graph data: proxies → Refs, tensors → attachments."""
+        t = type(x)
+        if t is Proxy:
+            if x._tracer is not self:
+                raise TraceError("a value from another trace cannot be used here; save it "
+                                 "and use it after that trace, or use a session", user_where())
+            return Ref(x._id)
+        if t in (int, float, bool, str) or x is None or x is Ellipsis:
+            return x
+        if t is Saved:
+            return self.encode(x._value)
+        if isinstance(x, torch.Tensor):
+            ref = self._tensor_keys.get(id(x))
+            if ref is None:
+                ref = self._tensor_keys[id(x)] = self.graph.attach(x.detach())
+            return ref
+        if t is tuple or t is list or isinstance(x, torch.Size):
+            items = [self.encode(y) for y in x]
+            return torch.Size(items) if isinstance(x, torch.Size) else t(items)
+        if t is dict:
+            return {str(k): self.encode(v) for k, v in x.items()}
+        if t is slice:
+            return slice(self.encode(x.start), self.encode(x.stop), self.encode(x.step))
+        if isinstance(x, (torch.dtype, torch.device)):
+            return x
+        raise TraceError(f"a {t.__name__} cannot be part of a graph (only tensors, numbers, "
+                         "strings, None, slices and lists/tuples/dicts of them)", user_where())
+
+    def check(self) -> None:
+        """Checks that need the whole graph: .grad must come before its backward."""
+        nodes = self.graph.nodes
+        last_backward = max((n.id for n in nodes if n.op == BACKWARD), default=-1)
+        for n in nodes:
+            if n.op == GRAD and n.id > last_backward:
+                raise TraceError(
+                    "`.grad` is declared after the last `.backward()` (or with none): "
+                    "declare it before the backward that produces it", n.where)
+            if n.op == SET and n.site is not None and n.site.kind == "result":
+                raise TraceError("the generated result cannot be set", n.where)
