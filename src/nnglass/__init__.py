@@ -6,12 +6,26 @@ Public names only; everything else lives in private modules.
 from ._config import configure as configure
 from .errors import (
     ExecutionError as ExecutionError,
+)
+from .errors import (
     GraphError as GraphError,
+)
+from .errors import (
     NNglassError as NNglassError,
+)
+from .errors import (
     OutOfOrderError as OutOfOrderError,
+)
+from .errors import (
     PolicyError as PolicyError,
+)
+from .errors import (
     RemoteError as RemoteError,
+)
+from .errors import (
     TraceError as TraceError,
+)
+from .errors import (
     VersionError as VersionError,
 )
 from .graph.ops import register as register

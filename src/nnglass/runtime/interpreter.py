@@ -29,7 +29,7 @@ from .plan import Plan, SiteKey, site_key
 _UNSET: Any = object()
 
 
-class EarlyStop(BaseException):  # noqa: N818 - not an error: model code must not catch it
+class EarlyStop(BaseException):
     """Raised from a hook once nothing more is needed from the forward pass."""
 
 
@@ -129,17 +129,23 @@ class Interpreter:
         ck = (path, kind)
         call = self.calls.get(ck, 0)
         self.calls[ck] = call + 1
+        return self.fire_site((path, kind, call, self.step), value)
+
+    def fire_result(self, value: Any) -> Any:
+        """Generation finished: `tracer.result` nodes see the generated ids."""
+        return self.fire_site(("", "result", 0, 0), value)
+
+    def fire_site(self, key: SiteKey, value: Any) -> Any:
         sites = self.plan.sites
-        key = (path, kind, call, self.step)
         ids = sites.get(key)
-        every = sites.get((path, kind, call, ALL_STEPS))
+        every_key = (*key[:3], ALL_STEPS)
+        every = sites.get(every_key)
         if ids is None and every is None:
             return value
         if every is not None:
             ids = sorted((ids or []) + every)
-            if key not in self.plan.copy_sites and (path, kind, call, ALL_STEPS) in self.plan.copy_sites:
-                value = _copy_tensors(value)
-        if key in self.plan.copy_sites:
+        copy = self.plan.copy_sites
+        if key in copy or every_key in copy:
             value = _copy_tensors(value)
         self.fired.append(key)
         gets: list[int] = []
@@ -154,9 +160,10 @@ class Interpreter:
                 value = self._replace(value, self.values_of(node.args[0]), node.invoke)
                 self.complete(i, None)
             self.drain()
-        for i in self.plan.inplace_at.get(key, ()):
-            if self.values[i] is _UNSET:
-                self._out_of_order(self.nodes[i])
+        for k in (key, every_key):
+            for i in self.plan.inplace_at.get(k, ()):
+                if self.values[i] is _UNSET:
+                    self._out_of_order(self.nodes[i])
         for i in gets:
             if i in self.plan.grad_groups:
                 value = self._watch_grad(i, value)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import TraceError
+from ..errors import OutOfOrderError, TraceError
 from ..graph.ir import GRAD, SET_GRAD
 from ..graph.ops import ATTRIBUTES, REGISTRY
 
@@ -121,10 +121,12 @@ class Proxy(_Slots):
         )
 
     def __len__(self) -> int:
-        raise TraceError("len() of a traced value is unknown while recording; use .shape", self._tracer.where())
+        raise TraceError("len() of a traced value is unknown while recording; use .shape",
+                         self._tracer.where())  # fmt: skip
 
     def __index__(self) -> int:
-        raise TraceError("a traced value cannot be used as a Python int while recording", self._tracer.where())
+        raise TraceError("a traced value cannot be used as a Python int while recording",
+                         self._tracer.where())  # fmt: skip
 
     def __array__(self, *args: Any, **kwargs: Any) -> Any:
         raise TraceError(
@@ -224,36 +226,40 @@ class Saved(_Slots):
 
     @property
     def value(self) -> Any:
+        if type(self._value) is NeverRan:
+            raise OutOfOrderError(
+                "this value was never computed: its generation step never ran (generation "
+                "ended earlier, e.g. at EOS)", self._tracer.graph.nodes[self._id].where)
         return self._value
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        return getattr(self._value, name)
+        return getattr(self.value, name)
 
     def __getitem__(self, key: Any) -> Any:
-        return self._value[key]
+        return self.value[key]
 
     def __iter__(self) -> Any:
-        return iter(self._value)
+        return iter(self.value)
 
     def __len__(self) -> int:
-        return len(self._value)
+        return len(self.value)
 
     def __bool__(self) -> bool:
-        return bool(self._value)
+        return bool(self.value)
 
     def __float__(self) -> float:
-        return float(self._value)
+        return float(self.value)
 
     def __int__(self) -> int:
-        return int(self._value)
+        return int(self.value)
 
     def __index__(self) -> int:
-        return self._value.__index__()
+        return self.value.__index__()
 
     def __array__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._value.__array__(*args, **kwargs)
+        return self.value.__array__(*args, **kwargs)
 
     def __repr__(self) -> str:
         return repr(self._value)
@@ -267,7 +273,7 @@ class Saved(_Slots):
 
 def _unwrap(x: Any) -> Any:
     if isinstance(x, Saved):
-        return x._value
+        return x.value
     if isinstance(x, (list, tuple)):
         return type(x)(_unwrap(y) for y in x)
     if isinstance(x, dict):
@@ -278,7 +284,7 @@ def _unwrap(x: Any) -> Any:
 def _saved_binary(name: str, reflected: bool = False) -> Any:
     def method(self: Saved, other: Any) -> Any:
         other = _unwrap(other)
-        return getattr(self._value, name)(other)
+        return getattr(self.value, name)(other)
     return method
 
 
@@ -291,7 +297,14 @@ for _name in (
         _dunder = f"__{_pre}{_name}__"
         setattr(Saved, _dunder, _saved_binary(_dunder))
 for _name in ("neg", "pos", "abs", "invert"):
-    setattr(Saved, f"__{_name}__", lambda self, _n=_name: getattr(self._value, f"__{_n}__")())
+    setattr(Saved, f"__{_name}__", lambda self, _n=_name: getattr(self.value, f"__{_n}__")())
+
+
+class NeverRan:
+    """The value of a node whose generation step never happened."""
+
+
+NEVER_RAN = NeverRan()
 
 
 def finish(proxy: Proxy, value: Any) -> None:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import TraceError
-from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, SET, Graph, Invoke, Ref, Site
-from .proxy import Proxy, Saved, finish
+from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, SET, Graph, Ref, Site
+from .proxy import NEVER_RAN, Proxy, Saved, finish
 
 if TYPE_CHECKING:
     from .envoy import TracedModel
@@ -55,7 +55,7 @@ class Tracer:
         self.model = model
         self.graph = Graph(model=model.name, mode=mode, options=dict(options or {}))
         self.invoke_index: int | None = None
-        self.step = 0
+        self._step = 0
         self.saved: dict[int, tuple[Proxy, int]] = {}  # id(proxy) -> (proxy, node id)
         self._tensor_keys: dict[int, Ref | Any] = {}
         self._token: contextvars.Token | None = None
@@ -81,7 +81,7 @@ class Tracer:
         self.check()
         values = self.model._execute(self.graph)
         for proxy, node_id in self.saved.values():
-            finish(proxy, values[node_id])
+            finish(proxy, values.get(node_id, NEVER_RAN))
         return False
 
     @contextmanager
@@ -120,11 +120,11 @@ class Tracer:
 
     @contextmanager
     def _step_scope(self, step: int) -> Iterator[None]:
-        previous, self.step = self.step, step
+        previous, self._step = self._step, step
         try:
             yield
         finally:
-            self.step = previous
+            self._step = previous
 
     # --- recording ---------------------------------------------------------------------
     def where(self) -> str:
@@ -136,7 +136,7 @@ class Tracer:
             op,
             tuple(self.encode(a) for a in args),
             {k: self.encode(v) for k, v in kwargs.items()} if kwargs else {},
-            site=site, invoke=self.invoke_index, step=self.step, where=user_where(),
+            site=site, invoke=self.invoke_index, step=self._step, where=user_where(),
         )  # fmt: skip
         return Proxy(self, node.id)
 
@@ -147,7 +147,7 @@ class Tracer:
         return proxy
 
     def record_site(self, op: str, path: str, kind: str, call: int, value: Any = None) -> Proxy:
-        site = Site(path, kind, call, self.step)
+        site = Site(path, kind, call, self._step)
         return self.record(op, () if op == GET else (value,), None, site)
 
     def record_backward(self, proxy: Proxy, gradient: Any) -> None:
@@ -169,7 +169,7 @@ class Tracer:
         if t in (int, float, bool, str) or x is None or x is Ellipsis:
             return x
         if t is Saved:
-            return self.encode(x._value)
+            return self.encode(x.value)
         if isinstance(x, torch.Tensor):
             ref = self._tensor_keys.get(id(x))
             if ref is None:

@@ -1,0 +1,196 @@
+"""LanguageModel: Hugging Face causal LMs, with prompts, batching and generation.
+
+Invariants:
+- The client tokenizes; a graph carries token ids, never text. Each invoke's ids are
+  left-padded to the batch's longest prompt, with an attention mask and position ids
+  that follow the mask, so padding never changes a prompt's numbers.
+- Weights load lazily: the module tree is browsable (on the meta device) before the
+  first run; `lm.module` is the transformers model as loaded.
+- Generation: step k is the k-th forward pass of the root module (step 0: the prompt).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from ..errors import TraceError
+from ..graph.ir import GET, Graph, Invoke
+from ..runtime.interpreter import Interpreter, resolve
+from ..runtime.run import execute
+from ..tracing.proxy import Proxy
+from ..tracing.tracer import Tracer, user_where
+from .nnmodel import NNModel
+
+_SAMPLING = threading.Lock()  # seeded sampling forks the process RNG: one at a time
+
+
+class LanguageModel(NNModel):
+    """A causal LM by hub id, local directory, built-in name ("smollm2-135m") or object."""
+
+    def __init__(self, model: Any, *, tokenizer: Any = None, dtype: torch.dtype | None = None,
+                 name: str | None = None, **load_kwargs: Any) -> None:  # fmt: skip
+        if isinstance(model, torch.nn.Module):
+            source, loaded, config = None, model, model.config
+            meta = model
+            label = name or getattr(model.config, "name_or_path", "") or type(model).__name__
+        else:
+            from . import loading
+
+            source = loading.resolve_model_source(model)
+            config, tok = loading.load_config_and_tokenizer(source)
+            tokenizer = tokenizer or tok
+            loaded, meta, label = None, loading.meta_model(config), name or str(model)
+        if tokenizer is None:
+            raise TraceError("LanguageModel needs a tokenizer when given a model object")
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        super().__init__(meta, name=label)
+        object.__setattr__(self, "tokenizer", tokenizer)
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_loaded", loaded)
+        object.__setattr__(self, "_dtype", dtype or torch.float32)
+        object.__setattr__(self, "_load_kwargs", load_kwargs)
+        object.__setattr__(self, "_load_lock", threading.Lock())
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The transformers model, loading its weights on first use."""
+        if self._loaded is None:
+            with self._load_lock:
+                if self._loaded is None:
+                    from . import loading
+
+                    model = loading.load_model(self._source, dtype=self._dtype, **self._load_kwargs)
+                    object.__setattr__(self, "_loaded", model.eval())
+        return self._loaded
+
+    # --- entry points ------------------------------------------------------------------
+    def trace(self, *inputs: Any, remote: bool = False, **kwargs: Any) -> Tracer:
+        """One forward pass over the prompts; extra kwargs go to the model's forward."""
+        return self._tracer(inputs, "trace", {"forward": kwargs}, remote)
+
+    def generate(self, *inputs: Any, max_new_tokens: int = 1, remote: bool = False,
+                 seed: int | None = None, **generate_kwargs: Any) -> Tracer:  # fmt: skip
+        """Generation: step 0 is the prompt's forward pass, step k the k-th new token's."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise TraceError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}", user_where())
+        options = {"generate": {"max_new_tokens": max_new_tokens, **generate_kwargs}, "seed": seed}
+        return self._tracer(inputs, "generate", options, remote)
+
+    def _tracer(self, inputs: tuple, mode: str, options: dict, remote: bool) -> Tracer:
+        if remote:
+            raise TraceError("remote=True needs the service (not available in this build)", user_where())
+        return LMTracer(self, inputs, {}, mode=mode, options=options)
+
+    # --- what Tracer needs -------------------------------------------------------------
+    def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke:
+        ids, mask = self.encode_prompts(args[0] if len(args) == 1 else list(args), **kwargs)
+        return Invoke((), {"input_ids": tracer.encode(ids), "attention_mask": tracer.encode(mask)})
+
+    def encode_prompts(self, prompt: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text, texts, token ids or a tokenizer's output → (ids, mask), left-padded."""
+        if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+            enc = self.tokenizer(prompt, return_tensors="pt", padding=True, **kwargs)
+            return enc["input_ids"], enc["attention_mask"]
+        if hasattr(prompt, "keys") and "input_ids" in prompt:
+            ids = torch.as_tensor(prompt["input_ids"])
+            mask = prompt.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+            return _2d(ids), _2d(mask)
+        if isinstance(prompt, torch.Tensor) or (isinstance(prompt, list) and prompt):
+            ids = _2d(torch.as_tensor(prompt))
+            if ids.dtype not in (torch.int64, torch.int32):
+                raise TraceError(f"token ids must be integers, got {ids.dtype}", user_where())
+            return ids.long(), torch.ones_like(ids)
+        raise TraceError(f"cannot use {type(prompt).__name__} as a prompt: pass a string, a "
+                         "list of strings, token ids or a tokenizer's output", user_where())  # fmt: skip
+
+    # --- running (also what a server calls) ---------------------------------------------
+    def run_graph(self, graph: Graph) -> dict[int, Any]:
+        ids, mask, rows = batch_prompts(graph, self.tokenizer.pad_token_id)
+        model = self.module
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        if graph.mode == "generate":
+            return self._run_generate(graph, model, ids, mask, rows)
+        forward_kwargs = resolve(graph.options.get("forward", {}), [], graph.tensors)
+        forward_kwargs.setdefault("use_cache", False)
+
+        def forward(interp: Interpreter) -> Any:
+            return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **forward_kwargs)
+
+        return execute(graph, model, forward, rows, ids.shape[0])
+
+    def _run_generate(self, graph: Graph, model: torch.nn.Module, ids: torch.Tensor,
+                      mask: torch.Tensor, rows: list[tuple[int, int]]) -> dict[int, Any]:  # fmt: skip
+        kwargs = dict(resolve(graph.options.get("generate", {}), [], graph.tensors))
+        seed = graph.options.get("seed")
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+
+        def forward(interp: Interpreter) -> Any:
+            first = [True]
+
+            def count_step(module: Any, args: Any, kw: Any) -> None:
+                if first[0]:
+                    first[0] = False
+                else:
+                    interp.next_step()
+
+            handle = model.register_forward_pre_hook(count_step, with_kwargs=True, prepend=True)
+            try:
+                with _private_rng(seed):
+                    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            finally:
+                handle.remove()
+            interp.fire_result(out)
+            return out
+
+        return execute(graph, model, forward, rows, ids.shape[0], can_stop=False)
+
+
+class LMTracer(Tracer):
+    """A Tracer with the generation extras: `tracer.result`."""
+
+    @property
+    def result(self) -> Proxy:
+        """The generated ids for this invoke's rows: left-padded prompt + new tokens."""
+        if self.graph.mode != "generate":
+            raise TraceError("`tracer.result` exists only in lm.generate(...)", user_where())
+        with self._step_scope(0):
+            return self.record_site(GET, "", "result", 0)
+
+
+@contextmanager
+def _private_rng(seed: int | None) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    with _SAMPLING, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def batch_prompts(graph: Graph, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Left-pad every invoke's ids to the longest; return ids, mask and each invoke's rows."""
+    parts = [(graph.tensors[inv.kwargs["input_ids"].key], graph.tensors[inv.kwargs["attention_mask"].key])
+             for inv in graph.invokes]  # fmt: skip
+    width = max(ids.shape[1] for ids, _ in parts)
+    all_ids, all_mask, rows, start = [], [], [], 0
+    for ids, mask in parts:
+        pad = width - ids.shape[1]
+        all_ids.append(torch.nn.functional.pad(ids, (pad, 0), value=pad_id))
+        all_mask.append(torch.nn.functional.pad(mask, (pad, 0), value=0))
+        rows.append((start, start + ids.shape[0]))
+        start += ids.shape[0]
+    return torch.cat(all_ids), torch.cat(all_mask), rows
+
+
+def _2d(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(0) if t.dim() == 1 else t
+
