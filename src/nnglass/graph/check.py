@@ -238,9 +238,12 @@ def _walk(root: Any, limits: Limits, before: int | None, tensors: dict[str, Any]
         if depth > limits.max_depth:
             raise GraphError(f"a value nests deeper than {limits.max_depth} levels")
         t = type(x)
-        if x is None or x is Ellipsis or t in (bool, float, torch.Size, torch.device):
+        if x is None or x is Ellipsis or t in (bool, float, torch.device):
             continue
-        if t is int:
+        if t is torch.Size:
+            if not all(type(n) is int and 0 <= n <= INT_MAX for n in x):
+                raise GraphError(f"torch.Size {_show(x)} must hold non-negative ints")
+        elif t is int:
             if not INT_MIN <= x <= INT_MAX:
                 raise GraphError(f"integer {_show(x)} does not fit in 64 bits")
         elif t is str:

@@ -104,6 +104,8 @@ class Interpreter:
         self._ready: list[int] = []
         self._grad_hooks: list[Any] = []
         self._grad_pending: dict[int, torch.Tensor] = {}  # get node -> tensor awaiting grad
+        self._in_backward = False
+        self._deferred: list[int] = []
 
     # --- driving ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -198,6 +200,9 @@ class Interpreter:
             if self.values[i] is not _UNSET:
                 continue
             node = self.nodes[i]
+            if node.op == BACKWARD and self._in_backward:
+                self._deferred.append(i)  # one backward at a time; runs when this one ends
+                continue
             try:
                 value = self.run_node(node)
             except (NNglassError, EarlyStop):
@@ -242,9 +247,16 @@ class Interpreter:
         if not targets:
             return None
         inputs = [self._grad_pending.pop(i) for i in targets]
-        with torch.enable_grad():
-            torch.autograd.grad([tensor], inputs, grad_outputs=[gradient], retain_graph=True,
-                                allow_unused=True)  # fmt: skip
+        self._in_backward = True
+        try:
+            with torch.enable_grad():
+                torch.autograd.grad([tensor], inputs, grad_outputs=[gradient], retain_graph=True,
+                                    allow_unused=True)  # fmt: skip
+        finally:
+            self._in_backward = False
+            for i in self._deferred:
+                heapq.heappush(self._ready, i)
+            self._deferred.clear()
         return None
 
     # --- gradients -------------------------------------------------------------------------
@@ -273,7 +285,8 @@ class Interpreter:
                 else:
                     grad = self._replace(grad, self.values_of(node.args[1]), invoke)
                     self.complete(i, None)
-                self.drain()
+                with torch.enable_grad():  # forward-side nodes that become ready here keep autograd
+                    self.drain()
             return grad
 
         self._grad_hooks.append(tensor.register_hook(on_grad))
