@@ -29,11 +29,13 @@ from .errors import (
     VersionError as VersionError,
 )
 from .graph.ops import register as register
+from .models.language import LanguageModel as LanguageModel
 from .models.nnmodel import NNModel as NNModel
 
 __all__ = [
     "ExecutionError",
     "GraphError",
+    "LanguageModel",
     "NNModel",
     "NNglassError",
     "OutOfOrderError",

@@ -24,6 +24,7 @@ from ..runtime.interpreter import Interpreter, resolve
 from ..runtime.run import execute
 from ..tracing.proxy import Proxy
 from ..tracing.tracer import Tracer, user_where
+from . import fake
 from .nnmodel import NNModel
 
 _SAMPLING = threading.Lock()  # seeded sampling forks the process RNG: one at a time
@@ -58,6 +59,7 @@ class LanguageModel(NNModel):
         object.__setattr__(self, "_dtype", dtype or torch.float32)
         object.__setattr__(self, "_load_kwargs", load_kwargs)
         object.__setattr__(self, "_load_lock", threading.Lock())
+        object.__setattr__(self, "_fake", None)  # (FakeTensorMode, model), built by the first scan
 
     @property
     def module(self) -> torch.nn.Module:
@@ -74,7 +76,8 @@ class LanguageModel(NNModel):
     # --- entry points ------------------------------------------------------------------
     def trace(self, *inputs: Any, remote: bool = False, **kwargs: Any) -> Tracer:
         """One forward pass over the prompts; extra kwargs go to the model's forward."""
-        return self._tracer(inputs, "trace", {"forward": kwargs}, remote)
+        validate = kwargs.pop("validate", False)
+        return self._tracer(inputs, "trace", {"forward": kwargs, "validate": validate}, remote)
 
     def generate(self, *inputs: Any, max_new_tokens: int = 1, remote: bool = False,
                  seed: int | None = None, **generate_kwargs: Any) -> Tracer:  # fmt: skip
@@ -84,7 +87,15 @@ class LanguageModel(NNModel):
         options = {"generate": {"max_new_tokens": max_new_tokens, **generate_kwargs}, "seed": seed}
         return self._tracer(inputs, "generate", options, remote)
 
-    def _tracer(self, inputs: tuple, mode: str, options: dict, remote: bool) -> Tracer:
+    def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
+        """Run the block on fake tensors: shapes and shape/index errors, no computation.
+
+        Works before the weights are loaded. Saved values are fake tensors (`.shape` works).
+        """
+        return self._tracer(inputs, "scan", {"forward": kwargs}, remote=False)
+
+    def _tracer(self, inputs: tuple, mode: str, options: dict, remote: bool,
+                validate: bool = False) -> Tracer:  # fmt: skip
         if remote:
             raise TraceError("remote=True needs the service (not available in this build)", user_where())
         return LMTracer(self, inputs, {}, mode=mode, options=options)
@@ -115,6 +126,10 @@ class LanguageModel(NNModel):
     # --- running (also what a server calls) ---------------------------------------------
     def run_graph(self, graph: Graph) -> dict[int, Any]:
         ids, mask, rows = batch_prompts(graph, self.tokenizer.pad_token_id)
+        if graph.mode == "scan" or graph.options.get("validate"):
+            saved = fake.scan(self, graph, ids, mask, rows)
+            if graph.mode == "scan":
+                return saved
         model = self.module
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         if graph.mode == "generate":
