@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -85,29 +86,24 @@ def _node_error(node: Node, problem: str) -> GraphError:
 
 # -- raw JSON ------------------------------------------------------------------------
 
-_STRUCT = re.compile(rb'[\[\]{}"]')
-_STRING_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # linear: unrolled loop
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = [0] * 256
+_STEP[ord("[")] = _STEP[ord("{")] = 1
+_STEP[ord("]")] = _STEP[ord("}")] = -1
 
 
-def _too_deep(raw: bytes, limit: int) -> bool:
-    """True if brackets outside strings nest deeper than `limit` (one pass, no recursion)."""
-    depth, pos = 0, 0
-    while (m := _STRUCT.search(raw, pos)) is not None:
-        c = raw[m.start()]
-        if c == 0x22:  # '"': skip the string, escapes included
-            end = _STRING_REST.match(raw, m.end())
-            if end is None:  # unterminated: json.loads stops there and says so
-                return False
-            pos = end.end()
-            continue
-        pos = m.end()
-        if c in (0x5B, 0x7B):
-            depth += 1
-            if depth > limit:
-                return True
-        else:
-            depth -= 1
-    return False
+def _nesting(raw: bytes) -> int:
+    """The deepest bracket nesting outside strings: linear, at C speed, no recursion.
+
+    Backslash runs pair from the left, so dropping every escaped backslash and then
+    every escaped quote leaves only the quotes that open or close strings; every other
+    piece of the split is outside a string (an unterminated string runs to the end, as
+    in JSON). Invalid JSON may be misjudged only past the point where json.loads stops.
+    """
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(unescaped.split(b'"')[::2])
+    brackets = outside.translate(None, _NOT_BRACKET)
+    return max(accumulate(map(_STEP.__getitem__, brackets), initial=0))
 
 
 def _finite(text: str) -> float:
@@ -138,7 +134,7 @@ def load_json(raw: bytes | str, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise GraphError(f"graph JSON must be bytes, got {type(raw).__name__}")
     raw = bytes(raw)
     _bound(len(raw), limits.max_json_bytes, "bytes of JSON")
-    if _too_deep(raw, limits.json_depth):
+    if _nesting(raw) > limits.json_depth:
         raise GraphError(f"graph JSON nests deeper than {limits.json_depth} levels")
     try:
         text = raw.decode("utf-8")
@@ -183,20 +179,20 @@ _JSON_NAMES = {str: "a string", int: "an integer", bool: "true/false", list: "an
 
 
 def _fields(obj: object, spec: dict[str, tuple[type, ...]], what: str,
-            required: Iterable[str] = ()) -> dict[str, Any]:
+            required: Iterable[str] = (), where: str = "") -> None:
     if type(obj) is not dict:
-        raise GraphError(f"{what} must be a JSON object, got {_show(obj)}")
+        raise GraphError(f"{what} must be a JSON object, got {_show(obj)}", where)
     for key, value in obj.items():
         types = spec.get(key)
         if types is None:
-            raise GraphError(f"{what} has unknown field {_show(key)}; known: {', '.join(spec)}")
+            known = ", ".join(spec)
+            raise GraphError(f"{what} has unknown field {_show(key)}; known: {known}", where)
         if type(value) not in types:  # exact: true is not an integer, 1.0 is not an int
             want = " or ".join(_JSON_NAMES[t] for t in types)
-            raise GraphError(f"{what}: field {key!r} must be {want}, got {_show(value)}")
+            raise GraphError(f"{what}: field {key!r} must be {want}, got {_show(value)}", where)
     missing = [k for k in required if k not in obj]
     if missing:
-        raise GraphError(f"{what} lacks required field(s) {', '.join(missing)}")
-    return obj
+        raise GraphError(f"{what} lacks required field(s) {', '.join(missing)}", where)
 
 
 def check_document(doc: object, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -209,12 +205,11 @@ def check_document(doc: object, limits: Limits = DEFAULT_LIMITS) -> None:
     for i, inv in enumerate(invokes):
         _fields(inv, _INVOKE_FIELDS, f"invoke {i}")
     for i, node in enumerate(nodes):
-        what = f"node {i}"
-        if type(node) is dict and type(node.get("where")) is str:
-            what += f" (at {node['where'][:200]})"
-        _fields(node, _NODE_FIELDS, what, ("id", "op"))
+        where = node.get("where") if type(node) is dict else ""
+        where = where[:200] if type(where) is str else ""
+        _fields(node, _NODE_FIELDS, f"node {i}", ("id", "op"), where)
         if node.get("site") is not None:
-            _fields(node["site"], _SITE_FIELDS, f"{what} site", _SITE_FIELDS)
+            _fields(node["site"], _SITE_FIELDS, f"node {i} site", _SITE_FIELDS, where)
     for key, entry in doc.get("tensors", {}).items():
         what = f"tensor manifest entry {_show(key)}"
         _fields(entry, _TENSOR_FIELDS, what, _TENSOR_FIELDS)

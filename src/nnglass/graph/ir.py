@@ -15,6 +15,7 @@ Opcodes (the whole IR; everything else is a registry call):
     module    call the module at args[0] (a path) on args[1:], kwargs
     param     read the parameter or buffer at args[0] (a dotted path)
     backward  args[0].backward(gradient=args[1]) restricted to the declared .grads
+    import    in a session: the value of node args[1] of the session's trace args[0]
     <name>    a registry op, e.g. "torch.add", "Tensor.sum", "operator.getitem"
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 
 WIRE_VERSION = "1.0"
 
-GET, SET, GRAD, SET_GRAD, MODULE, PARAM, BACKWARD = (
+GET, SET, GRAD, SET_GRAD, MODULE, PARAM, BACKWARD, IMPORT = (
     "get",
     "set",
     "grad",
@@ -33,8 +34,9 @@ GET, SET, GRAD, SET_GRAD, MODULE, PARAM, BACKWARD = (
     "module",
     "param",
     "backward",
+    "import",
 )
-OPCODES = frozenset({GET, SET, GRAD, SET_GRAD, MODULE, PARAM, BACKWARD})
+OPCODES = frozenset({GET, SET, GRAD, SET_GRAD, MODULE, PARAM, BACKWARD, IMPORT})
 SITE_KINDS = ("input", "inputs", "output", "result")
 ALL_STEPS = -1  # Site.step for nodes inside `tracer.all()`
 
@@ -114,8 +116,9 @@ class Invoke:
 class Graph:
     """An experiment: nodes, the invokes that feed the forward pass, attached tensors.
 
-    mode: "trace" (one forward), "generate" (options hold generate kwargs) or "session"
-    (`children` are traces run in order, sharing values by node id across them).
+    mode: "trace" (one forward), "generate" (options hold generate kwargs), "scan" (fake
+    tensors), or "session": `children` are traces run in order; a child reads an earlier
+    child's value through an `import` node. A session's own nodes/invokes are empty.
     """
 
     model: str = ""
@@ -125,6 +128,7 @@ class Graph:
     mode: str = "trace"
     options: dict[str, Any] = field(default_factory=dict)
     version: str = WIRE_VERSION
+    children: list[Graph] = field(default_factory=list)
 
     def add(self, op: str, args: tuple = (), kwargs: dict | None = None, **fields: Any) -> Node:
         node = Node(len(self.nodes), op, args, kwargs or {}, **fields)

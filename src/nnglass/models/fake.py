@@ -36,7 +36,7 @@ def _fake_model(lm: LanguageModel) -> tuple[FakeTensorMode, torch.nn.Module]:
 
 
 def scan(lm: LanguageModel, graph: Graph, ids: torch.Tensor, mask: torch.Tensor,
-         rows: list[tuple[int, int]]) -> dict[int, Any]:  # fmt: skip
+         rows: list[tuple[int, int]], imports: dict | None = None) -> dict[int, Any]:  # fmt: skip
     """Run `graph`'s first step on fake tensors; return its saved (fake) values."""
     mode, model = _fake_model(lm)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -51,6 +51,6 @@ def scan(lm: LanguageModel, graph: Graph, ids: torch.Tensor, mask: torch.Tensor,
         with mode:
             scan_graph = Graph(graph.model, graph.nodes, graph.invokes, graph.tensors, "generate"
                                if graph.mode == "generate" else "scan", graph.options)  # fmt: skip
-            return execute(scan_graph, model, forward, rows, ids.shape[0], can_stop=True)
+            return execute(scan_graph, model, forward, rows, ids.shape[0], imports=imports)
     finally:
         quiet.setLevel(level)

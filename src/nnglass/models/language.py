@@ -20,8 +20,9 @@ import torch
 
 from ..errors import TraceError
 from ..graph.ir import GET, Graph, Invoke
+from ..runtime.backend import Backend
 from ..runtime.interpreter import Interpreter, resolve
-from ..runtime.run import execute
+from ..runtime.run import execute, run_session
 from ..tracing.proxy import Proxy
 from ..tracing.tracer import Tracer, user_where
 from . import fake
@@ -94,11 +95,8 @@ class LanguageModel(NNModel):
         """
         return self._tracer(inputs, "scan", {"forward": kwargs}, remote=False)
 
-    def _tracer(self, inputs: tuple, mode: str, options: dict, remote: bool,
-                validate: bool = False) -> Tracer:  # fmt: skip
-        if remote:
-            raise TraceError("remote=True needs the service (not available in this build)", user_where())
-        return LMTracer(self, inputs, {}, mode=mode, options=options)
+    def _tracer(self, inputs: tuple, mode: str, options: dict, remote: bool) -> Tracer:
+        return LMTracer(self, inputs, {}, mode=mode, options=options, remote=remote)
 
     # --- what Tracer needs -------------------------------------------------------------
     def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke:
@@ -124,26 +122,34 @@ class LanguageModel(NNModel):
                          "list of strings, token ids or a tokenizer's output", user_where())  # fmt: skip
 
     # --- running (also what a server calls) ---------------------------------------------
-    def run_graph(self, graph: Graph) -> dict[int, Any]:
+    def _backend(self, remote: bool) -> Backend:
+        if remote:
+            raise TraceError("remote=True needs the service (not available in this build)", user_where())
+        return self._local
+
+    def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:
+        if graph.mode == "session":
+            return run_session(self, graph)
         ids, mask, rows = batch_prompts(graph, self.tokenizer.pad_token_id)
         if graph.mode == "scan" or graph.options.get("validate"):
-            saved = fake.scan(self, graph, ids, mask, rows)
+            saved = fake.scan(self, graph, ids, mask, rows, imports)
             if graph.mode == "scan":
                 return saved
         model = self.module
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         if graph.mode == "generate":
-            return self._run_generate(graph, model, ids, mask, rows)
+            return self._run_generate(graph, model, ids, mask, rows, imports)
         forward_kwargs = resolve(graph.options.get("forward", {}), [], graph.tensors)
         forward_kwargs.setdefault("use_cache", False)
 
         def forward(interp: Interpreter) -> Any:
             return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **forward_kwargs)
 
-        return execute(graph, model, forward, rows, ids.shape[0])
+        return execute(graph, model, forward, rows, ids.shape[0], imports=imports)
 
     def _run_generate(self, graph: Graph, model: torch.nn.Module, ids: torch.Tensor,
-                      mask: torch.Tensor, rows: list[tuple[int, int]]) -> dict[int, Any]:  # fmt: skip
+                      mask: torch.Tensor, rows: list[tuple[int, int]], imports: dict | None,
+                      ) -> dict[int, Any]:  # fmt: skip
         kwargs = dict(resolve(graph.options.get("generate", {}), [], graph.tensors))
         seed = graph.options.get("seed")
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
@@ -166,7 +172,7 @@ class LanguageModel(NNModel):
             interp.fire_result(out)
             return out
 
-        return execute(graph, model, forward, rows, ids.shape[0], can_stop=False)
+        return execute(graph, model, forward, rows, ids.shape[0], can_stop=False, imports=imports)
 
 
 class LMTracer(Tracer):

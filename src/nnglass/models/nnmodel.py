@@ -14,8 +14,9 @@ from ..errors import TraceError
 from ..graph.ir import Graph, Invoke
 from ..runtime.backend import Backend, LocalBackend
 from ..runtime.interpreter import Interpreter, resolve
-from ..runtime.run import execute
+from ..runtime.run import execute, run_session
 from ..tracing.envoy import Envoy
+from ..tracing.session import Session
 from ..tracing.tracer import Tracer, user_where
 
 
@@ -35,30 +36,36 @@ class NNModel:
 
     def trace(self, *args: Any, remote: bool = False, **kwargs: Any) -> Tracer:
         """Record the block; on exit run it with `args`/`kwargs` as the forward's inputs."""
-        if remote:
-            raise TraceError("remote=True is for models a server hosts: use LanguageModel(name)",
-                             user_where())  # fmt: skip
-        return Tracer(self, args, kwargs)
+        return Tracer(self, args, kwargs, remote=remote)
+
+    def session(self, remote: bool = False) -> Session:
+        """Several traces as one unit; later traces may use earlier traces' values."""
+        return Session(self, remote=remote)
 
     # --- what Tracer needs ---------------------------------------------------------------
     def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke:
         return Invoke(tuple(tracer.encode(a) for a in args), {k: tracer.encode(v) for k, v in kwargs.items()})
 
-    def _execute(self, graph: Graph) -> dict[int, Any]:
-        return self._backend().execute(graph)
+    def _execute(self, graph: Graph, remote: bool = False) -> dict[int, Any]:
+        return self._backend(remote).execute(graph)
 
-    def _backend(self) -> Backend:
+    def _backend(self, remote: bool) -> Backend:
+        if remote:
+            raise TraceError("remote=True is for models a server hosts: use LanguageModel(name)",
+                             user_where())  # fmt: skip
         return self._local
 
     # --- running (also what a server calls) ---------------------------------------------
-    def run_graph(self, graph: Graph) -> dict[int, Any]:
+    def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:
+        if graph.mode == "session":
+            return run_session(self, graph)
         args, kwargs, rows, batch = batch_invokes(graph)
         module = self._module
 
         def forward(interp: Interpreter) -> Any:
             return module(*args, **kwargs)
 
-        return execute(graph, module, forward, rows, batch)
+        return execute(graph, module, forward, rows, batch, imports=imports)
 
     # --- the module tree ------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

@@ -38,9 +38,13 @@ def _first_keyword_input(module: torch.nn.Module) -> list[str]:
 
 
 def _pre_hook(interp: Interpreter, path: str, kinds: set[str], params: list[str]) -> Any:
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    # `*rest`: another thread may call this hook while torch is still registering or
+    # removing it, when torch's with_kwargs flag and hook table disagree for a moment.
+    # Such a call is never for this run (ACTIVE differs), so it returns None either way.
+    def hook(module: torch.nn.Module, args: tuple, *rest: Any) -> Any:
         if ACTIVE.get() is not interp or interp.suspended:
             return None
+        kwargs = rest[0]
         new_args, new_kwargs = args, kwargs
         if "inputs" in kinds:
             new_args, new_kwargs = interp.fire(path, "inputs", (args, kwargs))
@@ -62,7 +66,7 @@ def _pre_hook(interp: Interpreter, path: str, kinds: set[str], params: list[str]
 
 
 def _forward_hook(interp: Interpreter, path: str) -> Any:
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
         if ACTIVE.get() is not interp or interp.suspended:
             return None
         new = interp.fire(path, "output", output)
@@ -86,7 +90,7 @@ def hooked(model: torch.nn.Module, interp: Interpreter) -> Iterator[None]:
                 handles.append(module.register_forward_pre_hook(
                     _pre_hook(interp, path, pre, params), with_kwargs=True))  # fmt: skip
             if "output" in kinds:
-                handles.append(module.register_forward_hook(_forward_hook(interp, path), with_kwargs=True))
+                handles.append(module.register_forward_hook(_forward_hook(interp, path)))
         yield
     finally:
         for h in handles:

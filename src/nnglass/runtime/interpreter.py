@@ -23,7 +23,20 @@ from typing import Any
 import torch
 
 from ..errors import ExecutionError, NNglassError, OutOfOrderError
-from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, MODULE, PARAM, SET, SET_GRAD, Node, Ref, TensorRef
+from ..graph.ir import (
+    ALL_STEPS,
+    BACKWARD,
+    GET,
+    GRAD,
+    IMPORT,
+    MODULE,
+    PARAM,
+    SET,
+    SET_GRAD,
+    Node,
+    Ref,
+    TensorRef,
+)
 from .plan import Plan, SiteKey, site_key
 
 _UNSET: Any = object()
@@ -84,7 +97,8 @@ class Interpreter:
     """Runs one graph against one model. Create one per run."""
 
     def __init__(self, plan: Plan, model: torch.nn.Module, rows: list[tuple[int, int]],
-                 batch_size: int, can_stop: bool = True) -> None:  # fmt: skip
+                 batch_size: int, can_stop: bool = True,
+                 imports: dict[tuple[int, int], Any] | None = None) -> None:  # fmt: skip
         self.plan = plan
         self.nodes = plan.graph.nodes
         self.model = model
@@ -92,6 +106,7 @@ class Interpreter:
         self.rows = rows  # invoke index -> (start, stop)
         self.batch_size = batch_size
         self.can_stop = can_stop
+        self.imports = imports or {}
         n = len(self.nodes)
         self.values: list[Any] = [_UNSET] * n
         self.remaining = [len(d) for d in plan.deps]
@@ -221,6 +236,8 @@ class Interpreter:
             return self.read_param(args[0])
         if op == BACKWARD:
             return self.backward(node, *args, **kwargs)
+        if op == IMPORT:
+            return self.imports[args]
         return self.call_op(node, self.plan.fns[node.id], args, kwargs)
 
     # --- per-node behaviour (override to scan or check) ----------------------------------

@@ -7,13 +7,15 @@ left as it was: no hooks, no edited weights, no `.grad`; the next run starts cle
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ..errors import OutOfOrderError
-from ..graph.ir import GRAD, SET_GRAD, Graph
+from ..graph.ir import GRAD, IMPORT, SET_GRAD, Graph
 from ..graph.ops import REGISTRY, OpRegistry
+from .backend import Runnable
 from .hooks import hooked
 from .interpreter import EarlyStop, Interpreter
 from .plan import build_plan
@@ -29,10 +31,14 @@ def execute(
     registry: OpRegistry = REGISTRY,
     can_stop: bool = True,
     interpreter: type[Interpreter] = Interpreter,
+    imports: dict[tuple[int, int], Any] | None = None,
 ) -> dict[int, Any]:
-    """Run `graph` while `forward(interp)` runs the model; return the saved values by node id."""
+    """Run `graph` while `forward(interp)` runs the model; return the saved values by node id.
+
+    `imports`: in a session, values of earlier traces by (trace index, node id).
+    """
     plan = build_plan(graph, registry)
-    interp = interpreter(plan, model, rows, batch_size, can_stop=can_stop)
+    interp = interpreter(plan, model, rows, batch_size, can_stop=can_stop, imports=imports)
     try:
         with hooked(model, interp):
             interp.start()
@@ -97,3 +103,29 @@ def check_finished(interp: Interpreter, missing_steps_ok: bool = False) -> None:
 
 def _stop_hint(interp: Interpreter) -> str:
     return "" if interp.fired else " (no hooked module ran at all: is it part of the forward?)"
+
+
+def run_session(model: Runnable, graph: Graph) -> dict[int, dict[int, Any]]:
+    """Run a session's traces in order; return each trace's saved values by trace index.
+
+    A value a later trace imports is kept by saving it in a run-local copy of the
+    earlier trace's graph; only what the user saved is returned.
+    """
+    wanted: dict[int, set[int]] = {}
+    for child in graph.children:
+        for node in child.nodes:
+            if node.op == IMPORT:
+                wanted.setdefault(node.args[0], set()).add(node.args[1])
+    imports: dict[tuple[int, int], Any] = {}
+    results: dict[int, dict[int, Any]] = {}
+    for k, child in enumerate(graph.children):
+        keep = wanted.get(k, set())
+        run = child
+        if keep:
+            nodes = [replace(n, save=True) if n.id in keep and not n.save else n for n in child.nodes]
+            run = replace(child, nodes=nodes)
+        saved = model.run_graph(run, imports=imports)
+        for i in keep:
+            imports[(k, i)] = saved[i]
+        results[k] = {i: v for i, v in saved.items() if child.nodes[i].save}
+    return results

@@ -8,7 +8,6 @@ variable, so two threads can trace the same model at once.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Protocol
 
 import torch
@@ -26,7 +25,7 @@ class TracedModel(Protocol):
 
     def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke: ...
 
-    def _execute(self, graph: Graph) -> dict[int, Any]: ...
+    def _execute(self, graph: Graph, remote: bool = False) -> dict[int, Any]: ...
 
 
 class Envoy:
@@ -115,8 +114,16 @@ class Envoy:
         tracer = current_tracer(f"calling `{self._path}`")
         return tracer.record(MODULE, (self._path, *args), kwargs)
 
-    def forward_parameters(self) -> list[str]:
-        return list(inspect.signature(self._module.forward).parameters)
+    def at(self, path: str) -> Envoy:
+        """The envoy of the module at a dotted path below this one."""
+        envoy = self
+        for name in path.split(".") if path else ():
+            envoy = envoy._child(name)
+        return envoy
+
+    def inputs_pair(self) -> Proxy:
+        """`.inputs` as one proxy of the (args, kwargs) pair (what the cache saves)."""
+        return current_tracer("`.inputs`").record_site(GET, self._path, "inputs", 0)
 
 
 class SiteCall:

@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import TraceError
-from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, SET, Graph, Ref, Site
+from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, IMPORT, SET, Graph, Ref, Site
 from .proxy import NEVER_RAN, Proxy, Saved, finish
 
 if TYPE_CHECKING:
     from .envoy import TracedModel
+    from .session import Session
 
 _CURRENT: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar("nnglass_tracer", default=None)
+_SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("nnglass_session", default=None)
 _SKIP_DIRS = (
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     os.path.dirname(os.path.abspath(torch.__file__)),
@@ -37,6 +39,10 @@ def current_tracer(what: str) -> Tracer:
     if tracer is None:
         raise TraceError(f"{what} is only available inside a `with model.trace(...)` block", user_where())
     return tracer
+
+
+def current_session() -> Session | None:
+    return _SESSION.get()
 
 
 def user_where() -> str:
@@ -51,8 +57,9 @@ class Tracer:
     """Records one trace. Use via `model.trace(...)`, not directly."""
 
     def __init__(self, model: TracedModel, args: tuple, kwargs: dict, mode: str = "trace",
-                 options: dict | None = None) -> None:  # fmt: skip
+                 options: dict | None = None, remote: bool = False) -> None:  # fmt: skip
         self.model = model
+        self.remote = remote
         self.graph = Graph(model=model.name, mode=mode, options=dict(options or {}))
         self.invoke_index: int | None = None
         self._step = 0
@@ -60,6 +67,8 @@ class Tracer:
         self._tensor_keys: dict[int, Ref | Any] = {}
         self._token: contextvars.Token | None = None
         self._in_invoke = False
+        self._imports: dict[tuple[int, int], Ref] = {}
+        self.session = current_session()
         self._implicit = bool(args or kwargs)
         if self._implicit:
             self.graph.invokes.append(model._prepare_invoke(self, args, kwargs))
@@ -79,7 +88,10 @@ class Tracer:
             raise TraceError("nothing to run: pass inputs to trace(...) or use tracer.invoke(...)",
                              user_where())  # fmt: skip
         self.check()
-        values = self.model._execute(self.graph)
+        if self.session is not None:
+            self.session.add(self)  # runs when the session ends
+            return False
+        values = self.model._execute(self.graph, remote=self.remote)
         for proxy, node_id in self.saved.values():
             finish(proxy, values.get(node_id, NEVER_RAN))
         return False
@@ -126,6 +138,25 @@ class Tracer:
         finally:
             self._step = previous
 
+    def cache(self, modules: list[str] | None = None, inputs: bool = False) -> dict[str, CacheEntry]:
+        """Save the output (and inputs, if asked) of every module matching `modules`.
+
+        Keys are `named_modules()` paths ("model.layers.3"); `*` matches one path
+        component; None means every module. In generation, entries hold per-step lists.
+        """
+        tree = self.model._envoy
+        patterns = [p.split(".") for p in (modules if modules is not None else ["**"])]
+        out: dict[str, CacheEntry] = {}
+        scope = ALL_STEPS if self.graph.mode == "generate" else self._step
+        with self._step_scope(scope):
+            for path, _ in tree._module.named_modules():
+                if path and any(_match(p, path.split(".")) for p in patterns):
+                    site = tree.at(path)
+                    out[path] = CacheEntry(site.output.save(), site.inputs_pair().save() if inputs else None)
+        if modules is not None and not out:
+            raise TraceError(f"no module matches {modules!r}", user_where())
+        return out
+
     # --- recording ---------------------------------------------------------------------
     def where(self) -> str:
         return user_where()
@@ -163,8 +194,7 @@ class Tracer:
         t = type(x)
         if t is Proxy:
             if x._tracer is not self:
-                raise TraceError("a value from another trace cannot be used here; save it "
-                                 "and use it after that trace, or use a session", user_where())
+                return self._import(x)
             return Ref(x._id)
         if t in (int, float, bool, str) or x is None or x is Ellipsis:
             return x
@@ -187,6 +217,18 @@ class Tracer:
         raise TraceError(f"a {t.__name__} cannot be part of a graph (only tensors, numbers, "
                          "strings, None, slices and lists/tuples/dicts of them)", user_where())
 
+    def _import(self, proxy: Proxy) -> Ref:
+        """A value from an earlier trace of this session."""
+        if self.session is None or proxy._tracer.session is not self.session:
+            raise TraceError("a value from another trace cannot be used here; save it and "
+                             "use it after that trace, or put both traces in a session", user_where())
+        key = (self.session.index(proxy._tracer), proxy._id)
+        ref = self._imports.get(key)
+        if ref is None:
+            node = self.graph.add(IMPORT, key, where=user_where())
+            ref = self._imports[key] = Ref(node.id)
+        return ref
+
     def check(self) -> None:
         """Checks that need the whole graph: .grad must come before its backward."""
         nodes = self.graph.nodes
@@ -198,3 +240,25 @@ class Tracer:
                     "declare it before the backward that produces it", n.where)
             if n.op == SET and n.site is not None and n.site.kind == "result":
                 raise TraceError("the generated result cannot be set", n.where)
+
+
+class CacheEntry:
+    """One module's cached values: `.output`, and `.inputs` when asked for."""
+
+    __slots__ = ("_inputs", "output")
+
+    def __init__(self, output: Proxy, inputs: Proxy | None) -> None:
+        self.output = output
+        self._inputs = inputs
+
+    @property
+    def inputs(self) -> Any:
+        if self._inputs is None:
+            raise TraceError("inputs were not cached: use tracer.cache(..., inputs=True)", user_where())
+        return self._inputs
+
+
+def _match(pattern: list[str], parts: list[str]) -> bool:
+    if pattern == ["**"]:
+        return True
+    return len(pattern) == len(parts) and all(p == "*" or p == q for p, q in zip(pattern, parts))
