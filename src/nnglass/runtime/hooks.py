@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,11 +24,20 @@ from .interpreter import Interpreter
 ACTIVE: contextvars.ContextVar[Interpreter | None] = contextvars.ContextVar("nnglass_run", default=None)
 
 
+_PATHS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]] = weakref.WeakKeyDictionary()
+
+
 def find_module(model: torch.nn.Module, path: str, where: str = "") -> torch.nn.Module:
-    try:
-        return model.get_submodule(path) if path else model
-    except AttributeError:
-        raise GraphError(f"the model has no module at `{path}`", where) from None
+    paths = _PATHS.get(model)
+    if paths is None:
+        paths = _PATHS[model] = dict(model.named_modules())
+    module = paths.get(path)
+    if module is None:  # the tree may have changed since it was indexed
+        try:
+            module = paths[path] = model.get_submodule(path)
+        except AttributeError:
+            raise GraphError(f"the model has no module at `{path}`", where) from None
+    return module
 
 
 def _first_keyword_input(module: torch.nn.Module) -> list[str]:
@@ -81,9 +91,8 @@ def hooked(model: torch.nn.Module, interp: Interpreter) -> Iterator[None]:
     handles = []
     token = ACTIVE.set(interp)
     try:
-        where = {n.site.path: n.where for n in interp.nodes if n.site is not None}
         for path, kinds in interp.plan.hooked.items():
-            module = find_module(model, path, where.get(path, ""))
+            module = find_module(model, path, interp.plan.site_where[path])
             pre = kinds & {"input", "inputs"}
             if pre:
                 params = _first_keyword_input(module) if "input" in pre else []

@@ -32,6 +32,7 @@ class Plan:
     fns: list[Any]  # registry callable per node (None for opcodes)
     sites: dict[SiteKey, list[int]]  # get/set nodes per site, program order
     hooked: dict[str, set[str]]  # module path -> kinds to hook
+    site_where: dict[str, str]  # module path -> the user's line that first touches it
     copy_sites: set[SiteKey]  # sites whose value is copied before in-place edits
     inplace_at: dict[SiteKey, list[int]]  # in-place nodes that must finish in that site's hook
     grad_groups: dict[int, list[int]]  # get-node id -> grad/set_grad nodes (program order)
@@ -55,6 +56,7 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
     fns: list[Any] = [None] * n
     sites: dict[SiteKey, list[int]] = {}
     hooked: dict[str, set[str]] = {}
+    site_where: dict[str, str] = {}
     root: list[int] = list(range(n))  # alias root: the node whose memory a value shares
     readers: dict[int, list[int]] = {}  # alias root -> nodes that read it
     copy_sites: set[SiteKey] = set()
@@ -81,6 +83,7 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
             sites.setdefault(key, []).append(i)
             if node.site.kind != "result":
                 hooked.setdefault(node.site.path, set()).add(node.site.kind)
+                site_where.setdefault(node.site.path, node.where)
             if op == GET:
                 # Every get of one site shares one memory: the site's (possibly copied) value.
                 root[i] = first_get.setdefault(key, i)
@@ -120,7 +123,7 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
         if not deps[i] and node.op not in (GET, SET, GRAD, SET_GRAD)
     ]  # fmt: skip
     return Plan(
-        graph, [tuple(sorted(d)) for d in deps], consumers, fns, sites, hooked, copy_sites,
+        graph, [tuple(sorted(d)) for d in deps], consumers, fns, sites, hooked, site_where, copy_sites,
         inplace_at, grad_groups, grad_path, starters, all_steps,
         has_backward=any(node.op == "backward" for node in nodes), max_step=max_step,
     )  # fmt: skip

@@ -66,6 +66,9 @@ class Envoy:
             ) from None
 
     def __getitem__(self, index: int) -> Envoy:
+        child = self._children.get(index)  # ints key the same cache as names
+        if child is not None:
+            return child
         names = list(self._module._modules)
         if not isinstance(index, int) or isinstance(index, bool):
             raise TraceError(f"index modules with an int, got {index!r}", user_where())
@@ -75,7 +78,8 @@ class Envoy:
                 f"index {index} is out of range",
                 user_where(),
             )
-        return self._child(names[index])
+        child = self._children[index] = self._child(names[index])
+        return child
 
     def __len__(self) -> int:
         return len(self._module._modules)
@@ -93,8 +97,15 @@ class Envoy:
             raise TraceError(f"call index must be an int >= 0, got {i!r}", user_where())
         return SiteCall(self, i)
 
-    output = property(lambda self: SiteCall(self, 0).output,
-                      lambda self, v: setattr(SiteCall(self, 0), "output", v))  # fmt: skip
+    @property
+    def output(self) -> Proxy:
+        """Exactly what the module's forward returned in its first call (a tuple stays a tuple)."""
+        return current_tracer("`.output`").record_site(GET, self._path, "output", 0)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        SiteCall(self, 0).output = value
+
     input = property(lambda self: SiteCall(self, 0).input,
                      lambda self, v: setattr(SiteCall(self, 0), "input", v))  # fmt: skip
     inputs = property(lambda self: SiteCall(self, 0).inputs,

@@ -31,14 +31,18 @@ class _Slots:
     __slots__ = ("__weakref__", "_id", "_tracer", "_value")
 
 
+_set_tracer = _Slots._tracer.__set__  # type: ignore[attr-defined]  # slot setters: no __setattr__
+_set_id = _Slots._id.__set__  # type: ignore[attr-defined]
+
+
 class Proxy(_Slots):
     """A value inside a trace: the output of node `_id` of `_tracer`'s graph."""
 
     __slots__ = ()
 
     def __init__(self, tracer: Tracer, node_id: int) -> None:
-        self._tracer = tracer
-        self._id = node_id
+        _set_tracer(self, tracer)
+        _set_id(self, node_id)
 
     # --- nnglass verbs -------------------------------------------------------------
     def save(self) -> Proxy:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import TraceError
-from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, IMPORT, SET, Graph, Ref, Site
+from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, IMPORT, SET, Graph, Node, Ref, Site
 from .proxy import NEVER_RAN, Proxy, Saved, finish
 
 if TYPE_CHECKING:
@@ -163,13 +163,15 @@ class Tracer:
 
     def record(self, op: str, args: tuple = (), kwargs: dict | None = None,
                site: Site | None = None) -> Proxy:  # fmt: skip
-        node = self.graph.add(
-            op,
-            tuple(self.encode(a) for a in args),
-            {k: self.encode(v) for k, v in kwargs.items()} if kwargs else {},
-            site=site, invoke=self.invoke_index, step=self._step, where=user_where(),
-        )  # fmt: skip
-        return Proxy(self, node.id)
+        encode = self.encode
+        nodes = self.graph.nodes
+        node_id = len(nodes)
+        nodes.append(Node(
+            node_id, op, tuple([encode(a) for a in args]) if args else (),
+            {k: encode(v) for k, v in kwargs.items()} if kwargs else {},
+            site, self.invoke_index, self._step, False, user_where(),
+        ))  # fmt: skip
+        return Proxy(self, node_id)
 
     def record_inplace(self, proxy: Proxy, op: str, args: tuple, kwargs: dict | None = None) -> Proxy:
         """An in-place edit: the proxy now stands for the edited value."""
