@@ -28,9 +28,11 @@ _PATHS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]] =
 
 
 def find_module(model: torch.nn.Module, path: str, where: str = "") -> torch.nn.Module:
+    if not path:
+        return model
     paths = _PATHS.get(model)
-    if paths is None:
-        paths = _PATHS[model] = dict(model.named_modules())
+    if paths is None:  # the root itself stays out: a value must not keep its weak key alive
+        paths = _PATHS[model] = {p: m for p, m in model.named_modules() if p}
     module = paths.get(path)
     if module is None:  # the tree may have changed since it was indexed
         try:
