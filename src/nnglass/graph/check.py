@@ -2,11 +2,12 @@
 
 Invariant: every graph `check` accepts (and so every graph `wire.decode` returns) names
 only IR opcodes and registry ops; reads attributes only from `ops.ATTRIBUTES`; touches
-modules and parameters only by literal dotted paths; refers only to earlier nodes (SSA)
-and to tensors it carries; holds only value types the wire can carry; and stays within
-`Limits`. Nothing here recurses on client data: JSON nesting is measured on the raw
-bytes before `json.loads` (which recurses), every walk over values uses an explicit
-stack, and counts are checked before the work they bound.
+modules and parameters only by literal dotted paths; refers only to earlier nodes (SSA),
+to tensors it carries and (in a session's trace) to nodes of earlier traces; holds only
+value types the wire can carry; and stays within `Limits`. Nothing here recurses on
+client data: JSON nesting is measured on the raw bytes before `json.loads` (which
+recurses), every walk over values uses an explicit stack, and counts are checked before
+the work they bound.
 
 Order: version, structure (counts and sizes first: they bound the rest), ops, references.
 """
@@ -51,8 +52,9 @@ _TENSOR_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", re.ASCII)
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource bounds. `max_depth` bounds value nesting; raw JSON may nest
-    `json_depth` = 2 * max_depth + 8 deep (a tagged container costs two JSON levels)."""
+    """Resource bounds; a session's traces share its node and tensor budgets. `max_depth`
+    bounds value nesting; raw JSON may nest `json_depth` deep (a tagged container costs two
+    JSON levels, a session's traces sit two levels down)."""
 
     max_json_bytes: int = 16 * 2**20
     max_depth: int = 32
@@ -60,10 +62,11 @@ class Limits:
     max_tensor_bytes: int = 2**30
     max_string_len: int = 4096
     max_invokes: int = 1024
+    max_children: int = 256  # traces in one session
 
     @property
     def json_depth(self) -> int:
-        return 2 * self.max_depth + 8
+        return 2 * self.max_depth + 12
 
 
 DEFAULT_LIMITS = Limits()
@@ -162,10 +165,11 @@ def check_version(version: object) -> None:
 # -- JSON document structure -----------------------------------------------------------
 
 _NONE = type(None)
-_TOP: dict[str, tuple[type, ...]] = {
-    "version": (str,), "model": (str,), "mode": (str,), "options": (dict,),
-    "invokes": (list,), "nodes": (list,), "tensors": (dict,),
+_TRACE: dict[str, tuple[type, ...]] = {
+    "model": (str,), "mode": (str,), "options": (dict,), "invokes": (list,), "nodes": (list,),
+    "tensors": (dict,),
 }
+_TOP = {"version": (str,), **_TRACE, "children": (list,)}
 _NODE_FIELDS: dict[str, tuple[type, ...]] = {
     "id": (int,), "op": (str,), "args": (list,), "kwargs": (dict,), "site": (dict, _NONE),
     "invoke": (int, _NONE), "step": (int,), "save": (bool,), "where": (str,),
@@ -199,8 +203,20 @@ def check_document(doc: object, limits: Limits = DEFAULT_LIMITS) -> None:
     """The JSON layout: known fields only, each of its JSON type; counts within limits."""
     _fields(doc, _TOP, "graph", ("version", "model", "nodes"))
     assert isinstance(doc, dict)
+    children = doc.get("children", [])
+    _bound(len(children), limits.max_children, "traces")
+    for k, child in enumerate(children):
+        _fields(child, _TRACE, f"trace {k}", ("model", "nodes"))
+    _bound(sum(len(g["nodes"]) for g in [doc, *children]), limits.max_nodes, "nodes")
+    for k, part in enumerate([doc, *children]):
+        try:
+            _check_body(part, limits)
+        except GraphError as e:
+            raise GraphError(f"trace {k - 1}: {e.message}" if k else e.message, e.where) from None
+
+
+def _check_body(doc: dict[str, Any], limits: Limits) -> None:
     nodes, invokes = doc["nodes"], doc.get("invokes", [])
-    _bound(len(nodes), limits.max_nodes, "nodes")
     _bound(len(invokes), limits.max_invokes, "invokes")
     for i, inv in enumerate(invokes):
         _fields(inv, _INVOKE_FIELDS, f"invoke {i}")
@@ -292,7 +308,7 @@ def _check_fields(node: Node, i: int, graph: Graph, limits: Limits) -> None:
         n = len(graph.invokes)
         if type(node.invoke) is not int or node.invoke < 0:
             raise _node_error(node, f"invoke must be None or an int >= 0, not {_show(node.invoke)}")
-        if graph.mode != "session" and node.invoke >= n:  # a session's traces number their own
+        if node.invoke >= n:
             raise _node_error(node, f"invoke {node.invoke} does not exist ({n} invokes)")
     site = node.site
     if site is not None:
@@ -305,8 +321,16 @@ def _check_fields(node: Node, i: int, graph: Graph, limits: Limits) -> None:
             raise _node_error(node, "site call must be an int >= 0 and step an int >= -1")
 
 
-def _check_op(node: Node, registry: OpRegistry) -> None:
+def _check_op(node: Node, registry: OpRegistry, session: tuple[int, list[Graph]] | None) -> None:
     op, args, site = node.op, node.args, node.site
+    if op == "import":  # (index of an earlier trace of the session, a node id in it)
+        if session is None:
+            raise _node_error(node, "import is only valid in a trace of a session")
+        k, traces = session
+        ok = len(args) == 2 and not node.kwargs and all(type(a) is int for a in args)
+        if not (ok and 0 <= args[0] < k and 0 <= args[1] < len(traces[args[0]].nodes)):
+            raise _node_error(node, f"import needs (an earlier trace's index, a node id in it); "
+                                    f"got {_show(args)} in trace {k}")
     if op in OPCODES:
         if (op in ("get", "set")) != (site is not None):
             raise _node_error(node, "get and set need a site; no other op may have one")
@@ -349,18 +373,40 @@ def check(graph: Graph, registry: OpRegistry = REGISTRY, limits: Limits = DEFAUL
     """Raise GraphError (naming the node and the user's line) unless `graph` is valid.
 
     Graph-wide: version, counts, fields, attached tensors and their total size; then per
-    node: fields, op, values (their types, depth, and references).
+    node: fields, op, values (their types, depth, and references). A session holds no
+    nodes of its own: its traces (`children`) are checked in order, sharing the limits.
     """
     check_version(graph.version)
-    nodes, invokes, tensors = graph.nodes, graph.invokes, graph.tensors
-    if type(nodes) is not list or type(invokes) is not list or type(tensors) is not dict:
-        raise GraphError("graph nodes and invokes must be lists and tensors a dict")
-    _bound(len(nodes), limits.max_nodes, "nodes")
-    _bound(len(invokes), limits.max_invokes, "invokes")
-    if type(graph.model) is not str or len(graph.model) > limits.max_string_len:
-        raise GraphError("graph model must be a str (the served model's name)")
-    if graph.mode not in MODES:
-        raise GraphError(f"graph mode {_show(graph.mode)} is not one of {MODES}")
+    traces = graph.children
+    if type(traces) is not list:
+        raise GraphError("graph children must be a list")
+    if graph.mode != "session":
+        if traces:
+            raise GraphError("only a session has child traces")
+        _bound(_check_tensors(graph.tensors), limits.max_tensor_bytes, "bytes of attached tensors")
+        _check_trace(graph, registry, limits, None)
+        return
+    if graph.nodes or graph.invokes or graph.tensors:
+        raise GraphError("a session's own nodes, invokes and tensors must be empty: its "
+                         "traces hold them")
+    _bound(len(traces), limits.max_children, "traces")
+    if any(type(t) is not Graph or t.mode == "session" or t.children for t in traces):
+        raise GraphError("a session's children must be traces (sessions cannot be nested)")
+    _bound(sum(len(t.nodes) for t in traces), limits.max_nodes, "nodes")
+    total = sum(_check_tensors(t.tensors) for t in traces)
+    _bound(total, limits.max_tensor_bytes, "bytes of attached tensors")
+    for k, trace in enumerate(traces):
+        try:
+            check_version(trace.version)
+            _check_trace(trace, registry, limits, (k, traces))
+        except GraphError as e:
+            raise GraphError(f"trace {k}: {e.message}", e.where) from None
+
+
+def _check_tensors(tensors: object) -> int:
+    """The attached tensors' byte count, once each is known to be able to travel."""
+    if type(tensors) is not dict:
+        raise GraphError("graph tensors must be a dict")
     total = 0
     for key, t in tensors.items():
         if type(key) is not str or not _TENSOR_KEY.fullmatch(key):
@@ -370,7 +416,20 @@ def check(graph: Graph, registry: OpRegistry = REGISTRY, limits: Limits = DEFAUL
         if t.dtype not in _TENSOR_DTYPE_SET:
             raise GraphError(f"attached tensor {key!r} has dtype {t.dtype}, which cannot travel")
         total += t.numel() * t.element_size()
-    _bound(total, limits.max_tensor_bytes, "bytes of attached tensors")
+    return total
+
+
+def _check_trace(graph: Graph, registry: OpRegistry, limits: Limits,
+                 session: tuple[int, list[Graph]] | None) -> None:
+    nodes, invokes, tensors = graph.nodes, graph.invokes, graph.tensors
+    if type(nodes) is not list or type(invokes) is not list:
+        raise GraphError("graph nodes and invokes must be lists")
+    _bound(len(nodes), limits.max_nodes, "nodes")
+    _bound(len(invokes), limits.max_invokes, "invokes")
+    if type(graph.model) is not str or len(graph.model) > limits.max_string_len:
+        raise GraphError("graph model must be a str (the served model's name)")
+    if graph.mode not in MODES:
+        raise GraphError(f"graph mode {_show(graph.mode)} is not one of {MODES}")
     if type(graph.options) is not dict:
         raise GraphError("graph options must be a dict")
     try:
@@ -389,7 +448,7 @@ def check(graph: Graph, registry: OpRegistry = REGISTRY, limits: Limits = DEFAUL
         if type(node) is not Node:
             raise GraphError(f"graph node {i} is a {type(node).__name__}, not a Node")
         _check_fields(node, i, graph, limits)
-        _check_op(node, registry)
+        _check_op(node, registry, session)
         try:
             _walk(node.args, limits, node.id, tensors)
             _walk(node.kwargs, limits, node.id, tensors)

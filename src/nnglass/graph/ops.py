@@ -123,6 +123,9 @@ class OpRegistry:
     def __getitem__(self, name: str) -> Callable[..., Any]:
         return self._ops[name]
 
+    def get(self, name: str) -> Callable[..., Any] | None:
+        return self._ops.get(name)
+
     def name_of(self, fn: Callable[..., Any]) -> str | None:
         return self._names.get(id(fn))
 

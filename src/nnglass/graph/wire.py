@@ -4,7 +4,8 @@ Invariant: `decode(*encode(g))` equals `g` bit for bit for every graph `check` a
 (tensors, -0.0, NaN, tuple vs list, bool vs int, dtypes), and `decode` returns only
 graphs that passed `check`. Decoding never runs, imports or unpickles anything, never
 recurses on client data, and looks names up only in explicit tables. Tensors travel
-only as safetensors, never as JSON lists. Layout: see schema.json beside this file.
+only as safetensors, never as JSON lists; a session's traces travel as "children", each
+with its own tensor keys ("k/key" in the one safetensors part). Layout: schema.json.
 """
 
 from __future__ import annotations
@@ -226,53 +227,65 @@ def _encode_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return encode_value(kwargs)["items"]  # a plain object: its keys must be str
 
 
-def _encode_tensors(tensors: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
-    if not tensors:
-        return {}, None
-    manifest: dict[str, Any] = {}
-    flat: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or _DTYPE_NAMES.get(t.dtype) not in TENSOR_DTYPES:
-            raise GraphError(f"attached tensor {key!r} cannot travel (a dense tensor of a "
-                             "safetensors dtype is needed)")
-        try:
-            t = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-            storage = t.untyped_storage()
-            # safetensors refuses views of a larger storage and tensors sharing one
-            if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
-                t = t.clone()
-            if t.numel():
-                seen.add(t.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError) as e:
-            raise GraphError(f"attached tensor {key!r} has no data to send ({e})") from None
-        flat[key] = t
+def _prepare(key: str, t: Any, seen: set[int]) -> torch.Tensor:
+    """A dense CPU tensor owning its whole storage (safetensors refuses views and sharing)."""
+    if not isinstance(t, torch.Tensor) or _DTYPE_NAMES.get(t.dtype) not in TENSOR_DTYPES:
+        raise GraphError(f"attached tensor {key!r} cannot travel (a dense tensor of a "
+                         "safetensors dtype is needed)")
+    try:
+        t = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError) as e:
+        raise GraphError(f"attached tensor {key!r} has no data to send ({e})") from None
+    return t
+
+
+def _trace_json(g: Graph, flat: dict[str, torch.Tensor], prefix: str, seen: set[int]) -> dict:
+    manifest = {}
+    for key, t in g.tensors.items():
+        flat[prefix + key] = t = _prepare(key, t, seen)
         manifest[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
-    return manifest, safetensors.torch.save(flat)
-
-
-def encode(graph: Graph) -> tuple[bytes, bytes | None]:
-    """JSON bytes and safetensors bytes (None when the graph carries no tensors)."""
-    check_version(graph.version)
-    manifest, blob = _encode_tensors(graph.tensors)
     nodes = []
-    for n in graph.nodes:
+    for n in g.nodes:
         try:
             nodes.append(_node_json(n))
         except GraphError as e:
             raise GraphError(f"node {n.id} ({n.op}): {e.message}", where=n.where) from None
-    doc = {
-        "version": graph.version,
-        "model": graph.model,
-        "mode": graph.mode,
-        "options": _encode_kwargs(graph.options),
+    return {
+        "model": g.model,
+        "mode": g.mode,
+        "options": _encode_kwargs(g.options),
         "invokes": [{"args": encode_value(list(i.args)), "kwargs": _encode_kwargs(i.kwargs)}
-                    for i in graph.invokes],
+                    for i in g.invokes],
         "nodes": nodes,
         "tensors": manifest,
     }
+
+
+def encode(graph: Graph) -> tuple[bytes, bytes | None]:
+    """JSON bytes and safetensors bytes (None when the graph carries no tensors).
+
+    A session's traces go under "children"; trace k's tensor "t0" is "k/t0" in the
+    safetensors part (each trace's manifest names its own keys).
+    """
+    check_version(graph.version)
+    flat: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    doc = {"version": graph.version, **_trace_json(graph, flat, "", seen)}
+    children = []
+    for k, child in enumerate(graph.children):
+        try:
+            children.append(_trace_json(child, flat, f"{k}/", seen))
+        except GraphError as e:
+            raise GraphError(f"trace {k}: {e.message}", e.where) from None
+    if children:
+        doc["children"] = children
     text = json.dumps(doc, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-    return text.encode("ascii"), blob
+    return text.encode("ascii"), safetensors.torch.save(flat) if flat else None
 
 
 def _decode_tensors(manifest: dict[str, Any], blob: bytes | None, limits: Limits) -> dict:
@@ -303,6 +316,33 @@ def _decode_tensors(manifest: dict[str, Any], blob: bytes | None, limits: Limits
     return out
 
 
+def _trace(doc: dict[str, Any], tensors: dict[str, Any], version: str, depth: int) -> Graph:
+    """A Graph from a JSON part that `check_document` accepted (values decoded here)."""
+
+    def values(obj: Any, what: str, where: str = "") -> Any:
+        try:
+            return decode_value(obj, max_depth=depth)
+        except GraphError as e:
+            raise GraphError(f"{what}: {e.message}", where) from None
+
+    def kwargs(obj: Any, what: str, where: str = "") -> Any:
+        return values({"$": "dict", "items": obj}, what, where)
+
+    graph = Graph(model=doc["model"], mode=doc.get("mode", "trace"), version=version,
+                  tensors=tensors, options=kwargs(doc.get("options", {}), "options"))
+    for i, inv in enumerate(doc.get("invokes", [])):
+        args = tuple(values(inv.get("args", []), f"invoke {i}"))
+        graph.invokes.append(Invoke(args, kwargs(inv.get("kwargs", {}), f"invoke {i}")))
+    for n in doc["nodes"]:
+        where, what = n.get("where", ""), f"node {n['id']} ({_short(n['op'])})"
+        args = tuple(values(n.get("args", []), what, where))
+        kw = kwargs(n.get("kwargs", {}), what, where)
+        site = Site(**n["site"]) if n.get("site") is not None else None
+        graph.nodes.append(Node(n["id"], n["op"], args, kw, site, n.get("invoke"),
+                                n.get("step", 0), n.get("save", False), where))
+    return graph
+
+
 def decode(
     json_bytes: bytes,
     tensor_bytes: bytes | None = None,
@@ -316,39 +356,19 @@ def decode(
         raise GraphError(f"a graph is a JSON object, got {type(doc).__name__}")
     check_version(doc.get("version"))
     check_document(doc, limits)
-    tensors = _decode_tensors(doc.get("tensors", {}), tensor_bytes, limits)
-    depth = limits.max_depth
-
-    def values(obj: Any, what: str) -> Any:
+    parts = [("", doc)] + [(f"{k}/", c) for k, c in enumerate(doc.get("children", []))]
+    manifest = {p + key: e for p, part in parts for key, e in part.get("tensors", {}).items()}
+    flat = _decode_tensors(manifest, tensor_bytes, limits)
+    version, depth = doc["version"], limits.max_depth
+    graphs = []
+    for k, (prefix, part) in enumerate(parts):
+        tensors = {key: flat[prefix + key] for key in part.get("tensors", {})}
         try:
-            return decode_value(obj, max_depth=depth)
+            graphs.append(_trace(part, tensors, version, depth))
         except GraphError as e:
-            raise GraphError(f"{what}: {e.message}") from None
-
-    def kwargs(obj: Any, what: str) -> Any:
-        return values({"$": "dict", "items": obj}, what)
-
-    graph = Graph(
-        model=doc["model"],
-        mode=doc.get("mode", "trace"),
-        version=doc["version"],
-        tensors=tensors,
-        options=kwargs(doc.get("options", {}), "options"),
-    )
-    for i, inv in enumerate(doc.get("invokes", [])):
-        what = f"invoke {i}"
-        args = tuple(values(inv.get("args", []), what))
-        graph.invokes.append(Invoke(args, kwargs(inv.get("kwargs", {}), what)))
-    for n in doc["nodes"]:
-        where = n.get("where", "")
-        try:
-            args = tuple(decode_value(n.get("args", []), max_depth=depth))
-            kw = decode_value({"$": "dict", "items": n.get("kwargs", {})}, max_depth=depth)
-        except GraphError as e:
-            raise GraphError(f"node {n['id']} ({_short(n['op'])}): {e.message}", where) from None
-        site = Site(**n["site"]) if n.get("site") is not None else None
-        graph.nodes.append(Node(n["id"], n["op"], args, kw, site, n.get("invoke"),
-                                n.get("step", 0), n.get("save", False), where))
+            raise GraphError(f"trace {k - 1}: {e.message}" if k else e.message, e.where) from None
+    graph = graphs[0]
+    graph.children = graphs[1:]
     check(graph, registry, limits)
     return graph
 

@@ -31,13 +31,11 @@ from ..graph.ir import (
     IMPORT,
     MODULE,
     PARAM,
-    SET,
-    SET_GRAD,
     Node,
     Ref,
     TensorRef,
 )
-from .plan import Plan, SiteKey, site_key
+from .plan import Plan, SiteKey, SiteTask, site_key
 
 _UNSET: Any = object()
 
@@ -124,9 +122,10 @@ class Interpreter:
 
     # --- driving ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._ready.extend(self.plan.starters)
-        heapq.heapify(self._ready)
-        self.drain()
+        if self.plan.starters:
+            self._ready.extend(self.plan.starters)
+            heapq.heapify(self._ready)
+            self.drain()
 
     def next_step(self) -> None:
         """A new generation step: call counters restart, every-step nodes run again."""
@@ -137,7 +136,7 @@ class Interpreter:
                 self.values[i] = _UNSET
                 self.left += 1
             self.remaining[i] = sum(1 for d in self.plan.deps[i] if self.values[d] is _UNSET)
-            if not self.remaining[i] and self.nodes[i].op not in (GET, SET, GRAD, SET_GRAD):
+            if not self.remaining[i] and self.plan.runnable[i]:
                 heapq.heappush(self._ready, i)
         self.drain()
 
@@ -153,40 +152,45 @@ class Interpreter:
         return self.fire_site(("", "result", 0, 0), value)
 
     def fire_site(self, key: SiteKey, value: Any) -> Any:
-        sites = self.plan.sites
-        ids = sites.get(key)
-        every_key = (*key[:3], ALL_STEPS)
-        every = sites.get(every_key)
-        if ids is None and every is None:
+        task = self.plan.tasks.get(key)
+        if self.plan.all_steps:
+            task = self._with_every_step(key, task)
+        if task is None:
             return value
-        if every is not None:
-            ids = sorted((ids or []) + every)
-        copy = self.plan.copy_sites
-        if key in copy or every_key in copy:
+        if task.copy:
             value = _copy_tensors(value)
         self.fired.append(key)
-        gets: list[int] = []
-        for i in ids:
-            node = self.nodes[i]
-            if self.remaining[i]:
-                self._out_of_order(node)
+        nodes, remaining = self.nodes, self.remaining
+        whole = len(self.rows) == 1
+        for i in task.ids:
+            if remaining[i]:
+                self._out_of_order(nodes[i])
+            node = nodes[i]
             if node.op == GET:
-                self.complete(i, self._slice(value, node.invoke))
-                gets.append(i)
+                self.complete(i, value if whole or node.invoke is None else self._slice(value, node.invoke))
             else:
                 value = self._replace(value, self.values_of(node.args[0]), node.invoke)
                 self.complete(i, None)
-            self.drain()
-        for k in (key, every_key):
-            for i in self.plan.inplace_at.get(k, ()):
-                if self.values[i] is _UNSET:
-                    self._out_of_order(self.nodes[i])
-        for i in gets:
-            if i in self.plan.grad_groups:
-                value = self._watch_grad(i, value)
+            if self._ready:
+                self.drain()
+        for i in task.inplace:
+            if self.values[i] is _UNSET:
+                self._out_of_order(nodes[i])
+        for i in task.grads:
+            value = self._watch_grad(i, value)
         if self.left == 0 and self.can_stop:
             raise EarlyStop
         return value
+
+    def _with_every_step(self, key: SiteKey, task: SiteTask | None) -> SiteTask | None:
+        """Merge a site's step-k task with its every-step (`tracer.all()`) task."""
+        every = self.plan.tasks.get((*key[:3], ALL_STEPS))
+        if every is None or key[3] == ALL_STEPS:
+            return task
+        if task is None:
+            return every
+        return SiteTask(sorted(task.ids + every.ids), task.copy or every.copy,
+                        task.inplace + every.inplace, task.grads + every.grads)  # fmt: skip
 
     def values_of(self, arg: Any) -> Any:
         return resolve(arg, self.values, self.tensors)
@@ -202,10 +206,10 @@ class Interpreter:
                 self.saved.setdefault(i, []).append(snap)
             else:
                 self.saved[i] = snap
-        remaining = self.remaining
+        remaining, runnable = self.remaining, self.plan.runnable
         for c in self.plan.consumers[i]:
             remaining[c] -= 1
-            if not remaining[c] and self.nodes[c].op not in (GET, SET, GRAD, SET_GRAD):
+            if not remaining[c] and runnable[c]:
                 heapq.heappush(self._ready, c)
 
     def drain(self) -> None:

@@ -18,10 +18,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import GraphError
-from ..graph.ir import ALL_STEPS, GET, GRAD, OPCODES, PARAM, SET, SET_GRAD, Graph, Node, Ref
+from ..graph.ir import ALL_STEPS, GET, GRAD, OPCODES, PARAM, SET, SET_GRAD, Graph, Node, Ref, _collect_refs
 from ..graph.ops import VIEW_OPS, OpRegistry, is_inplace
 
 SiteKey = tuple[str, str, int, int]  # path, kind, call, step
+_SITE_OPS = frozenset({GET, SET, GRAD, SET_GRAD})
+
+
+@dataclass(slots=True)
+class SiteTask:
+    """What a hook does when its site fires."""
+
+    ids: list[int]  # get/set nodes, program order
+    copy: bool = False  # copy the value first: in-place edits of it follow
+    inplace: list[int] = field(default_factory=list)  # must be done when the hook returns
+    grads: list[int] = field(default_factory=list)  # get nodes whose gradient is watched
+    first_get: int = -1  # every get of a site shares one memory, rooted here
 
 
 @dataclass
@@ -30,14 +42,13 @@ class Plan:
     deps: list[tuple[int, ...]]
     consumers: list[list[int]]
     fns: list[Any]  # registry callable per node (None for opcodes)
-    sites: dict[SiteKey, list[int]]  # get/set nodes per site, program order
+    tasks: dict[SiteKey, SiteTask]
     hooked: dict[str, set[str]]  # module path -> kinds to hook
     site_where: dict[str, str]  # module path -> the user's line that first touches it
-    copy_sites: set[SiteKey]  # sites whose value is copied before in-place edits
-    inplace_at: dict[SiteKey, list[int]]  # in-place nodes that must finish in that site's hook
     grad_groups: dict[int, list[int]]  # get-node id -> grad/set_grad nodes (program order)
     grad_path: dict[int, tuple[int, tuple[int, ...]]]  # grad node -> (get node, index path)
     starters: list[int]  # non-site nodes with no dependencies
+    runnable: list[bool]  # runs as soon as its inputs are ready (not a site/grad node)
     all_steps: list[int] = field(default_factory=list)  # nodes run at every step
     has_backward: bool = False
     max_step: int = 0
@@ -49,84 +60,112 @@ def site_key(node: Node) -> SiteKey:
     return (s.path, s.kind, s.call, s.step)
 
 
+def _refs(node: Node) -> set[int]:
+    out: set[int] = set()
+    for a in node.args:
+        if type(a) is Ref:
+            out.add(a.id)
+        elif type(a) in (tuple, list, dict, slice):
+            out.update(_nested_refs(a))
+    if node.kwargs:
+        out.update(_nested_refs(node.kwargs))
+    return out
+
+
+def _nested_refs(x: Any) -> list[int]:
+    out: list[int] = []
+    _collect_refs(x, out)
+    return out
+
+
 def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
     nodes = graph.nodes
     n = len(nodes)
-    deps: list[set[int]] = [set(node.refs()) for node in nodes]
+    deps: list[set[int]] = [_refs(node) for node in nodes]
     fns: list[Any] = [None] * n
-    sites: dict[SiteKey, list[int]] = {}
+    tasks: dict[SiteKey, SiteTask] = {}
     hooked: dict[str, set[str]] = {}
     site_where: dict[str, str] = {}
     root: list[int] = list(range(n))  # alias root: the node whose memory a value shares
     readers: dict[int, list[int]] = {}  # alias root -> nodes that read it
-    copy_sites: set[SiteKey] = set()
-    inplace_at: dict[SiteKey, list[int]] = {}
     grad_groups: dict[int, list[int]] = {}
     grad_path: dict[int, tuple[int, tuple[int, ...]]] = {}
     all_steps: list[int] = []
     max_step = 0
-    first_get: dict[SiteKey, int] = {}
+    has_backward = False
 
     for node in nodes:
-        i = node.id
-        if node.step == ALL_STEPS:
-            all_steps.append(i)
+        i, op = node.id, node.op
+        if node.step:
+            if node.step == ALL_STEPS:
+                all_steps.append(i)
+            elif node.step > max_step:
+                max_step = node.step
+        if op in OPCODES:
+            if op == GET or op == SET:
+                site = node.site
+                key = (site.path, site.kind, site.call, site.step)
+                task = tasks.get(key)
+                if task is None:
+                    task = tasks[key] = SiteTask([])
+                    if site.kind != "result":
+                        hooked.setdefault(site.path, set()).add(site.kind)
+                        site_where.setdefault(site.path, node.where)
+                task.ids.append(i)
+                if op == GET:
+                    if task.first_get < 0:
+                        task.first_get = i
+                    root[i] = task.first_get
+            elif op == GRAD or op == SET_GRAD:
+                grad_path[i] = _grad_target(graph, node)
+                grad_groups.setdefault(grad_path[i][0], []).append(i)
+                # The gradient arrives from backward: the target's value is not an input.
+                deps[i].discard(node.args[0].id)
+            elif op == "backward":
+                has_backward = True
         else:
-            max_step = max(max_step, node.step)
-        op = node.op
-        if op not in OPCODES:
-            if op not in registry:
+            fn = registry.get(op)
+            if fn is None:
                 raise GraphError(f"node %{i}: op {op!r} is not in this registry", node.where)
-            fns[i] = registry[op]
-        if op in (GET, SET):
-            key = site_key(node)
-            sites.setdefault(key, []).append(i)
-            if node.site.kind != "result":
-                hooked.setdefault(node.site.path, set()).add(node.site.kind)
-                site_where.setdefault(node.site.path, node.where)
-            if op == GET:
-                # Every get of one site shares one memory: the site's (possibly copied) value.
-                root[i] = first_get.setdefault(key, i)
-        elif op in VIEW_OPS and node.args and isinstance(node.args[0], Ref):
-            root[i] = root[node.args[0].id]
-        for d in deps[i]:
+            fns[i] = fn
+            if op in VIEW_OPS and node.args and type(node.args[0]) is Ref:
+                root[i] = root[node.args[0].id]
+        ds = deps[i]
+        for d in ds:
             readers.setdefault(root[d], []).append(i)
-        if is_inplace(op) and node.args and isinstance(node.args[0], Ref):
-            r = root[node.args[0].id]
-            target = nodes[r]
-            if target.op == PARAM:
-                raise GraphError(
-                    "parameters are read-only: clone the weight first (w = ...weight.clone())",
-                    node.where,
-                )
-            # Run after every earlier reader of the same memory (program order).
-            deps[i].update(j for j in readers.get(r, ()) if j < i)
-            if target.op == GET:
-                key = site_key(target)
-                copy_sites.add(key)
-                inplace_at.setdefault(key, []).append(i)
-            readers.setdefault(r, []).append(i)
-        if op in (GRAD, SET_GRAD):
-            grad_path[i] = _grad_target(graph, node)
-            grad_groups.setdefault(grad_path[i][0], []).append(i)
-            # The gradient arrives from backward: the target's value is not an input.
-            deps[i].discard(node.args[0].id)
+        if ds and is_inplace(op) and type(node.args[0]) is Ref:
+            _order_inplace(nodes, node, root, readers, deps, tasks)
 
     consumers: list[list[int]] = [[] for _ in range(n)]
     for i, ds in enumerate(deps):
         for d in ds:
             consumers[d].append(i)
-    for c in consumers:
-        c.sort()
-    starters = [
-        i for i, node in enumerate(nodes)
-        if not deps[i] and node.op not in (GET, SET, GRAD, SET_GRAD)
-    ]  # fmt: skip
+    runnable = [node.op not in _SITE_OPS for node in nodes]
+    starters = [i for i in range(n) if runnable[i] and not deps[i]]
+    for get_id in grad_groups:
+        g = nodes[get_id]
+        tasks[site_key(g)].grads.append(get_id)
     return Plan(
-        graph, [tuple(sorted(d)) for d in deps], consumers, fns, sites, hooked, site_where, copy_sites,
-        inplace_at, grad_groups, grad_path, starters, all_steps,
-        has_backward=any(node.op == "backward" for node in nodes), max_step=max_step,
+        graph, [tuple(sorted(d)) for d in deps], consumers, fns, tasks, hooked, site_where,
+        grad_groups, grad_path, starters, runnable, all_steps, has_backward, max_step,
     )  # fmt: skip
+
+
+def _order_inplace(nodes: list[Node], node: Node, root: list[int], readers: dict[int, list[int]],
+                   deps: list[set[int]], tasks: dict[SiteKey, SiteTask]) -> None:  # fmt: skip
+    """An in-place edit runs after every earlier reader of the memory it edits; an edit
+    of a site's value makes that site copy its value first and finish in its hook."""
+    i = node.id
+    r = root[node.args[0].id]
+    target = nodes[r]
+    if target.op == PARAM:
+        raise GraphError("parameters are read-only: clone the weight first (w = ...weight.clone())",
+                         node.where)  # fmt: skip
+    deps[i].update(j for j in readers.get(r, ()) if j < i)
+    if target.op == GET:
+        task = tasks[site_key(target)]
+        task.copy = True
+        task.inplace.append(i)
 
 
 def _grad_target(graph: Graph, node: Node) -> tuple[int, tuple[int, ...]]:

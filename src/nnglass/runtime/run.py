@@ -62,6 +62,8 @@ def check_finished(interp: Interpreter, missing_steps_ok: bool = False) -> None:
     In generation, nodes of steps that never ran (EOS came first) are left out: their
     saved values raise on `.value` instead.
     """
+    if interp.left == 0:
+        return
     unfinished = interp.unfinished()
     if missing_steps_ok and unfinished:
         never = {n.id for n in unfinished if n.site is not None and n.site.step > interp.step}

@@ -8,6 +8,7 @@ After the trace, a saved proxy becomes a `Saved`: it behaves like its value.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from ..errors import OutOfOrderError, TraceError
 from ..graph.ir import GRAD, SET_GRAD
 from ..graph.ops import ATTRIBUTES, REGISTRY
+from .where import third_party_caller
 
 if TYPE_CHECKING:
     from .tracer import Tracer
@@ -74,6 +76,14 @@ class Proxy(_Slots):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
+        library = third_party_caller()
+        if library is not None:
+            raise TraceError(
+                f"a library function ({os.path.basename(library)}) asked a traced value for "
+                f"`.{name}`, but it has no data while recording; use torch operations inside "
+                "the trace, or call the library on saved values after it",
+                self._tracer.where(),
+            )
         if name in ATTRIBUTES:
             return self._tracer.record("builtins.getattr", (self, name))
         op = "Tensor." + name

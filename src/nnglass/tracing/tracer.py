@@ -10,8 +10,6 @@ Invariants:
 from __future__ import annotations
 
 import contextvars
-import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -21,6 +19,7 @@ import torch
 from ..errors import TraceError
 from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, IMPORT, SET, Graph, Node, Ref, Site
 from .proxy import NEVER_RAN, Proxy, Saved, finish
+from .where import user_where
 
 if TYPE_CHECKING:
     from .envoy import TracedModel
@@ -28,12 +27,6 @@ if TYPE_CHECKING:
 
 _CURRENT: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar("nnglass_tracer", default=None)
 _SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("nnglass_session", default=None)
-_SKIP_DIRS = (
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    os.path.dirname(os.path.abspath(torch.__file__)),
-)
-
-
 def current_tracer(what: str) -> Tracer:
     tracer = _CURRENT.get()
     if tracer is None:
@@ -43,14 +36,6 @@ def current_tracer(what: str) -> Tracer:
 
 def current_session() -> Session | None:
     return _SESSION.get()
-
-
-def user_where() -> str:
-    """file:line of the innermost frame that is neither nnglass nor torch code."""
-    f = sys._getframe(1)
-    while f.f_back is not None and f.f_code.co_filename.startswith(_SKIP_DIRS):
-        f = f.f_back
-    return f"{f.f_code.co_filename}:{f.f_lineno}"
 
 
 class Tracer:
@@ -163,20 +148,22 @@ class Tracer:
 
     def record(self, op: str, args: tuple = (), kwargs: dict | None = None,
                site: Site | None = None) -> Proxy:  # fmt: skip
+        current = _CURRENT.get()
+        if current is not None and current is not self:
+            return current.record(op, args, kwargs, site)  # an earlier trace's value, used later
         encode = self.encode
+        args = tuple([encode(a) for a in args]) if args else ()
+        kwargs = {k: encode(v) for k, v in kwargs.items()} if kwargs else {}
         nodes = self.graph.nodes
-        node_id = len(nodes)
-        nodes.append(Node(
-            node_id, op, tuple([encode(a) for a in args]) if args else (),
-            {k: encode(v) for k, v in kwargs.items()} if kwargs else {},
-            site, self.invoke_index, self._step, False, user_where(),
-        ))  # fmt: skip
+        node_id = len(nodes)  # after encoding: encoding may add `import` nodes
+        nodes.append(Node(node_id, op, args, kwargs, site, self.invoke_index, self._step, False,
+                          user_where()))  # fmt: skip
         return Proxy(self, node_id)
 
     def record_inplace(self, proxy: Proxy, op: str, args: tuple, kwargs: dict | None = None) -> Proxy:
         """An in-place edit: the proxy now stands for the edited value."""
         new = self.record(op, args, kwargs)
-        proxy._id = new._id
+        proxy._tracer, proxy._id = new._tracer, new._id
         return proxy
 
     def record_site(self, op: str, path: str, kind: str, call: int, value: Any = None) -> Proxy:
