@@ -40,10 +40,10 @@ def test_early_stop_never_runs_later_layers() -> None:
 def test_no_early_stop_when_root_output_or_backward_pending() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Boom())
     net = NNModel(model)
-    with pytest.raises(RuntimeError, match="must never run"), net.trace(torch.randn(2, 4)):
+    with pytest.raises(ExecutionError, match="must never run"), net.trace(torch.randn(2, 4)):
         net[0].output.save()
         net.output.save()
-    with pytest.raises(RuntimeError, match="must never run"), net.trace(torch.randn(2, 4)):
+    with pytest.raises(ExecutionError, match="must never run"), net.trace(torch.randn(2, 4)):
         net[0].output.grad.save()
         net[1].output.sum().backward()
         net[2].output.save()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import TraceError
-from ..graph.ir import Graph, Invoke
+from ..graph.ir import Graph, Invoke, TensorRef
 from ..runtime.backend import Backend, LocalBackend
 from ..runtime.interpreter import Interpreter, resolve
 from ..runtime.run import execute, run_session
@@ -44,7 +44,11 @@ class NNModel:
 
     # --- what Tracer needs ---------------------------------------------------------------
     def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke:
-        return Invoke(tuple(tracer.encode(a) for a in args), {k: tracer.encode(v) for k, v in kwargs.items()})
+        encode = tracer.encode
+        invoke = Invoke(tuple(encode(a) for a in args), {k: encode(v) for k, v in kwargs.items()})
+        if tracer.graph.invokes:
+            _check_batchable(tracer.graph.invokes[0], invoke)
+        return invoke
 
     def _execute(self, graph: Graph, remote: bool = False) -> dict[int, Any]:
         return self._backend(remote).execute(graph)
@@ -103,6 +107,19 @@ def batch_invokes(graph: Graph) -> tuple[tuple, dict, list[tuple[int, int]], int
     args = tuple(_merge([a[i] for a, _ in invokes]) for i in range(len(first_args)))
     kwargs = {name: _merge([k[name] for _, k in invokes]) for name in first_kwargs}
     return args, kwargs, rows, start
+
+
+def _check_batchable(first: Invoke, new: Invoke) -> None:
+    """Invokes are batched on dim 0: same arguments, equal non-tensor values."""
+    if len(first.args) != len(new.args) or set(first.kwargs) != set(new.kwargs):
+        raise TraceError("every invoke must pass the same arguments (tensors are batched on dim 0): "
+                         f"first invoke {len(first.args)} positional + {sorted(first.kwargs)}, this one "
+                         f"{len(new.args)} positional + {sorted(new.kwargs)}", user_where())  # fmt: skip
+    pairs = [*zip(first.args, new.args), *((first.kwargs[k], new.kwargs[k]) for k in new.kwargs)]
+    for a, b in pairs:
+        if (type(a) is TensorRef) != (type(b) is TensorRef) or (type(a) is not TensorRef and a != b):
+            raise TraceError(f"non-tensor arguments must be equal across invokes: {a!r} vs {b!r}",
+                             user_where())  # fmt: skip
 
 
 def _merge(values: list[Any]) -> Any:

@@ -119,6 +119,7 @@ class Interpreter:
         self._grad_pending: dict[int, torch.Tensor] = {}  # get node -> tensor awaiting grad
         self._in_backward = False
         self._deferred: list[int] = []
+        self.last_edit = -1  # the last set/in-place node that ran (for model errors)
 
     # --- driving ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,9 +174,19 @@ class Interpreter:
                 self.complete(i, None)
             if self._ready:
                 self.drain()
+        values, consumers = self.values, self.plan.consumers
         for i in task.inplace:
-            if self.values[i] is _UNSET:
+            if values[i] is _UNSET:
                 self._out_of_order(nodes[i])
+            self.last_edit = i
+        if ids_set := [i for i in task.ids if nodes[i].op != GET]:
+            self.last_edit = ids_set[-1]
+        for i in task.rooted:
+            # A view of the model's memory that a later node still needs: the model may
+            # edit that memory in place (e.g. ReLU(inplace=True)) once the hook returns.
+            v = values[i]
+            if v is not _UNSET and any(values[c] is _UNSET for c in consumers[i]):
+                values[i] = _copy_tensors(v)
         for i in task.grads:
             value = self._watch_grad(i, value)
         if self.left == 0 and self.can_stop:

@@ -34,6 +34,7 @@ class SiteTask:
     inplace: list[int] = field(default_factory=list)  # must be done when the hook returns
     grads: list[int] = field(default_factory=list)  # get nodes whose gradient is watched
     first_get: int = -1  # every get of a site shares one memory, rooted here
+    rooted: list[int] = field(default_factory=list)  # nodes whose value is (a view of) it
 
 
 @dataclass
@@ -142,6 +143,10 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
             consumers[d].append(i)
     runnable = [node.op not in _SITE_OPS for node in nodes]
     starters = [i for i in range(n) if runnable[i] and not deps[i]]
+    for i in range(n):
+        r = nodes[root[i]]
+        if r.op == GET:
+            tasks[site_key(r)].rooted.append(i)
     for get_id in grad_groups:
         g = nodes[get_id]
         tasks[site_key(g)].grads.append(get_id)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..errors import OutOfOrderError
+from ..errors import ExecutionError, NNglassError, OutOfOrderError
 from ..graph.ir import GRAD, IMPORT, SET_GRAD, Graph
 from ..graph.ops import REGISTRY, OpRegistry
 from .backend import Runnable
@@ -50,6 +50,10 @@ def execute(
                     forward(interp)
             except EarlyStop:
                 pass
+            except NNglassError:
+                raise
+            except Exception as e:
+                raise _model_error(interp, e) from e
         check_finished(interp, missing_steps_ok=graph.mode == "generate")
         return interp.saved
     finally:
@@ -104,7 +108,17 @@ def check_finished(interp: Interpreter, missing_steps_ok: bool = False) -> None:
 
 
 def _stop_hint(interp: Interpreter) -> str:
-    return "" if interp.fired else " (no hooked module ran at all: is it part of the forward?)"
+    return "" if interp.calls else " (no hooked module ran at all: is it part of the forward?)"
+
+
+def _model_error(interp: Interpreter, e: Exception) -> ExecutionError:
+    """The model's own code failed: point at the last edit that could have caused it."""
+    what = f"the model's forward failed: {type(e).__name__}: {e}"
+    if interp.last_edit >= 0:
+        return ExecutionError(f"{what}\n  (the last value set before the failure is here)",
+                              interp.nodes[interp.last_edit].where)  # fmt: skip
+    first = interp.nodes[0].where if interp.nodes else ""
+    return ExecutionError(f"{what}\n  (no intervention had changed the forward yet)", first)
 
 
 def run_session(model: Runnable, graph: Graph) -> dict[int, dict[int, Any]]:
