@@ -44,7 +44,7 @@ _TAGS: dict[str, frozenset[str]] = {
     for tag, fields in [
         ("float", "v"), ("tuple", "items"), ("dict", "items"), ("ref", "id"),
         ("tensor", "key"), ("slice", "start stop step"), ("ellipsis", ""), ("dtype", "name"),
-        ("device", "name"), ("size", "dims"),
+        ("device", "name"), ("size", "dims"), ("record", "class items"),
     ]
 }
 _PAYLOAD = {"float": "v", "ref": "id", "tensor": "key", "dtype": "name", "device": "name",
@@ -109,6 +109,11 @@ def encode_value(
             out = {"$": "dtype", "name": _DTYPE_NAMES[x]}
         elif t is torch.device:
             out = {"$": "device", "name": str(x)}
+        elif isinstance(x, dict) and callable(getattr(x, "to_tuple", None)):
+            # A transformers ModelOutput: keeps its class across the wire (results only).
+            items = dict.fromkeys(k for k, v in x.items() if v is not None)
+            out = {"$": "record", "class": f"{t.__module__}.{t.__qualname__}", "items": items}
+            stack.extend((x[k], items, k, d) for k in items)
         elif isinstance(x, torch.Tensor):
             if attach is None:
                 raise GraphError("a raw tensor inside a value cannot travel as JSON; attach it "
@@ -126,8 +131,13 @@ def decode_value(
     *,
     tensors: Mapping[str, torch.Tensor] | None = None,
     max_depth: int = DEFAULT_LIMITS.max_depth,
+    records: Callable[[str, dict[str, Any]], Any] | None = None,
 ) -> Any:
-    """Inverse of `encode_value`. TensorRefs resolve through `tensors` when given."""
+    """Inverse of `encode_value`. TensorRefs resolve through `tensors` when given.
+
+    Tagged records (model outputs, in results only) are rebuilt by `records(class, items)`;
+    without it they are refused.
+    """
     root: list[Any] = [None]
     stack: list[tuple[Any, Any, Any, Any]] = [(obj, root, 0, 0)]
     while stack:
@@ -153,7 +163,7 @@ def decode_value(
         elif x.keys() != _TAGS[x["$"]]:
             raise GraphError(f"a tagged {x['$']} has exactly the fields {sorted(_TAGS[x['$']])}")
         else:
-            out = _decode_tagged(x, into, key, d, stack, tensors)
+            out = _decode_tagged(x, into, key, d, stack, tensors, records)
             if out is _FINISH:
                 continue
         into[key] = out
@@ -161,8 +171,15 @@ def decode_value(
 
 
 def _decode_tagged(x: dict[str, Any], into: Any, key: Any, d: int, stack: list,
-                   tensors: Mapping[str, torch.Tensor] | None) -> Any:
+                   tensors: Mapping[str, torch.Tensor] | None, records: Any = None) -> Any:
     tag = x["$"]
+    if tag == "record":
+        if records is None or type(x["class"]) is not str or type(x["items"]) is not dict:
+            raise GraphError("a tagged record (a model output) is only valid in results")
+        fields = dict.fromkeys(x["items"])
+        stack.append((_FINISH, into, key, (lambda f, c=x["class"]: records(c, f), [fields])))
+        stack.extend((c, fields, k, d) for k, c in x["items"].items())
+        return _FINISH
     if tag == "tuple" or tag == "slice":
         parts = x["items"] if tag == "tuple" else [x["start"], x["stop"], x["step"]]
         if type(parts) is not list:
