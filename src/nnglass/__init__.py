@@ -23,6 +23,9 @@ from .errors import (
     RemoteError as RemoteError,
 )
 from .errors import (
+    TimeLimitError as TimeLimitError,
+)
+from .errors import (
     TraceError as TraceError,
 )
 from .errors import (
@@ -41,6 +44,7 @@ __all__ = [
     "OutOfOrderError",
     "PolicyError",
     "RemoteError",
+    "TimeLimitError",
     "TraceError",
     "VersionError",
     "configure",

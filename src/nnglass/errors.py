@@ -30,6 +30,10 @@ class ExecutionError(NNglassError):
     """A node failed while the model ran (shape error, bad index, ...)."""
 
 
+class TimeLimitError(ExecutionError):
+    """A run went past its time limit (checked in every hook)."""
+
+
 class OutOfOrderError(ExecutionError):
     """A value was needed before the model produced it, or a site never ran."""
 

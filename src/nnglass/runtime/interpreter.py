@@ -18,11 +18,12 @@ Invariants:
 from __future__ import annotations
 
 import heapq
+import time
 from typing import Any
 
 import torch
 
-from ..errors import ExecutionError, NNglassError, OutOfOrderError
+from ..errors import ExecutionError, NNglassError, OutOfOrderError, TimeLimitError
 from ..graph.ir import (
     ALL_STEPS,
     BACKWARD,
@@ -120,6 +121,7 @@ class Interpreter:
         self._in_backward = False
         self._deferred: list[int] = []
         self.last_edit = -1  # the last set/in-place node that ran (for model errors)
+        self.deadline: float | None = None  # time.monotonic() after which every hook stops the run
 
     # --- driving ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,6 +132,8 @@ class Interpreter:
 
     def next_step(self) -> None:
         """A new generation step: call counters restart, every-step nodes run again."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeLimitError("the run went past its time limit")
         self.step += 1
         self.calls.clear()
         for i in self.plan.all_steps:
@@ -143,6 +147,8 @@ class Interpreter:
 
     def fire(self, path: str, kind: str, value: Any) -> Any:
         """A hook reached (path, kind): run that site's nodes; return the value to use."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeLimitError("the run went past its time limit")
         ck = (path, kind)
         call = self.calls.get(ck, 0)
         self.calls[ck] = call + 1

@@ -6,7 +6,10 @@ left as it was: no hooks, no edited weights, no `.grad`; the next run starts cle
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextvars
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +22,19 @@ from .backend import Runnable
 from .hooks import hooked
 from .interpreter import EarlyStop, Interpreter
 from .plan import build_plan
+
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("nnglass_deadline", default=None)
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Runs started inside stop with TimeLimitError once `seconds` have passed (checked
+    in every hook, so a model with no hooked site is stopped only by its caller)."""
+    token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
 
 
 def execute(
@@ -39,6 +55,7 @@ def execute(
     """
     plan = build_plan(graph, registry)
     interp = interpreter(plan, model, rows, batch_size, can_stop=can_stop, imports=imports)
+    interp.deadline = _DEADLINE.get()
     try:
         with hooked(model, interp):
             interp.start()
