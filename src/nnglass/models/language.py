@@ -21,8 +21,9 @@ import torch
 from ..errors import TraceError
 from ..graph.ir import GET, Graph, Invoke
 from ..runtime.backend import Backend
-from ..runtime.interpreter import Interpreter, resolve
+from ..runtime.interpreter import Interpreter
 from ..runtime.run import execute, run_session
+from ..runtime.values import resolve
 from ..tracing.proxy import Proxy
 from ..tracing.tracer import Tracer, user_where
 from . import fake

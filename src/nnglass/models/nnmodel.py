@@ -13,8 +13,9 @@ import torch
 from ..errors import TraceError
 from ..graph.ir import Graph, Invoke, TensorRef
 from ..runtime.backend import Backend, LocalBackend
-from ..runtime.interpreter import Interpreter, resolve
+from ..runtime.interpreter import Interpreter
 from ..runtime.run import execute, run_session
+from ..runtime.values import resolve
 from ..tracing.envoy import Envoy
 from ..tracing.session import Session
 from ..tracing.tracer import Tracer, user_where

@@ -33,63 +33,15 @@ from ..graph.ir import (
     MODULE,
     PARAM,
     Node,
-    Ref,
-    TensorRef,
 )
 from .plan import Plan, SiteKey, SiteTask, site_key
+from .values import copy_tensors, index_path, map_batch, replace_at, resolve, snapshot, zip_batch
 
 _UNSET: Any = object()
 
 
 class EarlyStop(BaseException):
     """Raised from a hook once nothing more is needed from the forward pass."""
-
-
-def resolve(x: Any, values: list[Any], tensors: dict[str, Any]) -> Any:
-    t = type(x)
-    if t is Ref:
-        return values[x.id]
-    if t is tuple or t is list:
-        return t([resolve(y, values, tensors) for y in x])
-    if t is dict:
-        return {k: resolve(v, values, tensors) for k, v in x.items()}
-    if t is slice:
-        return slice(resolve(x.start, values, tensors), resolve(x.stop, values, tensors),
-                     resolve(x.step, values, tensors))  # fmt: skip
-    if t is TensorRef:
-        return tensors[x.key]
-    return x
-
-
-def snapshot(x: Any) -> Any:
-    """A detached copy of a value's tensors, so later edits cannot change it."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
-        return type(x)(snapshot(y) for y in x)
-    if isinstance(x, dict):
-        out = {k: snapshot(v) for k, v in x.items()}
-        return out if type(x) is dict else _rebuild(x, out)
-    return x
-
-
-def _rebuild(obj: Any, items: dict) -> Any:
-    """Same class as `obj` (e.g. a transformers ModelOutput), new contents."""
-    try:
-        return type(obj)(**items)
-    except TypeError:
-        return items
-
-
-def _copy_tensors(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if type(x) in (list, tuple):
-        return type(x)(_copy_tensors(y) for y in x)
-    if isinstance(x, dict):
-        out = {k: _copy_tensors(v) for k, v in x.items()}
-        return out if type(x) is dict else _rebuild(x, out)
-    return x
 
 
 class Interpreter:
@@ -165,7 +117,7 @@ class Interpreter:
         if task is None:
             return value
         if task.copy:
-            value = _copy_tensors(value)
+            value = copy_tensors(value)
         self.fired.append(key)
         nodes, remaining = self.nodes, self.remaining
         whole = len(self.rows) == 1
@@ -192,7 +144,7 @@ class Interpreter:
             # edit that memory in place (e.g. ReLU(inplace=True)) once the hook returns.
             v = values[i]
             if v is not _UNSET and any(values[c] is _UNSET for c in consumers[i]):
-                values[i] = _copy_tensors(v)
+                values[i] = copy_tensors(v)
         for i in task.grads:
             value = self._watch_grad(i, value)
         if self.left == 0 and self.can_stop:
@@ -302,13 +254,13 @@ class Interpreter:
         """Hook the gradient of the site value read by `get_id` (the full batch)."""
         group = self.plan.grad_groups[get_id]
         _, path = self.plan.grad_path[group[0]]
-        tensor = _index(value, path)
+        tensor = index_path(value, path)
         if not isinstance(tensor, torch.Tensor):
             raise ExecutionError("`.grad` needs a tensor here", self.nodes[group[0]].where)
         if not tensor.requires_grad:
             # Frozen weights: make this activation a leaf of its own graph (never a parameter).
             tensor = tensor.detach().requires_grad_(True)
-            value = _replace_at(value, path, tensor)
+            value = replace_at(value, path, tensor)
         invoke = self.nodes[get_id].invoke
 
         def on_grad(grad: torch.Tensor) -> torch.Tensor:
@@ -342,7 +294,7 @@ class Interpreter:
         if invoke is None or len(self.rows) == 1:
             return value
         start, stop = self.rows[invoke]
-        return _map_batch(value, self.batch_size, lambda t: t[start:stop])
+        return map_batch(value, self.batch_size, lambda t: t[start:stop])
 
     def _replace(self, value: Any, new: Any, invoke: int | None) -> Any:
         if invoke is None or len(self.rows) == 1:
@@ -354,7 +306,7 @@ class Interpreter:
             out[start:stop] = part
             return out
 
-        return _zip_batch(value, new, self.batch_size, put)
+        return zip_batch(value, new, self.batch_size, put)
 
     # --- errors --------------------------------------------------------------------------
     def _out_of_order(self, node: Node) -> None:
@@ -386,41 +338,3 @@ class Interpreter:
 
     def site_of(self, node: Node) -> SiteKey | None:
         return site_key(node) if node.site else None
-
-
-def _map_batch(x: Any, batch: int, fn: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return fn(x) if x.dim() and x.shape[0] == batch else x
-    if type(x) in (list, tuple):
-        return type(x)(_map_batch(y, batch, fn) for y in x)
-    if isinstance(x, dict):
-        out = {k: _map_batch(v, batch, fn) for k, v in x.items()}
-        return out if type(x) is dict else _rebuild(x, out)
-    return x
-
-
-def _zip_batch(full: Any, part: Any, batch: int, put: Any) -> Any:
-    if isinstance(full, torch.Tensor):
-        if full.dim() and full.shape[0] == batch:
-            return put(full, part)
-        return part
-    if type(full) in (list, tuple) and type(part) in (list, tuple) and len(full) == len(part):
-        return type(full)(_zip_batch(f, p, batch, put) for f, p in zip(full, part))
-    if isinstance(full, dict) and isinstance(part, dict):
-        out = {k: _zip_batch(full[k], v, batch, put) if k in full else v for k, v in part.items()}
-        return out if type(full) is dict else _rebuild(full, out)
-    return part
-
-
-def _index(value: Any, path: tuple[int, ...]) -> Any:
-    for i in path:
-        value = value[i]
-    return value
-
-
-def _replace_at(value: Any, path: tuple[int, ...], new: Any) -> Any:
-    if not path:
-        return new
-    items = list(value)
-    items[path[0]] = _replace_at(items[path[0]], path[1:], new)
-    return type(value)(items)

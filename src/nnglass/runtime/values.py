@@ -1,0 +1,98 @@
+"""Values flowing through a run: resolving references, copies, invoke rows.
+
+Invariant: nothing here mutates a tensor it was given; copies are made with `clone`,
+and containers (tuples, lists, dicts, transformers ModelOutputs) are rebuilt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..graph.ir import Ref, TensorRef
+
+
+def resolve(x: Any, values: list[Any], tensors: dict[str, Any]) -> Any:
+    t = type(x)
+    if t is Ref:
+        return values[x.id]
+    if t is tuple or t is list:
+        return t([resolve(y, values, tensors) for y in x])
+    if t is dict:
+        return {k: resolve(v, values, tensors) for k, v in x.items()}
+    if t is slice:
+        return slice(resolve(x.start, values, tensors), resolve(x.stop, values, tensors),
+                     resolve(x.step, values, tensors))  # fmt: skip
+    if t is TensorRef:
+        return tensors[x.key]
+    return x
+
+
+def snapshot(x: Any) -> Any:
+    """A detached copy of a value's tensors, so later edits cannot change it."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
+        return type(x)(snapshot(y) for y in x)
+    if isinstance(x, dict):
+        out = {k: snapshot(v) for k, v in x.items()}
+        return out if type(x) is dict else _rebuild(x, out)
+    return x
+
+
+def _rebuild(obj: Any, items: dict) -> Any:
+    """Same class as `obj` (e.g. a transformers ModelOutput), new contents."""
+    try:
+        return type(obj)(**items)
+    except TypeError:
+        return items
+
+
+def copy_tensors(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if type(x) in (list, tuple):
+        return type(x)(copy_tensors(y) for y in x)
+    if isinstance(x, dict):
+        out = {k: copy_tensors(v) for k, v in x.items()}
+        return out if type(x) is dict else _rebuild(x, out)
+    return x
+
+
+def map_batch(x: Any, batch: int, fn: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x) if x.dim() and x.shape[0] == batch else x
+    if type(x) in (list, tuple):
+        return type(x)(map_batch(y, batch, fn) for y in x)
+    if isinstance(x, dict):
+        out = {k: map_batch(v, batch, fn) for k, v in x.items()}
+        return out if type(x) is dict else _rebuild(x, out)
+    return x
+
+
+def zip_batch(full: Any, part: Any, batch: int, put: Any) -> Any:
+    if isinstance(full, torch.Tensor):
+        if full.dim() and full.shape[0] == batch:
+            return put(full, part)
+        return part
+    if type(full) in (list, tuple) and type(part) in (list, tuple) and len(full) == len(part):
+        return type(full)(zip_batch(f, p, batch, put) for f, p in zip(full, part))
+    if isinstance(full, dict) and isinstance(part, dict):
+        out = {k: zip_batch(full[k], v, batch, put) if k in full else v for k, v in part.items()}
+        return out if type(full) is dict else _rebuild(full, out)
+    return part
+
+
+def index_path(value: Any, path: tuple[int, ...]) -> Any:
+    for i in path:
+        value = value[i]
+    return value
+
+
+def replace_at(value: Any, path: tuple[int, ...], new: Any) -> Any:
+    if not path:
+        return new
+    items = list(value)
+    items[path[0]] = replace_at(items[path[0]], path[1:], new)
+    return type(value)(items)

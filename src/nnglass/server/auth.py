@@ -1,0 +1,139 @@
+"""API keys, stored hashed in SQLite.
+
+Invariants:
+- A key is `"nng_" + secrets.token_urlsafe(32)` (256 random bits). Only its SHA-256 hex
+  digest is stored; the key itself is returned once, by `create`, and never again. A
+  fast hash is right here: the key is a random token, not a password, so there is
+  nothing to brute-force that a slow hash would protect.
+- `verify` is one indexed lookup by hash (it runs on every request) and answers the
+  key_id of a live key, else None. It never raises on bad input. There is no in-memory
+  cache: `nnglass keys revoke` in another process takes effect on the next request.
+- Names are unique among live keys (a revoked key's name may be reused; the revoked
+  row stays for the record, since jobs refer to its key_id).
+- `list()` never returns a key or a hash.
+- One connection (`check_same_thread=False`) guarded by a lock, WAL mode, so FastAPI's
+  handler threads and other processes (the CLI) can share the file. The same file may
+  hold the jobs table (`<home>/nnglass.db`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["KEY_PREFIX", "KeyStore"]
+
+KEY_PREFIX = "nng_"
+_MAX_KEY_CHARS = 128  # a real key is 47 characters; anything far longer is not one
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id      TEXT PRIMARY KEY,
+    name    TEXT NOT NULL,
+    hash    TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    revoked REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS api_keys_live_name ON api_keys(name) WHERE revoked IS NULL;
+"""
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _connect(db_path: Path) -> sqlite3.Connection:
+    """Open `db_path` for sharing between threads (caller holds a lock) and processes."""
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: autocommit; each statement is its own transaction unless we
+    # say BEGIN. timeout: wait for another process's write lock instead of failing.
+    conn = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None, timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    return conn
+
+
+class KeyStore:
+    """API keys in the SQLite file `db_path` (created if missing)."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = Path(db_path)
+        self._lock = threading.Lock()
+        self._conn = _connect(self.db_path)
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+
+    def create(self, name: str) -> tuple[str, str]:
+        """Make a new key named `name`; return `(key_id, key)`. The key is shown only now."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("a key needs a non-empty name, e.g. `nnglass keys create alice`")
+        name = name.strip()
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = "key_" + secrets.token_hex(8)
+        try:
+            with self._lock:
+                self._conn.execute(
+                    "INSERT INTO api_keys (id, name, hash, created) VALUES (?, ?, ?, ?)",
+                    (key_id, name, _hash(key), time.time()),
+                )
+        except sqlite3.IntegrityError:
+            raise ValueError(
+                f"a live key named {name!r} already exists; revoke it first "
+                f"(`nnglass keys revoke {name}`) or pick another name"
+            ) from None
+        return key_id, key
+
+    def verify(self, key: str | None) -> str | None:
+        """The key_id of the live key `key`, or None (missing, malformed, unknown, revoked)."""
+        if not isinstance(key, str) or not key.startswith(KEY_PREFIX) or len(key) > _MAX_KEY_CHARS:
+            return None
+        digest = _hash(key)
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT id, hash FROM api_keys WHERE hash = ? AND revoked IS NULL", (digest,)
+            ).fetchone()
+        if row is None or not hmac.compare_digest(row["hash"], digest):
+            return None
+        return str(row["id"])
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every key, oldest first: id, name, created, revoked (epoch seconds or None)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, name, created, revoked FROM api_keys ORDER BY created, rowid"
+            ).fetchall()
+        return [
+            {"id": r["id"], "name": r["name"], "created": r["created"], "revoked": r["revoked"]} for r in rows
+        ]
+
+    def revoke(self, name_or_id: str) -> bool:
+        """Revoke the live key with this id (else this name); False if there is none."""
+        now = time.time()
+        with self._lock:
+            # An id match wins, so a name that happens to look like another key's id
+            # never revokes two keys at once.
+            for column in ("id", "name"):
+                cur = self._conn.execute(
+                    f"UPDATE api_keys SET revoked = ? WHERE {column} = ? AND revoked IS NULL",
+                    (now, name_or_id),
+                )
+                if cur.rowcount:
+                    return True
+        return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
