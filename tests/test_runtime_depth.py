@@ -195,3 +195,16 @@ def test_many_traces_leave_memory_flat() -> None:
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_out_of_order_known_from_an_earlier_run_is_refused_before_running() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), Boom())
+    net = NNModel(model)
+    with net.trace(torch.randn(2, 8)):  # teaches the order: 0 before 2
+        net[0].output.save()
+        net[2].output.save()
+    with pytest.raises(OutOfOrderError, match="seen in an earlier run") as info, net.trace(torch.randn(2, 8)):
+        later = net[2].output
+        net[0].output = later
+    assert str(info.value).count(__file__) == 2
+    assert _no_hooks(model)

@@ -51,6 +51,6 @@ def scan(lm: LanguageModel, graph: Graph, ids: torch.Tensor, mask: torch.Tensor,
         with mode:
             scan_graph = Graph(graph.model, graph.nodes, graph.invokes, graph.tensors, "generate"
                                if graph.mode == "generate" else "scan", graph.options)  # fmt: skip
-            return execute(scan_graph, model, forward, rows, ids.shape[0], imports=imports)
+            return execute(scan_graph, model, forward, rows, ids.shape[0], imports=imports, order=lm._order)
     finally:
         quiet.setLevel(level)

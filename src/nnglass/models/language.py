@@ -146,7 +146,7 @@ class LanguageModel(NNModel):
         def forward(interp: Interpreter) -> Any:
             return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **forward_kwargs)
 
-        return execute(graph, model, forward, rows, ids.shape[0], imports=imports)
+        return execute(graph, model, forward, rows, ids.shape[0], imports=imports, order=self._order)
 
     def _run_generate(self, graph: Graph, model: torch.nn.Module, ids: torch.Tensor,
                       mask: torch.Tensor, rows: list[tuple[int, int]], imports: dict | None,
@@ -173,7 +173,8 @@ class LanguageModel(NNModel):
             interp.fire_result(out)
             return out
 
-        return execute(graph, model, forward, rows, ids.shape[0], can_stop=False, imports=imports)
+        return execute(graph, model, forward, rows, ids.shape[0], can_stop=False, imports=imports,
+                       order=self._order)  # fmt: skip
 
 
 class LMTracer(Tracer):

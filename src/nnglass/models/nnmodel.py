@@ -14,6 +14,7 @@ from ..errors import TraceError
 from ..graph.ir import Graph, Invoke, TensorRef
 from ..runtime.backend import Backend, LocalBackend
 from ..runtime.interpreter import Interpreter
+from ..runtime.order import OrderLog
 from ..runtime.run import execute, run_session
 from ..runtime.values import resolve
 from ..tracing.envoy import Envoy
@@ -29,6 +30,7 @@ class NNModel:
         object.__setattr__(self, "_envoy", Envoy(module, ""))
         object.__setattr__(self, "name", name or type(module).__name__)
         object.__setattr__(self, "_local", LocalBackend(self))
+        object.__setattr__(self, "_order", OrderLog())  # site orders seen, for early out-of-order errors
 
     @property
     def module(self) -> torch.nn.Module:
@@ -70,7 +72,7 @@ class NNModel:
         def forward(interp: Interpreter) -> Any:
             return module(*args, **kwargs)
 
-        return execute(graph, module, forward, rows, batch, imports=imports)
+        return execute(graph, module, forward, rows, batch, imports=imports, order=self._order)
 
     # --- the module tree ------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

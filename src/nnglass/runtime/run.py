@@ -21,6 +21,7 @@ from ..graph.ops import REGISTRY, OpRegistry
 from .backend import Runnable
 from .hooks import hooked
 from .interpreter import EarlyStop, Interpreter
+from .order import OrderLog
 from .plan import build_plan
 
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("nnglass_deadline", default=None)
@@ -48,12 +49,16 @@ def execute(
     can_stop: bool = True,
     interpreter: type[Interpreter] = Interpreter,
     imports: dict[tuple[int, int], Any] | None = None,
+    order: OrderLog | None = None,
 ) -> dict[int, Any]:
     """Run `graph` while `forward(interp)` runs the model; return the saved values by node id.
 
     `imports`: in a session, values of earlier traces by (trace index, node id).
+    `order`: site orders of earlier runs of this model, checked first and then extended.
     """
     plan = build_plan(graph, registry)
+    if order is not None:
+        order.check(plan)
     interp = interpreter(plan, model, rows, batch_size, can_stop=can_stop, imports=imports)
     interp.deadline = _DEADLINE.get()
     try:
@@ -71,6 +76,8 @@ def execute(
                 raise
             except Exception as e:
                 raise _model_error(interp, e) from e
+        if order is not None:
+            order.record(interp.fired)
         check_finished(interp, missing_steps_ok=graph.mode == "generate")
         return interp.saved
     finally:

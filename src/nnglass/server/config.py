@@ -1,0 +1,235 @@
+"""The server's configuration: which models it serves and what each one's policy exposes.
+
+Invariant: a config file either loads exactly as written or fails naming the key. An
+unknown key, a wrong type or a malformed glob pattern is an error, never a default: a
+typo such as `weigths_visible = false` must not leave the weights visible. Defaults
+allow everything, which suits a laptop serving its own model (`nnglass serve --model
+X`); a shared server should declare each model's policy. `examples/server.toml`
+documents every key.
+
+Glob patterns name dotted module paths per component: `*` is exactly one component,
+`**` zero or more; the root module's path is "" (matched only by "" or "**").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .. import _config
+from ..errors import NNglassError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+MiB = 2**20
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class ConfigError(NNglassError):
+    """A server config file is malformed (unknown key, wrong type, bad value)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds. Tokens are counted per trace (a session's traces each)."""
+
+    prompt_tokens: int = 4096  # sum over a trace's invokes of their input_ids' numel
+    new_tokens: int = 256  # max_new_tokens of a generate
+    graph_nodes: int = 20_000  # a session counts all its traces' nodes
+    result_bytes: int = 256 * MiB
+    run_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a model exposes. Enforced by `server.policy.check_policy` before a job runs."""
+
+    read: list[str] = field(default_factory=lambda: ["**"])
+    write: list[str] = field(default_factory=lambda: ["**"])
+    weights_visible: bool = True
+    gradients: bool = True
+    module_calls: bool = True
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        for name in ("read", "write"):
+            for pattern in getattr(self, name):
+                check_pattern(pattern, f"policy.{name}")
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able, for `GET /v1/models`."""
+        return {
+            "read": list(self.read),
+            "write": list(self.write),
+            "weights_visible": self.weights_visible,
+            "gradients": self.gradients,
+            "module_calls": self.module_calls,
+            "limits": asdict(self.limits),
+        }
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str  # what clients call it (`LanguageModel(name)`)
+    source: str  # built-in name, hub id or local directory
+    dtype: str = "float32"
+    replicas: int = 1
+    threads: int = 2  # torch threads per replica, always set explicitly
+    policy: Policy = field(default_factory=Policy)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8321
+    home: Path = field(default_factory=_config.home)  # database, results
+    result_ttl_s: float = 86_400.0
+    max_request_bytes: int = 64 * MiB
+    debug_checksums: bool = False
+    max_queued_per_key: int = 16  # quota: jobs one API key may have waiting
+    models: list[ModelConfig] = field(default_factory=list)
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def check_pattern(pattern: object, where: str) -> None:
+    """A glob is "" (the root), or components that are names, indices, `*` or `**`."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{where}: patterns must be strings, got {pattern!r}")
+    if pattern == "":
+        return
+    for part in pattern.split("."):
+        if part in ("*", "**"):
+            continue
+        if not part or "*" in part or not (part.isidentifier() or part.isdigit()):
+            raise ConfigError(f"{where}: bad pattern {pattern!r}: each dotted component must be a "
+                              "module name, an index, `*` (one component) or `**` (any number)")
+
+
+def quick_config(model: str, host: str = "127.0.0.1", port: int = 8321) -> ServerConfig:
+    """`nnglass serve --model X`: serve X as X, everything allowed (a laptop's own model)."""
+    return ServerConfig(host=host, port=port, models=[ModelConfig(name=model, source=model)])
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    """Read a TOML config (layout: `examples/server.toml`). Relative `home` is taken
+    relative to the file's folder."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read server config {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return parse_config(data, base=path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e.message}") from None
+
+
+def parse_config(data: dict[str, Any], base: Path | None = None) -> ServerConfig:
+    """A ServerConfig from parsed TOML (a dict), checked key by key."""
+    _known(data, {"server", "models"}, "")
+    server = _table(data.get("server", {}), "server")
+    kw = _fields(server, ServerConfig, "server", skip={"models", "home"}, extra={"home": str})
+    if "home" in kw:
+        home = Path(kw["home"]).expanduser()
+        kw["home"] = base / home if base is not None and not home.is_absolute() else home
+    raw_models = data.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise ConfigError("declare at least one model: a `[[models]]` table with name and source")
+    models = [_model(m, f"models[{i}]") for i, m in enumerate(raw_models)]
+    names = [m.name for m in models]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"models: names must be unique, {', '.join(map(repr, dupes))} repeated")
+    cfg = ServerConfig(models=models, **kw)
+    _positive(cfg, "server", ("result_ttl_s", "max_request_bytes", "max_queued_per_key"))
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"server.port: must be 0..65535, got {cfg.port}")
+    return cfg
+
+
+def _model(raw: object, where: str) -> ModelConfig:
+    table = _table(raw, where)
+    for key in ("name", "source"):
+        if key not in table:
+            raise ConfigError(f"{where}.{key}: missing (required)")
+    kw = _fields(table, ModelConfig, where, skip={"policy"})
+    if not kw["name"]:
+        raise ConfigError(f"{where}.name: must not be empty")
+    if kw.get("dtype", "float32") not in DTYPES:
+        raise ConfigError(f"{where}.dtype: {kw['dtype']!r} is not one of {', '.join(DTYPES)}")
+    policy = _policy(table.get("policy", {}), f"{where}.policy")
+    cfg = ModelConfig(policy=policy, **kw)
+    _positive(cfg, where, ("replicas", "threads"))
+    return cfg
+
+
+def _policy(raw: object, where: str) -> Policy:
+    table = _table(raw, where)
+    kw = _fields(table, Policy, where, skip={"limits"}, extra={"read": list, "write": list})
+    for key in ("read", "write"):
+        for i, pattern in enumerate(kw.get(key, [])):
+            check_pattern(pattern, f"{where}.{key}[{i}]")
+    limits = Limits(**_fields(_table(table.get("limits", {}), f"{where}.limits"), Limits, f"{where}.limits"))
+    _positive(limits, f"{where}.limits", tuple(f.name for f in fields(Limits)))
+    return Policy(limits=limits, **kw)
+
+
+# --- checking, key by key ---------------------------------------------------------------
+
+
+def _table(raw: object, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table, got {type(raw).__name__}")
+    return raw
+
+
+def _known(table: dict[str, Any], known: set[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(f"{name}: unknown key (a typo?); known keys here: {', '.join(sorted(known))}")
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _fields(table: dict[str, Any], cls: type, where: str, skip: set[str] = frozenset(),
+            extra: dict[str, type] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The table's keys as keyword arguments of `cls`, each checked against its type."""
+    types = {f.name: f.type for f in fields(cls) if f.name not in skip}
+    types.update({k: v.__name__ for k, v in (extra or {}).items()})
+    _known(table, set(types) | (skip & set(table)), where)
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in skip:
+            continue
+        kind = str(types[key])
+        if kind.startswith("list"):
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}.{key}: must be a list of strings, got {value!r}")
+            out[key] = list(value)
+            continue
+        ok = _TYPES.get(kind, ())
+        # bool is an int in Python; `port = true` is still a typo.
+        if not isinstance(value, ok) or (kind != "bool" and isinstance(value, bool)):
+            raise ConfigError(f"{where}.{key}: must be {'a' if kind != 'int' else 'an'} {kind}, "
+                              f"got {type(value).__name__} {value!r}")  # fmt: skip
+        if kind == "float" and not math.isfinite(value):
+            raise ConfigError(f"{where}.{key}: must be finite, got {value!r}")
+        out[key] = float(value) if kind == "float" else value
+    return out
+
+
+def _positive(obj: object, where: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(obj, name)!r}")

@@ -1,0 +1,130 @@
+"""Where a job's files live: the submitted graph and, once it ran, its result.
+
+Invariants:
+- `DirResultStore` keeps each job in `root/<job_id>/`: `graph.json`, optionally
+  `tensors.safetensors`, and `result.safetensors` (DESIGN §4, "Results on the wire").
+- Job ids come from URLs. Every method checks the id against `[A-Za-z0-9_-]{16,64}`
+  (ValueError otherwise) and that the resolved directory is a direct child of `root`,
+  before it touches the file system: no path outside `root` is ever read, written or
+  removed.
+- Writes are atomic: a temporary file in the same directory, fsynced, then
+  `os.replace`. A reader sees the whole old file, the whole new one, or none; a crash
+  mid-write leaves only a `.tmp-*` file that `delete` removes with the directory.
+- `ResultStore` is the seam an S3-compatible backend implements; callers never branch
+  on which one they hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+__all__ = ["DirResultStore", "ResultStore", "check_job_id"]
+
+GRAPH_FILE = "graph.json"
+TENSORS_FILE = "tensors.safetensors"
+RESULT_FILE = "result.safetensors"
+
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def check_job_id(job_id: object) -> str:
+    """`job_id` if it is a well-formed job id, else ValueError (it may come from a URL)."""
+    if not isinstance(job_id, str) or _JOB_ID.fullmatch(job_id) is None:
+        raise ValueError(f"not a job id: {str(job_id)[:80]!r} (expected 16-64 of [A-Za-z0-9_-])")
+    return job_id
+
+
+class ResultStore(Protocol):
+    def save_graph(self, job_id: str, json_bytes: bytes, tensor_bytes: bytes | None = None) -> None: ...
+    def graph_paths(self, job_id: str) -> tuple[Path, Path | None]: ...
+    def result_path(self, job_id: str) -> Path: ...
+    def write_result(self, job_id: str, data: bytes) -> None: ...
+    def has_result(self, job_id: str) -> bool: ...
+    def result_size(self, job_id: str) -> int | None: ...
+    def open(self, job_id: str) -> BinaryIO: ...
+    def delete(self, job_id: str) -> bool: ...
+    # The names server/README.md's table uses; same behaviour.
+    def path(self, job_id: str) -> Path: ...
+    def write(self, job_id: str, data: bytes) -> None: ...
+
+
+class DirResultStore:
+    """Job files under the directory `root` (created if missing)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._real_root = self.root.resolve()
+
+    def _dir(self, job_id: str) -> Path:
+        d = self.root / check_job_id(job_id)
+        # The id pattern already rules out separators and "..", this guards against a
+        # symlink planted under root.
+        if d.resolve().parent != self._real_root:
+            raise ValueError(f"job directory for {job_id!r} resolves outside {self.root}")
+        return d
+
+    def _write(self, job_id: str, name: str, data: bytes) -> None:
+        d = self._dir(job_id)
+        d.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, d / name)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def save_graph(self, job_id: str, json_bytes: bytes, tensor_bytes: bytes | None = None) -> None:
+        """Store the submitted graph (and its attached tensors, if any)."""
+        if tensor_bytes is not None:
+            self._write(job_id, TENSORS_FILE, tensor_bytes)
+        self._write(job_id, GRAPH_FILE, json_bytes)
+
+    def graph_paths(self, job_id: str) -> tuple[Path, Path | None]:
+        """`(graph.json, tensors.safetensors or None when the graph attached no tensors)`."""
+        d = self._dir(job_id)
+        tensors = d / TENSORS_FILE
+        return d / GRAPH_FILE, (tensors if tensors.exists() else None)
+
+    def result_path(self, job_id: str) -> Path:
+        """Where the result is (or will be); a worker may write it there itself, atomically."""
+        return self._dir(job_id) / RESULT_FILE
+
+    def write_result(self, job_id: str, data: bytes) -> None:
+        self._write(job_id, RESULT_FILE, data)
+
+    def has_result(self, job_id: str) -> bool:
+        return self.result_path(job_id).is_file()
+
+    def result_size(self, job_id: str) -> int | None:
+        """Size of the result in bytes, None when there is none."""
+        try:
+            return self.result_path(job_id).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def open(self, job_id: str) -> BinaryIO:
+        """The result for streaming (FileNotFoundError when there is none)."""
+        return self.result_path(job_id).open("rb")
+
+    def delete(self, job_id: str) -> bool:
+        """Remove the job's directory and everything in it; False if there was none."""
+        d = self._dir(job_id)
+        if not d.is_dir():
+            return False
+        shutil.rmtree(d)
+        return True
+
+    path = result_path
+    write = write_result

@@ -1,0 +1,325 @@
+"""One model replica in its own process, so a crash is contained and a time limit can
+really stop the work. `python -m nnglass.server.worker` is the child; `WorkerHandle` is
+the server's side of it.
+
+Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
+  parent → child, once: {"name", "source", "dtype", "threads", "debug_checksums"[, "limits"]}
+  child → parent:       {"ready": true, "paths": [...], "pid": n}
+                        or {"ready": false, "error": {...}} (then it exits)
+  parent → child, a job: {"job", "graph": path, "tensors": path | null, "result": path,
+                          "run_seconds", "result_bytes"}
+  child → parent:       {"job", "status": "COMPLETED", "bytes": n}
+                        or {"job", "status": "ERROR", "error": {"type", "message", "where"}}
+  With debug_checksums, "ready" and every answer also carry "checksum" (sha256 over all
+  parameters and buffers) and "has_grad" (whether any parameter holds a `.grad`).
+  EOF on stdin: the child exits 0.
+
+Invariants:
+- The child's stdout carries protocol lines only: fd 1 is pointed at stderr before any
+  model code runs and `_send` writes to a private duplicate, so a stray print (ours, a
+  library's, a progress bar, C code) cannot corrupt the pipe.
+- A job's failure is an ERROR answer, never a dead worker. A result file appears whole
+  (tmp + os.replace) or not at all; one over `result_bytes` is refused, not written.
+- A graph runs under `torch.no_grad()` unless it (or a session child) holds a backward
+  node; the runtime never changes weights or leaves `.grad` (debug_checksums checks it).
+- Parent: one request in flight per handle; an answer comes within the timeout, or the
+  child is killed. A timeout or a crash (EOF) is an ERROR answer and leaves the handle
+  dead until `restart()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from ..errors import GraphError, NNglassError, PolicyError
+from ..graph import wire
+from ..graph.check import DTYPES, Limits
+from ..graph.ir import BACKWARD, Graph
+from ..graph.ops import REGISTRY
+from ..graph.results import encode_results
+from ..runtime.run import time_limit
+
+logger = logging.getLogger(__name__)
+
+GRACE_SECONDS = 10.0  # past run_seconds, for encoding and writing the result
+TEST_HANG = "NNGLASS_WORKER_TEST_HANG"  # tests only: the job with this id sleeps, outside any hook
+
+
+# --- child ----------------------------------------------------------------------------
+
+
+def weights_checksum(module: torch.nn.Module) -> str:
+    """sha256 over every parameter's and buffer's name and bytes, in module order."""
+    h = hashlib.sha256()
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def has_backward(graph: Graph) -> bool:
+    return any(n.op == BACKWARD for g in (graph, *graph.children) for n in g.nodes)
+
+
+def _error(job: Any, exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, NNglassError):
+        return _answer(job, type(exc).__name__, exc.message, exc.where)
+    return _answer(job, type(exc).__name__, str(exc))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _Replica:
+    """The loaded model and what a job needs to run on it."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from ..models.language import LanguageModel
+
+        self.name: str = config["name"]
+        self.debug = bool(config.get("debug_checksums", False))
+        self.limits = Limits(**config.get("limits", {}))
+        dtype = config.get("dtype", "float32")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        torch.set_num_threads(int(config["threads"]))
+        self.lm = LanguageModel(config["source"], dtype=DTYPES[dtype], name=self.name)
+        self.module = self.lm.module  # load the weights now, not on the first job
+
+    def debug_info(self) -> dict[str, Any]:
+        if not self.debug:
+            return {}
+        has_grad = any(p.grad is not None for p in self.module.parameters())
+        return {"checksum": weights_checksum(self.module), "has_grad": has_grad}
+
+    def job(self, request: dict[str, Any]) -> dict[str, Any]:
+        job = request.get("job")
+        try:
+            answer = {"job": job, "status": "COMPLETED", "bytes": self._run(job, request)}
+        except Exception as e:  # a job's failure is its answer, never the worker's end
+            logger.info("job %s failed: %s: %s", job, type(e).__name__, e)
+            answer = _error(job, e)
+        return {**answer, **self.debug_info()}
+
+    def _run(self, job: Any, request: dict[str, Any]) -> int:
+        if os.environ.get(TEST_HANG) == str(job):
+            time.sleep(3600)
+        tensors = request.get("tensors")
+        graph = wire.decode(Path(request["graph"]).read_bytes(),
+                            Path(tensors).read_bytes() if tensors else None,
+                            registry=REGISTRY, limits=self.limits)  # fmt: skip
+        if graph.model != self.name:
+            raise GraphError(f"this worker serves model {self.name!r}, but the graph is for "
+                             f"{graph.model!r}")  # fmt: skip
+        grad = contextlib.nullcontext() if has_backward(graph) else torch.no_grad()
+        with time_limit(request.get("run_seconds")), grad:
+            values = self.lm.run_graph(graph)
+        data = encode_results(values, session=graph.mode == "session")
+        limit = int(request["result_bytes"])
+        if len(data) > limit:
+            raise PolicyError(f"the result is {len(data)} bytes, over this model's limit of {limit} "
+                              "bytes: save less (slice before .save(), or save fewer values)")
+        _write_atomic(Path(request["result"]), data)
+        return len(data)
+
+
+def _send(out: IO[str], message: dict[str, Any]) -> None:
+    """The only writer of protocol lines (the only thing that reaches the real stdout)."""
+    out.write(json.dumps(message, ensure_ascii=True, separators=(",", ":")) + "\n")
+    out.flush()
+
+
+def main() -> int:
+    out = os.fdopen(os.dup(1), "w", encoding="ascii")
+    os.dup2(2, 1)  # everything else that writes to fd 1 lands in stderr
+    sys.stdout = sys.stderr
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    line = sys.stdin.readline()
+    if not line:
+        return 0
+    config = json.loads(line)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format=f"%(asctime)s worker[{config.get('name')}:{os.getpid()}] %(message)s")
+    try:
+        replica = _Replica(config)
+    except Exception as e:
+        logger.exception("could not load the model")
+        _send(out, {"ready": False, "error": _error(None, e)["error"]})
+        return 1
+    paths = [p for p, _ in replica.module.named_modules()]
+    _send(out, {"ready": True, "paths": paths, "pid": os.getpid(), **replica.debug_info()})
+    while line := sys.stdin.readline():
+        try:
+            request = json.loads(line)
+            if type(request) is not dict:
+                raise ValueError(f"a request is a JSON object, got {type(request).__name__}")
+        except ValueError as e:
+            _send(out, _error(None, e))
+            continue
+        _send(out, replica.job(request))
+    return 0
+
+
+# --- parent ---------------------------------------------------------------------------
+
+
+class WorkerHandle:
+    """The server's side of one worker process. `env` adds to this process's environment;
+    the child's stderr is inherited, or appended to `log_path` when given."""
+
+    def __init__(self, model_config: dict[str, Any], env: dict[str, str] | None = None, *,
+                 log_path: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
+        self.config = dict(model_config)
+        self.env = dict(env or {})
+        self.log_path = log_path
+        self.paths: list[str] = []
+        self.ready: dict[str, Any] = {}  # the whole ready line (pid; checksum when debugging)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._lock = threading.Lock()  # one request in flight
+        self._dead = True
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead and self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, timeout: float = 300.0) -> None:
+        """Spawn the child and wait until its model is loaded; raise NNglassError if not."""
+        self.kill()
+        log = open(self.log_path, "ab") if self.log_path is not None else None
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "nnglass.server.worker"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                    env={**os.environ, **self.env})  # fmt: skip
+        finally:
+            if log is not None:
+                log.close()  # the child holds its own copy
+        self._proc, self._lines = proc, queue.Queue()
+        threading.Thread(target=_read_lines, args=(proc.stdout, self._lines), daemon=True,
+                         name=f"worker-{self.config.get('name')}-{proc.pid}").start()  # fmt: skip
+        name = self.config.get("name")
+        try:
+            self._write(self.config)
+            msg = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self.kill()
+            raise NNglassError(f"worker for model {name!r} did not load within {timeout:g} s") from None
+        except OSError:
+            msg = None
+        if msg is None or not msg.get("ready"):
+            self.kill()
+            why = (msg or {}).get("error") or {"type": "crash", "message": f"exit code {proc.returncode}"}
+            raise NNglassError(f"worker for model {name!r} failed to start: {why['type']}: {why['message']}")
+        self.ready, self.paths, self._dead = msg, list(msg["paths"]), False
+        logger.info("worker for model %r ready (pid %s)", name, proc.pid)
+
+    def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send one job; return its answer. `timeout` (default run_seconds + GRACE_SECONDS)
+        is a hard limit: past it the child is killed. Never raises for a job's failure."""
+        job = request.get("job")
+        with self._lock:
+            if not self.alive:
+                return _answer(job, "ExecutionError", "the worker is not running (restart it)")
+            if timeout is None and request.get("run_seconds") is not None:
+                timeout = float(request["run_seconds"]) + GRACE_SECONDS
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                self._write(request)
+            except OSError:
+                return self._crashed(job)
+            while True:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    msg = self._lines.get(timeout=left)
+                except queue.Empty:
+                    self.kill()
+                    return _answer(job, "TimeLimitError",
+                                   f"time limit: the worker was stopped after {timeout:g} s")  # fmt: skip
+                if msg is None:
+                    return self._crashed(job)
+                if msg.get("job") == job:
+                    return msg
+                logger.warning("worker answered for job %r while job %r was running", msg.get("job"), job)
+
+    def restart(self, timeout: float = 300.0) -> None:
+        self.start(timeout)
+
+    def kill(self) -> None:
+        """Stop the child now (SIGKILL); the handle is dead until start()/restart()."""
+        self._dead = True
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+    def _write(self, message: dict[str, Any]) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps(message, ensure_ascii=True).encode() + b"\n")
+        self._proc.stdin.flush()
+
+    def _crashed(self, job: Any) -> dict[str, Any]:
+        assert self._proc is not None
+        try:
+            code = self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # stdout closed but still running: finish it
+            code = None
+        self.kill()
+        code = self._proc.returncode if code is None else code
+        return _answer(job, "ExecutionError", f"the worker crashed (exit code {code})")
+
+
+def _answer(job: Any, kind: str, message: str, where: str = "") -> dict[str, Any]:
+    return {"job": job, "status": "ERROR", "error": {"type": kind, "message": message, "where": where}}
+
+
+def _read_lines(stream: IO[bytes], into: queue.Queue[dict[str, Any] | None]) -> None:
+    """Reader thread: the child's answer lines into a queue; None at EOF."""
+    try:
+        for raw in stream:
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                logger.warning("worker wrote a line that is not JSON: %r", raw[:200])
+                continue
+            if type(msg) is dict:
+                into.put(msg)
+    finally:
+        stream.close()
+        into.put(None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
