@@ -170,7 +170,10 @@ class Interpreter:
         self.left -= 1
         node = self.nodes[i]
         if node.save:
-            snap = snapshot(value)
+            try:
+                snap = snapshot(value)
+            except TypeError as e:
+                raise ExecutionError(str(e), node.where) from None
             if node.step == ALL_STEPS:
                 self.saved.setdefault(i, []).append(snap)
             else:

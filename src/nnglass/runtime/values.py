@@ -30,15 +30,31 @@ def resolve(x: Any, values: list[Any], tensors: dict[str, Any]) -> Any:
 
 
 def snapshot(x: Any) -> Any:
-    """A detached copy of a value's tensors, so later edits cannot change it."""
+    """A detached copy of a value's tensors, so later edits cannot change it.
+
+    KV caches are refused: they are large, mutated by generation after the fact, and
+    not values a result can carry.
+    """
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
+    if _is_kv_cache(x):
+        raise TypeError(
+            "a KV cache cannot be saved (it is model state that generation keeps changing); "
+            "save `.logits` or a layer's `.output` instead"
+        )
     if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
         return type(x)(snapshot(y) for y in x)
     if isinstance(x, dict):
         out = {k: snapshot(v) for k, v in x.items()}
         return out if type(x) is dict else _rebuild(x, out)
     return x
+
+
+def _is_kv_cache(x: Any) -> bool:
+    t = type(x)
+    return t.__module__.startswith("transformers.") and any(
+        c.__name__ == "Cache" and c.__module__ == "transformers.cache_utils" for c in t.__mro__
+    )
 
 
 def _rebuild(obj: Any, items: dict) -> Any:

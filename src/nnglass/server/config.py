@@ -137,7 +137,7 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> ServerConfig
     """A ServerConfig from parsed TOML (a dict), checked key by key."""
     _known(data, {"server", "models"}, "")
     server = _table(data.get("server", {}), "server")
-    kw = _fields(server, ServerConfig, "server", skip={"models", "home"}, extra={"home": str})
+    kw = _fields(server, ServerConfig, "server", drop=("models",), types={"home": "str"})
     if "home" in kw:
         home = Path(kw["home"]).expanduser()
         kw["home"] = base / home if base is not None and not home.is_absolute() else home
@@ -161,7 +161,7 @@ def _model(raw: object, where: str) -> ModelConfig:
     for key in ("name", "source"):
         if key not in table:
             raise ConfigError(f"{where}.{key}: missing (required)")
-    kw = _fields(table, ModelConfig, where, skip={"policy"})
+    kw = _fields(table, ModelConfig, where, nested=("policy",))
     if not kw["name"]:
         raise ConfigError(f"{where}.name: must not be empty")
     if kw.get("dtype", "float32") not in DTYPES:
@@ -174,7 +174,7 @@ def _model(raw: object, where: str) -> ModelConfig:
 
 def _policy(raw: object, where: str) -> Policy:
     table = _table(raw, where)
-    kw = _fields(table, Policy, where, skip={"limits"}, extra={"read": list, "write": list})
+    kw = _fields(table, Policy, where, nested=("limits",))
     for key in ("read", "write"):
         for i, pattern in enumerate(kw.get(key, [])):
             check_pattern(pattern, f"{where}.{key}[{i}]")
@@ -202,27 +202,30 @@ def _known(table: dict[str, Any], known: set[str], where: str) -> None:
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
-def _fields(table: dict[str, Any], cls: type, where: str, skip: set[str] = frozenset(),
-            extra: dict[str, type] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The table's keys as keyword arguments of `cls`, each checked against its type."""
-    types = {f.name: f.type for f in fields(cls) if f.name not in skip}
-    types.update({k: v.__name__ for k, v in (extra or {}).items()})
-    _known(table, set(types) | (skip & set(table)), where)
+def _fields(table: dict[str, Any], cls: type, where: str, nested: tuple[str, ...] = (),
+            drop: tuple[str, ...] = (), types: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The table's keys as keyword arguments of `cls`, each checked against its field's type.
+
+    nested: keys parsed by the caller (subtables); drop: fields that are no key here.
+    """
+    kinds = {f.name: str(f.type) for f in fields(cls) if f.name not in drop}
+    kinds.update(types or {})
+    _known(table, set(kinds), where)
     out: dict[str, Any] = {}
     for key, value in table.items():
-        if key in skip:
+        if key in nested:
             continue
-        kind = str(types[key])
+        kind = kinds[key]
         if kind.startswith("list"):
-            if not isinstance(value, list):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}.{key}: must be a list of strings, got {value!r}")
             out[key] = list(value)
             continue
-        ok = _TYPES.get(kind, ())
-        # bool is an int in Python; `port = true` is still a typo.
-        if not isinstance(value, ok) or (kind != "bool" and isinstance(value, bool)):
-            raise ConfigError(f"{where}.{key}: must be {'a' if kind != 'int' else 'an'} {kind}, "
-                              f"got {type(value).__name__} {value!r}")  # fmt: skip
+        # bool is an int in Python; `port = true` is still a mistake.
+        if not isinstance(value, _TYPES[kind]) or (kind != "bool" and isinstance(value, bool)):
+            article = "an" if kind == "int" else "a"
+            got = f"{type(value).__name__} {value!r}"
+            raise ConfigError(f"{where}.{key}: must be {article} {kind}, got {got}")
         if kind == "float" and not math.isfinite(value):
             raise ConfigError(f"{where}.{key}: must be finite, got {value!r}")
         out[key] = float(value) if kind == "float" else value

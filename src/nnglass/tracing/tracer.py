@@ -49,7 +49,8 @@ class Tracer:
         self.invoke_index: int | None = None
         self._step = 0
         self.saved: dict[int, tuple[Proxy, int]] = {}  # id(proxy) -> (proxy, node id)
-        self._tensor_keys: dict[int, Ref | Any] = {}
+        # id(tensor) -> (tensor, ref); the tensor is kept so its id cannot be reused meanwhile
+        self._tensor_keys: dict[int, tuple[torch.Tensor, Any]] = {}
         self._token: contextvars.Token | None = None
         self._in_invoke = False
         self._imports: dict[tuple[int, int], Ref] = {}
@@ -190,10 +191,10 @@ class Tracer:
         if t is Saved:
             return self.encode(x.value)
         if isinstance(x, torch.Tensor):
-            ref = self._tensor_keys.get(id(x))
-            if ref is None:
-                ref = self._tensor_keys[id(x)] = self.graph.attach(x.detach())
-            return ref
+            entry = self._tensor_keys.get(id(x))
+            if entry is None or entry[0] is not x:
+                entry = self._tensor_keys[id(x)] = (x, self.graph.attach(x.detach()))
+            return entry[1]
         if t is tuple or t is list or isinstance(x, torch.Size):
             items = [self.encode(y) for y in x]
             return torch.Size(items) if isinstance(x, torch.Size) else t(items)

@@ -1,0 +1,247 @@
+"""Refuse a graph that breaks its model's exposure policy, before anything runs.
+
+Invariant: `check_policy` accepts a graph only if every node stays inside the policy:
+reads (`get` of a module's input/inputs/output) match a `read` glob, writes (`set`) a
+`write` glob, every site names a module that exists, gradients (`grad`, `set_grad`,
+`backward`) only when `gradients` is on, parameters (`param`) only when weights are
+visible, module calls on graph values only when `module_calls` is on *and* weights are
+visible, and the graph stays within the limits (nodes, prompt tokens, new tokens). The
+generated ids (`tracer.result`) are always readable. Refusals are `PolicyError`s naming
+the node's op, its site, what the policy forbids, what it allows, and the user's line.
+
+What "weights hidden" does and does not protect. It means no op can read a parameter
+or buffer and no module can be called on a user-made tensor. It does not make the
+weights secret by itself: reading both sides of a linear map over many prompts (the
+input and output of `q_proj`, of an MLP's `down_proj`, or of `lm_head`) lets anyone
+solve for its weights by least squares, and *writing* the input while reading the
+output makes it easier still (chosen inputs). To prevent that:
+
+- never make both the input and the output of a linear layer readable (or writable on
+  one side and readable on the other); e.g. allow only whole blocks' residual-stream
+  outputs, `read = ["", "model.layers.*"]`, and not `"**"` or `"model.layers.*.*"`;
+- keep `gradients = false`: gradients w.r.t. activations are products with the
+  transposed weights and leak them just as well;
+- keep `module_calls = false` (it is refused anyway while weights are hidden).
+
+Even then some leakage is inherent: the last block's output and the logits are the two
+sides of the final norm and `lm_head`, so together they reveal `lm_head` (scaled by the
+norm's weight) by regression, and logits alone reveal the unembedding's span over many
+queries (Carlini et al., 2024, "Stealing Part of a Production Language Model"). Leave
+the last block out of `read`/`write` if that matters. Model options that widen what the
+root output carries (`output_hidden_states`, `output_attentions`, `use_cache`, ...) and
+reading the output's `past_key_values` are allowed only when every module is readable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+from ..errors import PolicyError
+from ..graph.ir import (
+    BACKWARD,
+    GET,
+    GRAD,
+    IMPORT,
+    MODULE,
+    PARAM,
+    SET,
+    SET_GRAD,
+    Graph,
+    Node,
+    Ref,
+    Site,
+    TensorRef,
+)
+from .config import Policy
+
+# Options that make the root output carry other modules' values (every layer's hidden
+# state, attention patterns, the KV cache: keys and values are linear maps of inputs).
+_WIDER = ("output_hidden_states", "output_attentions", "output_router_logits")
+EXPOSING_OPTIONS = {"forward": (*_WIDER, "use_cache"), "generate": (*_WIDER, "return_dict_in_generate")}
+EXPOSING_ATTRIBUTES = ("past_key_values", "hidden_states", "attentions")
+
+
+def match(pattern: str, path: str) -> bool:
+    """Does a glob match a dotted module path? Per component: `*` is exactly one, `**`
+    zero or more; "" (the root) is matched only by "" or "**"."""
+    if pattern == "**":
+        return True
+    if pattern == "" or path == "":
+        return pattern == path
+    pat, parts = pattern.split("."), path.split(".")
+    # reach[j]: the pattern so far can match parts[:j] (a DP, no backtracking blowup).
+    reach = [True] + [False] * len(parts)
+    for p in pat:
+        if p == "**":
+            for j in range(1, len(reach)):
+                reach[j] = reach[j] or reach[j - 1]
+        else:
+            reach = [False] + [reach[j] and (p == "*" or p == parts[j]) for j in range(len(parts))]
+    return reach[-1]
+
+
+def matches_any(patterns: list[str], path: str) -> bool:
+    return any(match(p, path) for p in patterns)
+
+
+def check_policy(graph: Graph, policy: Policy, module_paths: set[str]) -> None:
+    """Raise `PolicyError` at the first node (or limit) the policy forbids.
+
+    module_paths: the model's `named_modules()` paths (the root "" is implied).
+    """
+    paths = set(module_paths) | {""}
+    nodes = sum(len(g.nodes) for g in _traces(graph))
+    if nodes > policy.limits.graph_nodes:
+        raise PolicyError(f"the graph has {nodes} nodes; model {graph.model!r} allows at most "
+                          f"{policy.limits.graph_nodes} per request: split the work into several requests")
+    for trace in _traces(graph):
+        _Check(trace, policy, paths).run()
+
+
+def _traces(graph: Graph) -> Iterator[Graph]:
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        stack.extend(reversed(g.children))
+        yield g  # a session's own nodes and invokes are empty
+
+
+class _Check:
+    """One trace against the policy: options and limits first, then node by node."""
+
+    def __init__(self, graph: Graph, policy: Policy, paths: set[str]) -> None:
+        self.graph, self.policy, self.paths = graph, policy, paths
+        self.model = graph.model
+        self._all_readable: bool | None = None
+
+    def run(self) -> None:
+        self.check_tokens()
+        self.check_options()
+        for node in self.graph.nodes:
+            self.check_node(node)
+
+    # --- the whole trace -------------------------------------------------------------------
+    def check_tokens(self) -> None:
+        limits, tokens = self.policy.limits, 0
+        for inv in self.graph.invokes:
+            ids = inv.kwargs.get("input_ids")
+            if isinstance(ids, TensorRef) and ids.key in self.graph.tensors:
+                tokens += math.prod(self.graph.tensors[ids.key].shape)
+            elif ids is not None:
+                tokens += _count_leaves(ids)
+        if tokens > limits.prompt_tokens:
+            raise PolicyError(f"the prompts of one trace hold {tokens} tokens; model {self.model!r} "
+                              f"allows at most {limits.prompt_tokens}: use fewer or shorter prompts")
+        if self.graph.mode != "generate":
+            return
+        gen = self.graph.options.get("generate", {})
+        new = gen.get("max_new_tokens") if isinstance(gen, dict) else None
+        if type(new) is not int:
+            raise PolicyError(f"generate needs an int max_new_tokens (at most {limits.new_tokens} on "
+                              f"model {self.model!r}), got {new!r}")
+        if new > limits.new_tokens:
+            raise PolicyError(f"max_new_tokens={new} is over the limit of model {self.model!r}: at most "
+                              f"{limits.new_tokens}")
+
+    def check_options(self) -> None:
+        for table, keys in EXPOSING_OPTIONS.items():
+            opts = self.graph.options.get(table)
+            if not isinstance(opts, dict):
+                continue
+            for key in keys:
+                if opts.get(key) and not self.all_readable():
+                    raise PolicyError(f"option {key}={opts[key]!r} exposes modules the policy of model "
+                                      f"{self.model!r} keeps hidden; readable: {self.policy.read}")
+
+    def all_readable(self) -> bool:
+        if self._all_readable is None:
+            self._all_readable = all(matches_any(self.policy.read, p) for p in self.paths)
+        return self._all_readable
+
+    # --- node by node ----------------------------------------------------------------------
+    def check_node(self, node: Node) -> None:
+        op, policy = node.op, self.policy
+        if op == GET or op == SET:
+            self.check_site(node, node.site, write=op == SET)
+        elif op in (GRAD, SET_GRAD, BACKWARD):
+            if not policy.gradients:
+                self.refuse(node, f"gradients are off for model {self.model!r} (`.grad`, `.backward()`)")
+            if op != BACKWARD:
+                site = self.grad_site(node)  # its `get` was checked already; set_grad writes it
+                self.check_site(node, site, write=False)
+                if op == SET_GRAD:
+                    self.check_site(node, site, write=True)
+        elif op == PARAM:
+            if not policy.weights_visible:
+                self.refuse(node, f"parameter {node.args[0]!r}: weights of model {self.model!r} are hidden")
+            owner = str(node.args[0]).rpartition(".")[0]
+            if owner not in self.paths:
+                self.refuse(node, f"no module at {owner!r} (parameter {node.args[0]!r})")
+        elif op == MODULE:
+            path = node.args[0]
+            call = f"calling `{path or '<root>'}` on your own values"
+            if not policy.weights_visible:
+                self.refuse(node, f"{call}: weights of model {self.model!r} are hidden, so module calls "
+                            "are refused (they would expose the weights)")
+            if not policy.module_calls:
+                self.refuse(node, f"{call}: module calls are off for model {self.model!r}")
+            if path not in self.paths:
+                self.refuse(node, f"no module at {path!r} to call")
+        elif op == IMPORT:
+            pass  # an earlier trace's value, checked there
+        elif op in ("builtins.getattr", "operator.getitem") and len(node.args) > 1:
+            name = node.args[1]
+            if isinstance(name, str) and name in EXPOSING_ATTRIBUTES and not self.all_readable():
+                self.refuse(node, f"reading {name!r} exposes modules the policy of model {self.model!r} "
+                            f"keeps hidden; readable: {policy.read}")
+
+    def check_site(self, node: Node, site: Site | None, write: bool) -> None:
+        if site is None:
+            self.refuse(node, "a site op without a site")
+        if site.kind == "result":
+            if write:
+                self.refuse(node, "the generated result cannot be written")
+            return
+        if site.path not in self.paths:
+            self.refuse(node, f"no module at {site.path!r} in model {self.model!r}")
+        patterns = self.policy.write if write else self.policy.read
+        if not matches_any(patterns, site.path):
+            verb = "writing" if write else "reading"
+            allowed = ", ".join(repr(p) for p in patterns) or "nothing"
+            self.refuse(node, f"{verb} `{_show(site)}` is not allowed by the policy of model "
+                        f"{self.model!r}; {'writable' if write else 'readable'}: {allowed}")
+
+    def grad_site(self, node: Node) -> Site:
+        """The site whose value `.grad` is of (through int indexing of a tuple output)."""
+        target = node.args[0] if node.args else None
+        while isinstance(target, Ref) and 0 <= target.id < len(self.graph.nodes):
+            src = self.graph.nodes[target.id]
+            if src.op == GET and src.site is not None:
+                return src.site
+            if src.op != "operator.getitem" or len(src.args) < 2 or type(src.args[1]) is not int:
+                break
+            target = src.args[0]
+        self.refuse(node, "`.grad` is available only on a module's `.input`/`.output` (or an element "
+                    "of a tuple output); take the gradient first, then index it")
+
+    def refuse(self, node: Node, why: str) -> NoReturn:
+        site = f" at `{_show(node.site)}`" if node.site is not None else ""
+        raise PolicyError(f"node %{node.id} `{node.op}`{site}: {why}", where=node.where)
+
+
+def _show(site: Site) -> str:
+    call = f".call({site.call})" if site.call else ""
+    return f"{site.path or '<root>'}{call}.{site.kind}"
+
+
+def _count_leaves(x: Any) -> int:
+    count, stack = 0, [x]
+    while stack:
+        y = stack.pop()
+        if isinstance(y, (list, tuple)):
+            stack.extend(y)
+        else:
+            count += 1
+    return count
