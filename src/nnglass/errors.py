@@ -22,6 +22,10 @@ class GraphError(NNglassError):
     """A graph is malformed: bad structure, unknown op, bad reference, too large."""
 
 
+class MalformedError(GraphError):
+    """The bytes are not a graph at all (not UTF-8, not JSON)."""
+
+
 class VersionError(GraphError):
     """The graph's wire version is not one this side speaks."""
 
@@ -44,3 +48,22 @@ class PolicyError(NNglassError):
 
 class RemoteError(NNglassError):
     """The service refused or failed a job."""
+
+
+# --- the service's own refusals (server/app.py maps each to its HTTP status) ------------
+
+
+class AuthError(NNglassError):
+    """No API key, or one that is unknown or revoked."""
+
+
+class NotFoundError(NNglassError):
+    """No such model, or no such job for this key."""
+
+
+class TooLargeError(NNglassError):
+    """The request is over the server's size limit."""
+
+
+class QuotaError(NNglassError):
+    """This key has too many jobs waiting."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import GraphError, VersionError
+from ..errors import GraphError, MalformedError, VersionError
 from .ir import OPCODES, SITE_KINDS, WIRE_VERSION, Graph, Invoke, Node, Ref, Site, TensorRef
 from .ops import ATTRIBUTES, REGISTRY, OpRegistry
 
@@ -144,9 +144,9 @@ def load_json(raw: bytes | str, limits: Limits = DEFAULT_LIMITS) -> Any:
         return json.loads(text, parse_float=_finite, parse_constant=_reject_constant,
                           object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError as e:
-        raise GraphError(f"graph JSON is not UTF-8: {e}") from None
+        raise MalformedError(f"graph JSON is not UTF-8: {e}") from None
     except (ValueError, RecursionError) as e:
-        raise GraphError(f"graph is not valid JSON: {e}") from None
+        raise MalformedError(f"graph is not valid JSON: {e}") from None
 
 
 def check_version(version: object) -> None:

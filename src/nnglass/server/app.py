@@ -1,0 +1,184 @@
+"""The HTTP API (DESIGN §4): routes, the key check, size limits, the error table.
+
+Invariants: the API key is checked before anything else on every path but /health
+(no key or a bad key: 401, even for a job that does not exist); a body over the size
+limit is refused before it is read whole; every nnglass error maps to one status code
+through `STATUS`, with a JSON body naming the message, the user's line and the type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..errors import (
+    AuthError,
+    GraphError,
+    MalformedError,
+    NNglassError,
+    NotFoundError,
+    PolicyError,
+    QuotaError,
+    TooLargeError,
+    VersionError,
+)
+from .config import ServerConfig
+from .service import Service
+
+# Most specific first: the first class an error is an instance of decides its status.
+STATUS: list[tuple[type[NNglassError], int]] = [
+    (MalformedError, 400),
+    (AuthError, 401),
+    (NotFoundError, 404),
+    (VersionError, 409),
+    (TooLargeError, 413),
+    (PolicyError, 422),
+    (GraphError, 422),
+    (QuotaError, 429),
+    (NNglassError, 400),
+]
+_OPEN_PATHS = {"/health"}
+
+
+def error_response(e: NNglassError) -> JSONResponse:
+    status = next(code for cls, code in STATUS if isinstance(e, cls))
+    detail = {"message": e.message, "where": e.where, "type": type(e).__name__}
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def create_app(config: ServerConfig, service: Service | None = None, start: bool = True) -> FastAPI:
+    service = service or Service(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if start:
+            service.start()
+        try:
+            yield
+        finally:
+            if start:
+                service.stop()
+
+    app = FastAPI(title="nnglass", version="1.0", lifespan=lifespan)
+    app.state.service = service
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next: Any) -> Any:
+        if request.url.path not in _OPEN_PATHS:
+            header = request.headers.get("authorization", "")
+            key = header[7:].strip() if header[:7].lower() == "bearer " else None
+            key_id = service.keys.verify(key) if key else None
+            if key_id is None:
+                return error_response(AuthError(
+                    "missing or invalid API key: send `Authorization: Bearer <key>` "
+                    "(NNGLASS_API_KEY on the client; `nnglass keys create NAME` on the server)"))  # fmt: skip
+            request.state.key_id = key_id
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > config.max_request_bytes):
+            return error_response(TooLargeError(f"request body over {config.max_request_bytes} bytes"))
+        try:
+            return await call_next(request)
+        except NNglassError as e:
+            return error_response(e)
+
+    @app.exception_handler(NNglassError)
+    async def nnglass_error(request: Request, e: NNglassError) -> JSONResponse:
+        return error_response(e)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": {n: s.state for n, s in service.models.items()}}
+
+    @app.post("/v1/jobs", status_code=202)
+    async def submit(request: Request) -> dict[str, Any]:
+        graph_json, tensors = await _read_graph(request, config.max_request_bytes)
+        job = await asyncio.to_thread(service.submit, request.state.key_id, graph_json, tensors)
+        return service.status(job)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def status(job_id: str, request: Request) -> dict[str, Any]:
+        return service.status(service.get(request.state.key_id, job_id))
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def events(job_id: str, request: Request) -> StreamingResponse:
+        job = service.get(request.state.key_id, job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            last = None
+            while True:
+                current = service.status(service.get(job.key_id, job_id))
+                if current != last:
+                    last = current
+                    yield f"data: {json.dumps(current)}\n\n"
+                    if current["status"] in ("COMPLETED", "ERROR", "CANCELLED"):
+                        return
+                else:
+                    yield ": keep-alive\n\n"
+                if await request.is_disconnected():
+                    return
+                await service.hub.wait(job_id, timeout=15.0)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})  # fmt: skip
+
+    @app.get("/v1/jobs/{job_id}/result")
+    async def result(job_id: str, request: Request) -> FileResponse:
+        path = service.result_path(request.state.key_id, job_id)
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.safetensors")
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel(job_id: str, request: Request) -> dict[str, Any]:
+        job = await asyncio.to_thread(service.cancel, request.state.key_id, job_id)
+        return service.status(job)
+
+    @app.get("/v1/models")
+    async def models() -> list[dict[str, Any]]:
+        return service.models_info()
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(service.metrics(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _read_graph(request: Request, limit: int) -> tuple[bytes, bytes | None]:
+    """The graph JSON and its tensors, from a JSON body or a multipart one; bounded."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLargeError(f"request body over {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        return body, None
+    if ctype.startswith("multipart/form-data"):
+        return await _multipart(request, body)
+    raise MalformedError("send the graph as application/json, or multipart/form-data with a "
+                         "`graph` part and a `tensors` part")  # fmt: skip
+
+
+async def _multipart(request: Request, body: bytes) -> tuple[bytes, bytes | None]:
+    request._body = body  # starlette parses the form from the cached body
+    try:
+        form = await request.form(max_files=2, max_fields=2)
+    except Exception as e:
+        raise MalformedError(f"bad multipart body: {e}") from None
+    parts: dict[str, bytes] = {}
+    for name in ("graph", "tensors"):
+        part = form.get(name)
+        if part is None:
+            continue
+        parts[name] = await part.read() if hasattr(part, "read") else str(part).encode()
+    await form.close()
+    if "graph" not in parts:
+        raise MalformedError("the multipart body has no `graph` part")
+    return parts["graph"], parts.get("tensors")

@@ -1,0 +1,100 @@
+"""The scheduler: one queue per model, fair across API keys.
+
+Invariant: within a model, keys take turns (round robin over the keys that have
+queued jobs), so one heavy user cannot starve the others; within a key, jobs run in
+submission order. Positions are what a job's owner sees: how many jobs will start
+before it. The scheduler holds ids only; the job store holds the truth.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+
+
+class ModelQueue:
+    """Jobs waiting for one model, grouped by key, served round robin."""
+
+    def __init__(self) -> None:
+        self.by_key: OrderedDict[str, deque[str]] = OrderedDict()
+
+    def push(self, key_id: str, job_id: str) -> None:
+        self.by_key.setdefault(key_id, deque()).append(job_id)
+
+    def pop(self) -> str | None:
+        if not self.by_key:
+            return None
+        key_id, jobs = next(iter(self.by_key.items()))
+        job_id = jobs.popleft()
+        del self.by_key[key_id]
+        if jobs:
+            self.by_key[key_id] = jobs  # this key goes to the back of the line
+        return job_id
+
+    def remove(self, job_id: str) -> bool:
+        for key_id, jobs in self.by_key.items():
+            if job_id in jobs:
+                jobs.remove(job_id)
+                if not jobs:
+                    del self.by_key[key_id]
+                return True
+        return False
+
+    def order(self) -> list[str]:
+        """Every queued job in the order it will start."""
+        lanes = [list(jobs) for jobs in self.by_key.values()]
+        out: list[str] = []
+        depth = max((len(lane) for lane in lanes), default=0)
+        for i in range(depth):
+            out.extend(lane[i] for lane in lanes if i < len(lane))
+        return out
+
+    def count(self, key_id: str) -> int:
+        return len(self.by_key.get(key_id, ()))
+
+    def __len__(self) -> int:
+        return sum(len(jobs) for jobs in self.by_key.values())
+
+
+class Scheduler:
+    """Per-model fair queues; workers block in `next` until there is work."""
+
+    def __init__(self, models: list[str]) -> None:
+        self._queues = {name: ModelQueue() for name in models}
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def submit(self, model: str, key_id: str, job_id: str) -> None:
+        with self._ready:
+            self._queues[model].push(key_id, job_id)
+            self._ready.notify_all()
+
+    def next(self, model: str, timeout: float | None = None) -> str | None:
+        """The next job for `model`, waiting up to `timeout`; None when closed or timed out."""
+        with self._ready:
+            queue = self._queues[model]
+            if not self._ready.wait_for(lambda: self._closed or len(queue) > 0, timeout):
+                return None
+            return None if self._closed else queue.pop()
+
+    def cancel(self, model: str, job_id: str) -> bool:
+        with self._ready:
+            return self._queues[model].remove(job_id)
+
+    def positions(self, model: str) -> dict[str, int]:
+        """Queued job id → how many jobs start before it (0: next)."""
+        with self._ready:
+            return {job_id: i for i, job_id in enumerate(self._queues[model].order())}
+
+    def depth(self, model: str) -> int:
+        with self._ready:
+            return len(self._queues[model])
+
+    def queued_by(self, key_id: str) -> int:
+        with self._ready:
+            return sum(q.count(key_id) for q in self._queues.values())
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()

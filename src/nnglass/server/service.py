@@ -1,0 +1,272 @@
+"""The Service: jobs from submission to result, behind the HTTP routes.
+
+Invariants:
+- `submit` checks the graph (wire codec, then the model's policy) and persists the job
+  (graph files, then the row, QUEUED) before it returns; the route answers after that.
+- Every job ends COMPLETED, ERROR or CANCELLED. The store's first terminal status
+  wins, so a cancel racing a completion cannot flip it. After a restart, jobs left
+  QUEUED are queued again and jobs left RUNNING run once more (then fail with a reason).
+- A job is visible only to the key that created it: anyone else gets NotFoundError,
+  the same answer as for a job that does not exist.
+- Each replica is one worker subprocess driven by one thread; a crash or a timeout
+  ends that job as ERROR with the reason, and the worker is restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import NotFoundError, QuotaError
+from ..graph import wire
+from ..graph.check import Limits as WireLimits
+from .auth import KeyStore
+from .config import ModelConfig, ServerConfig
+from .events import EventHub
+from .jobs import Job, JobStatus, SQLiteJobStore
+from .policy import check_policy
+from .results import DirResultStore
+from .scheduler import Scheduler
+from .worker import WorkerHandle
+
+log = logging.getLogger(__name__)
+_GRACE_S = 10.0  # beyond a job's run_seconds before the worker process is killed
+
+
+@dataclass
+class ModelState:
+    config: ModelConfig
+    paths: set[str] = field(default_factory=set)
+    state: str = "loading"  # loading | ready | failed
+    error: str = ""
+    running: dict[str, WorkerHandle] = field(default_factory=dict)
+    checksums: set[str] = field(default_factory=set)
+
+
+class Service:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        home = Path(config.home)
+        home.mkdir(parents=True, exist_ok=True)
+        self.keys = KeyStore(home / "nnglass.db")
+        self.jobs = SQLiteJobStore(home / "nnglass.db")
+        self.results = DirResultStore(home / "jobs")
+        self.hub = EventHub()
+        self.models = {m.name: ModelState(m) for m in config.models}
+        self.scheduler = Scheduler(list(self.models))
+        self.counters: dict[str, int] = {}
+        self._threads: list[threading.Thread] = []
+        self._handles: list[WorkerHandle] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._recover()
+        for state in self.models.values():
+            for replica in range(state.config.replicas):
+                self._spawn(self._serve_replica, state, replica)
+        self._spawn(self._expire_loop)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scheduler.close()
+        for handle in list(self._handles):
+            handle.kill()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def _spawn(self, target: Any, *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True, name=f"nnglass-{target.__name__}")
+        t.start()
+        self._threads.append(t)
+
+    def _recover(self) -> None:
+        """Jobs a previous server left unfinished run again, or fail with a reason."""
+        for job in self.jobs.by_status(JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.RUNNING):
+            graph_path, _ = self.results.graph_paths(job.id)
+            if job.model not in self.models or not graph_path.exists():
+                self._finish(job.id, JobStatus.ERROR, error={
+                    "type": "RemoteError", "where": "",
+                    "message": "the server restarted and this job's model or graph is gone"})  # fmt: skip
+            elif job.status == JobStatus.RUNNING and job.attempts >= 2:
+                self._finish(job.id, JobStatus.ERROR, error={
+                    "type": "RemoteError", "where": "",
+                    "message": "the server restarted twice while this job was running"})  # fmt: skip
+            else:
+                self.jobs.update(job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
+                self.scheduler.submit(job.model, job.key_id, job.id)
+
+    # --- requests --------------------------------------------------------------------------
+    def submit(self, key_id: str, graph_json: bytes, tensors: bytes | None) -> Job:
+        graph = wire.decode(graph_json, tensors, limits=self._wire_limits())
+        state = self.models.get(graph.model)
+        if state is None:
+            raise NotFoundError(f"no model {graph.model!r} on this server; it serves "
+                                f"{', '.join(sorted(self.models)) or 'none'}")  # fmt: skip
+        check_policy(graph, state.config.policy, state.paths or _paths_of(state))
+        if self.scheduler.queued_by(key_id) >= self.config.max_queued_per_key:
+            raise QuotaError(f"this key already has {self.config.max_queued_per_key} jobs waiting; "
+                             "wait for some to finish")  # fmt: skip
+        job = self.jobs.create(Job(key_id=key_id, model=graph.model, mode=graph.mode))
+        self.results.save_graph(job.id, graph_json, tensors)
+        self.jobs.update(job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
+        self.scheduler.submit(graph.model, key_id, job.id)
+        self._count("jobs_submitted_total")
+        return self.get(key_id, job.id)
+
+    def get(self, key_id: str, job_id: str) -> Job:
+        try:
+            job = self.jobs.get(job_id)
+        except ValueError:
+            job = None
+        if job is None or job.key_id != key_id:
+            raise NotFoundError(f"no job {job_id!r} for this key")
+        return job
+
+    def cancel(self, key_id: str, job_id: str) -> Job:
+        job = self.get(key_id, job_id)
+        if job.status.terminal:
+            return job
+        self.scheduler.cancel(job.model, job.id)
+        self._finish(job.id, JobStatus.CANCELLED)
+        handle = self.models[job.model].running.get(job.id)
+        if handle is not None:
+            handle.kill()  # its thread sees the worker die, restarts it; CANCELLED stays
+        self._publish_queue(job.model)
+        return self.get(key_id, job_id)
+
+    def result_path(self, key_id: str, job_id: str) -> Path:
+        job = self.get(key_id, job_id)
+        if job.status != JobStatus.COMPLETED or not self.results.has_result(job.id):
+            raise NotFoundError(f"job {job_id} has no result ({job.status.value.lower()})")
+        return self.results.result_path(job.id)
+
+    def status(self, job: Job) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": job.id, "model": job.model, "status": job.status.value, "created_at": job.created_at,
+            "queued_at": job.queued_at, "started_at": job.started_at, "finished_at": job.finished_at,
+            "expires_at": job.expires_at, "result_bytes": job.result_bytes,
+        }  # fmt: skip
+        if job.status == JobStatus.QUEUED:
+            out["position"] = self.scheduler.positions(job.model).get(job.id, 0)
+        if job.error:
+            out["error"] = job.error
+        return out
+
+    def models_info(self) -> list[dict[str, Any]]:
+        return [
+            {"name": name, "state": s.state, "error": s.error or None, "source": s.config.source,
+             "replicas": s.config.replicas, "queue_depth": self.scheduler.depth(name),
+             "running": len(s.running), "policy": s.config.policy.summary()}
+            for name, s in self.models.items()
+        ]  # fmt: skip
+
+    # --- workers ---------------------------------------------------------------------------
+    def _serve_replica(self, state: ModelState, replica: int) -> None:
+        cfg = state.config
+        handle = WorkerHandle({
+            "name": cfg.name, "source": cfg.source, "dtype": cfg.dtype, "threads": cfg.threads,
+            "debug_checksums": self.config.debug_checksums,
+        })  # fmt: skip
+        self._handles.append(handle)
+        if not self._start_worker(state, handle):
+            return
+        while not self._stop.is_set():
+            job_id = self.scheduler.next(cfg.name, timeout=0.5)
+            if job_id is not None:
+                self._run_job(state, handle, job_id)
+            if not handle.alive and not self._stop.is_set():
+                self._count("worker_restarts_total")
+                if not self._start_worker(state, handle):
+                    return
+
+    def _start_worker(self, state: ModelState, handle: WorkerHandle) -> bool:
+        while not self._stop.is_set():
+            try:
+                handle.restart() if handle.pid is not None else handle.start()
+                state.paths = set(handle.paths)
+                state.state, state.error = "ready", ""
+                return True
+            except Exception as e:  # a model that fails to load must not take the server down
+                state.state, state.error = "failed", f"{type(e).__name__}: {e}"
+                log.error("model %s failed to start: %s", state.config.name, state.error)
+                self._stop.wait(5.0)
+        return False
+
+    def _run_job(self, state: ModelState, handle: WorkerHandle, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.status != JobStatus.QUEUED:
+            return
+        if not self.jobs.update(job_id, status=JobStatus.RUNNING.value, started_at=time.time(),
+                                attempts=job.attempts + 1):  # fmt: skip
+            return
+        state.running[job_id] = handle
+        self.hub.publish(job_id)
+        self._publish_queue(job.model)
+        limits = state.config.policy.limits
+        graph_path, tensor_path = self.results.graph_paths(job_id)
+        request = {"job": job_id, "graph": str(graph_path),
+                   "tensors": str(tensor_path) if tensor_path else None,
+                   "result": str(self.results.result_path(job_id)),
+                   "run_seconds": limits.run_seconds, "result_bytes": limits.result_bytes}  # fmt: skip
+        try:
+            answer = handle.run(request, timeout=limits.run_seconds + _GRACE_S)
+        finally:
+            state.running.pop(job_id, None)
+        if answer.get("checksum"):
+            state.checksums.add(answer["checksum"])
+        if answer.get("status") == "COMPLETED":
+            self._finish(job_id, JobStatus.COMPLETED, result_bytes=answer.get("bytes"))
+        else:
+            self._finish(job_id, JobStatus.ERROR, error=answer.get("error") or {
+                "type": "RemoteError", "message": "the worker gave no answer", "where": ""})  # fmt: skip
+
+    def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> None:
+        now = time.time()
+        if self.jobs.update(job_id, status=status.value, finished_at=now,
+                            expires_at=now + self.config.result_ttl_s, **fields):  # fmt: skip
+            self._count(f'jobs_finished_total{{status="{status.value}"}}')
+        self.hub.publish(job_id)
+
+    def _publish_queue(self, model: str) -> None:
+        for job_id in self.scheduler.positions(model):
+            self.hub.publish(job_id)
+
+    def _expire_loop(self) -> None:
+        while not self._stop.wait(min(60.0, max(1.0, self.config.result_ttl_s / 4))):
+            for job in self.jobs.expired(time.time()):
+                self.results.delete(job.id)
+                self.jobs.delete(job.id)
+
+    # --- metrics ---------------------------------------------------------------------------
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def metrics(self) -> str:
+        lines = [f"nnglass_{name} {value}" for name, value in sorted(self.counters.items())]
+        for name, s in self.models.items():
+            lines.append(f'nnglass_queue_depth{{model="{name}"}} {self.scheduler.depth(name)}')
+            lines.append(f'nnglass_running_jobs{{model="{name}"}} {len(s.running)}')
+            lines.append(f'nnglass_model_ready{{model="{name}"}} {int(s.state == "ready")}')
+        return "\n".join(lines) + "\n"
+
+    def _wire_limits(self) -> WireLimits:
+        return WireLimits(max_json_bytes=self.config.max_request_bytes,
+                          max_tensor_bytes=self.config.max_request_bytes)  # fmt: skip
+
+
+def _paths_of(state: ModelState) -> set[str]:
+    """Module paths before a worker is ready: the model's tree on the meta device."""
+    from ..models import loading
+
+    source = loading.resolve_model_source(state.config.source)
+    config, _ = loading.load_config_and_tokenizer(source)
+    state.paths = {p for p, _ in loading.meta_model(config).named_modules()}
+    return state.paths
+
