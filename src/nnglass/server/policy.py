@@ -53,7 +53,9 @@ from ..graph.ir import (
     Ref,
     Site,
     TensorRef,
+    _collect_refs,
 )
+from ..graph.ops import VIEW_OPS, is_inplace
 from .config import Policy
 
 # Options that make the root output carry other modules' values (every layer's hidden
@@ -61,6 +63,18 @@ from .config import Policy
 _WIDER = ("output_hidden_states", "output_attentions", "output_router_logits")
 EXPOSING_OPTIONS = {"forward": (*_WIDER, "use_cache"), "generate": (*_WIDER, "return_dict_in_generate")}
 EXPOSING_ATTRIBUTES = ("past_key_values", "hidden_states", "attentions")
+
+_F = "torch.nn.functional."
+# Ops whose result may share memory with an argument (views, and ops that may return an
+# argument itself); an in-place edit of their result edits that argument. Ops outside the
+# default registry are assumed to return fresh memory.
+_ALIASING = VIEW_OPS | {
+    f"Tensor.{m}" for m in "cpu type_as double half bfloat16 bool int long float contiguous".split()
+} | {"builtins.tuple", "builtins.list", "builtins.dict", "builtins.min", "builtins.max", "operator.pos",
+     _F + "dropout"}  # fmt: skip
+# torch.nn.functional ops with an `inplace` parameter, and its position.
+_INPLACE_ARG = {_F + "relu": 1, _F + "selu": 1, _F + "silu": 1, _F + "elu": 2, _F + "leaky_relu": 2,
+                _F + "hardtanh": 3, _F + "dropout": 3}  # fmt: skip
 
 
 def match(pattern: str, path: str) -> bool:
@@ -96,8 +110,14 @@ def check_policy(graph: Graph, policy: Policy, module_paths: set[str]) -> None:
     if nodes > policy.limits.graph_nodes:
         raise PolicyError(f"the graph has {nodes} nodes; model {graph.model!r} allows at most "
                           f"{policy.limits.graph_nodes} per request: split the work into several requests")
-    for trace in _traces(graph):
-        _Check(trace, policy, paths).run()
+    traces = graph.children if graph.mode == "session" else [graph]
+    if any(t.children for t in traces) or (graph.children and graph.mode != "session"):
+        raise PolicyError("only a session may hold traces, and only one level deep")
+    earlier: list[_Check] = []
+    for trace in traces:
+        check = _Check(trace, policy, paths, earlier)
+        check.run()
+        earlier.append(check)
 
 
 def _traces(graph: Graph) -> Iterator[Graph]:
@@ -111,16 +131,19 @@ def _traces(graph: Graph) -> Iterator[Graph]:
 class _Check:
     """One trace against the policy: options and limits first, then node by node."""
 
-    def __init__(self, graph: Graph, policy: Policy, paths: set[str]) -> None:
-        self.graph, self.policy, self.paths = graph, policy, paths
+    def __init__(self, graph: Graph, policy: Policy, paths: set[str], earlier: list[_Check]) -> None:
+        self.graph, self.policy, self.paths, self.earlier = graph, policy, paths, earlier
         self.model = graph.model
         self._all_readable: bool | None = None
+        # Per node: the site values and parameters whose memory its value may share.
+        self.aliases: list[frozenset[Site | str]] = []
 
     def run(self) -> None:
         self.check_tokens()
         self.check_options()
         for node in self.graph.nodes:
             self.check_node(node)
+            self.check_writes(node)
 
     # --- the whole trace -------------------------------------------------------------------
     def check_tokens(self) -> None:
@@ -196,6 +219,45 @@ class _Check:
             if isinstance(name, str) and name in EXPOSING_ATTRIBUTES and not self.all_readable():
                 self.refuse(node, f"reading {name!r} exposes modules the policy of model {self.model!r} "
                             f"keeps hidden; readable: {policy.read}")
+
+    def check_writes(self, node: Node) -> None:
+        """An op that edits memory in place edits every site value or parameter its target
+        may share memory with: that is a write to the site, and never allowed on a weight."""
+        op, args, kwargs = node.op, node.args, node.kwargs
+        pos = _INPLACE_ARG.get(op)
+        inplace = is_inplace(op) or bool(kwargs.get("inplace")) or (pos is not None and pos < len(args)
+                                                                    and bool(args[pos]))  # fmt: skip
+        result = self.aliases_of(args[:1]) if inplace else frozenset()  # the edited value itself
+        result |= self.aliases_of(kwargs.get("out"))
+        written = set(result)
+        max_norm = kwargs.get("max_norm", args[3] if len(args) > 3 else None)
+        if op == _F + "embedding" and max_norm is not None:  # renormalizes the weight's rows in place
+            written |= self.aliases_of((kwargs.get("weight"), args[1:2]))
+        for alias in sorted(written, key=str):
+            if isinstance(alias, str):
+                self.refuse(node, f"this edits parameter {alias!r} in place; parameters are read-only for "
+                            "everyone: clone the weight first (w = ...weight.clone())")
+            self.check_site(node, alias, write=True)
+        if op == GET and node.site is not None:
+            result = frozenset([node.site])
+        elif op == PARAM:
+            result = frozenset([str(node.args[0])])
+        elif op == IMPORT:  # an earlier trace's value: its parameters are still live memory
+            k, i = node.args if len(node.args) == 2 else (-1, -1)
+            shared = self.earlier[k].aliases[i] if 0 <= k < len(self.earlier) else frozenset()
+            result = frozenset(a for a in shared if isinstance(a, str))
+        elif op in _ALIASING:
+            result |= self.aliases_of(args)
+        self.aliases.append(result)
+
+    def aliases_of(self, values: Any) -> frozenset[Site | str]:
+        out: set[Site | str] = set()
+        refs: list[int] = []
+        _collect_refs(values, refs)
+        for r in refs:
+            if 0 <= r < len(self.aliases):
+                out |= self.aliases[r]
+        return frozenset(out)
 
     def check_site(self, node: Node, site: Site | None, write: bool) -> None:
         if site is None:

@@ -140,7 +140,7 @@ class _Replica:
         limit = int(request["result_bytes"])
         if len(data) > limit:
             raise PolicyError(f"the result is {len(data)} bytes, over this model's limit of {limit} "
-                              "bytes: save less (slice before .save(), or save fewer values)")
+                              "bytes: save less (slice before .save(), or save fewer values)")  # fmt: skip
         _write_atomic(Path(request["result"]), data)
         return len(data)
 
@@ -162,8 +162,8 @@ def main() -> int:
     if not line:
         return 0
     config = json.loads(line)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format=f"%(asctime)s worker[{config.get('name')}:{os.getpid()}] %(message)s")
+    tag = f"worker[{config.get('name')}:{os.getpid()}]"
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"%(asctime)s {tag} %(message)s")
     try:
         replica = _Replica(config)
     except Exception as e:
