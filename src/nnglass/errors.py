@@ -53,6 +53,10 @@ class RemoteError(NNglassError):
 # --- the service's own refusals (server/app.py maps each to its HTTP status) ------------
 
 
+class ConfigError(NNglassError):
+    """A server config file is wrong (unknown key, wrong type, bad pattern)."""
+
+
 class AuthError(NNglassError):
     """No API key, or one that is unknown or revoked."""
 

@@ -367,6 +367,11 @@ def test_scan_reports_a_bad_index_at_the_users_line_before_running(tiny: Any, pa
         assert calls == [], "the real model ran although the scan found the error"
 
 
+def _next(where: str) -> str:
+    path, line = where.rsplit(":", 1)
+    return f"{path}:{int(line) + 1}"
+
+
 def _previous(where: str) -> str:
     file, line = where.rsplit(":", 1)
     return f"{file}:{int(line) - 1}"
@@ -415,15 +420,20 @@ def test_model_output_keeps_its_class(tiny: Any, pair: Any, both: Any) -> None:
 
 
 @pytest.mark.parametrize("where", ["trace", "generate"])
-def test_kv_cache_cannot_be_saved(tiny: Any, pair: Any, where: str) -> None:
+def test_kv_cache_is_never_a_value(tiny: Any, pair: Any, where: str) -> None:
+    """The root output a graph sees has no KV cache; asking for one is a clear error."""
+
+    def opened(lm: Any) -> Any:
+        if where == "trace":
+            return lm.trace("hello", use_cache=True)
+        return lm.generate("hello", max_new_tokens=2)
+
     for lm in (pair.local, pair.roundtrip):
+        with opened(lm):
+            out = lm.output.save()
+        assert out.value.get("past_key_values") is None and out.value.logits is not None
         with pytest.raises(NNglassError, match=r"(?i)cache") as info:
-            if where == "trace":
-                with lm.trace("hello", use_cache=True):
-                    lm.output.save()
-                    line = here()
-            else:
-                with lm.generate("hello", max_new_tokens=2):
-                    lm.output.save()
-                    line = here()
-        assert info.value.where == _previous(line)
+            with opened(lm):
+                line = here()
+                lm.output.past_key_values.save()
+        assert info.value.where == _next(line)

@@ -225,10 +225,12 @@ def test_options_and_attributes_that_expose_other_modules(mlp: nn.Module, x: tor
     with recorded(net, x) as tracer:
         out = net.output
         at = next_line()
-        out.past_key_values.save()
+        out.hidden_states.save()
     err = refused(tracer.graph, partial, mlp)
-    assert err.where == at and "past_key_values" in err.message
+    assert err.where == at and "hidden_states" in err.message
     check_policy(tracer.graph, Policy(), paths(mlp))
+    with pytest.raises(nnglass.TraceError, match="KV cache"), recorded(net, x):
+        net.output.past_key_values.save()  # never a value, whatever the policy
 
 
 # --- limits ------------------------------------------------------------------------------

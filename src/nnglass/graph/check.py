@@ -354,6 +354,8 @@ def _check_op(node: Node, registry: OpRegistry, session: tuple[int, list[Graph]]
                                 "function with nnglass.register; a server runs only its own)")
     if site is not None:
         raise _node_error(node, "only get and set nodes may have a site")
+    if "out" in node.kwargs:  # writing into a caller-chosen tensor would dodge in-place tracking
+        raise _node_error(node, "`out=` is not supported in graphs: assign the result instead")
     if op == "builtins.getattr":
         name = args[1] if len(args) == 2 else None
         if node.kwargs or type(name) is not str or name not in ATTRIBUTES:

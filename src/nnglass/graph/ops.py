@@ -11,6 +11,7 @@ A server's registry is its own; `register()` adds to this process's default only
 from __future__ import annotations
 
 import builtins
+import inspect
 import operator
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -23,7 +24,7 @@ TORCH_FUNCTIONS = """
 abs absolute acos acosh add addmm all allclose amax amin any arange argmax argmin argsort
 argwhere asin asinh atan atan2 atanh baddbmm bmm broadcast_to bucketize cat ceil chunk clamp
 clamp_max clamp_min clip clone cos cosh count_nonzero cross cummax cummin cumprod cumsum deg2rad
-diag diag_embed diagonal diff dist div divide dot einsum empty_like eq equal erf erfc exp exp2
+diag diag_embed diagonal diff dist div divide dot einsum eq equal erf erfc exp exp2
 expm1 eye flatten flip floor floor_divide fmod full full_like gather ge gt hstack index_select
 inner isclose isfinite isinf isnan kron kthvalue le lerp linspace log log10 log1p log2 log_softmax
 logaddexp logcumsumexp logical_and logical_not logical_or logical_xor logit logsumexp lt
@@ -61,7 +62,7 @@ add_ clamp_ copy_ div_ fill_ index_fill_ masked_fill_ mul_ neg_ scatter_ sub_ ze
 ATTRIBUTES = frozenset(
     """
     shape dtype device ndim T mT H real imag is_floating_point
-    logits last_hidden_state hidden_states attentions loss past_key_values
+    logits last_hidden_state hidden_states attentions loss
     """.split()
 )
 
@@ -146,12 +147,35 @@ def _method(name: str) -> Callable[..., Any]:
     return call
 
 
+def _no_hidden_writes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Functional ops that can write into an argument (inplace=True, embedding's max_norm
+    renormalizing the weight) are allowed only without that option: in-place edits in a
+    graph must be explicit `Tensor.*_` methods, which the runtime tracks."""
+    signature = inspect.signature(fn)
+    dangerous = {"inplace", "max_norm"} & set(signature.parameters)
+    if not dangerous:
+        return fn
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        for name in dangerous:
+            if bound.arguments.get(name):
+                raise ValueError(f"{fn.__name__}({name}=...) writes into its argument; not allowed in "
+                                 "graphs (use an explicit in-place method such as x.relu_())")
+        return fn(*args, **kwargs)
+
+    call.__name__ = fn.__name__
+    return call
+
+
 def default_registry() -> OpRegistry:
     reg = OpRegistry()
     for name in TORCH_FUNCTIONS.split():
         reg.add(f"torch.{name}", getattr(torch, name))
     for name in FUNCTIONAL.split():
-        reg.add(f"torch.nn.functional.{name}", getattr(F, name))
+        fn = getattr(F, name)
+        reg.add(f"torch.nn.functional.{name}", _no_hidden_writes(fn) if inspect.isfunction(fn) else fn)
+        reg.alias(fn, f"torch.nn.functional.{name}")
     for name in TENSOR_METHODS.split():
         # Unbound method calls dispatch on the receiver, so a `Tensor.size` node also
         # works on a `torch.Size`-free value like a tuple only where torch allows it.

@@ -76,18 +76,23 @@ class LanguageModel(NNModel):
         return self._loaded
 
     # --- entry points ------------------------------------------------------------------
-    def trace(self, *inputs: Any, remote: bool = False, **kwargs: Any) -> Tracer:
-        """One forward pass over the prompts; extra kwargs go to the model's forward."""
-        validate = kwargs.pop("validate", False)
-        return self._tracer(inputs, "trace", {"forward": kwargs, "validate": validate}, remote)
+    def trace(self, *inputs: Any, remote: bool = False, blocking: bool = True, validate: bool = False,
+              **kwargs: Any) -> Tracer:  # fmt: skip
+        """One forward pass over the prompts; extra kwargs go to the model's forward.
 
-    def generate(self, *inputs: Any, max_new_tokens: int = 1, remote: bool = False,
+        remote: run on the server (NNGLASS_HOST); blocking=False returns at once with
+        `tracer.job`. validate: scan on fake tensors first (shape errors before a real run).
+        """
+        return self._tracer(inputs, "trace", {"forward": kwargs, "validate": validate}, remote, blocking)
+
+    def generate(self, *inputs: Any, max_new_tokens: int = 1, remote: bool = False, blocking: bool = True,
                  seed: int | None = None, **generate_kwargs: Any) -> Tracer:  # fmt: skip
         """Generation: step 0 is the prompt's forward pass, step k the k-th new token's."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise TraceError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}", user_where())
+        check_generate_kwargs(generate_kwargs, user_where())
         options = {"generate": {"max_new_tokens": max_new_tokens, **generate_kwargs}, "seed": seed}
-        return self._tracer(inputs, "generate", options, remote)
+        return self._tracer(inputs, "generate", options, remote, blocking)
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
         """Run the block on fake tensors: shapes and shape/index errors, no computation.
@@ -96,8 +101,8 @@ class LanguageModel(NNModel):
         """
         return self._tracer(inputs, "scan", {"forward": kwargs}, remote=False)
 
-    def _tracer(self, inputs: tuple, mode: str, options: dict, remote: bool) -> Tracer:
-        return LMTracer(self, inputs, {}, mode=mode, options=options, remote=remote)
+    def _tracer(self, inputs: tuple, mode: str, options: dict, remote: bool, blocking: bool = True) -> Tracer:
+        return LMTracer(self, inputs, {}, mode=mode, options=options, remote=remote, blocking=blocking)
 
     # --- what Tracer needs -------------------------------------------------------------
     def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke:
@@ -125,7 +130,9 @@ class LanguageModel(NNModel):
     # --- running (also what a server calls) ---------------------------------------------
     def _backend(self, remote: bool) -> Backend:
         if remote:
-            raise TraceError("remote=True needs the service (not available in this build)", user_where())
+            from ..remote.client import RemoteBackend
+
+            return RemoteBackend()
         return self._local
 
     def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:
@@ -152,6 +159,7 @@ class LanguageModel(NNModel):
                       mask: torch.Tensor, rows: list[tuple[int, int]], imports: dict | None,
                       ) -> dict[int, Any]:  # fmt: skip
         kwargs = dict(resolve(graph.options.get("generate", {}), [], graph.tensors))
+        check_generate_kwargs({k: v for k, v in kwargs.items() if k != "max_new_tokens"}, "")
         seed = graph.options.get("seed")
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
 
@@ -187,6 +195,21 @@ class LMTracer(Tracer):
             raise TraceError("`tracer.result` exists only in lm.generate(...)", user_where())
         with self._step_scope(0):
             return self.record_site(GET, "", "result", 0)
+
+
+# One sequence per prompt, sampled or greedy: what the step semantics (DESIGN §2) cover.
+# Beam search and several sequences per prompt change the batch under the graph's rows.
+GENERATE_OPTIONS = frozenset(
+    "do_sample temperature top_k top_p min_p typical_p repetition_penalty no_repeat_ngram_size "
+    "min_new_tokens eos_token_id suppress_tokens bad_words_ids".split()
+)
+
+
+def check_generate_kwargs(kwargs: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(kwargs) - GENERATE_OPTIONS)
+    if unknown:
+        raise TraceError(f"generate option(s) {', '.join(unknown)} are not supported; use "
+                         f"{', '.join(sorted(GENERATE_OPTIONS))}", where)  # fmt: skip
 
 
 @contextmanager

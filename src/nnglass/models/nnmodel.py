@@ -41,9 +41,10 @@ class NNModel:
         """Record the block; on exit run it with `args`/`kwargs` as the forward's inputs."""
         return Tracer(self, args, kwargs, remote=remote)
 
-    def session(self, remote: bool = False) -> Session:
-        """Several traces as one unit; later traces may use earlier traces' values."""
-        return Session(self, remote=remote)
+    def session(self, remote: bool = False, blocking: bool = True) -> Session:
+        """Several traces as one unit (one request when remote); later traces may use
+        earlier traces' values."""
+        return Session(self, remote=remote, blocking=blocking)
 
     # --- what Tracer needs ---------------------------------------------------------------
     def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke:
@@ -61,6 +62,12 @@ class NNModel:
             raise TraceError("remote=True is for models a server hosts: use LanguageModel(name)",
                              user_where())  # fmt: skip
         return self._local
+
+    def _submit(self, target: Any) -> Any:
+        from ..remote.client import RemoteBackend, fill_later
+
+        self._backend(True)  # refuses where remote runs are not possible
+        return fill_later(target, RemoteBackend(blocking=False).submit(target.graph))
 
     # --- running (also what a server calls) ---------------------------------------------
     def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:

@@ -35,7 +35,16 @@ from ..graph.ir import (
     Node,
 )
 from .plan import Plan, SiteKey, SiteTask, site_key
-from .values import copy_tensors, index_path, map_batch, replace_at, resolve, snapshot, zip_batch
+from .values import (
+    copy_tensors,
+    index_path,
+    map_batch,
+    replace_at,
+    resolve,
+    snapshot,
+    without_state,
+    zip_batch,
+)
 
 _UNSET: Any = object()
 
@@ -126,7 +135,8 @@ class Interpreter:
                 self._out_of_order(nodes[i])
             node = nodes[i]
             if node.op == GET:
-                self.complete(i, value if whole or node.invoke is None else self._slice(value, node.invoke))
+                seen = without_state(value) if not key[0] else value
+                self.complete(i, seen if whole or node.invoke is None else self._slice(seen, node.invoke))
             else:
                 value = self._replace(value, self.values_of(node.args[0]), node.invoke)
                 self.complete(i, None)

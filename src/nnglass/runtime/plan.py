@@ -23,6 +23,7 @@ from ..graph.ops import VIEW_OPS, OpRegistry, is_inplace
 
 SiteKey = tuple[str, str, int, int]  # path, kind, call, step
 _SITE_OPS = frozenset({GET, SET, GRAD, SET_GRAD})
+_CONTAINERS = frozenset({"builtins.list", "builtins.tuple", "builtins.dict"})
 
 
 @dataclass(slots=True)
@@ -89,6 +90,7 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
     hooked: dict[str, set[str]] = {}
     site_where: dict[str, str] = {}
     root: list[int] = list(range(n))  # alias root: the node whose memory a value shares
+    weight = [False] * n  # the value may share memory with a parameter or buffer
     readers: dict[int, list[int]] = {}  # alias root -> nodes that read it
     grad_groups: dict[int, list[int]] = {}
     grad_path: dict[int, tuple[int, tuple[int, ...]]] = {}
@@ -125,17 +127,26 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
                 deps[i].discard(node.args[0].id)
             elif op == "backward":
                 has_backward = True
+            elif op == PARAM:
+                weight[i] = True
         else:
             fn = registry.get(op)
             if fn is None:
                 raise GraphError(f"node %{i}: op {op!r} is not in this registry", node.where)
             fns[i] = fn
-            if op in VIEW_OPS and node.args and type(node.args[0]) is Ref:
-                root[i] = root[node.args[0].id]
+            first = node.args[0] if node.args and type(node.args[0]) is Ref else None
+            if first is not None and (op in VIEW_OPS or is_inplace(op)):
+                root[i] = root[first.id]  # a view, or the edited tensor itself: same memory
+                weight[i] = weight[first.id]
+            elif op in _CONTAINERS:
+                weight[i] = any(weight[d] for d in deps[i])
         ds = deps[i]
         for d in ds:
             readers.setdefault(root[d], []).append(i)
         if ds and is_inplace(op) and type(node.args[0]) is Ref:
+            if weight[node.args[0].id]:
+                raise GraphError("parameters are read-only: clone the weight first (w = ...weight.clone())",
+                                 node.where)  # fmt: skip
             _order_inplace(nodes, node, root, readers, deps, tasks)
 
     consumers: list[list[int]] = [[] for _ in range(n)]
@@ -168,9 +179,6 @@ def _order_inplace(nodes: list[Node], node: Node, root: list[int], readers: dict
     i = node.id
     r = root[node.args[0].id]
     target = nodes[r]
-    if target.op == PARAM:
-        raise GraphError("parameters are read-only: clone the weight first (w = ...weight.clone())",
-                         node.where)  # fmt: skip
     deps[i].update(j for j in readers.get(r, ()) if j < i)
     if target.op == GET:
         task = tasks[site_key(target)]

@@ -51,6 +51,17 @@ def snapshot(x: Any, copy: bool = True) -> Any:
     return x
 
 
+_STATE_KEYS = ("past_key_values", "cache")
+
+
+def without_state(x: Any) -> Any:
+    """A model output as a graph may see it: without its KV cache (model state, not a value;
+    on a server it would expose every layer's keys and values whatever the policy)."""
+    if isinstance(x, dict) and type(x) is not dict and any(x.get(k) is not None for k in _STATE_KEYS):
+        return _rebuild(x, {k: v for k, v in x.items() if k not in _STATE_KEYS})
+    return x
+
+
 def _is_kv_cache(x: Any) -> bool:
     t = type(x)
     return t.__module__.startswith("transformers.") and any(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _config
-from ..errors import NNglassError
+from ..errors import ConfigError
 
 try:
     import tomllib
@@ -28,10 +28,6 @@ except ModuleNotFoundError:  # Python 3.10
 
 MiB = 2**20
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-
-
-class ConfigError(NNglassError):
-    """A server config file is malformed (unknown key, wrong type, bad value)."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,9 @@ class TracedModel(Protocol):
 
     def _execute(self, graph: Graph, remote: bool = False) -> dict[int, Any]: ...
 
+    def _submit(self, target: Any) -> Any:
+        """Send a tracer's or session's graph without waiting; return the job."""
+
 
 class Envoy:
     """Stands for one module at `path` inside traces."""

@@ -86,6 +86,9 @@ class Proxy(_Slots):
             )
         if name in ATTRIBUTES:
             return self._tracer.record("builtins.getattr", (self, name))
+        if name in ("past_key_values", "cache"):
+            raise TraceError("a KV cache is model state, not a value: it cannot be read or saved in a "
+                             "graph; read `.logits` or a layer's `.output` instead", self._tracer.where())
         op = "Tensor." + name
         if op in REGISTRY:
             return _Method(self, op)

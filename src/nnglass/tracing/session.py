@@ -23,9 +23,11 @@ if TYPE_CHECKING:
 class Session:
     """Use via `model.session()`: `with lm.session(): with lm.trace(...): ...`."""
 
-    def __init__(self, model: TracedModel, remote: bool = False) -> None:
+    def __init__(self, model: TracedModel, remote: bool = False, blocking: bool = True) -> None:
         self.model = model
         self.remote = remote
+        self.blocking = blocking
+        self.job: Any = None  # with remote=True, blocking=False: the submitted job
         self.tracers: list[Tracer] = []
         self._token: contextvars.Token | None = None
 
@@ -39,9 +41,12 @@ class Session:
         _SESSION.reset(self._token)
         if exc_type is not None or not self.tracers:
             return False
-        graph = Graph(model=self.model.name, mode="session",
-                      children=[t.graph for t in self.tracers])  # fmt: skip
-        results = self.model._execute(graph, remote=self.remote)
+        self.graph = Graph(model=self.model.name, mode="session",
+                           children=[t.graph for t in self.tracers])  # fmt: skip
+        if self.remote and not self.blocking:
+            self.job = self.model._submit(self)  # one request; proxies fill in on job.wait()
+            return False
+        results = self.model._execute(self.graph, remote=self.remote)
         for k, tracer in enumerate(self.tracers):
             values = results.get(k, {})
             for proxy, node_id in tracer.saved.values():

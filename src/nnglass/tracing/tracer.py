@@ -42,9 +42,12 @@ class Tracer:
     """Records one trace. Use via `model.trace(...)`, not directly."""
 
     def __init__(self, model: TracedModel, args: tuple, kwargs: dict, mode: str = "trace",
-                 options: dict | None = None, remote: bool = False) -> None:  # fmt: skip
+                 options: dict | None = None, remote: bool = False, blocking: bool = True,
+                 ) -> None:  # fmt: skip
         self.model = model
         self.remote = remote
+        self.blocking = blocking
+        self.job: Any = None  # with remote=True, blocking=False: the submitted job
         self.graph = Graph(model=model.name, mode=mode, options=dict(options or {}))
         self.invoke_index: int | None = None
         self._step = 0
@@ -76,6 +79,9 @@ class Tracer:
         self.check()
         if self.session is not None:
             self.session.add(self)  # runs when the session ends
+            return False
+        if self.remote and not self.blocking:
+            self.job = self.model._submit(self)  # saved proxies fill in on job.wait()
             return False
         values = self.model._execute(self.graph, remote=self.remote)
         for proxy, node_id in self.saved.values():
