@@ -19,7 +19,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/python examples/seed_experiment.py
+	$(BIN)/nnglass demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

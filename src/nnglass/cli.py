@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -49,11 +50,8 @@ def _server_config(args: argparse.Namespace):
         config = quick_config(args.model)
     else:
         raise SystemExit("nnglass serve: give --config server.toml or --model NAME")
-    if getattr(args, "host", None):
-        config.host = args.host
-    if getattr(args, "port", None):
-        config.port = args.port
-    return config
+    overrides = {k: getattr(args, k, None) for k in ("host", "port")}
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _serve(args: argparse.Namespace) -> int:
