@@ -22,7 +22,7 @@ Opcodes (the whole IR; everything else is a registry call):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 WIRE_VERSION = "1.0"
 
@@ -55,9 +55,8 @@ class TensorRef:
     key: str
 
 
-@dataclass(frozen=True, slots=True)
-class Site:
-    """Where a `get`/`set` touches the model.
+class Site(NamedTuple):
+    """Where a `get`/`set` touches the model (a tuple: it is also the site's lookup key).
 
     path: dotted module path ("" is the root); kind: input | inputs | output | result;
     call: which call of the module within a step (0-based); step: generation step,

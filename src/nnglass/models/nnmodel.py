@@ -83,7 +83,10 @@ class NNModel:
 
     # --- the module tree ------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._envoy, name)
+        found = getattr(self._envoy, name)
+        if isinstance(found, Envoy):
+            self.__dict__[name] = found  # next time a plain attribute hit
+        return found
 
     def __getitem__(self, index: int) -> Envoy:
         return self._envoy[index]

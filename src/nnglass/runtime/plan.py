@@ -58,9 +58,8 @@ class Plan:
 
 
 def site_key(node: Node) -> SiteKey:
-    s = node.site
-    assert s is not None
-    return (s.path, s.kind, s.call, s.step)
+    assert node.site is not None
+    return node.site  # a Site is a (path, kind, call, step) tuple
 
 
 def _refs(node: Node) -> set[int]:
@@ -107,8 +106,7 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
                 max_step = node.step
         if op in OPCODES:
             if op == GET or op == SET:
-                site = node.site
-                key = (site.path, site.kind, site.call, site.step)
+                site = key = node.site
                 task = tasks.get(key)
                 if task is None:
                     task = tasks[key] = SiteTask([])

@@ -34,7 +34,8 @@ class TracedModel(Protocol):
 class Envoy:
     """Stands for one module at `path` inside traces."""
 
-    __slots__ = ("_children", "_module", "_path")
+    # No __slots__: a child envoy, once found, is cached in the instance __dict__ so the
+    # next `net.layers` is a plain attribute hit (properties like `.output` still win).
 
     def __init__(self, module: torch.nn.Module, path: str) -> None:
         object.__setattr__(self, "_module", module)
@@ -53,7 +54,8 @@ class Envoy:
     def __getattr__(self, name: str) -> Any:
         module = self._module
         if name in module._modules:
-            return self._child(name)
+            child = self.__dict__[name] = self._child(name)
+            return child
         if name in module._parameters or name in module._buffers:
             path = f"{self._path}.{name}" if self._path else name
             return current_tracer(f"`{path}`").record(PARAM, (path,))
