@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from nnglass.errors import GraphError, VersionError
-from nnglass.graph.check import DEFAULT_LIMITS, Limits, check, load_json
+from nnglass.graph.check import DEFAULT_LIMITS, Limits, check
+from nnglass.graph.document import load_json
 from nnglass.graph.ir import Graph, Invoke, Node, Ref, Site, TensorRef
 from nnglass.graph.ops import OpRegistry
 from nnglass.graph.wire import decode, encode

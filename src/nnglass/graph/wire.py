@@ -21,16 +21,8 @@ import safetensors.torch
 import torch
 
 from ..errors import GraphError
-from .check import (
-    DEFAULT_LIMITS,
-    DTYPES,
-    TENSOR_DTYPES,
-    Limits,
-    check,
-    check_document,
-    check_version,
-    load_json,
-)
+from .check import DEFAULT_LIMITS, DTYPES, TENSOR_DTYPES, Limits, check, check_version
+from .document import check_document, load_json
 from .ir import Graph, Invoke, Node, Ref, Site, TensorRef
 from .ops import REGISTRY, OpRegistry
 
