@@ -128,6 +128,9 @@ class Graph:
     options: dict[str, Any] = field(default_factory=dict)
     version: str = WIRE_VERSION
     children: list[Graph] = field(default_factory=list)
+    # Not on the wire: the recording tracer's summary of everything a runtime plan depends
+    # on (ops, sites, references, saves), so a graph recorded again can reuse its plan.
+    plan_key: Any = field(default=None, compare=False, repr=False)
 
     def add(self, op: str, args: tuple = (), kwargs: dict | None = None, **fields: Any) -> Node:
         node = Node(len(self.nodes), op, args, kwargs or {}, **fields)

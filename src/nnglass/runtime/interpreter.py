@@ -32,6 +32,7 @@ from ..graph.ir import (
     IMPORT,
     MODULE,
     PARAM,
+    Graph,
     Node,
 )
 from .plan import Plan, SiteKey, SiteTask, site_key
@@ -56,13 +57,14 @@ class EarlyStop(BaseException):
 class Interpreter:
     """Runs one graph against one model. Create one per run."""
 
-    def __init__(self, plan: Plan, model: torch.nn.Module, rows: list[tuple[int, int]],
+    def __init__(self, plan: Plan, graph: Graph, model: torch.nn.Module, rows: list[tuple[int, int]],
                  batch_size: int, can_stop: bool = True,
                  imports: dict[tuple[int, int], Any] | None = None) -> None:  # fmt: skip
         self.plan = plan
-        self.nodes = plan.graph.nodes
+        self.graph = graph
+        self.nodes = graph.nodes
         self.model = model
-        self.tensors = plan.graph.tensors
+        self.tensors = graph.tensors
         self.rows = rows  # invoke index -> (start, stop)
         self.batch_size = batch_size
         self.can_stop = can_stop

@@ -10,7 +10,7 @@ is not known yet, the interpreter still catches it at the moment it happens.
 from __future__ import annotations
 
 from ..errors import OutOfOrderError
-from ..graph.ir import GET, SET, Node
+from ..graph.ir import GET, SET, Graph, Node
 from .plan import Plan, SiteKey, site_key
 
 _KEEP = 4
@@ -28,19 +28,18 @@ class OrderLog:
         order = {key: i for i, key in reversed(list(enumerate(fired)))}
         self._seen = [order, *[s for s in self._seen if s.keys() != order.keys()]][:_KEEP]
 
-    def check(self, plan: Plan) -> None:
+    def check(self, plan: Plan, graph: Graph) -> None:
         seen = self._seen
         if not seen:
             return
-        nodes = plan.graph.nodes
+        nodes = graph.nodes
         for task in plan.tasks.values():
             for i in task.ids:
                 if nodes[i].op == SET:
-                    self._check_setter(plan, nodes[i], seen)
+                    self._check_setter(plan, nodes, nodes[i], seen)
 
     @staticmethod
-    def _check_setter(plan: Plan, setter: Node, seen: list[dict[SiteKey, int]]) -> None:
-        nodes = plan.graph.nodes
+    def _check_setter(plan: Plan, nodes: list[Node], setter: Node, seen: list[dict[SiteKey, int]]) -> None:
         target = site_key(setter)
         stack, visited = list(plan.deps[setter.id]), set()
         while stack:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import GraphError
 from ..graph.ir import ALL_STEPS, GET, GRAD, OPCODES, PARAM, SET, SET_GRAD, Graph, Node, Ref, _collect_refs
-from ..graph.ops import VIEW_OPS, OpRegistry, is_inplace
+from ..graph.ops import REGISTRY, VIEW_OPS, OpRegistry, is_inplace
 
 SiteKey = tuple[str, str, int, int]  # path, kind, call, step
 _SITE_OPS = frozenset({GET, SET, GRAD, SET_GRAD})
@@ -40,7 +40,6 @@ class SiteTask:
 
 @dataclass
 class Plan:
-    graph: Graph
     deps: list[tuple[int, ...]]
     consumers: list[list[int]]
     fns: list[Any]  # registry callable per node (None for opcodes)
@@ -165,7 +164,7 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
         g = nodes[get_id]
         tasks[site_key(g)].grads.append(get_id)
     return Plan(
-        graph, [tuple(sorted(d)) for d in deps], consumers, fns, tasks, hooked, site_where,
+        [tuple(sorted(d)) for d in deps], consumers, fns, tasks, hooked, site_where,
         grad_groups, grad_path, starters, runnable, all_steps, final, has_backward, max_step,
     )  # fmt: skip
 
@@ -205,3 +204,21 @@ def _grad_target(graph: Graph, node: Node) -> tuple[int, tuple[int, ...]]:
         "output, `out[0].grad`); take the gradient first, then index it: `out.grad[:, -1]`",
         node.where,
     )
+
+
+_CACHE: dict[Any, Plan] = {}
+_CACHE_SIZE = 256
+
+
+def cached_plan(graph: Graph, registry: OpRegistry) -> Plan:
+    """The plan of `graph`, reused for a graph of the same structure (a trace recorded
+    again at the same place records the same structure; its tracer sets `plan_key`)."""
+    key = graph.plan_key
+    if key is None or registry is not REGISTRY:
+        return build_plan(graph, registry)
+    plan = _CACHE.get(key)
+    if plan is None:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.clear()
+        plan = _CACHE[key] = build_plan(graph, registry)
+    return plan

@@ -22,7 +22,7 @@ from .backend import Runnable
 from .hooks import hooked
 from .interpreter import EarlyStop, Interpreter
 from .order import OrderLog
-from .plan import build_plan
+from .plan import cached_plan
 
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("nnglass_deadline", default=None)
 
@@ -56,10 +56,10 @@ def execute(
     `imports`: in a session, values of earlier traces by (trace index, node id).
     `order`: site orders of earlier runs of this model, checked first and then extended.
     """
-    plan = build_plan(graph, registry)
+    plan = cached_plan(graph, registry)
     if order is not None:
-        order.check(plan)
-    interp = interpreter(plan, model, rows, batch_size, can_stop=can_stop, imports=imports)
+        order.check(plan, graph)
+    interp = interpreter(plan, graph, model, rows, batch_size, can_stop=can_stop, imports=imports)
     interp.deadline = _DEADLINE.get()
     try:
         with hooked(model, interp):
@@ -163,7 +163,8 @@ def run_session(model: Runnable, graph: Graph) -> dict[int, dict[int, Any]]:
         run = child
         if keep:
             nodes = [replace(n, save=True) if n.id in keep and not n.save else n for n in child.nodes]
-            run = replace(child, nodes=nodes)
+            key = None if child.plan_key is None else (child.plan_key, frozenset(keep))
+            run = replace(child, nodes=nodes, plan_key=key)
         saved = model.run_graph(run, imports=imports)
         for i in keep:
             imports[(k, i)] = saved[i]

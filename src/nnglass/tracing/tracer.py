@@ -57,6 +57,7 @@ class Tracer:
         self._token: contextvars.Token | None = None
         self._in_invoke = False
         self._imports: dict[tuple[int, int], Ref] = {}
+        self._shape: list[tuple] = []  # per node, what a runtime plan depends on (see _shape)
         self.session = current_session()
         self._implicit = bool(args or kwargs)
         if self._implicit:
@@ -77,6 +78,8 @@ class Tracer:
             raise TraceError("nothing to run: pass inputs to trace(...) or use tracer.invoke(...)",
                              user_where())  # fmt: skip
         self.check()
+        saved = frozenset(node_id for _, node_id in self.saved.values())
+        self.graph.plan_key = (self.graph.mode, tuple(self._shape), saved)
         if self.session is not None:
             self.session.add(self)  # runs when the session ends
             return False
@@ -163,8 +166,9 @@ class Tracer:
         kwargs = {k: encode(v) for k, v in kwargs.items()} if kwargs else {}
         nodes = self.graph.nodes
         node_id = len(nodes)  # after encoding: encoding may add `import` nodes
-        nodes.append(Node(node_id, op, args, kwargs, site, self.invoke_index, self._step, False,
-                          user_where()))  # fmt: skip
+        node = Node(node_id, op, args, kwargs, site, self.invoke_index, self._step, False, user_where())
+        nodes.append(node)
+        self._shape.append(_shape(node))
         return Proxy(self, node_id)
 
     def record_inplace(self, proxy: Proxy, op: str, args: tuple, kwargs: dict | None = None) -> Proxy:
@@ -236,6 +240,17 @@ class Tracer:
                     "declare it before the backward that produces it", n.where)
             if n.op == SET and n.site is not None and n.site.kind == "result":
                 raise TraceError("the generated result cannot be set", n.where)
+
+
+def _shape(node: Node) -> tuple:
+    """Everything about a node a runtime plan depends on: its op and site, where its
+    references stand among its arguments, and an int index (gradients of tuple parts)."""
+    args = node.args
+    refs = tuple([a.id if type(a) is Ref else -1 for a in args])
+    nested = node.kwargs or any(type(a) in (tuple, list, dict, slice) for a in args)
+    extra = tuple(node.refs()) if nested else None
+    index = args[1] if node.op == "operator.getitem" and len(args) > 1 and type(args[1]) is int else None
+    return (node.op, node.site, node.invoke, node.step, refs, extra, index)
 
 
 class CacheEntry:
