@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -53,8 +55,9 @@ def free_port() -> int:
 class Server:
     """`nnglass serve --config` in a subprocess on a random loopback port."""
 
-    def __init__(self, home: Path, config_text: str) -> None:
+    def __init__(self, home: Path, config_text: str, cwd: Path | None = None) -> None:
         self.home = home
+        self.cwd = cwd  # the server's working directory (default: this process's)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = home / "server.toml"
@@ -66,7 +69,7 @@ class Server:
         env = {**os.environ, "NNGLASS_HOME": str(self.home)}
         log = open(self.home / "server.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "nnglass", "serve", "--config", str(self.config)],
-                                     env=env, stdout=log, stderr=log)  # fmt: skip
+                                     env=env, stdout=log, stderr=log, cwd=self.cwd)  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log()
@@ -97,6 +100,27 @@ class Server:
         path = self.home / "server.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
+    def client(self, key: str | None) -> httpx.Client:
+        """An HTTP client for this server, sending `key` as the bearer token (None: no key)."""
+        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def metric(self, key: str, name: str) -> float:
+        """The value of one line of `/metrics` (`name` with its labels), 0 when absent."""
+        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10).text
+        for line in text.splitlines():
+            metric, _, value = line.rpartition(" ")
+            if metric == name:
+                return float(value)
+        return 0.0
+
+    def worker_pid(self, model: str) -> int:
+        """The pid of the worker that serves `model` now (the server logs each start)."""
+        text = (self.home / "server.log").read_text(errors="replace")
+        pids = re.findall(rf"worker for model '{re.escape(model)}' ready \(pid (\d+)\)", text)
+        assert pids, f"no worker for {model!r} in the log:\n{self.log()}"
+        return int(pids[-1])
+
 
 def server_toml(tiny_dir: Path, run_seconds: float = 20, extra_model: str = "") -> str:
     return f"""
@@ -112,10 +136,37 @@ max_queued_per_key = 8
 [[models]]
 name = "{TINY}"
 source = "{tiny_dir}"
-threads = 1
+threads = {torch.get_num_threads()}  # as this process: bitwise-equal local and remote runs
 
 [models.policy.limits]
 run_seconds = {run_seconds}
 new_tokens = 64
 {extra_model}
 """
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """`start_server(name, config_text, home=None, cwd=None)`: a started Server in a new
+    temporary home (or `home`). Callers stop theirs; whatever is left stops at the end."""
+    started: list[Server] = []
+
+    def start(name: str, config_text: str, home: Path | None = None, cwd: Path | None = None) -> Server:
+        server = Server(home if home is not None else tmp_path_factory.mktemp(name), config_text, cwd=cwd)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_dir: Path) -> Callable[..., str]:
+    """`server_toml` for the tiny model: `tiny_config(run_seconds=20, extra_model="")`."""
+
+    def text(run_seconds: float = 20, extra_model: str = "") -> str:
+        return server_toml(tiny_dir, run_seconds, extra_model)
+
+    return text

@@ -45,7 +45,7 @@ def lm(tiny_dir: Path) -> LanguageModel:
 
 @pytest.fixture(scope="module")
 def shared_worker(tiny_dir: Path) -> Iterator[WorkerHandle]:
-    config = {"name": NAME, "source": str(tiny_dir), "dtype": "float32", "threads": 2,
+    config = {"name": NAME, "source": str(tiny_dir), "dtype": "float32", "threads": torch.get_num_threads(),
               "debug_checksums": True}  # fmt: skip
     handle = WorkerHandle(config, env={TEST_HANG: HANG})
     handle.start(timeout=120)
