@@ -13,8 +13,6 @@ import contextvars
 import inspect
 import itertools
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -91,33 +89,36 @@ def _forward_hook(interp: Interpreter, path: str) -> Any:
 _KEYS = itertools.count(-1, -1)  # hook-table keys of our own: torch's handles count up from 0
 
 
-@contextmanager
-def hooked(model: torch.nn.Module, interp: Interpreter) -> Iterator[None]:
-    """Install the run's hooks and make it the active run in this context.
+def install(model: torch.nn.Module, interp: Interpreter) -> list[tuple[dict, int, dict | None]]:
+    """Install the run's hooks and make it the active run in this context; `uninstall`
+    undoes both (call it in a `finally`).
 
     Hooks go straight into the module's hook tables (what `register_forward_hook` does,
-    without a RemovableHandle: ~1.5 µs a hook saved), under negative keys torch never uses.
+    without a RemovableHandle: ~1.5 µs a hook saved), under a negative key torch never uses.
     """
     installed: list[tuple[dict, int, dict | None]] = []
-    token = ACTIVE.set(interp)
+    interp.active_token = ACTIVE.set(interp)
+    key = next(_KEYS)
     try:
-        for path, kinds in interp.plan.hooked.items():
+        for path, pre, out in interp.plan.hook_specs:
             module = find_module(model, path, interp.plan.site_where[path])
-            pre = kinds & {"input", "inputs"}
             if pre:
                 params = _first_keyword_input(module) if "input" in pre else []
-                key = next(_KEYS)
                 module._forward_pre_hooks_with_kwargs[key] = True  # flag first: no window without it
                 module._forward_pre_hooks[key] = _pre_hook(interp, path, pre, params)
                 installed.append((module._forward_pre_hooks, key, module._forward_pre_hooks_with_kwargs))
-            if "output" in kinds:
-                key = next(_KEYS)
+            if out:
                 module._forward_hooks[key] = _forward_hook(interp, path)
                 installed.append((module._forward_hooks, key, None))
-        yield
-    finally:
-        for table, key, flags in installed:
-            table.pop(key, None)
-            if flags is not None:
-                flags.pop(key, None)
-        ACTIVE.reset(token)
+    except BaseException:
+        uninstall(interp, installed)
+        raise
+    return installed
+
+
+def uninstall(interp: Interpreter, installed: list[tuple[dict, int, dict | None]]) -> None:
+    for table, key, flags in installed:
+        table.pop(key, None)
+        if flags is not None:
+            flags.pop(key, None)
+    ACTIVE.reset(interp.active_token)

@@ -85,6 +85,7 @@ class Interpreter:
         self._deferred: list[int] = []
         self.last_edit = -1  # the last set/in-place node that ran (for model errors)
         self.deadline: float | None = None  # time.monotonic() after which every hook stops the run
+        self.active_token: Any = None  # set by hooks.install: this run is active in its context
 
     # --- driving ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -144,19 +145,22 @@ class Interpreter:
                 self.complete(i, None)
             if self._ready:
                 self.drain()
-        values, consumers = self.values, self.plan.consumers
+        values = self.values
         for i in task.inplace:
             if values[i] is _UNSET:
                 self._out_of_order(nodes[i])
             self.last_edit = i
-        if ids_set := [i for i in task.ids if nodes[i].op != GET]:
-            self.last_edit = ids_set[-1]
-        for i in task.rooted:
+        if task.last_set >= 0:
+            self.last_edit = task.last_set
+        for i in task.escapes:
             # A view of the model's memory that a later node still needs: the model may
             # edit that memory in place (e.g. ReLU(inplace=True)) once the hook returns.
             v = values[i]
-            if v is not _UNSET and any(values[c] is _UNSET for c in consumers[i]):
-                values[i] = copy_tensors(v)
+            if v is not _UNSET:
+                for c in self.plan.consumers[i]:
+                    if values[c] is _UNSET:
+                        values[i] = copy_tensors(v)
+                        break
         for i in task.grads:
             value = self._watch_grad(i, value)
         if self.left == 0 and self.can_stop:

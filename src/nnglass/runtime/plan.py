@@ -36,6 +36,8 @@ class SiteTask:
     grads: list[int] = field(default_factory=list)  # get nodes whose gradient is watched
     first_get: int = -1  # every get of a site shares one memory, rooted here
     rooted: list[int] = field(default_factory=list)  # nodes whose value is (a view of) it
+    escapes: list[int] = field(default_factory=list)  # rooted nodes that other nodes read
+    last_set: int = -1  # the last `set` among ids (model errors point at it)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Plan:
     tasks: dict[SiteKey, SiteTask]
     hooked: dict[str, set[str]]  # module path -> kinds to hook
     site_where: dict[str, str]  # module path -> the user's line that first touches it
+    hook_specs: list[tuple[str, frozenset[str], bool]]  # (path, input kinds, has output) to hook
     grad_groups: dict[int, list[int]]  # get-node id -> grad/set_grad nodes (program order)
     grad_path: dict[int, tuple[int, tuple[int, ...]]]  # grad node -> (get node, index path)
     starters: list[int]  # non-site nodes with no dependencies
@@ -155,7 +158,12 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
     for i in range(n):
         r = nodes[root[i]]
         if r.op == GET:
-            tasks[site_key(r)].rooted.append(i)
+            task = tasks[site_key(r)]
+            task.rooted.append(i)
+            if consumers[i]:
+                task.escapes.append(i)
+    for task in tasks.values():
+        task.last_set = max((i for i in task.ids if nodes[i].op == SET), default=-1)
     # The root's output in a plain trace is final: no module runs after it, and no node
     # edits it (else its task would copy). Saving it (or a view of it) needs no copy.
     root_out = [t for k, t in tasks.items() if k[:2] == ("", "output")]
@@ -163,8 +171,10 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
     for get_id in grad_groups:
         g = nodes[get_id]
         tasks[site_key(g)].grads.append(get_id)
+    hook_specs = [(path, frozenset(kinds & {"input", "inputs"}), "output" in kinds)
+                  for path, kinds in hooked.items()]  # fmt: skip
     return Plan(
-        [tuple(sorted(d)) for d in deps], consumers, fns, tasks, hooked, site_where,
+        [tuple(sorted(d)) for d in deps], consumers, fns, tasks, hooked, site_where, hook_specs,
         grad_groups, grad_path, starters, runnable, all_steps, final, has_backward, max_step,
     )  # fmt: skip
 

@@ -19,7 +19,7 @@ from ..errors import ExecutionError, NNglassError, OutOfOrderError
 from ..graph.ir import GRAD, IMPORT, SET_GRAD, Graph
 from ..graph.ops import REGISTRY, OpRegistry
 from .backend import Runnable
-from .hooks import hooked
+from .hooks import install, uninstall
 from .interpreter import EarlyStop, Interpreter
 from .order import OrderLog
 from .plan import cached_plan
@@ -62,7 +62,8 @@ def execute(
     interp = interpreter(plan, graph, model, rows, batch_size, can_stop=can_stop, imports=imports)
     interp.deadline = _DEADLINE.get()
     try:
-        with hooked(model, interp):
+        installed = install(model, interp)
+        try:
             interp.start()
             try:
                 if plan.has_backward:
@@ -76,6 +77,8 @@ def execute(
                 raise
             except Exception as e:
                 raise _model_error(interp, e) from e
+        finally:
+            uninstall(interp, installed)
         if order is not None:
             order.record(interp.fired)
         check_finished(interp, missing_steps_ok=graph.mode == "generate")
