@@ -246,6 +246,8 @@ def _shape(node: Node) -> tuple:
     """Everything about a node a runtime plan depends on: its op and site, where its
     references stand among its arguments, and an int index (gradients of tuple parts)."""
     args = node.args
+    if not args and not node.kwargs:
+        return (node.op, node.site, node.invoke, node.step)
     refs = tuple([a.id if type(a) is Ref else -1 for a in args])
     nested = node.kwargs or any(type(a) in (tuple, list, dict, slice) for a in args)
     extra = tuple(node.refs()) if nested else None
