@@ -86,6 +86,7 @@ class Interpreter:
         self.last_edit = -1  # the last set/in-place node that ran (for model errors)
         self.deadline: float | None = None  # time.monotonic() after which every hook stops the run
         self.active_token: Any = None  # set by hooks.install: this run is active in its context
+        self._merged: dict[SiteKey, SiteTask] = {}  # step-k + every-step tasks, merged once
 
     # --- driving ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -174,8 +175,14 @@ class Interpreter:
             return task
         if task is None:
             return every
-        return SiteTask(sorted(task.ids + every.ids), task.copy or every.copy,
-                        task.inplace + every.inplace, task.grads + every.grads)  # fmt: skip
+        merged = self._merged.get(key)
+        if merged is None:
+            merged = self._merged[key] = SiteTask(
+                sorted(task.ids + every.ids), task.copy or every.copy, task.inplace + every.inplace,
+                task.grads + every.grads, min(task.first_get, every.first_get),
+                task.rooted + every.rooted, task.escapes + every.escapes, max(task.last_set, every.last_set),
+            )  # fmt: skip
+        return merged
 
     def values_of(self, arg: Any) -> Any:
         return resolve(arg, self.values, self.tensors)
