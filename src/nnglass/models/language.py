@@ -20,7 +20,6 @@ import torch
 
 from ..errors import TraceError
 from ..graph.ir import GET, Graph, Invoke
-from ..runtime.backend import Backend
 from ..runtime.interpreter import Interpreter
 from ..runtime.run import execute, run_session
 from ..runtime.values import resolve
@@ -128,11 +127,11 @@ class LanguageModel(NNModel):
                          "list of strings, token ids or a tokenizer's output", user_where())  # fmt: skip
 
     # --- running (also what a server calls) ---------------------------------------------
-    def _backend(self, remote: bool) -> Backend:
+    def _backend(self, remote: bool) -> Any:
         if remote:
-            from ..remote.client import RemoteBackend
+            from ..remote.client import shared_backend
 
-            return RemoteBackend()
+            return shared_backend()
         return self._local
 
     def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:

@@ -64,10 +64,9 @@ class NNModel:
         return self._local
 
     def _submit(self, target: Any) -> Any:
-        from ..remote.client import RemoteBackend, fill_later
+        from ..remote.client import fill_later
 
-        self._backend(True)  # refuses where remote runs are not possible
-        return fill_later(target, RemoteBackend(blocking=False).submit(target.graph))
+        return fill_later(target, self._backend(True).submit(target.graph))
 
     # --- running (also what a server calls) ---------------------------------------------
     def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -326,6 +327,20 @@ def _events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
             yield event
             data = []
         # comments (":"), "event:", "id:" and "retry:" carry nothing we need
+
+
+_SHARED: dict[tuple[str, str | None], RemoteBackend] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_backend() -> RemoteBackend:
+    """One backend (one HTTP connection pool) per host and key, as configured right now."""
+    key = (_config.host(), _config.api_key())
+    with _SHARED_LOCK:
+        backend = _SHARED.get(key)
+        if backend is None:
+            backend = _SHARED[key] = RemoteBackend(*key)
+        return backend
 
 
 def fill_later(target: Any, job: Job) -> Job:

@@ -66,6 +66,9 @@ class Proxy(_Slots):
 
     @property
     def value(self) -> Any:
+        if getattr(self._tracer, "job", None) is not None:
+            raise TraceError(f"job {self._tracer.job.id} has not delivered its values yet: call "
+                             "`tracer.job.wait()` first", self._tracer.where())  # fmt: skip
         raise TraceError(
             "`.value` is only available after the trace block has run, and only for values "
             "you called `.save()` on",
