@@ -44,7 +44,8 @@ class ModelState:
     state: str = "loading"  # loading | ready | failed
     error: str = ""
     running: dict[str, WorkerHandle] = field(default_factory=dict)
-    checksums: set[str] = field(default_factory=set)
+    checksums: set[str] = field(default_factory=set)  # debug: weights after each job and at start
+    grad_seen: bool = False  # debug: a parameter had a .grad after a job (must never happen)
 
 
 class Service:
@@ -159,12 +160,16 @@ class Service:
         return out
 
     def models_info(self) -> list[dict[str, Any]]:
-        return [
-            {"name": name, "state": s.state, "error": s.error or None, "source": s.config.source,
-             "replicas": s.config.replicas, "queue_depth": self.scheduler.depth(name),
-             "running": len(s.running), "policy": s.config.policy.summary()}
-            for name, s in self.models.items()
-        ]  # fmt: skip
+        out = []
+        for name, s in self.models.items():
+            info = {"name": name, "state": s.state, "error": s.error or None, "source": s.config.source,
+                    "replicas": s.config.replicas, "queue_depth": self.scheduler.depth(name),
+                    "running": len(s.running), "policy": s.config.policy.summary()}  # fmt: skip
+            if self.config.debug_checksums:  # one checksum seen across all jobs: weights never changed
+                info["weight_checksums"] = sorted(s.checksums)
+                info["grad_seen"] = s.grad_seen
+            out.append(info)
+        return out
 
     # --- workers ---------------------------------------------------------------------------
     def _serve_replica(self, state: ModelState, replica: int) -> None:
@@ -190,6 +195,8 @@ class Service:
             try:
                 handle.restart() if handle.pid is not None else handle.start()
                 state.paths = set(handle.paths)
+                if handle.ready.get("checksum"):
+                    state.checksums.add(handle.ready["checksum"])
                 state.state, state.error = "ready", ""
                 return True
             except Exception as e:  # a model that fails to load must not take the server down
@@ -220,6 +227,7 @@ class Service:
             state.running.pop(job_id, None)
         if answer.get("checksum"):
             state.checksums.add(answer["checksum"])
+            state.grad_seen = state.grad_seen or bool(answer.get("has_grad"))
         if answer.get("status") == "COMPLETED":
             self._finish(job_id, JobStatus.COMPLETED, result_bytes=answer.get("bytes"))
         else:
