@@ -20,6 +20,7 @@ import torch
 
 from ..errors import TraceError
 from ..graph.ir import GET, Graph, Invoke
+from ..graph.merge import group_rows
 from ..runtime.interpreter import Interpreter
 from ..runtime.run import execute, run_session
 from ..runtime.values import resolve
@@ -138,6 +139,7 @@ class LanguageModel(NNModel):
         if graph.mode == "session":
             return run_session(self, graph)
         ids, mask, rows = batch_prompts(graph, self.tokenizer.pad_token_id)
+        rows = group_rows(graph, rows)  # co-tenancy: each merged user's rows
         if graph.mode == "scan" or graph.options.get("validate"):
             saved = fake.scan(self, graph, ids, mask, rows, imports)
             if graph.mode == "scan":

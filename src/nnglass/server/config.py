@@ -76,6 +76,7 @@ class ModelConfig:
     dtype: str = "float32"
     replicas: int = 1
     threads: int = 2  # torch threads per replica, always set explicitly
+    share_jobs: int = 8  # co-tenancy: most queued jobs merged into one forward pass (1: never)
     policy: Policy = field(default_factory=Policy)
 
 
@@ -164,7 +165,7 @@ def _model(raw: object, where: str) -> ModelConfig:
         raise ConfigError(f"{where}.dtype: {kw['dtype']!r} is not one of {', '.join(DTYPES)}")
     policy = _policy(table.get("policy", {}), f"{where}.policy")
     cfg = ModelConfig(policy=policy, **kw)
-    _positive(cfg, where, ("replicas", "threads"))
+    _positive(cfg, where, ("replicas", "threads", "share_jobs"))
     return cfg
 
 

@@ -61,13 +61,30 @@ class Scheduler:
 
     def __init__(self, models: list[str]) -> None:
         self._queues = {name: ModelQueue() for name in models}
+        self._share: dict[str, str] = {}  # job id -> co-tenancy key (graph.merge.share_key)
         self._ready = threading.Condition()
         self._closed = False
 
-    def submit(self, model: str, key_id: str, job_id: str) -> None:
+    def submit(self, model: str, key_id: str, job_id: str, share: str | None = None) -> None:
         with self._ready:
             self._queues[model].push(key_id, job_id)
+            if share is not None:
+                self._share[job_id] = share
             self._ready.notify_all()
+
+    def take_sharing(self, model: str, job_id: str, limit: int) -> list[str]:
+        """Queued jobs that can share `job_id`'s forward pass (same share key), up to
+        `limit`, taken in the order they would have started: they only start earlier."""
+        with self._ready:
+            share = self._share.pop(job_id, None)
+            if share is None or limit <= 0:
+                return []
+            queue = self._queues[model]
+            taken = [j for j in queue.order() if self._share.get(j) == share][:limit]
+            for j in taken:
+                queue.remove(j)
+                del self._share[j]
+            return taken
 
     def next(self, model: str, timeout: float | None = None) -> str | None:
         """The next job for `model`, waiting up to `timeout`; None when closed or timed out."""
@@ -75,10 +92,13 @@ class Scheduler:
             queue = self._queues[model]
             if not self._ready.wait_for(lambda: self._closed or len(queue) > 0, timeout):
                 return None
-            return None if self._closed else queue.pop()
+            if self._closed:
+                return None
+            return queue.pop()
 
     def cancel(self, model: str, job_id: str) -> bool:
         with self._ready:
+            self._share.pop(job_id, None)
             return self._queues[model].remove(job_id)
 
     def positions(self, model: str) -> dict[str, int]:

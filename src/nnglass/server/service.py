@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import NotFoundError, QuotaError
 from ..graph import wire
 from ..graph.check import Limits as WireLimits
+from ..graph.merge import share_key
 from .auth import KeyStore
 from .config import ModelConfig, ServerConfig
 from .events import EventHub
@@ -116,7 +117,7 @@ class Service:
         job = self.jobs.create(Job(key_id=key_id, model=graph.model, mode=graph.mode))
         self.results.save_graph(job.id, graph_json, tensors)
         self.jobs.update(job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
-        self.scheduler.submit(graph.model, key_id, job.id)
+        self.scheduler.submit(graph.model, key_id, job.id, share=share_key(graph))
         self._count("jobs_submitted_total")
         return self.get(key_id, job.id)
 
@@ -184,7 +185,8 @@ class Service:
         while not self._stop.is_set():
             job_id = self.scheduler.next(cfg.name, timeout=0.5)
             if job_id is not None:
-                self._run_job(state, handle, job_id)
+                others = self.scheduler.take_sharing(cfg.name, job_id, cfg.share_jobs - 1)
+                self._run_jobs(state, handle, [job_id, *others])
             if not handle.alive and not self._stop.is_set():
                 self._count("worker_restarts_total")
                 if not self._start_worker(state, handle):
@@ -205,26 +207,45 @@ class Service:
                 self._stop.wait(5.0)
         return False
 
-    def _run_job(self, state: ModelState, handle: WorkerHandle, job_id: str) -> None:
-        job = self.jobs.get(job_id)
-        if job is None or job.status != JobStatus.QUEUED:
-            return
-        if not self.jobs.update(job_id, status=JobStatus.RUNNING.value, started_at=time.time(),
-                                attempts=job.attempts + 1):  # fmt: skip
-            return
-        state.running[job_id] = handle
-        self.hub.publish(job_id)
-        self._publish_queue(job.model)
+    def _run_jobs(self, state: ModelState, handle: WorkerHandle, job_ids: list[str]) -> None:
+        """Run one job, or several sharing one forward pass (co-tenancy), on this replica."""
         limits = state.config.policy.limits
-        graph_path, tensor_path = self.results.graph_paths(job_id)
-        request = {"job": job_id, "graph": str(graph_path),
-                   "tensors": str(tensor_path) if tensor_path else None,
-                   "result": str(self.results.result_path(job_id)),
-                   "run_seconds": limits.run_seconds, "result_bytes": limits.result_bytes}  # fmt: skip
+        requests = []
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is None or job.status != JobStatus.QUEUED:
+                continue  # cancelled meanwhile
+            if not self.jobs.update(job_id, status=JobStatus.RUNNING.value, started_at=time.time(),
+                                    attempts=job.attempts + 1):  # fmt: skip
+                continue
+            state.running[job_id] = handle
+            self.hub.publish(job_id)
+            graph_path, tensor_path = self.results.graph_paths(job_id)
+            requests.append({
+                "job": job_id, "graph": str(graph_path), "tensors": str(tensor_path) if tensor_path else None,
+                "result": str(self.results.result_path(job_id)), "run_seconds": limits.run_seconds,
+                "result_bytes": limits.result_bytes,
+            })  # fmt: skip
+        if not requests:
+            return
+        self._publish_queue(state.config.name)
+        timeout = limits.run_seconds * len(requests) + _GRACE_S  # a failed shared run retries alone
         try:
-            answer = handle.run(request, timeout=limits.run_seconds + _GRACE_S)
+            if len(requests) == 1:
+                answers = [handle.run(requests[0], timeout=timeout)]
+            else:
+                reply = handle.run({"batch": requests}, timeout=timeout)
+                answers = reply.get("batch") or [reply] * len(requests)  # a dead worker fails all
+                self._count("shared_jobs_total", len(requests))
+                answers = [{**a, **{k: reply[k] for k in ("checksum", "has_grad") if k in reply}}
+                           for a in answers]  # fmt: skip
         finally:
-            state.running.pop(job_id, None)
+            for request in requests:
+                state.running.pop(request["job"], None)
+        for request, answer in zip(requests, answers):
+            self._record(state, request["job"], answer)
+
+    def _record(self, state: ModelState, job_id: str, answer: dict[str, Any]) -> None:
         if answer.get("checksum"):
             state.checksums.add(answer["checksum"])
             state.grad_seen = state.grad_seen or bool(answer.get("has_grad"))

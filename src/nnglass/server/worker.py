@@ -10,6 +10,8 @@ Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
                           "run_seconds", "result_bytes"}
   child → parent:       {"job", "status": "COMPLETED", "bytes": n}
                         or {"job", "status": "ERROR", "error": {"type", "message", "where"}}
+  parent → child, several jobs sharing one forward pass (co-tenancy): {"batch": [job, ...]}
+  child → parent:       {"batch": [answer, ...]}, one answer a job, in order
   With debug_checksums, "ready" and every answer also carry "checksum" (sha256 over all
   parameters and buffers) and "has_grad" (whether any parameter holds a `.grad`).
   EOF on stdin: the child exits 0.
@@ -48,6 +50,7 @@ from ..errors import GraphError, NNglassError, PolicyError
 from ..graph import wire
 from ..graph.check import DTYPES, Limits
 from ..graph.ir import BACKWARD, Graph
+from ..graph.merge import merge, share_key, split
 from ..graph.ops import REGISTRY
 from ..graph.results import encode_results
 from ..runtime.run import time_limit
@@ -123,9 +126,43 @@ class _Replica:
             answer = _error(job, e)
         return {**answer, **self.debug_info()}
 
+    def batch(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        """Co-tenancy: several jobs' graphs merged into one forward pass. If they cannot
+        share one, or the shared run fails, each job runs alone: one job's failure is
+        never another's."""
+        try:
+            graphs = [self._load(r) for r in requests]
+            keys = {share_key(g) for g in graphs}
+            if len(keys) != 1 or None in keys:
+                raise ValueError("these graphs cannot share a forward pass")
+            merged, offsets = merge(graphs)
+            seconds = min(float(r.get("run_seconds") or 1e9) for r in requests)
+            with time_limit(seconds), torch.no_grad():
+                parts = split(self.lm.run_graph(merged), graphs, offsets)
+        except Exception as e:
+            logger.info("batch of %d runs job by job: %s: %s", len(requests), type(e).__name__, e)
+            answers = [self.job(r) for r in requests]
+            return {"batch": answers, **self.debug_info()}
+        answers = []
+        for request, graph, values in zip(requests, graphs, parts):
+            job = request.get("job")
+            try:
+                answers.append({"job": job, "status": "COMPLETED", "shared": len(requests),
+                                "bytes": self._store(request, graph, values)})  # fmt: skip
+            except Exception as e:
+                answers.append(_error(job, e))
+        return {"batch": answers, **self.debug_info()}
+
     def _run(self, job: Any, request: dict[str, Any]) -> int:
         if os.environ.get(TEST_HANG) == str(job):
             time.sleep(3600)
+        graph = self._load(request)
+        grad = contextlib.nullcontext() if has_backward(graph) else torch.no_grad()
+        with time_limit(request.get("run_seconds")), grad:
+            values = self.lm.run_graph(graph)
+        return self._store(request, graph, values)
+
+    def _load(self, request: dict[str, Any]) -> Graph:
         tensors = request.get("tensors")
         graph = wire.decode(Path(request["graph"]).read_bytes(),
                             Path(tensors).read_bytes() if tensors else None,
@@ -133,9 +170,9 @@ class _Replica:
         if graph.model != self.name:
             raise GraphError(f"this worker serves model {self.name!r}, but the graph is for "
                              f"{graph.model!r}")  # fmt: skip
-        grad = contextlib.nullcontext() if has_backward(graph) else torch.no_grad()
-        with time_limit(request.get("run_seconds")), grad:
-            values = self.lm.run_graph(graph)
+        return graph
+
+    def _store(self, request: dict[str, Any], graph: Graph, values: dict[int, Any]) -> int:
         data = encode_results(values, session=graph.mode == "session")
         limit = int(request["result_bytes"])
         if len(data) > limit:
@@ -180,7 +217,10 @@ def main() -> int:
         except ValueError as e:
             _send(out, _error(None, e))
             continue
-        _send(out, replica.job(request))
+        if type(request.get("batch")) is list:
+            _send(out, replica.batch(request["batch"]))
+        else:
+            _send(out, replica.job(request))
     return 0
 
 

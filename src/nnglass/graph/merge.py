@@ -1,0 +1,99 @@
+"""Co-tenancy: several users' graphs as one graph, so they share one forward pass.
+
+Invariants:
+- Only graphs that cannot see each other's rows are merged: plain traces (no generate,
+  no session), no gradients (a backward would cross rows), same model, same forward
+  options and the same padded prompt width (so shapes and positions are as when alone).
+  `share_key` says which graphs may be merged: equal keys, and not None.
+- Each graph keeps its own rows: its invokes are renumbered, and its whole-batch nodes
+  (invoke None) get a row group of their own — the rows of all its invokes — listed in
+  `options["groups"]`, so `lm.output` of one user is that user's rows only.
+- `split` gives each graph exactly the saved values it would have had alone, by its own
+  node ids. Numbers differ from a lone run only as batch composition allows (float
+  tolerance, DESIGN §2 "Numbers").
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .ir import BACKWARD, GRAD, IMPORT, SET_GRAD, Graph, Invoke, Node, Ref, TensorRef
+from .wire import encode_value
+
+_NOT_SHARED = frozenset({BACKWARD, GRAD, SET_GRAD, IMPORT})
+
+
+def share_key(graph: Graph) -> str | None:
+    """Graphs with the same key can run merged; None: this graph runs alone."""
+    if graph.mode != "trace" or graph.children or graph.options.get("validate"):
+        return None
+    if any(node.op in _NOT_SHARED for node in graph.nodes):
+        return None
+    forward = encode_value(graph.options.get("forward", {}))
+    return f"{graph.model}\n{json.dumps(forward, sort_keys=True)}\n{_width(graph)}"
+
+
+def _width(graph: Graph) -> int:
+    """The padded prompt width: merged graphs must share it, so that every user's values
+    keep the shapes (and absolute positions) they have when the graph runs alone."""
+    widths = [graph.tensors[ref.key].shape[-1] for inv in graph.invokes
+              for ref in inv.kwargs.values() if type(ref) is TensorRef]  # fmt: skip
+    return max(widths, default=-1)
+
+
+def merge(graphs: list[Graph]) -> tuple[Graph, list[int]]:
+    """One graph running all of `graphs`; and each one's node-id offset in it."""
+    total_invokes = sum(len(g.invokes) for g in graphs)
+    merged = Graph(model=graphs[0].model, mode="trace", options={
+        "forward": graphs[0].options.get("forward", {}), "groups": []})  # fmt: skip
+    offsets: list[int] = []
+    for k, g in enumerate(graphs):
+        node_offset, invoke_offset = len(merged.nodes), len(merged.invokes)
+        offsets.append(node_offset)
+        prefix = f"j{k}."
+        for key, tensor in g.tensors.items():
+            merged.tensors[prefix + key] = tensor
+        for inv in g.invokes:
+            merged.invokes.append(Invoke(_shift(inv.args, 0, prefix), _shift(inv.kwargs, 0, prefix)))
+        merged.options["groups"].append([invoke_offset, len(merged.invokes) - 1])
+        group = total_invokes + k
+        for n in g.nodes:
+            merged.nodes.append(Node(
+                n.id + node_offset, n.op, _shift(n.args, node_offset, prefix),
+                _shift(n.kwargs, node_offset, prefix), n.site,
+                group if n.invoke is None else n.invoke + invoke_offset, n.step, n.save, n.where,
+            ))  # fmt: skip
+    return merged, offsets
+
+
+def split(saved: dict[int, Any], graphs: list[Graph], offsets: list[int]) -> list[dict[int, Any]]:
+    """Each graph's saved values, by its own node ids."""
+    out: list[dict[int, Any]] = []
+    for g, offset in zip(graphs, offsets):
+        out.append({n.id: saved[n.id + offset] for n in g.nodes if n.save and n.id + offset in saved})
+    return out
+
+
+def group_rows(graph: Graph, rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`rows` of the invokes, followed by each merged graph's row group (if any)."""
+    groups = graph.options.get("groups")
+    if not groups:
+        return rows
+    return rows + [(rows[first][0], rows[last][1]) for first, last in groups]
+
+
+def _shift(x: Any, offset: int, prefix: str) -> Any:
+    t = type(x)
+    if t is Ref:
+        return Ref(x.id + offset)
+    if t is TensorRef:
+        return TensorRef(prefix + x.key)
+    if t is tuple or t is list:
+        return t(_shift(y, offset, prefix) for y in x)
+    if t is dict:
+        return {k: _shift(v, offset, prefix) for k, v in x.items()}
+    if t is slice:
+        return slice(_shift(x.start, offset, prefix), _shift(x.stop, offset, prefix),
+                     _shift(x.step, offset, prefix))  # fmt: skip
+    return x
