@@ -52,3 +52,17 @@ def test_next_blocks_until_work_arrives_and_close_releases_waiters() -> None:
     s.close()
     t.join(timeout=5)
     assert got == ["j", None]
+
+
+def test_jobs_that_can_share_a_forward_pass_are_taken_together_in_start_order() -> None:
+    s = Scheduler(["m"])
+    s.submit("m", "a", "a1", share="k")
+    s.submit("m", "a", "a2", share="other")
+    s.submit("m", "b", "b1", share="k")
+    s.submit("m", "c", "c1")  # cannot share
+    s.submit("m", "b", "b2", share="k")
+    first = s.next("m", timeout=0)
+    assert first == "a1"
+    assert s.take_sharing("m", first, limit=1) == ["b1"]
+    assert s.positions("m") == {"a2": 0, "c1": 1, "b2": 2}
+    assert s.take_sharing("m", "c1", limit=5) == []
