@@ -64,5 +64,5 @@ def test_jobs_that_can_share_a_forward_pass_are_taken_together_in_start_order() 
     first = s.next("m", timeout=0)
     assert first == "a1"
     assert s.take_sharing("m", first, limit=1) == ["b1"]
-    assert s.positions("m") == {"a2": 0, "c1": 1, "b2": 2}
+    assert s.positions("m") == {"c1": 0, "a2": 1, "b2": 2}  # b was served: to the back
     assert s.take_sharing("m", "c1", limit=5) == []

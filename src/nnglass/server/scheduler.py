@@ -31,12 +31,15 @@ class ModelQueue:
             self.by_key[key_id] = jobs  # this key goes to the back of the line
         return job_id
 
-    def remove(self, job_id: str) -> bool:
+    def remove(self, job_id: str, served: bool = False) -> bool:
+        """Drop a queued job; `served`: it runs now, so its key goes to the back of the line."""
         for key_id, jobs in self.by_key.items():
             if job_id in jobs:
                 jobs.remove(job_id)
                 if not jobs:
                     del self.by_key[key_id]
+                elif served:
+                    self.by_key.move_to_end(key_id)
                 return True
         return False
 
@@ -82,7 +85,7 @@ class Scheduler:
             queue = self._queues[model]
             taken = [j for j in queue.order() if self._share.get(j) == share][:limit]
             for j in taken:
-                queue.remove(j)
+                queue.remove(j, served=True)
                 del self._share[j]
             return taken
 
