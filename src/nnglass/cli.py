@@ -89,7 +89,10 @@ def _keys(args: argparse.Namespace) -> int:
     else:
         if not args.name:
             raise SystemExit("nnglass keys revoke NAME_OR_ID")
-        print("revoked" if store.revoke(args.name) else f"no key {args.name!r}")
+        if not store.revoke(args.name):
+            print(f"no key {args.name!r}", file=sys.stderr)
+            return 1
+        print("revoked")
     return 0
 
 

@@ -37,6 +37,7 @@ from ..graph.ir import (
 )
 from .plan import Plan, SiteKey, SiteTask, site_key
 from .values import (
+    check_op_size,
     copy_tensors,
     index_path,
     map_batch,
@@ -85,6 +86,8 @@ class Interpreter:
         self._deferred: list[int] = []
         self.last_edit = -1  # the last set/in-place node that ran (for model errors)
         self.deadline: float | None = None  # time.monotonic() after which every hook stops the run
+        self.seconds: float | None = None  # the time limit, for the message
+        self.op_bytes: int | None = None  # the most bytes one op may produce (a server's cap)
         self.active_token: Any = None  # set by hooks.install: this run is active in its context
         self._merged: dict[SiteKey, SiteTask] = {}  # step-k + every-step tasks, merged once
 
@@ -98,7 +101,7 @@ class Interpreter:
     def next_step(self) -> None:
         """A new generation step: call counters restart, every-step nodes run again."""
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise TimeLimitError("the run went past its time limit")
+            raise TimeLimitError(f"the run went past its time limit of {self.seconds:g} s")
         self.step += 1
         self.calls.clear()
         for i in self.plan.all_steps:
@@ -113,7 +116,7 @@ class Interpreter:
     def fire(self, path: str, kind: str, value: Any) -> Any:
         """A hook reached (path, kind): run that site's nodes; return the value to use."""
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise TimeLimitError("the run went past its time limit")
+            raise TimeLimitError(f"the run went past its time limit of {self.seconds:g} s")
         ck = (path, kind)
         call = self.calls.get(ck, 0)
         self.calls[ck] = call + 1
@@ -241,7 +244,15 @@ class Interpreter:
 
     # --- per-node behaviour (override to scan or check) ----------------------------------
     def call_op(self, node: Node, fn: Any, args: tuple, kwargs: dict) -> Any:
-        return fn(*args, **kwargs)
+        if self.op_bytes is None:
+            return fn(*args, **kwargs)
+        check_op_size(node.op, args, kwargs, self.op_bytes)  # before allocating, where it can tell
+        out = fn(*args, **kwargs)
+        size = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
+        if size > self.op_bytes:
+            raise ExecutionError(f"`{node.op}` produced {size} bytes, over this server's limit of "
+                                 f"{self.op_bytes} for one op", node.where)  # fmt: skip
+        return out
 
     def call_module(self, path: str, args: tuple, kwargs: dict) -> Any:
         self.suspended += 1

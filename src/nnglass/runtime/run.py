@@ -24,18 +24,21 @@ from .interpreter import EarlyStop, Interpreter
 from .order import OrderLog
 from .plan import cached_plan
 
-_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("nnglass_deadline", default=None)
+_LIMITS: contextvars.ContextVar[tuple[float | None, float | None, int | None]] = contextvars.ContextVar(
+    "nnglass_limits", default=(None, None, None))  # fmt: skip
 
 
 @contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
+def time_limit(seconds: float | None, op_bytes: int | None = None) -> Iterator[None]:
     """Runs started inside stop with TimeLimitError once `seconds` have passed (checked
-    in every hook, so a model with no hooked site is stopped only by its caller)."""
-    token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+    in every hook, so a model with no hooked site is stopped only by its caller), and
+    refuse any op whose result would exceed `op_bytes` (a server's cap on one op)."""
+    deadline = None if seconds is None else time.monotonic() + seconds
+    token = _LIMITS.set((deadline, seconds, op_bytes))
     try:
         yield
     finally:
-        _DEADLINE.reset(token)
+        _LIMITS.reset(token)
 
 
 def execute(
@@ -60,7 +63,7 @@ def execute(
     if order is not None:
         order.check(plan, graph)
     interp = interpreter(plan, graph, model, rows, batch_size, can_stop=can_stop, imports=imports)
-    interp.deadline = _DEADLINE.get()
+    interp.deadline, interp.seconds, interp.op_bytes = _LIMITS.get()
     try:
         installed = install(model, interp)
         try:

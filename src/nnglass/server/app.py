@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from ..errors import (
     AuthError,
@@ -151,11 +152,14 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
 async def _read_graph(request: Request, limit: int) -> tuple[bytes, bytes | None]:
     """The graph JSON and its tensors, from a JSON body or a multipart one; bounded."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLargeError(f"request body over {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise TooLargeError(f"request body over {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise MalformedError("the client went away before the body was complete") from None
     body = b"".join(chunks)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/json"):

@@ -39,6 +39,7 @@ class Limits:
     graph_nodes: int = 20_000  # a session counts all its traces' nodes
     result_bytes: int = 256 * MiB
     run_seconds: float = 60.0
+    op_bytes: int = 1024 * MiB  # the largest tensor one op may produce
 
 
 @dataclass(frozen=True)

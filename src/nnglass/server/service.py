@@ -65,6 +65,7 @@ class Service:
         self._handles: list[WorkerHandle] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,15 +112,20 @@ class Service:
             raise NotFoundError(f"no model {graph.model!r} on this server; it serves "
                                 f"{', '.join(sorted(self.models)) or 'none'}")  # fmt: skip
         check_policy(graph, state.config.policy, state.paths or _paths_of(state))
-        if self.scheduler.queued_by(key_id) >= self.config.max_queued_per_key:
-            raise QuotaError(f"this key already has {self.config.max_queued_per_key} jobs waiting; "
-                             "wait for some to finish")  # fmt: skip
-        job = self.jobs.create(Job(key_id=key_id, model=graph.model, mode=graph.mode))
-        self.results.save_graph(job.id, graph_json, tensors)
-        self.jobs.update(job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
-        self.scheduler.submit(graph.model, key_id, job.id, share=share_key(graph))
+        with self._key_lock(key_id):  # the quota check and the queueing are one step per key
+            if self.scheduler.queued_by(key_id) >= self.config.max_queued_per_key:
+                raise QuotaError(f"this key already has {self.config.max_queued_per_key} jobs waiting; "
+                                 "wait for some to finish")  # fmt: skip
+            job = self.jobs.create(Job(key_id=key_id, model=graph.model, mode=graph.mode))
+            self.results.save_graph(job.id, graph_json, tensors)
+            self.jobs.update(job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
+            self.scheduler.submit(graph.model, key_id, job.id, share=share_key(graph))
         self._count("jobs_submitted_total")
         return self.get(key_id, job.id)
+
+    def _key_lock(self, key_id: str) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key_id, threading.Lock())
 
     def get(self, key_id: str, job_id: str) -> Job:
         try:
@@ -224,7 +230,7 @@ class Service:
             requests.append({
                 "job": job_id, "graph": str(graph_path), "tensors": str(tensor_path) if tensor_path else None,
                 "result": str(self.results.result_path(job_id)), "run_seconds": limits.run_seconds,
-                "result_bytes": limits.result_bytes,
+                "result_bytes": limits.result_bytes, "op_bytes": limits.op_bytes,
             })  # fmt: skip
         if not requests:
             return
@@ -269,8 +275,9 @@ class Service:
     def _expire_loop(self) -> None:
         while not self._stop.wait(min(60.0, max(1.0, self.config.result_ttl_s / 4))):
             for job in self.jobs.expired(time.time()):
+                # The result goes; the job's record stays (its status still answers).
                 self.results.delete(job.id)
-                self.jobs.delete(job.id)
+                self.jobs.update(job.id, expires_at=None, result_bytes=None)
 
     # --- metrics ---------------------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:

@@ -137,7 +137,8 @@ class _Replica:
                 raise ValueError("these graphs cannot share a forward pass")
             merged, offsets = merge(graphs)
             seconds = min(float(r.get("run_seconds") or 1e9) for r in requests)
-            with time_limit(seconds), torch.no_grad():
+            op_bytes = min((int(r["op_bytes"]) for r in requests if r.get("op_bytes")), default=None)
+            with time_limit(seconds, op_bytes), torch.no_grad():
                 parts = split(self.lm.run_graph(merged), graphs, offsets)
         except Exception as e:
             logger.info("batch of %d runs job by job: %s: %s", len(requests), type(e).__name__, e)
@@ -158,7 +159,7 @@ class _Replica:
             time.sleep(3600)
         graph = self._load(request)
         grad = contextlib.nullcontext() if has_backward(graph) else torch.no_grad()
-        with time_limit(request.get("run_seconds")), grad:
+        with time_limit(request.get("run_seconds"), request.get("op_bytes")), grad:
             values = self.lm.run_graph(graph)
         return self._store(request, graph, values)
 
@@ -188,6 +189,18 @@ def _send(out: IO[str], message: dict[str, Any]) -> None:
     out.flush()
 
 
+def _watch_parent() -> None:
+    """Exit when the server is gone, even mid-job (EOF on stdin is only seen between jobs)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="nnglass-parent-watch").start()
+
+
 def main() -> int:
     out = os.fdopen(os.dup(1), "w", encoding="ascii")
     os.dup2(2, 1)  # everything else that writes to fd 1 lands in stderr
@@ -207,6 +220,7 @@ def main() -> int:
         logger.exception("could not load the model")
         _send(out, {"ready": False, "error": _error(None, e)["error"]})
         return 1
+    _watch_parent()
     paths = [p for p, _ in replica.module.named_modules()]
     _send(out, {"ready": True, "paths": paths, "pid": os.getpid(), **replica.debug_info()})
     while line := sys.stdin.readline():
