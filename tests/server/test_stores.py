@@ -300,13 +300,10 @@ def test_results_graph_and_result(results: DirResultStore) -> None:
 def test_results_write_is_atomic(results: DirResultStore, monkeypatch: pytest.MonkeyPatch) -> None:
     jid = new_job_id()
     results.write_result(jid, b"old")
-    real_fsync = os.fsync
-
-    def failing_fsync(fd: int) -> None:
-        real_fsync(fd)
+    def failing_replace(src: str, dst: str) -> None:  # the write failed before the swap
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "fsync", failing_fsync)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         results.write_result(jid, b"new, longer, half-written")
     monkeypatch.undo()

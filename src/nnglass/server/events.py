@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class EventHub:
+    """`with hub.listen(job_id) as changed:` then, in a loop, `changed.clear()`, read the
+    job, and `await wait(changed, timeout)`: clearing before reading means a change that
+    lands between the read and the wait is never missed."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
@@ -22,15 +28,14 @@ class EventHub:
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
 
-    async def wait(self, job_id: str, timeout: float) -> None:
-        """Return when `job_id` changes, or after `timeout` seconds."""
+    @contextmanager
+    def listen(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event set on every change of `job_id` while the block runs."""
         entry = (asyncio.get_running_loop(), asyncio.Event())
         with self._lock:
             self._waiters.setdefault(job_id, set()).add(entry)
         try:
-            await asyncio.wait_for(entry[1].wait(), timeout)
-        except TimeoutError:
-            pass
+            yield entry[1]
         finally:
             with self._lock:
                 waiters = self._waiters.get(job_id)
@@ -38,3 +43,11 @@ class EventHub:
                     waiters.discard(entry)
                     if not waiters:
                         del self._waiters[job_id]
+
+
+async def wait(event: asyncio.Event, timeout: float) -> None:
+    """Until `event` is set, or `timeout` seconds."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        pass

@@ -7,9 +7,11 @@ Invariants:
   (ValueError otherwise) and that the resolved directory is a direct child of `root`,
   before it touches the file system: no path outside `root` is ever read, written or
   removed.
-- Writes are atomic: a temporary file in the same directory, fsynced, then
-  `os.replace`. A reader sees the whole old file, the whole new one, or none; a crash
-  mid-write leaves only a `.tmp-*` file that `delete` removes with the directory.
+- Writes are atomic: a temporary file in the same directory, then `os.replace`. A
+  reader sees the whole old file, the whole new one, or none; a crash mid-write leaves
+  only a `.tmp-*` file that `delete` removes with the directory. Like the job store,
+  files survive the process dying; no fsync per job (only an OS crash could lose the
+  newest ones — a ~7 ms cost per job on this kind of disk, see docs/benchmarks.md).
 - `ResultStore` is the seam an S3-compatible backend implements; callers never branch
   on which one they hold.
 """
@@ -77,8 +79,6 @@ class DirResultStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, d / name)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

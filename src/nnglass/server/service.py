@@ -116,9 +116,10 @@ class Service:
             if self.scheduler.queued_by(key_id) >= self.config.max_queued_per_key:
                 raise QuotaError(f"this key already has {self.config.max_queued_per_key} jobs waiting; "
                                  "wait for some to finish")  # fmt: skip
-            job = self.jobs.create(Job(key_id=key_id, model=graph.model, mode=graph.mode))
-            self.results.save_graph(job.id, graph_json, tensors)
-            self.jobs.update(job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
+            job = Job(key_id=key_id, model=graph.model, mode=graph.mode, status=JobStatus.QUEUED)
+            job.queued_at = job.created_at
+            self.results.save_graph(job.id, graph_json, tensors)  # the graph first, then the row:
+            job = self.jobs.create(job)  # a row always has its graph (recovery relies on it)
             self.scheduler.submit(graph.model, key_id, job.id, share=share_key(graph))
         self._count("jobs_submitted_total")
         return self.get(key_id, job.id)
