@@ -2,7 +2,8 @@
 
 Invariants:
 - Recording never runs model code and never touches tensors' data.
-- Each node remembers the user's file:line (the first frame outside nnglass and torch).
+- Each node remembers the user's file:line (the first frame outside nnglass, torch and
+  installed libraries).
 - On exit without an exception, the graph runs exactly once (through the model's
   backend); saved proxies then hold their values. With an exception, nothing runs.
 """
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 _CURRENT: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar("nnglass_tracer", default=None)
 _SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("nnglass_session", default=None)
+
+
 def current_tracer(what: str) -> Tracer:
     tracer = _CURRENT.get()
     if tracer is None:
