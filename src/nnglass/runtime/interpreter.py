@@ -35,7 +35,7 @@ from ..graph.ir import (
     Graph,
     Node,
 )
-from .plan import Plan, SiteKey, SiteTask, site_key
+from .plan import Plan, SiteKey, SiteTask
 from .values import (
     check_op_size,
     copy_tensors,
@@ -372,6 +372,3 @@ class Interpreter:
 
     def unfinished(self) -> list[Node]:
         return [n for n in self.nodes if self.values[n.id] is _UNSET]
-
-    def site_of(self, node: Node) -> SiteKey | None:
-        return site_key(node) if node.site else None

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..errors import OutOfOrderError, TraceError
 from ..graph.ir import GRAD, SET_GRAD
 from ..graph.ops import ATTRIBUTES, REGISTRY
@@ -332,6 +330,3 @@ def finish(proxy: Proxy, value: Any) -> None:
     object.__setattr__(proxy, "__class__", Saved)
     object.__setattr__(proxy, "_value", value)
 
-
-def is_tensor_like(x: Any) -> bool:
-    return isinstance(x, (torch.Tensor, Proxy))
