@@ -69,10 +69,9 @@ def execute(
         try:
             interp.start()
             try:
-                if plan.has_backward:
-                    with torch.enable_grad():
-                        forward(interp)
-                else:
+                # Without a backward nothing can use the autograd graph (saved values are
+                # detached): don't build it. Same numbers, less time and memory.
+                with torch.enable_grad() if plan.has_backward else torch.no_grad():
                     forward(interp)
             except EarlyStop:
                 pass
