@@ -208,3 +208,45 @@ def test_out_of_order_known_from_an_earlier_run_is_refused_before_running() -> N
         net[0].output = later
     assert str(info.value).count(__file__) == 2
     assert _no_hooks(model)
+
+
+def test_saves_are_snapshots_even_when_the_model_edits_outputs_in_place() -> None:
+    """Saves are kept by reference while nothing edits them; a model that edits a module's
+    output in place after it returns is noticed (version counters), the run is repeated
+    with copies once, and later runs of that model copy from the start."""
+
+    class Edits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.runs = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.runs += 1
+            h = self.a(x)
+            return h.mul_(0)  # in place, after `a`'s hook saw h
+
+    model = Edits()
+    net = NNModel(model)
+    x = torch.randn(2, 4)
+    expected = model.a(x).detach()
+    model.runs = 0
+    with net.trace(x):
+        saved = net.a.output.save()
+        net.output.save()
+    assert torch.equal(saved.value, expected)
+    assert model.runs == 2  # the first run noticed the edit and ran again with copies
+    with net.trace(x):
+        again = net.a.output.save()
+        net.output.save()
+    assert torch.equal(again.value, expected) and model.runs == 3  # copies from the start now
+
+
+def test_a_saved_parameter_is_a_copy() -> None:
+    model = _stack()
+    net = NNModel(model)
+    with net.trace(torch.randn(2, 8)):
+        w = net[0].weight.save()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert not torch.equal(w.value, model[0].weight)

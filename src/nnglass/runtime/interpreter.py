@@ -41,9 +41,11 @@ from .values import (
     copy_tensors,
     index_path,
     map_batch,
+    persistent_memory,
     replace_at,
     resolve,
     snapshot,
+    tensor_leaves,
     without_state,
     zip_batch,
 )
@@ -90,6 +92,12 @@ class Interpreter:
         self.op_bytes: int | None = None  # the most bytes one op may produce (a server's cap)
         self.active_token: Any = None  # set by hooks.install: this run is active in its context
         self._merged: dict[SiteKey, SiteTask] = {}  # step-k + every-step tasks, merged once
+        # Saved values are snapshots. Copying each costs time and memory, so a plain trace
+        # saves references and watches their version counters: if anything (the model's own
+        # in-place ops, a later edit) changed one, the run is repeated with copies.
+        self.copy_saves = plan.max_step > 0 or bool(plan.all_steps) or graph.mode != "trace"
+        self._watched: list[tuple[torch.Tensor, int]] = []
+        self._persistent: frozenset[int] | None = None  # the model's parameter/buffer storages
 
     # --- driving ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -196,10 +204,19 @@ class Interpreter:
         self.left -= 1
         node = self.nodes[i]
         if node.save:
+            copy = self.copy_saves and i not in self.plan.final
             try:
-                snap = snapshot(value, copy=i not in self.plan.final)
+                snap = snapshot(value, copy=copy)
             except TypeError as e:
                 raise ExecutionError(str(e), node.where) from None
+            if not copy:
+                leaves = tensor_leaves(snap)
+                if self._persistent is None:
+                    self._persistent = persistent_memory(self.model)
+                if self._persistent.isdisjoint(t.untyped_storage().data_ptr() for t in leaves):
+                    self._watched.extend((t, t._version) for t in leaves)
+                else:  # shares a parameter's or buffer's memory, which outlives the run: copy
+                    snap = snapshot(value)
             if node.step == ALL_STEPS:
                 self.saved.setdefault(i, []).append(snap)
             else:
@@ -369,6 +386,10 @@ class Interpreter:
                     if self.nodes[d].op in (GET, GRAD) or d < best:
                         best = d
         return best
+
+    def saves_changed(self) -> bool:
+        """Whether a saved value (kept by reference) was edited in place after it was saved."""
+        return any(t._version != v for t, v in self._watched)
 
     def unfinished(self) -> list[Node]:
         return [n for n in self.nodes if self.values[n.id] is _UNSET]

@@ -17,10 +17,14 @@ _KEEP = 4
 
 
 class OrderLog:
-    """Firing sequences of recent runs of one model (thread-safe enough: append/replace)."""
+    """What earlier runs of one model showed: firing sequences of its sites, and whether
+    the model edits module outputs in place after they are produced (then saves are
+    copied from the start; see Interpreter.copy_saves). Thread-safe enough: it only
+    appends, replaces and sets a flag."""
 
     def __init__(self) -> None:
         self._seen: list[dict[SiteKey, int]] = []
+        self.edits_outputs = False
 
     def record(self, fired: list[SiteKey]) -> None:
         if len(fired) < 2:

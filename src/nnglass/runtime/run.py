@@ -53,6 +53,7 @@ def execute(
     interpreter: type[Interpreter] = Interpreter,
     imports: dict[tuple[int, int], Any] | None = None,
     order: OrderLog | None = None,
+    copy_saves: bool = False,
 ) -> dict[int, Any]:
     """Run `graph` while `forward(interp)` runs the model; return the saved values by node id.
 
@@ -64,6 +65,8 @@ def execute(
         order.check(plan, graph)
     interp = interpreter(plan, graph, model, rows, batch_size, can_stop=can_stop, imports=imports)
     interp.deadline, interp.seconds, interp.op_bytes = _LIMITS.get()
+    if copy_saves or (order is not None and order.edits_outputs):
+        interp.copy_saves = True
     try:
         installed = install(model, interp)
         try:
@@ -84,6 +87,15 @@ def execute(
         if order is not None:
             order.record(interp.fired)
         check_finished(interp, missing_steps_ok=graph.mode == "generate")
+        if not interp.copy_saves and interp.saves_changed():
+            # Something edited a saved tensor in place after it was saved (e.g. a
+            # ReLU(inplace=True) after the hooked module): run again, copying each save,
+            # and remember that this model does that.
+            if order is not None:
+                order.edits_outputs = True
+            return execute(graph, model, forward, rows, batch_size, registry=registry,
+                           can_stop=can_stop, interpreter=interpreter, imports=imports, order=order,
+                           copy_saves=True)  # fmt: skip
         return interp.saved
     finally:
         interp.close()
