@@ -41,7 +41,6 @@ from .values import (
     copy_tensors,
     index_path,
     map_batch,
-    persistent_memory,
     replace_at,
     resolve,
     snapshot,
@@ -97,7 +96,6 @@ class Interpreter:
         # in-place ops, a later edit) changed one, the run is repeated with copies.
         self.copy_saves = plan.max_step > 0 or bool(plan.all_steps) or graph.mode != "trace"
         self._watched: list[tuple[torch.Tensor, int]] = []
-        self._persistent: frozenset[int] | None = None  # the model's parameter/buffer storages
 
     # --- driving ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -204,19 +202,14 @@ class Interpreter:
         self.left -= 1
         node = self.nodes[i]
         if node.save:
-            copy = self.copy_saves and i not in self.plan.final
+            # A parameter outlives the run (and may be trained later): a saved one is a copy.
+            copy = (self.copy_saves and i not in self.plan.final) or i in self.plan.weights
             try:
                 snap = snapshot(value, copy=copy)
             except TypeError as e:
                 raise ExecutionError(str(e), node.where) from None
             if not copy:
-                leaves = tensor_leaves(snap)
-                if self._persistent is None:
-                    self._persistent = persistent_memory(self.model)
-                if self._persistent.isdisjoint(t.untyped_storage().data_ptr() for t in leaves):
-                    self._watched.extend((t, t._version) for t in leaves)
-                else:  # shares a parameter's or buffer's memory, which outlives the run: copy
-                    snap = snapshot(value)
+                self._watched.extend((t, t._version) for t in tensor_leaves(snap))
             if node.step == ALL_STEPS:
                 self.saved.setdefault(i, []).append(snap)
             else:

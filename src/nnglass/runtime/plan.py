@@ -55,6 +55,7 @@ class Plan:
     runnable: list[bool]  # runs as soon as its inputs are ready (not a site/grad node)
     all_steps: list[int] = field(default_factory=list)  # nodes run at every step
     final: set[int] = field(default_factory=set)  # saved values nothing can edit later: no copy
+    weights: set[int] = field(default_factory=set)  # values that may share a parameter's memory
     has_backward: bool = False
     max_step: int = 0
 
@@ -175,7 +176,8 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
                   for path, kinds in hooked.items()]  # fmt: skip
     return Plan(
         [tuple(sorted(d)) for d in deps], consumers, fns, tasks, hooked, site_where, hook_specs,
-        grad_groups, grad_path, starters, runnable, all_steps, final, has_backward, max_step,
+        grad_groups, grad_path, starters, runnable, all_steps, final, {i for i in range(n) if weight[i]},
+        has_backward, max_step,
     )  # fmt: skip
 
 

@@ -6,7 +6,6 @@ and containers (tuples, lists, dicts, transformers ModelOutputs) are rebuilt.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -50,22 +49,6 @@ def snapshot(x: Any, copy: bool = True) -> Any:
         out = {k: snapshot(v, copy) for k, v in x.items()}
         return out if type(x) is dict else _rebuild(x, out)
     return x
-
-
-_PERSISTENT: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, frozenset[int]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def persistent_memory(model: torch.nn.Module) -> frozenset[int]:
-    """Storage addresses of the model's parameters and buffers (memory that outlives a run).
-    Recomputed when the number of tensors changes; in-place loads keep their storage."""
-    tensors = [*model.parameters(), *model.buffers()]
-    cached = _PERSISTENT.get(model)
-    if cached is None or cached[0] != len(tensors):
-        cached = (len(tensors), frozenset(t.untyped_storage().data_ptr() for t in tensors))
-        _PERSISTENT[model] = cached
-    return cached[1]
 
 
 def tensor_leaves(x: Any) -> list[torch.Tensor]:
