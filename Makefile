@@ -26,6 +26,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/language.py
+	$(BIN)/python benchmarks/service.py
 
 clean:
 	rm -rf $(VENV) .bench

@@ -10,6 +10,11 @@ and ``object`` on import). Each scenario does exactly what its twin in ``_bench_
   pass: on GPT-2 the one row that is pure overhead for nnglass;
 - ``save_all``: save every block's output;
 - ``get_set_save``: ``h = layers[5].output; layers[5].output = h * 2``; save ``layers[6].output``;
+- ``grad``: the gradient of ``output.sum()`` w.r.t. the middle block's output
+  (``g = h.grad.save()`` declared before ``.backward()``, DESIGN §2); nnglass computes only the
+  gradients the graph asks for, like the ``torch.autograd.grad`` baseline it is paired with;
+- ``early3``: read ``layers[3].output`` (the forward stops after block 3 by itself); ``full3``
+  reads it and the model output (the whole forward runs): early3's baseline;
 - ``wrapped_forward``: an untraced call of the wrapped module (should cost nothing: nnglass
   installs hooks only for a trace and removes them after, DESIGN §1.4).
 
@@ -26,7 +31,7 @@ from typing import Any
 import torch
 
 import nnglass
-from _harness import GET_SET_LAYER, Scenario, main_tensor, parse_args, run_worker
+from _harness import EARLY_LAYER, GET_SET_LAYER, Scenario, main_tensor, parse_args, run_worker
 from _models import Bench
 from nnglass import NNModel
 
@@ -77,6 +82,28 @@ def get_set_save(net: Any, b: Bench) -> torch.Tensor:
     return o.value
 
 
+def grad(net: Any, b: Bench) -> torch.Tensor:
+    with torch.enable_grad(), net.trace(*b.args, **b.kwargs):
+        h = _layers(net, b.layer_path)[b.save1_layer].output
+        g = h.grad.save()
+        out = net.output.logits if b.name == "gpt2" else net.output
+        out.sum().backward()
+    return g.value
+
+
+def early3(net: Any, b: Bench) -> torch.Tensor:
+    with net.trace(*b.args, **b.kwargs):
+        h = _layers(net, b.layer_path)[EARLY_LAYER].output.save()
+    return h.value
+
+
+def full3(net: Any, b: Bench) -> torch.Tensor:
+    with net.trace(*b.args, **b.kwargs):
+        h = _layers(net, b.layer_path)[EARLY_LAYER].output.save()
+        net.output.save()
+    return h.value
+
+
 def make(bench: Bench) -> dict[str, Scenario]:
     net = NNModel(bench.module)
     return {
@@ -86,6 +113,9 @@ def make(bench: Bench) -> dict[str, Scenario]:
         "save1_out": lambda: save1_out(net, bench),
         "save_all": lambda: save_all(net, bench),
         "get_set_save": lambda: get_set_save(net, bench),
+        "grad": lambda: grad(net, bench),
+        "early3": lambda: early3(net, bench),
+        "full3": lambda: full3(net, bench),
         "wrapped_forward": bench.forward,  # untraced call of the module NNModel wraps
     }
 

@@ -17,6 +17,13 @@ The scenarios do exactly what ``_bench_nnglass.py``'s do. nnsight 0.8.1 specific
   dropped unless the list itself is saved too (``outs.save()``);
 - a body of only ``pass`` takes a fast path (no skip hook; the model still runs); measured, it
   is within a few µs of a one-statement body, so ``empty`` stands for both;
+- gradients are read inside ``with loss.backward(...):``, a nested trace that runs the real
+  backward and serves ``h.grad`` as autograd reaches ``h``. ``grad`` passes ``inputs=[h]``
+  (autograd then computes only what ``h``'s gradient needs, as nnglass and the
+  ``torch.autograd.grad`` baseline do); ``grad_full`` is the documented form without it, which
+  also computes and accumulates every parameter's ``.grad`` (its check says so);
+- there is no automatic early stop: ``early3`` calls ``tracer.stop()`` after saving
+  ``layers[3].output``; ``full3`` (its baseline) reads that site and the model output;
 - ``NNsight(module)`` mutates the module it wraps: every submodule gets an instance ``forward``
   wrapper, so even untraced calls get slower (scenario ``wrapped_forward``).
 """
@@ -29,7 +36,7 @@ import nnsight
 import torch
 from nnsight import NNsight
 
-from _harness import GET_SET_LAYER, Scenario, main_tensor, parse_args, run_worker
+from _harness import EARLY_LAYER, GET_SET_LAYER, Scenario, main_tensor, parse_args, run_worker
 from _models import Bench
 
 
@@ -80,6 +87,38 @@ def get_set_save(net: Any, b: Bench) -> torch.Tensor:
     return o
 
 
+def grad(net: Any, b: Bench) -> torch.Tensor:
+    with torch.enable_grad(), net.trace(*b.args, **b.kwargs):
+        h = _layers(net, b.layer_path)[b.save1_layer].output
+        out = net.output.logits if b.name == "gpt2" else net.output
+        with out.sum().backward(inputs=[h]):
+            g = h.grad.save()
+    return g
+
+
+def grad_full(net: Any, b: Bench) -> torch.Tensor:
+    with torch.enable_grad(), net.trace(*b.args, **b.kwargs):
+        h = _layers(net, b.layer_path)[b.save1_layer].output
+        out = net.output.logits if b.name == "gpt2" else net.output
+        with out.sum().backward():
+            g = h.grad.save()
+    return g
+
+
+def early3(net: Any, b: Bench) -> torch.Tensor:
+    with net.trace(*b.args, **b.kwargs) as tracer:
+        h = _layers(net, b.layer_path)[EARLY_LAYER].output.save()
+        tracer.stop()
+    return h
+
+
+def full3(net: Any, b: Bench) -> torch.Tensor:
+    with net.trace(*b.args, **b.kwargs):
+        h = _layers(net, b.layer_path)[EARLY_LAYER].output.save()
+        net.output.save()
+    return h
+
+
 def make(bench: Bench) -> dict[str, Scenario]:
     net = NNsight(bench.module)
     return {
@@ -89,6 +128,10 @@ def make(bench: Bench) -> dict[str, Scenario]:
         "save1_out": lambda: save1_out(net, bench),
         "save_all": lambda: save_all(net, bench),
         "get_set_save": lambda: get_set_save(net, bench),
+        "grad": lambda: grad(net, bench),
+        "grad_full": lambda: grad_full(net, bench),
+        "early3": lambda: early3(net, bench),
+        "full3": lambda: full3(net, bench),
         "wrapped_forward": bench.forward,  # untraced call of the module NNsight has wrapped
     }
 

@@ -6,6 +6,9 @@
 - ``hooks``: each scenario written by hand with ``register_forward_hook`` (register, forward,
   remove, every call): what a careful user pays without any framework. On the MLP, ``save_all``
   under ``hooks`` is the ``hooks_floor``: twelve hooks keeping every block's output.
+  ``early3`` is the manual early stop: a hook on ``layers[3]`` keeps its output and raises an
+  exception that ends the forward; ``full3`` (its baseline) keeps it and lets the forward finish.
+  (``grad`` needs no hooks row: its baseline already is the hand-written version.)
 
 Run by ``overhead.py`` in ``/work/main/.venv``; prints one JSON line.
 """
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-from _harness import GET_SET_LAYER, Scenario, main_tensor, parse_args, run_worker
+from _harness import EARLY_LAYER, GET_SET_LAYER, Scenario, main_tensor, parse_args, run_worker
 from _models import Bench
 
 
@@ -72,6 +75,30 @@ def get_set_save(bench: Bench) -> torch.Tensor:
     return kept[0]
 
 
+class _Stop(BaseException):
+    """Raised by a hook to end the forward pass (BaseException: model code may catch Exception)."""
+
+
+def early3(bench: Bench) -> torch.Tensor:
+    kept: list[torch.Tensor] = []
+
+    def keep_and_stop(_m: Any, _a: Any, out: torch.Tensor) -> None:
+        kept.append(out)
+        raise _Stop
+
+    try:
+        _with_hooks(bench, {EARLY_LAYER: keep_and_stop})
+    except _Stop:
+        pass
+    return kept[0]
+
+
+def full3(bench: Bench) -> torch.Tensor:
+    kept: list[torch.Tensor] = []
+    _with_hooks(bench, {EARLY_LAYER: lambda _m, _a, out: kept.append(out)})
+    return kept[0]
+
+
 def make_hooks(bench: Bench) -> dict[str, Scenario]:
     return {
         "save1": lambda: save1(bench),
@@ -79,6 +106,8 @@ def make_hooks(bench: Bench) -> dict[str, Scenario]:
         "save1_out": lambda: save1_out(bench),
         "save_all": lambda: save_all(bench),
         "get_set_save": lambda: get_set_save(bench),
+        "early3": lambda: early3(bench),
+        "full3": lambda: full3(bench),
     }
 
 

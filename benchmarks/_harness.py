@@ -11,6 +11,13 @@ order inside a pair alternates, so slow drift (other processes, CPU frequency) h
 equally. Raw nanoseconds go back to the driver, which takes the
 median of the per-pair differences and bootstraps its confidence interval.
 
+Two scenarios are paired with something else than a plain forward (``BASELINES``): ``grad``
+(one activation's gradient) with a plain forward + ``torch.autograd.grad`` to a hooked
+activation, the least work that yields that gradient; ``early3`` (read ``layers[3]``, stopping
+early) with the framework's own ``full3`` trace, which reads the same site and the model's output,
+so the whole forward runs: the driver reports early3 / full3 as a time ratio. ``--threads`` sets
+torch's intra-op threads (1 unless asked; the language benchmark also runs 2).
+
 ``--mode cold`` times the very first trace in a fresh process (after one warm plain forward), then
 the first trace at a second, never-seen call site: frameworks that parse or compile a trace's
 source per call site pay that once per site.
@@ -38,6 +45,9 @@ from _models import Bench, build
 
 Scenario = Callable[[], Any]
 GET_SET_LAYER = 5  # get_set_save: h = layers[5].output; layers[5].output = h * 2; save layers[6]
+EARLY_LAYER = 3  # early3: read layers[3].output; its baseline `full3` also reads the model output
+# Scenarios not timed against a plain forward: name -> what their baseline is (for the report).
+BASELINES = {"grad": "forward+autograd.grad", "grad_full": "forward+autograd.grad", "early3": "full3 trace"}
 
 
 def parse_args(frameworks: tuple[str, ...] = ()) -> argparse.Namespace:
@@ -47,13 +57,14 @@ def parse_args(frameworks: tuple[str, ...] = ()) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=300)
     p.add_argument("--warmup", type=int, default=-1, help="default: max(10, pairs // 10)")
     p.add_argument("--scenarios", default="", help="comma list; default all")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     if frameworks:
         p.add_argument("--framework", choices=frameworks, required=True)
     return p.parse_args()
 
 
-def setup_process() -> None:
-    torch.set_num_threads(1)
+def setup_process(threads: int = 1) -> None:
+    torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or parallel work already started
@@ -98,7 +109,18 @@ def reference(bench: Bench) -> dict[str, Any]:
             {GET_SET_LAYER: lambda _m, _a, out: out * 2, GET_SET_LAYER + 1: keep(0)},
         )
         ref["get_set_save"] = kept[0]
+    ref["early3"] = ref["save_all"][EARLY_LAYER]
+    ref["grad"] = ref["grad_full"] = plain_grad(bench)
     return ref
+
+
+def plain_grad(bench: Bench) -> torch.Tensor:
+    """The ``grad`` baseline: a forward with one hook, then ``torch.autograd.grad`` to that site."""
+    kept: list[torch.Tensor] = []
+    with torch.enable_grad():
+        out = _run_with_hooks(bench, {bench.save1_layer: lambda _m, _a, out: kept.append(out)})
+        (grad,) = torch.autograd.grad(main_tensor(out).sum(), kept[0])
+    return grad
 
 
 def check(result: Any, expected: Any) -> str:
@@ -164,19 +186,38 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"[:500]
 
 
-def _steady(args: argparse.Namespace, base: Bench, scenarios: dict[str, Scenario]) -> dict:
+def _baseline(name: str, base: Bench, scenarios: dict[str, Scenario]) -> Scenario:
+    """What a scenario is paired with: a plain forward, except for ``BASELINES``."""
+    if name.startswith("grad"):
+        return lambda: plain_grad(base)
+    if name == "early3":  # the framework's own full-forward trace reading the same site
+        return scenarios["full3"]
+    return base.forward
+
+
+def _checked(bench: Bench, result: Callable[[], Any], expected: Any) -> str:
+    """check(result(), expected), flagging a trace that leaves gradients in the parameters."""
+    for p in bench.module.parameters():
+        p.grad = None
+    verdict = check(result(), expected)
+    touched = sum(p.grad is not None for p in bench.module.parameters())
+    return verdict + (f" (set .grad of {touched} parameters)" if touched else "")
+
+
+def _steady(args: argparse.Namespace, bench: Bench, base: Bench, scenarios: dict[str, Scenario]) -> dict:
     wanted = [s for s in args.scenarios.split(",") if s] or list(scenarios)
     warmup = args.warmup if args.warmup >= 0 else max(10, args.pairs // 10)
     ref = reference(base)
     out: dict[str, Any] = {}
     for name in wanted:
-        if name not in scenarios:
+        if name not in scenarios or name == "full3":
             continue
-        entry: dict[str, Any] = {}
+        entry: dict[str, Any] = {"baseline": BASELINES.get(name, "forward")}
         try:
             with torch.no_grad():
-                entry["check"] = check(scenarios[name](), ref.get(name))
-                plain_ns, trace_ns = interleaved(base.forward, scenarios[name], args.pairs, warmup)
+                entry["check"] = _checked(bench, scenarios[name], ref.get(name))
+                paired = _baseline(name, base, scenarios)
+                plain_ns, trace_ns = interleaved(paired, scenarios[name], args.pairs, warmup)
             entry.update(plain_ns=plain_ns, trace_ns=trace_ns)
         except Exception as exc:
             entry["error"] = _error(exc)
@@ -224,7 +265,7 @@ def run_worker(
     In cold mode ``make`` must return ``save1`` and ``save1_second_site``: the same trace
     written at two different places in the source.
     """
-    setup_process()
+    setup_process(args.threads)
     record: dict[str, Any] = {
         "framework": framework,
         "version": version,
@@ -244,7 +285,7 @@ def run_worker(
             record["cold"] = _cold(bench, base, first, second)
         else:
             scenarios.pop("save1_second_site", None)
-            record["scenarios"] = _steady(args, base, scenarios)
+            record["scenarios"] = _steady(args, bench, base, scenarios)
     except Exception as exc:
         record["error"] = _error(exc)
     sys.stdout.flush()

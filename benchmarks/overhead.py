@@ -8,7 +8,11 @@ What it measures, per model (``_models.py``: a 12-block MLP where overhead domin
 parameter GPT-2-shaped LM where it should not) and per scenario (``empty``, ``save1``,
 ``save1_out``, ``save_all``, ``get_set_save``, ``wrapped_forward``; ``null`` for plain): the
 extra time a trace costs over a plain forward pass, as the median of N interleaved (plain, trace)
-pairs, with a bootstrap 95% confidence interval of that median. Separately, in fresh processes,
+pairs, with a bootstrap 95% confidence interval of that median. Two scenarios have their own
+baseline (issue 3's targets): ``grad`` (save one activation's gradient) against a plain forward +
+``torch.autograd.grad``, and ``early3`` (read block 3, stopping the forward there: nnglass
+automatically, nnsight by ``tracer.stop()``, hooks by raising) as a time ratio to the same
+framework's full-forward trace of that site. Separately, in fresh processes,
 the very first trace (``save1``) and the first trace at a second new call site.
 
 Why one subprocess per framework and model: importing nnsight patches torch (``Tensor.backward``)
@@ -34,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+import _stats as stats
 from _report import DOCS, FRAMEWORKS, MODELS, environment, tables, write_docs
 
 HERE = Path(__file__).resolve().parent
@@ -78,32 +83,22 @@ def run_worker(framework: str, model: str, mode: str, pairs: int, timeout: float
     return {"error": f"worker exited {proc.returncode}: {tail[0].strip()}"[:500]}
 
 
-def bootstrap_ci(diffs: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diffs), size=(resamples, len(diffs)))
-    meds = np.median(diffs[idx], axis=1)
-    lo, hi = np.percentile(meds, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def summarize(entry: dict) -> dict:
-    """Raw ns pairs -> medians in µs, CI of the median overhead, overhead / plain forward."""
-    if "error" in entry:
-        return {"error": entry["error"]}
-    plain = np.asarray(entry["plain_ns"], dtype=np.float64) / 1e3
-    trace = np.asarray(entry["trace_ns"], dtype=np.float64) / 1e3
-    diffs = trace - plain
-    med = float(np.median(diffs))
-    lo, hi = bootstrap_ci(diffs)
-    plain_med = float(np.median(plain))
+    """Raw ns pairs -> medians in µs, CI of the median overhead, overhead / baseline."""
+    st = stats.summarize(entry)
+    if "error" in st:
+        return st
     return {
-        "overhead_us": med,
-        "ci95_us": [lo, hi],
-        "plain_us": plain_med,
-        "trace_us": float(np.median(trace)),
-        "ratio_to_forward": med / plain_med,
-        "pairs": len(diffs),
-        "check": entry.get("check", ""),
+        "overhead_us": st["overhead"],
+        "ci95_us": st["overhead_ci95"],
+        "plain_us": st["baseline"],  # the paired baseline: a plain forward unless `baseline` says
+        "trace_us": st["trace"],
+        "ratio_to_forward": st["overhead_ratio"],
+        "time_ratio": st["ratio"],
+        "time_ratio_ci95": st["ratio_ci95"],
+        "baseline": st["baseline_kind"],
+        "pairs": st["pairs"],
+        "check": st["check"],
     }
 
 
@@ -128,9 +123,9 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         for fw, recs in runs.items():
             out["cold"].append({"model": model, "framework": fw, **_cold_summary(recs)})
     for row in out["steady"]:
-        if row["framework"] == "nnglass" and "overhead_us" in row:
+        if row["framework"] == "nnglass" and "overhead_us" in row and row["scenario"] != "early3":
             ref = _find(out["steady"], row["model"], "nnsight", row["scenario"])
-            if ref and ref.get("overhead_us"):
+            if ref and ref.get("overhead_us", 0) > 0:  # a ratio to a negative overhead means nothing
                 row["nnglass_over_nnsight"] = row["overhead_us"] / ref["overhead_us"]
     return out
 
