@@ -12,7 +12,7 @@ parameters (values and `requires_grad`) must be bitwise what they were when buil
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import nnglass
-from nnglass.tracing.proxy import Saved
+from saved_values import assert_bitwise_equal, unwrap  # tests/saved_values.py, shared
 
 # --- models ---------------------------------------------------------------------------
 
@@ -222,37 +222,6 @@ def _models_left_as_they_were() -> Iterator[None]:
 
 
 # --- local and round trip -------------------------------------------------------------
-
-
-def unwrap(x: Any) -> Any:
-    """Saved proxies (and structures of them) as plain values."""
-    if isinstance(x, Saved):
-        return x.value
-    if type(x) in (tuple, list):
-        return type(x)(unwrap(y) for y in x)
-    if type(x) is dict:
-        return {k: unwrap(v) for k, v in x.items()}
-    return x
-
-
-def assert_bitwise_equal(a: Any, b: Any, where: str = "value") -> None:
-    """Same structure, same types, tensors bitwise equal (dtype and shape included)."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, (
-            f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        )
-        assert torch.equal(a, b), f"{where}: tensors differ"
-    elif isinstance(a, (tuple, list)):
-        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    elif isinstance(a, Mapping):
-        assert list(a.keys()) == list(b.keys()), f"{where}: keys differ"
-        for k in a:
-            assert_bitwise_equal(a[k], b[k], f"{where}[{k!r}]")
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
 @pytest.fixture(params=["local", "roundtrip"])

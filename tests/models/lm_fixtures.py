@@ -9,13 +9,16 @@ Imported by `conftest.py` beside it and by the test modules (pytest puts this fo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from saved_values import assert_bitwise_equal as assert_bitwise_equal  # shared: tests/saved_values.py
+from saved_values import unwrap as unwrap
 
 PAD, EOS, UNK = 0, 1, 2
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
@@ -190,40 +193,7 @@ def fingerprint(module: nn.Module) -> dict[str, Any]:
     }
 
 
-# --- comparing saved values -------------------------------------------------------------
-
-
-def unwrap(x: Any) -> Any:
-    """Saved proxies (and structures of them) as plain values."""
-    from nnglass.tracing.proxy import Saved
-
-    if isinstance(x, Saved):
-        return x.value
-    if type(x) in (tuple, list):
-        return type(x)(unwrap(y) for y in x)
-    if type(x) is dict:
-        return {k: unwrap(v) for k, v in x.items()}
-    return x
-
-
-def assert_bitwise_equal(a: Any, b: Any, where: str = "value") -> None:
-    """Same structure and types; tensors bitwise equal (dtype and shape included)."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert (a.dtype, a.shape) == (b.dtype, b.shape), (
-            f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        )
-        assert torch.equal(a, b), f"{where}: tensors differ (max |diff| {(a - b).abs().max()})"
-    elif isinstance(a, (tuple, list)):
-        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    elif isinstance(a, Mapping):
-        assert list(a.keys()) == list(b.keys()), f"{where}: keys {list(a)} vs {list(b)}"
-        for k in a:
-            assert_bitwise_equal(a[k], b[k], f"{where}[{k!r}]")
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
+# --- comparing saved values: unwrap, assert_bitwise_equal (tests/saved_values.py) ------
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4, rtol: float = 1e-4) -> None:
