@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import sys
@@ -199,6 +200,12 @@ def write_docs(md: str, env: dict[str, Any], res: dict[str, Any], path: Path = D
         ]
     )
     replace_section(path, START, END, section, "Overhead")
+
+
+def save_json(path: Path, env: dict[str, Any], res: dict[str, Any]) -> None:
+    """A benchmark's raw results, with the environment that produced them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, **res}, indent=1) + "\n")
 
 
 def replace_section(path: Path, start: str, end: str, section: str, heading: str) -> None:

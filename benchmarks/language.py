@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import _stats as stats
-from _report import DOCS, environment, replace_section, verdict
+from _report import DOCS, environment, replace_section, save_json, verdict
 from overhead import MAIN_PY, NNSIGHT_PY, ensure_nnsight_venv
 
 HERE = Path(__file__).resolve().parent
@@ -230,8 +230,7 @@ def main() -> None:
     md = tables(res)
     print(md)
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"environment": env, **res}, indent=1) + "\n")
+        save_json(RESULTS, env, res)
         write_docs(md, env, res)
         print(f"\nwrote {RESULTS.relative_to(ROOT)} and {DOCS.relative_to(ROOT)}", file=sys.stderr)
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 import _stats as stats
-from _report import DOCS, FRAMEWORKS, MODELS, environment, tables, write_docs
+from _report import DOCS, FRAMEWORKS, MODELS, environment, save_json, tables, write_docs
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -183,8 +183,7 @@ def main() -> None:
     md = tables(res)
     print(md)
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"environment": env, **res}, indent=1) + "\n")
+        save_json(RESULTS, env, res)
         write_docs(md, env, res)
         print(f"\nwrote {RESULTS.relative_to(ROOT)} and {DOCS.relative_to(ROOT)}", file=sys.stderr)
 

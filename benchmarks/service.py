@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 import nnglass
+from _report import save_json
 from _service_report import DOCS, render, write_docs
 from _service_server import Server, save_tiny
 from nnglass import LanguageModel
@@ -304,8 +305,7 @@ def main() -> None:
     md = render(res)
     print(md)
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"environment": env, **res}, indent=1) + "\n")
+        save_json(RESULTS, env, res)
         write_docs(md, env, res)
         root = HERE.parent
         print(f"\nwrote {RESULTS.relative_to(root)} and {DOCS.relative_to(root)}", file=sys.stderr)
