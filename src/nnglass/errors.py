@@ -38,6 +38,10 @@ class TimeLimitError(ExecutionError):
     """A run went past its time limit (checked in every hook)."""
 
 
+class ResourceLimitError(ExecutionError):
+    """A node would go over a server's resource limit (bytes one op makes, bytes a run holds)."""
+
+
 class OutOfOrderError(ExecutionError):
     """A value was needed before the model produced it, or a site never ran."""
 
@@ -71,3 +75,7 @@ class TooLargeError(NNglassError):
 
 class QuotaError(NNglassError):
     """This key has too many jobs waiting."""
+
+
+class UnavailableError(NNglassError):
+    """The server cannot answer now (e.g. its database is busy); try again shortly."""

@@ -6,10 +6,7 @@ left as it was: no hooks, no edited weights, no `.grad`; the next run starts cle
 
 from __future__ import annotations
 
-import contextvars
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -21,24 +18,9 @@ from ..graph.ops import REGISTRY, OpRegistry
 from .backend import Runnable
 from .hooks import install, uninstall
 from .interpreter import EarlyStop, Interpreter
+from .limits import active_limits
 from .order import OrderLog
 from .plan import cached_plan
-
-_LIMITS: contextvars.ContextVar[tuple[float | None, float | None, int | None]] = contextvars.ContextVar(
-    "nnglass_limits", default=(None, None, None))  # fmt: skip
-
-
-@contextmanager
-def time_limit(seconds: float | None, op_bytes: int | None = None) -> Iterator[None]:
-    """Runs started inside stop with TimeLimitError once `seconds` have passed (checked
-    in every hook, so a model with no hooked site is stopped only by its caller), and
-    refuse any op whose result would exceed `op_bytes` (a server's cap on one op)."""
-    deadline = None if seconds is None else time.monotonic() + seconds
-    token = _LIMITS.set((deadline, seconds, op_bytes))
-    try:
-        yield
-    finally:
-        _LIMITS.reset(token)
 
 
 def execute(
@@ -64,7 +46,8 @@ def execute(
     if order is not None:
         order.check(plan, graph)
     interp = interpreter(plan, graph, model, rows, batch_size, can_stop=can_stop, imports=imports)
-    interp.deadline, interp.seconds, interp.op_bytes = _LIMITS.get()
+    limits = active_limits()
+    interp.deadline, interp.seconds, interp.op_bytes = limits.deadline(), limits.seconds, limits.op_bytes
     if copy_saves or (order is not None and order.edits_outputs):
         interp.copy_saves = True
     try:

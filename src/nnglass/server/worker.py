@@ -53,7 +53,7 @@ from ..graph.ir import BACKWARD, Graph
 from ..graph.merge import merge, share_key, split
 from ..graph.ops import REGISTRY
 from ..graph.results import encode_results
-from ..runtime.run import time_limit
+from ..runtime.limits import RunLimits, run_limits
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class _Replica:
             merged, offsets = merge(graphs)
             seconds = min(float(r.get("run_seconds") or 1e9) for r in requests)
             op_bytes = min((int(r["op_bytes"]) for r in requests if r.get("op_bytes")), default=None)
-            with time_limit(seconds, op_bytes), torch.no_grad():
+            with run_limits(RunLimits(seconds=seconds, op_bytes=op_bytes)), torch.no_grad():
                 parts = split(self.lm.run_graph(merged), graphs, offsets)
         except Exception as e:
             logger.info("batch of %d runs job by job: %s: %s", len(requests), type(e).__name__, e)
@@ -157,7 +157,8 @@ class _Replica:
             time.sleep(3600)
         graph = self._load(request)
         grad = contextlib.nullcontext() if has_backward(graph) else torch.no_grad()
-        with time_limit(request.get("run_seconds"), request.get("op_bytes")), grad:
+        limits = RunLimits(seconds=request.get("run_seconds"), op_bytes=request.get("op_bytes"))
+        with run_limits(limits), grad:
             values = self.lm.run_graph(graph)
         return self._store(request, graph, values)
 
