@@ -107,7 +107,8 @@ def _job(tmp: Path, graph: Graph, i: int) -> dict[str, Any]:
         (tmp / f"t{i}.safetensors").write_bytes(tensor_bytes)
     return {"job": f"job{i}", "graph": str(tmp / f"g{i}.json"),
             "tensors": str(tmp / f"t{i}.safetensors") if tensor_bytes else None,
-            "result": str(tmp / f"r{i}.safetensors"), "run_seconds": 30, "result_bytes": 10**8}  # fmt: skip
+            "result": str(tmp / f"r{i}.safetensors"),
+            "limits": {"run_seconds": 30, "result_bytes": 10**8}}
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def submit(worker: WorkerHandle, graph: Graph, folder: Path, job: str = "j", *,
     result = folder / f"{job}.result"
     request = {"job": job, "graph": str(folder / f"{job}.json"),
                "tensors": None if tensors is None else str(tensors), "result": str(result),
-               "run_seconds": run_seconds, "result_bytes": result_bytes}  # fmt: skip
+               "limits": {"run_seconds": run_seconds, "result_bytes": result_bytes}}  # fmt: skip
     return worker.run(request, timeout=timeout), result
 
 
@@ -183,7 +183,8 @@ def test_bad_requests_are_error_answers(worker: WorkerHandle, lm: LanguageModel,
     assert answer["error"]["type"] == "GraphError" and "'other'" in answer["error"]["message"]
     (tmp_path / "broken.json").write_bytes(b'{"version": ')
     request = {"job": "b", "graph": str(tmp_path / "broken.json"), "tensors": None,
-               "result": str(tmp_path / "b.result"), "run_seconds": 5, "result_bytes": 1000}  # fmt: skip
+               "result": str(tmp_path / "b.result"),
+               "limits": {"run_seconds": 5, "result_bytes": 1000}}
     answer = worker.run(request)
     assert answer["status"] == "ERROR" and issubclass(getattr(errors, answer["error"]["type"]), GraphError)
     answer = worker.run({**request, "graph": str(tmp_path / "missing.json")})

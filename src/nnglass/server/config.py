@@ -39,7 +39,8 @@ class Limits:
     graph_nodes: int = 20_000  # a session counts all its traces' nodes
     result_bytes: int = 256 * MiB
     run_seconds: float = 60.0
-    op_bytes: int = 1024 * MiB  # the largest tensor one op may produce
+    op_bytes: int = 1024 * MiB  # the largest value one op may produce
+    live_bytes: int = 4096 * MiB  # the most bytes the values of one run may hold at once
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class Policy:
     weights_visible: bool = True
     gradients: bool = True
     module_calls: bool = True
+    # With weights hidden: may sites whose value is a pure lookup of weights (an
+    # embedding's output, the first block's input, ...) be read? See server/exposure.py.
+    expose_embeddings: bool = False
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -66,6 +70,7 @@ class Policy:
             "weights_visible": self.weights_visible,
             "gradients": self.gradients,
             "module_calls": self.module_calls,
+            "expose_embeddings": self.expose_embeddings,
             "limits": asdict(self.limits),
         }
 

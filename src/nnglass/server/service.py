@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -230,8 +230,8 @@ class Service:
             graph_path, tensor_path = self.results.graph_paths(job_id)
             requests.append({
                 "job": job_id, "graph": str(graph_path), "tensors": str(tensor_path) if tensor_path else None,
-                "result": str(self.results.result_path(job_id)), "run_seconds": limits.run_seconds,
-                "result_bytes": limits.result_bytes, "op_bytes": limits.op_bytes,
+                "result": str(self.results.result_path(job_id)), "limits": asdict(limits),
+                "hide_weights": not state.config.policy.weights_visible,
             })  # fmt: skip
         if not requests:
             return

@@ -7,7 +7,8 @@ Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   child → parent:       {"ready": true, "paths": [...], "pid": n}
                         or {"ready": false, "error": {...}} (then it exits)
   parent → child, a job: {"job", "graph": path, "tensors": path | null, "result": path,
-                          "run_seconds", "result_bytes"}
+                          "limits": {"run_seconds", "result_bytes", "op_bytes", "live_bytes", ...},
+                          "hide_weights": bool}
   child → parent:       {"job", "status": "COMPLETED", "bytes": n}
                         or {"job", "status": "ERROR", "error": {"type", "message", "where"}}
   parent → child, several jobs sharing one forward pass (co-tenancy): {"batch": [job, ...]}
@@ -134,9 +135,7 @@ class _Replica:
             if len(keys) != 1 or None in keys:
                 raise ValueError("these graphs cannot share a forward pass")
             merged, offsets = merge(graphs)
-            seconds = min(float(r.get("run_seconds") or 1e9) for r in requests)
-            op_bytes = min((int(r["op_bytes"]) for r in requests if r.get("op_bytes")), default=None)
-            with run_limits(RunLimits(seconds=seconds, op_bytes=op_bytes)), torch.no_grad():
+            with run_limits(_limits(*requests)), torch.no_grad():
                 parts = split(self.lm.run_graph(merged), graphs, offsets)
         except Exception as e:
             logger.info("batch of %d runs job by job: %s: %s", len(requests), type(e).__name__, e)
@@ -157,8 +156,7 @@ class _Replica:
             time.sleep(3600)
         graph = self._load(request)
         grad = contextlib.nullcontext() if has_backward(graph) else torch.no_grad()
-        limits = RunLimits(seconds=request.get("run_seconds"), op_bytes=request.get("op_bytes"))
-        with run_limits(limits), grad:
+        with run_limits(_limits(request)), grad:
             values = self.lm.run_graph(graph)
         return self._store(request, graph, values)
 
@@ -174,12 +172,23 @@ class _Replica:
 
     def _store(self, request: dict[str, Any], graph: Graph, values: dict[int, Any]) -> int:
         data = encode_results(values, session=graph.mode == "session")
-        limit = int(request["result_bytes"])
+        limit = int(request.get("limits", {}).get("result_bytes") or 2**62)
         if len(data) > limit:
             raise PolicyError(f"the result is {len(data)} bytes, over this model's limit of {limit} "
                               "bytes: save less (slice before .save(), or save fewer values)")  # fmt: skip
         _write_atomic(Path(request["result"]), data)
         return len(data)
+
+
+def _limits(*requests: dict[str, Any]) -> RunLimits:
+    """The limits a run obeys; jobs sharing one forward pass get the strictest of theirs."""
+    tables = [r.get("limits") or {} for r in requests]
+
+    def least(key: str) -> Any:
+        return min((t[key] for t in tables if t.get(key) is not None), default=None)
+
+    return RunLimits(seconds=least("run_seconds"), op_bytes=least("op_bytes"), live_bytes=least("live_bytes"),
+                     hide_weights=any(bool(r.get("hide_weights")) for r in requests))
 
 
 def _send(out: IO[str], message: dict[str, Any]) -> None:
@@ -301,8 +310,9 @@ class WorkerHandle:
         with self._lock:
             if not self.alive:
                 return _answer(job, "ExecutionError", "the worker is not running (restart it)")
-            if timeout is None and request.get("run_seconds") is not None:
-                timeout = float(request["run_seconds"]) + GRACE_SECONDS
+            seconds = request.get("limits", {}).get("run_seconds")
+            if timeout is None and seconds is not None:
+                timeout = float(seconds) + GRACE_SECONDS
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
                 self._write(request)
