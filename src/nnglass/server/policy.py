@@ -100,10 +100,14 @@ def matches_any(patterns: list[str], path: str) -> bool:
     return any(match(p, path) for p in patterns)
 
 
-def check_policy(graph: Graph, policy: Policy, module_paths: set[str]) -> None:
+def check_policy(graph: Graph, policy: Policy, module_paths: set[str],
+                 lookups: frozenset[tuple[str, str]] | None = None) -> None:
     """Raise `PolicyError` at the first node (or limit) the policy forbids.
 
     module_paths: the model's `named_modules()` paths (the root "" is implied).
+    lookups: (path, "input" | "output") sites whose value is a lookup of weights
+    (`server.exposure.lookup_sites`); unreadable while weights are hidden, unless the
+    policy sets `expose_embeddings`.
     """
     paths = set(module_paths) | {""}
     nodes = sum(len(g.nodes) for g in _traces(graph))
@@ -115,7 +119,7 @@ def check_policy(graph: Graph, policy: Policy, module_paths: set[str]) -> None:
         raise PolicyError("only a session may hold traces, and only one level deep")
     earlier: list[_Check] = []
     for trace in traces:
-        check = _Check(trace, policy, paths, earlier)
+        check = _Check(trace, policy, paths, earlier, lookups or frozenset())
         check.run()
         earlier.append(check)
 
@@ -131,8 +135,11 @@ def _traces(graph: Graph) -> Iterator[Graph]:
 class _Check:
     """One trace against the policy: options and limits first, then node by node."""
 
-    def __init__(self, graph: Graph, policy: Policy, paths: set[str], earlier: list[_Check]) -> None:
+    def __init__(self, graph: Graph, policy: Policy, paths: set[str], earlier: list[_Check],
+                 lookups: frozenset[tuple[str, str]]) -> None:
         self.graph, self.policy, self.paths, self.earlier = graph, policy, paths, earlier
+        hidden = not (policy.weights_visible or policy.expose_embeddings)
+        self.hidden_lookups = lookups if hidden else frozenset()
         self.model = graph.model
         self._all_readable: bool | None = None
         # Per node: the site values and parameters whose memory its value may share.
@@ -274,6 +281,10 @@ class _Check:
             allowed = ", ".join(repr(p) for p in patterns) or "nothing"
             self.refuse(node, f"{verb} `{_show(site)}` is not allowed by the policy of model "
                         f"{self.model!r}; {'writable' if write else 'readable'}: {allowed}")
+        if not write and (site.path, "output" if site.kind == "output" else "input") in self.hidden_lookups:
+            self.refuse(node, f"reading `{_show(site)}` would reveal the weights of model {self.model!r}: "
+                        "its value is a lookup of them (one embedding row per token), and the weights are "
+                        "hidden (the policy does not set expose_embeddings); read a later block instead")
 
     def grad_site(self, node: Node) -> Site:
         """The site whose value `.grad` is of (through int indexing of a tuple output)."""

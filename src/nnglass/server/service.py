@@ -21,13 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import NotFoundError, QuotaError
+from ..errors import NotFoundError, QuotaError, UnavailableError
 from ..graph import wire
 from ..graph.check import Limits as WireLimits
 from ..graph.merge import share_key
 from .auth import KeyStore
 from .config import ModelConfig, ServerConfig
 from .events import EventHub
+from .exposure import describe
 from .jobs import Job, JobStatus, SQLiteJobStore
 from .policy import check_policy
 from .results import DirResultStore
@@ -42,6 +43,7 @@ _GRACE_S = 10.0  # beyond a job's run_seconds before the worker process is kille
 class ModelState:
     config: ModelConfig
     paths: set[str] = field(default_factory=set)
+    lookups: frozenset[tuple[str, str]] | None = None  # sites that are lookups of weights (None: unknown)
     state: str = "loading"  # loading | ready | failed
     error: str = ""
     running: dict[str, WorkerHandle] = field(default_factory=dict)
@@ -111,7 +113,11 @@ class Service:
         if state is None:
             raise NotFoundError(f"no model {graph.model!r} on this server; it serves "
                                 f"{', '.join(sorted(self.models)) or 'none'}")  # fmt: skip
-        check_policy(graph, state.config.policy, state.paths or _paths_of(state))
+        policy = state.config.policy
+        if state.lookups is None and not (policy.weights_visible or policy.expose_embeddings):
+            # Which sites reveal the weights is known once a replica has loaded them.
+            raise UnavailableError(f"model {graph.model!r} is still loading; try again in a few seconds")
+        check_policy(graph, policy, state.paths or _paths_of(state), state.lookups)
         with self._key_lock(key_id):  # the quota check and the queueing are one step per key
             if self.scheduler.queued_by(key_id) >= self.config.max_queued_per_key:
                 raise QuotaError(f"this key already has {self.config.max_queued_per_key} jobs waiting; "
@@ -172,7 +178,8 @@ class Service:
         for name, s in self.models.items():
             info = {"name": name, "state": s.state, "error": s.error or None, "source": s.config.source,
                     "replicas": s.config.replicas, "queue_depth": self.scheduler.depth(name),
-                    "running": len(s.running), "policy": s.config.policy.summary()}  # fmt: skip
+                    "running": len(s.running), "policy": s.config.policy.summary(),
+                    "exposure": describe(s.config.policy, s.lookups)}  # fmt: skip
             if self.config.debug_checksums:  # one checksum seen across all jobs: weights never changed
                 info["weight_checksums"] = sorted(s.checksums)
                 info["grad_seen"] = s.grad_seen
@@ -204,6 +211,7 @@ class Service:
             try:
                 handle.restart() if handle.pid is not None else handle.start()
                 state.paths = set(handle.paths)
+                state.lookups = frozenset(tuple(site) for site in handle.ready.get("lookups", ()))
                 if handle.ready.get("checksum"):
                     state.checksums.add(handle.ready["checksum"])
                 state.state, state.error = "ready", ""

@@ -4,7 +4,7 @@ the server's side of it.
 
 Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   parent → child, once: {"name", "source", "dtype", "threads", "debug_checksums"[, "limits"]}
-  child → parent:       {"ready": true, "paths": [...], "pid": n}
+  child → parent:       {"ready": true, "paths": [...], "lookups": [[path, kind], ...], "pid": n}
                         or {"ready": false, "error": {...}} (then it exits)
   parent → child, a job: {"job", "graph": path, "tensors": path | null, "result": path,
                           "limits": {"run_seconds", "result_bytes", "op_bytes", "live_bytes", ...},
@@ -55,6 +55,7 @@ from ..graph.merge import merge, share_key, split
 from ..graph.ops import REGISTRY
 from ..graph.results import encode_results
 from ..runtime.limits import RunLimits, run_limits
+from .exposure import lookup_sites
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,9 @@ def main() -> int:
         return 1
     _watch_parent()
     paths = [p for p, _ in replica.module.named_modules()]
-    _send(out, {"ready": True, "paths": paths, "pid": os.getpid(), **replica.debug_info()})
+    lookups = [list(site) for site in sorted(lookup_sites(replica.module))]
+    ready = {"ready": True, "paths": paths, "lookups": lookups, "pid": os.getpid()}
+    _send(out, {**ready, **replica.debug_info()})
     while line := sys.stdin.readline():
         try:
             request = json.loads(line)
