@@ -19,6 +19,7 @@ import torch
 
 from ..errors import GraphError
 from .interpreter import Interpreter
+from .values import only_input, unwrap
 
 ACTIVE: contextvars.ContextVar[Interpreter | None] = contextvars.ContextVar("nnglass_run", default=None)
 
@@ -48,7 +49,7 @@ def _first_keyword_input(module: torch.nn.Module) -> list[str]:
         return []
 
 
-def _pre_hook(interp: Interpreter, path: str, kinds: set[str], params: list[str]) -> Any:
+def _pre_hook(interp: Interpreter, path: str, kinds: set[str], params: list[str], hide: bool) -> Any:
     # `*rest`: another thread may call this hook while torch is still registering or
     # removing it, when torch's with_kwargs flag and hook table disagree for a moment.
     # Such a call is never for this run (ACTIVE differs), so it returns None either way.
@@ -58,8 +59,11 @@ def _pre_hook(interp: Interpreter, path: str, kinds: set[str], params: list[str]
         kwargs = rest[0]
         new_args, new_kwargs = args, kwargs
         if "inputs" in kinds:
-            new_args, new_kwargs = interp.fire(path, "inputs", (args, kwargs))
-            new_args = tuple(new_args)
+            pair = only_input(args, kwargs, params) if hide else (args, kwargs)
+            new = interp.fire(path, "inputs", pair)
+            if new is not pair:  # a setter, or a copy: the model's own objects, opaque no more
+                new_args, new_kwargs = unwrap(new)
+                new_args = tuple(new_args)
         if "input" in kinds:
             if new_args:
                 new_args = (interp.fire(path, "input", new_args[0]), *new_args[1:])
@@ -103,9 +107,10 @@ def install(model: torch.nn.Module, interp: Interpreter) -> list[tuple[dict, int
         for path, pre, out in interp.plan.hook_specs:
             module = find_module(model, path, interp.plan.site_where[path])
             if pre:
-                params = _first_keyword_input(module) if "input" in pre else []
+                hide = interp.hide_weights and "inputs" in pre
+                params = _first_keyword_input(module) if "input" in pre or hide else []
                 module._forward_pre_hooks_with_kwargs[key] = True  # flag first: no window without it
-                module._forward_pre_hooks[key] = _pre_hook(interp, path, pre, params)
+                module._forward_pre_hooks[key] = _pre_hook(interp, path, pre, params, hide)
                 installed.append((module._forward_pre_hooks, key, module._forward_pre_hooks_with_kwargs))
             if out:
                 module._forward_hooks[key] = _forward_hook(interp, path)

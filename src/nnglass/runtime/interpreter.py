@@ -39,12 +39,15 @@ from .plan import Plan, SiteKey, SiteTask
 from .values import (
     check_op_size,
     copy_tensors,
+    graph_view,
     index_path,
     map_batch,
+    opaque_in,
     replace_at,
     resolve,
     snapshot,
     tensor_leaves,
+    unwrap,
     without_state,
     zip_batch,
 )
@@ -89,6 +92,7 @@ class Interpreter:
         self.deadline: float | None = None  # time.monotonic() after which every hook stops the run
         self.seconds: float | None = None  # the time limit, for the message
         self.op_bytes: int | None = None  # the most bytes one op may produce (a server's cap)
+        self.hide_weights = False  # weights hidden: `.inputs` shows only `.input` (see hooks)
         self.active_token: Any = None  # set by hooks.install: this run is active in its context
         self._merged: dict[SiteKey, SiteTask] = {}  # step-k + every-step tasks, merged once
         # Saved values are snapshots. Copying each costs time and memory, so a plain trace
@@ -148,10 +152,10 @@ class Interpreter:
                 self._out_of_order(nodes[i])
             node = nodes[i]
             if node.op == GET:
-                seen = without_state(value) if not key[0] else value
+                seen = graph_view(without_state(value) if not key[0] else value)
                 self.complete(i, seen if whole or node.invoke is None else self._slice(seen, node.invoke))
             else:
-                value = self._replace(value, self.values_of(node.args[0]), node.invoke)
+                value = self._replace(value, unwrap(self.values_of(node.args[0])), node.invoke)
                 self.complete(i, None)
             if self._ready:
                 self.drain()
@@ -235,7 +239,7 @@ class Interpreter:
             except (NNglassError, EarlyStop):
                 raise
             except Exception as e:
-                raise ExecutionError(f"{type(e).__name__}: {e}", node.where) from e
+                raise self._node_error(node, e) from e
             self.complete(i, value)
 
     def run_node(self, node: Node) -> Any:
@@ -267,7 +271,7 @@ class Interpreter:
     def call_module(self, path: str, args: tuple, kwargs: dict) -> Any:
         self.suspended += 1
         try:
-            return self.model.get_submodule(path)(*args, **kwargs)
+            return graph_view(self.model.get_submodule(path)(*args, **kwargs))
         finally:
             self.suspended -= 1
 
@@ -356,6 +360,15 @@ class Interpreter:
         return zip_batch(value, new, self.batch_size, put)
 
     # --- errors --------------------------------------------------------------------------
+    def _node_error(self, node: Node, e: Exception) -> ExecutionError:
+        state = opaque_in((self.values_of(node.args), self.values_of(node.kwargs)))
+        if state is not None:
+            return ExecutionError(
+                f"`{node.op}` was given a {state.kind}, which is model state, not a value: a graph can "
+                "pass it along but never look inside it (read tensors, e.g. a module's `.output`)",
+                node.where)
+        return ExecutionError(f"{type(e).__name__}: {e}", node.where)
+
     def _out_of_order(self, node: Node) -> None:
         blocker = self._blocker(node)
         b = self.nodes[blocker]

@@ -48,6 +48,7 @@ def execute(
     interp = interpreter(plan, graph, model, rows, batch_size, can_stop=can_stop, imports=imports)
     limits = active_limits()
     interp.deadline, interp.seconds, interp.op_bytes = limits.deadline(), limits.seconds, limits.op_bytes
+    interp.hide_weights = limits.hide_weights
     if copy_saves or (order is not None and order.edits_outputs):
         interp.copy_saves = True
     try:

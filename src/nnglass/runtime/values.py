@@ -29,6 +29,94 @@ def resolve(x: Any, values: list[Any], tensors: dict[str, Any]) -> Any:
     return x
 
 
+class Opaque:
+    """Something a site carries that is not a value (a KV cache, a config, any object but
+    tensors, numbers, strings, dtypes, devices and containers of those): a graph may pass
+    it along but never open it. It has no items, attributes, length or iteration, so no
+    op can take it apart, whatever the key it came under; handed back to the model (a
+    setter), it is the object itself again."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self, held: Any) -> None:
+        self._held = held
+
+    def __repr__(self) -> str:
+        return f"<opaque {type(self._held).__name__}>"
+
+    @property
+    def kind(self) -> str:
+        return type(self._held).__name__
+
+
+_PLAIN = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.Size})
+
+
+def graph_view(x: Any) -> Any:
+    """A site's value as a graph sees it: every leaf that is not a value becomes `Opaque`
+    (containers are rebuilt only where something changed)."""
+    t = type(x)
+    if t is torch.Tensor or t in _PLAIN or t is Opaque or isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (list, tuple)):
+        items = [graph_view(y) for y in x]
+        if all(a is b for a, b in zip(items, x)):
+            return x
+        if t is list or t is tuple:
+            return t(items)
+        return t(*items) if hasattr(x, "_fields") else tuple(items)  # a namedtuple keeps its class
+    if t is dict or (isinstance(x, dict) and t.__module__.startswith("transformers.")):  # a ModelOutput
+        out = {k: graph_view(v) for k, v in x.items()}
+        if all(out[k] is v for k, v in x.items()):
+            return x
+        return out if t is dict else _rebuild(x, out)
+    return Opaque(x)
+
+
+def unwrap(x: Any) -> Any:
+    """The model's own objects again, where a value holds `Opaque`s (a setter's value)."""
+    t = type(x)
+    if t is torch.Tensor:
+        return x
+    if t is Opaque:
+        return x._held
+    if t is list or t is tuple:
+        items = [unwrap(y) for y in x]
+        return x if all(a is b for a, b in zip(items, x)) else t(items)
+    if t is dict:
+        out = {k: unwrap(v) for k, v in x.items()}
+        return x if all(out[k] is v for k, v in x.items()) else out
+    return x
+
+
+def only_input(args: tuple, kwargs: dict, params: list[str]) -> tuple[tuple, dict]:
+    """`.inputs` while weights are hidden: the value `.input` reads (the first positional
+    argument, else the first forward parameter passed by keyword); every other argument
+    is opaque, so rotary tables, masks and caches derived from buffers stay hidden."""
+    if args:
+        return (args[0], *(_hide(a) for a in args[1:])), {k: _hide(v) for k, v in kwargs.items()}
+    name = next((p for p in params if p in kwargs), None)
+    return (), {k: v if k == name else _hide(v) for k, v in kwargs.items()}
+
+
+def _hide(x: Any) -> Any:
+    return x if x is None else Opaque(x)
+
+
+def opaque_in(x: Any) -> Opaque | None:
+    """The first `Opaque` inside a value, if any (for error messages)."""
+    stack = [x]
+    while stack:
+        v = stack.pop()
+        if type(v) is Opaque:
+            return v
+        if isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+    return None
+
+
 def snapshot(x: Any, copy: bool = True) -> Any:
     """A detached copy of a value's tensors, so later edits cannot change it.
 
@@ -38,11 +126,15 @@ def snapshot(x: Any, copy: bool = True) -> Any:
     """
     if isinstance(x, torch.Tensor):
         return x.detach().clone() if copy else x.detach()
-    if _is_kv_cache(x):
+    held = x._held if type(x) is Opaque else x
+    if _is_kv_cache(held):
         raise TypeError(
             "a KV cache cannot be saved (it is model state that generation keeps changing); "
             "save `.logits` or a layer's `.output` instead"
         )
+    if held is not x:
+        raise TypeError(f"a {x.kind} is model state, not a value: it cannot be saved (save tensors, "
+                        "numbers, or containers of those)")
     if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
         return type(x)(snapshot(y, copy) for y in x)
     if isinstance(x, dict):
