@@ -96,6 +96,14 @@ class NNModel:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._module!r})"
 
+    def _repr_html_(self) -> str | None:
+        """Jupyter: the module tree, collapsible (nnglass[viz]; without it, the plain repr)."""
+        try:
+            from ..viz import module_tree
+        except ModuleNotFoundError:
+            return None
+        return module_tree(self).text
+
 
 def batch_invokes(graph: Graph) -> tuple[tuple, dict, list[tuple[int, int]], int]:
     """Concatenate the invokes' tensor arguments on dim 0; return args, kwargs, rows, batch."""

@@ -59,7 +59,7 @@ class Envoy:
         if name in module._parameters or name in module._buffers:
             path = f"{self._path}.{name}" if self._path else name
             return current_tracer(f"`{path}`").record(PARAM, (path,))
-        if name.startswith("__"):
+        if name.startswith(("__", "_ipython_")):  # Jupyter probes `_ipython_canary_...`
             raise AttributeError(name)
         try:
             return getattr(module, name)
@@ -94,6 +94,14 @@ class Envoy:
 
     def __repr__(self) -> str:
         return repr(self._module)
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter: this module's subtree, collapsible (nnglass[viz]; else the plain repr)."""
+        try:
+            from ..viz import module_tree
+        except ModuleNotFoundError:
+            return None
+        return module_tree(self).text
 
     # --- sites ---------------------------------------------------------------------------
     def call(self, i: int) -> SiteCall:

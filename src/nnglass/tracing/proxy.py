@@ -282,6 +282,14 @@ class Saved(_Slots):
     def __repr__(self) -> str:
         return repr(self._value)
 
+    def _repr_html_(self) -> str | None:
+        """Jupyter: shape, dtype, min/mean/max and a histogram (nnglass[viz]; else the repr)."""
+        try:
+            from ..viz import value_summary
+        except ModuleNotFoundError:
+            return None
+        return value_summary(self).text
+
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         return func(*_unwrap(args), **_unwrap(kwargs or {}))
