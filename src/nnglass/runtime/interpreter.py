@@ -37,7 +37,6 @@ from ..graph.ir import (
 )
 from .plan import Plan, SiteKey, SiteTask
 from .values import (
-    check_op_size,
     copy_tensors,
     graph_view,
     index_path,
@@ -91,7 +90,6 @@ class Interpreter:
         self.last_edit = -1  # the last set/in-place node that ran (for model errors)
         self.deadline: float | None = None  # time.monotonic() after which every hook stops the run
         self.seconds: float | None = None  # the time limit, for the message
-        self.op_bytes: int | None = None  # the most bytes one op may produce (a server's cap)
         self.hide_weights = False  # weights hidden: `.inputs` shows only `.input` (see hooks)
         self.active_token: Any = None  # set by hooks.install: this run is active in its context
         self._merged: dict[SiteKey, SiteTask] = {}  # step-k + every-step tasks, merged once
@@ -258,15 +256,7 @@ class Interpreter:
 
     # --- per-node behaviour (override to scan or check) ----------------------------------
     def call_op(self, node: Node, fn: Any, args: tuple, kwargs: dict) -> Any:
-        if self.op_bytes is None:
-            return fn(*args, **kwargs)
-        check_op_size(node.op, args, kwargs, self.op_bytes)  # before allocating, where it can tell
-        out = fn(*args, **kwargs)
-        size = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
-        if size > self.op_bytes:
-            raise ExecutionError(f"`{node.op}` produced {size} bytes, over this server's limit of "
-                                 f"{self.op_bytes} for one op", node.where)  # fmt: skip
-        return out
+        return fn(*args, **kwargs)
 
     def call_module(self, path: str, args: tuple, kwargs: dict) -> Any:
         self.suspended += 1
@@ -364,8 +354,8 @@ class Interpreter:
         state = opaque_in((self.values_of(node.args), self.values_of(node.kwargs)))
         if state is not None:
             return ExecutionError(
-                f"`{node.op}` was given a {state.kind}, which is model state, not a value: a graph can "
-                "pass it along but never look inside it (read tensors, e.g. a module's `.output`)",
+                f"`{node.op}` was given {state.why}: a graph can pass it along but never look inside "
+                "it (read tensors, e.g. a module's `.output`)",
                 node.where)
         return ExecutionError(f"{type(e).__name__}: {e}", node.where)
 

@@ -36,17 +36,14 @@ class Opaque:
     op can take it apart, whatever the key it came under; handed back to the model (a
     setter), it is the object itself again."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_held", "why")
 
-    def __init__(self, held: Any) -> None:
+    def __init__(self, held: Any, why: str = "") -> None:
         self._held = held
+        self.why = why or f"a {type(held).__name__}, which is model state, not a value"
 
     def __repr__(self) -> str:
         return f"<opaque {type(self._held).__name__}>"
-
-    @property
-    def kind(self) -> str:
-        return type(self._held).__name__
 
 
 _PLAIN = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.Size})
@@ -100,7 +97,9 @@ def only_input(args: tuple, kwargs: dict, params: list[str]) -> tuple[tuple, dic
 
 
 def _hide(x: Any) -> Any:
-    return x if x is None else Opaque(x)
+    why = (f"an argument other than `.input` (a {type(x).__name__}), which `.inputs` keeps opaque "
+           "while the model's weights are hidden")
+    return x if x is None else Opaque(x, why)
 
 
 def opaque_in(x: Any) -> Opaque | None:
@@ -133,8 +132,8 @@ def snapshot(x: Any, copy: bool = True) -> Any:
             "save `.logits` or a layer's `.output` instead"
         )
     if held is not x:
-        raise TypeError(f"a {x.kind} is model state, not a value: it cannot be saved (save tensors, "
-                        "numbers, or containers of those)")
+        raise TypeError(f"this is {x.why}: it cannot be saved (save tensors, numbers, or containers "
+                        "of those)")
     if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
         return type(x)(snapshot(y, copy) for y in x)
     if isinstance(x, dict):
@@ -231,42 +230,3 @@ def replace_at(value: Any, path: tuple[int, ...], new: Any) -> Any:
     items = list(value)
     items[path[0]] = replace_at(items[path[0]], path[1:], new)
     return type(value)(items)
-
-
-_FACTORIES = frozenset("torch.zeros torch.ones torch.full torch.eye torch.arange torch.linspace".split())
-_REPEATS = frozenset("Tensor.repeat Tensor.tile torch.tile".split())
-
-
-def check_op_size(op: str, args: tuple, kwargs: dict, limit: int) -> None:
-    """Refuse, before allocating, ops whose size arguments ask for more than `limit` bytes
-    (tensor factories, repeats); other ops are checked on their result."""
-    numel = None
-    if op in _FACTORIES:
-        if op == "torch.arange":
-            nums = [a for a in args if isinstance(a, (int, float))]
-            if len(nums) == 1:
-                nums = [0, nums[0]]
-            start, end, step = nums[0], nums[1], nums[2] if len(nums) > 2 else 1
-            numel = int(abs((end - start) / step)) if step else 0
-        elif op == "torch.linspace":
-            numel = int(args[2] if len(args) > 2 else kwargs.get("steps", 0))
-        elif op == "torch.eye":
-            numel = int(args[0]) * int(args[1] if len(args) > 1 else args[0])
-        else:
-            size = args[0] if args and isinstance(args[0], (tuple, list, torch.Size)) else [
-                a for a in (args[:-1] if op == "torch.full" else args) if isinstance(a, int)]
-            numel = _prod(size)
-    elif op in _REPEATS and args and isinstance(args[0], torch.Tensor):
-        sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
-        if all(isinstance(n, int) for n in sizes):
-            numel = _prod(sizes) * args[0].numel()
-    if numel is not None and numel * 8 > limit:
-        raise ValueError(f"`{op}` would make {numel} elements, over this server's limit of {limit} "
-                         "bytes for one op")
-
-
-def _prod(sizes: Any) -> int:
-    out = 1
-    for n in sizes:
-        out *= max(int(n), 0)
-    return out
