@@ -10,7 +10,11 @@ generated ids (`tracer.result`) are always readable. Refusals are `PolicyError`s
 the node's op, its site, what the policy forbids, what it allows, and the user's line.
 
 What "weights hidden" does and does not protect. It means no op can read a parameter
-or buffer and no module can be called on a user-made tensor. It does not make the
+or buffer, no module can be called on a user-made tensor, no site whose value is a
+lookup of the weights can be read (`server/exposure.py`: the embedding's output, the
+first block's input, ... unless `expose_embeddings`), and `.inputs` shows only the
+value `.input` reads (the runtime makes every other argument opaque; model state such
+as a KV cache is opaque to every graph, whatever the policy). It does not make the
 weights secret by itself: reading both sides of a linear map over many prompts (the
 input and output of `q_proj`, of an MLP's `down_proj`, or of `lm_head`) lets anyone
 solve for its weights by least squares, and *writing* the input while reading the
