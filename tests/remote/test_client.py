@@ -23,7 +23,7 @@ from nnglass.graph import wire
 from nnglass.graph.ir import Graph, Invoke, Node, Site
 from nnglass.graph.results import encode_results
 from nnglass.models.nnmodel import NNModel
-from nnglass.remote.client import Job, RemoteBackend, fill_later
+from nnglass.remote.client import Job, RemoteBackend
 from nnglass.remote.status import StatusLine, bar, describe
 
 KEY = "secret-key"
@@ -150,9 +150,7 @@ def backend(server: FakeServer, **kwargs: Any) -> RemoteBackend:
 
 
 def remote_model(module: nn.Module, rb: RemoteBackend) -> NNModel:
-    model = NNModel(module)
-    object.__setattr__(model, "_backend", lambda remote: rb if remote else model._local)
-    return model
+    return NNModel(module, backend=rb)
 
 
 def local_reference(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +183,7 @@ def test_a_graph_without_tensors_travels_as_plain_json() -> None:
     server = FakeServer(script=[{"status": "COMPLETED"}])
     graph = Graph(model="Net", invokes=[Invoke((3,))],
                   nodes=[Node(0, "get", site=Site("", "output"), save=True, where="exp.py:1")])  # fmt: skip
-    job = backend(server, blocking=False).submit(graph)
+    job = backend(server).submit(graph)
     assert isinstance(job, Job) and job.id == "job0"
     assert server.submitted[0] == ("application/json", {"graph": ("application/json", wire.encode(graph)[0])})
 
@@ -337,29 +335,14 @@ def test_a_refused_connection_names_the_host() -> None:
 # --- non-blocking jobs -------------------------------------------------------------------
 
 
-class _Submitted(Exception):
-    """Stands in for the tracer wiring: stop the local run once the job is submitted."""
-
-
-def submit_only(model: NNModel, rb: RemoteBackend) -> None:
-    def execute(graph: Graph, remote: bool = False) -> dict:
-        rb.submit(graph)
-        raise _Submitted
-
-    object.__setattr__(model, "_execute", execute)
-
-
 def test_non_blocking_job_fills_saved_proxies_on_wait(net: nn.Module) -> None:
     server = FakeServer(net)
-    rb = backend(server, blocking=False)
-    model = NNModel(net)
-    submit_only(model, rb)
+    model = remote_model(net, backend(server))
     x = torch.randn(2, 4)
-    with pytest.raises(_Submitted), model.trace(x) as tracer:
+    with model.trace(x, remote=True, blocking=False) as tracer:
         h = model.a.output.save()
-    assert rb.last_job is not None
-    job = fill_later(tracer, rb.last_job)
-    assert tracer.job is job
+    job = tracer.job
+    assert isinstance(job, Job) and server.log == [("POST", "/v1/jobs")]  # submitted, not awaited
     with pytest.raises(errors.TraceError):
         h.value  # noqa: B018
     assert job.status() == "QUEUED" and job.info["position"] == 2
@@ -375,17 +358,17 @@ def test_non_blocking_job_fills_saved_proxies_on_wait(net: nn.Module) -> None:
     assert late == seen
 
 
-def test_execute_with_blocking_false_returns_at_once() -> None:
+def test_submit_returns_at_once() -> None:
     server = FakeServer()
-    rb = backend(server, blocking=False)
+    rb = backend(server)
     graph = Graph(model="Net", invokes=[Invoke((3,))], nodes=[Node(0, "get", site=Site("", "output"))])
-    assert rb.execute(graph) == {}
-    assert rb.last_job is not None and server.log == [("POST", "/v1/jobs")]
+    job = rb.submit(graph)
+    assert job.id == "job0" and server.log == [("POST", "/v1/jobs")]
 
 
 def test_cancel_then_wait_raises() -> None:
     server = FakeServer()
-    rb = backend(server, blocking=False)
+    rb = backend(server)
     graph = Graph(model="Net", invokes=[Invoke((3,))], nodes=[Node(0, "get", site=Site("", "output"))])
     job = rb.submit(graph)
     assert job.cancel() == "CANCELLED"

@@ -21,6 +21,7 @@ import torch
 from ..errors import TraceError
 from ..graph.ir import GET, Graph, Invoke
 from ..graph.merge import group_rows
+from ..runtime.backend import Backend
 from ..runtime.interpreter import Interpreter
 from ..runtime.run import execute, run_session
 from ..runtime.values import resolve
@@ -36,7 +37,8 @@ class LanguageModel(NNModel):
     """A causal LM by hub id, local directory, built-in name ("smollm2-135m") or object."""
 
     def __init__(self, model: Any, *, tokenizer: Any = None, dtype: torch.dtype | None = None,
-                 name: str | None = None, **load_kwargs: Any) -> None:  # fmt: skip
+                 name: str | None = None, backend: Backend | None = None,
+                 **load_kwargs: Any) -> None:  # fmt: skip
         if isinstance(model, torch.nn.Module):
             source, loaded, config = None, model, model.config
             meta = model
@@ -53,7 +55,7 @@ class LanguageModel(NNModel):
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        super().__init__(meta, name=label)
+        super().__init__(meta, name=label, backend=backend)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "_source", source)
@@ -102,7 +104,7 @@ class LanguageModel(NNModel):
         return self._tracer(inputs, "scan", {"forward": kwargs}, remote=False)
 
     def _tracer(self, inputs: tuple, mode: str, options: dict, remote: bool, blocking: bool = True) -> Tracer:
-        return LMTracer(self, inputs, {}, mode=mode, options=options, remote=remote, blocking=blocking)
+        return LMTracer(self, inputs, {}, self._backend(remote), mode=mode, options=options, blocking=blocking)
 
     # --- what Tracer needs -------------------------------------------------------------
     def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke:
@@ -128,12 +130,14 @@ class LanguageModel(NNModel):
                          "list of strings, token ids or a tokenizer's output", user_where())  # fmt: skip
 
     # --- running (also what a server calls) ---------------------------------------------
-    def _backend(self, remote: bool) -> Any:
-        if remote:
+    def _backend(self, remote: bool = False) -> Backend:
+        """Where this model's graphs run: in this process, or (remote) on the server given
+        at construction, else the configured one (NNGLASS_HOST, NNGLASS_API_KEY)."""
+        if remote and self._remote is None:
             from ..remote.client import shared_backend
 
             return shared_backend()
-        return self._local
+        return super()._backend(remote)
 
     def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:
         if graph.mode == "session":

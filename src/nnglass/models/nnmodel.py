@@ -25,11 +25,15 @@ from ..tracing.tracer import Tracer, user_where
 class NNModel:
     """Wraps (does not copy) a module. `with net.trace(x): net.layer.output.save()`."""
 
-    def __init__(self, module: torch.nn.Module, name: str | None = None) -> None:
+    def __init__(self, module: torch.nn.Module, name: str | None = None, *,
+                 backend: Backend | None = None) -> None:  # fmt: skip
+        """`backend`: where `remote=True` runs (default: none for a plain module; a
+        LanguageModel uses the configured server)."""
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_envoy", Envoy(module, ""))
         object.__setattr__(self, "name", name or type(module).__name__)
         object.__setattr__(self, "_local", LocalBackend(self))
+        object.__setattr__(self, "_remote", backend)
         object.__setattr__(self, "_order", OrderLog())  # site orders seen, for early out-of-order errors
 
     @property
@@ -37,14 +41,23 @@ class NNModel:
         """The wrapped torch module itself."""
         return self._module
 
-    def trace(self, *args: Any, remote: bool = False, **kwargs: Any) -> Tracer:
+    def trace(self, *args: Any, remote: bool = False, blocking: bool = True, **kwargs: Any) -> Tracer:
         """Record the block; on exit run it with `args`/`kwargs` as the forward's inputs."""
-        return Tracer(self, args, kwargs, remote=remote)
+        return Tracer(self, args, kwargs, self._backend(remote), blocking=blocking)
 
     def session(self, remote: bool = False, blocking: bool = True) -> Session:
         """Several traces as one unit (one request when remote); later traces may use
         earlier traces' values."""
-        return Session(self, remote=remote, blocking=blocking)
+        return Session(self, self._backend(remote), blocking=blocking)
+
+    def _backend(self, remote: bool = False) -> Backend:
+        """Where this model's graphs run: in this process, or (remote) on a server."""
+        if not remote:
+            return self._local
+        if self._remote is None:
+            raise TraceError("remote=True is for models a server hosts: use LanguageModel(name)",
+                             user_where())  # fmt: skip
+        return self._remote
 
     # --- what Tracer needs ---------------------------------------------------------------
     def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke:
@@ -53,20 +66,6 @@ class NNModel:
         if tracer.graph.invokes:
             _check_batchable(tracer.graph.invokes[0], invoke)
         return invoke
-
-    def _execute(self, graph: Graph, remote: bool = False) -> dict[int, Any]:
-        return self._backend(remote).execute(graph)
-
-    def _backend(self, remote: bool) -> Backend:
-        if remote:
-            raise TraceError("remote=True is for models a server hosts: use LanguageModel(name)",
-                             user_where())  # fmt: skip
-        return self._local
-
-    def _submit(self, target: Any) -> Any:
-        from ..remote.client import fill_later
-
-        return fill_later(target, self._backend(True).submit(target.graph))
 
     # --- running (also what a server calls) ---------------------------------------------
     def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:

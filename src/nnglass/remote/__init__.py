@@ -2,6 +2,5 @@
 
 from .client import Job as Job
 from .client import RemoteBackend as RemoteBackend
-from .client import fill_later as fill_later
 
-__all__ = ["Job", "RemoteBackend", "fill_later"]
+__all__ = ["Job", "RemoteBackend"]

@@ -80,36 +80,19 @@ class RemoteBackend:
 
     patience = 60.0
 
-    def __init__(self, host: str | None = None, api_key: str | None = None, blocking: bool = True,
+    def __init__(self, host: str | None = None, api_key: str | None = None,
                  progress: bool | None = None, timeout: float = 30.0, *,
                  transport: httpx.BaseTransport | None = None,
                  poll: tuple[float, float] = (0.1, 2.0)) -> None:  # fmt: skip
         host = (host or _config.host()).rstrip("/")
         self.host = host if "://" in host else f"http://{host}"
         self.api_key = api_key if api_key is not None else _config.api_key()
-        self.blocking = blocking
         self.progress = progress
         self.timeout = timeout
         self.poll = poll
-        self.last_job: Job | None = None
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self.client = httpx.Client(base_url=self.host, headers=headers, timeout=timeout,
                                    transport=transport)  # fmt: skip
-
-    def execute(self, graph: Graph) -> dict[int, Any]:
-        """Submit, wait, return the saved values. With blocking=False: submit only, return
-        {} and leave the job in `last_job` (tracers use `submit` + `fill_later` instead)."""
-        job = self.submit(graph)
-        if not self.blocking:
-            return {}
-        try:
-            return job.result()
-        except KeyboardInterrupt:  # don't leave the server working for nobody
-            try:
-                job.cancel()
-            except NNglassError:
-                pass
-            raise
 
     def submit(self, graph: Graph) -> Job:
         """Send the graph; return its Job as soon as the server has accepted it."""
@@ -120,7 +103,7 @@ class RemoteBackend:
             body = {"files": {"graph": ("graph.json", json_bytes, "application/json"),
                               "tensors": ("tensors.safetensors", tensor_bytes, "application/octet-stream")}}
         info = self.request("POST", "/v1/jobs", f"model {graph.model!r}", **body).json()
-        job = self.last_job = Job(self, str(info["id"]), info)
+        job = Job(self, str(info["id"]), info)
         log.info("submitted job %s to %s (%s)", job.id, self.host, info.get("status"))
         return job
 
@@ -341,27 +324,3 @@ def shared_backend() -> RemoteBackend:
         if backend is None:
             backend = _SHARED[key] = RemoteBackend(*key)
         return backend
-
-
-def fill_later(target: Any, job: Job) -> Job:
-    """Expose `job` as `target.job` and fill target's saved proxies when its values come.
-
-    `target` is a Tracer (values by node id) or a Session (values by trace index, then
-    node id; each inner tracer gets `.job` too). Until then, `.value` raises as inside
-    the block; after `job.wait()` (or `job.result()`) saved proxies hold their values.
-    """
-    from ..tracing.proxy import NEVER_RAN, finish  # remote → tracing only here
-
-    session = hasattr(target, "tracers")
-    tracers = list(target.tracers) if session else []
-    for t in [target, *tracers]:
-        t.job = job
-
-    def fill(values: dict[int, Any]) -> None:
-        pairs = [(t, values.get(k, {})) for k, t in enumerate(tracers)] if session else [(target, values)]
-        for tracer, vals in pairs:
-            for proxy, node_id in tracer.saved.values():
-                finish(proxy, vals.get(node_id, NEVER_RAN))
-
-    job.on_done(fill)
-    return job

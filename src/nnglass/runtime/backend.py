@@ -1,37 +1,92 @@
-"""Backends execute a graph and return its saved values: one narrow interface.
+"""Backends: where a graph runs. One narrow interface, `Backend.submit(graph) -> Job`.
 
-`LocalBackend` runs in this process; `nnglass.remote.RemoteBackend` sends the graph to a
-server. Tracers never branch on which one they have.
+`LocalBackend` runs the graph in this process and returns a job that has already
+finished; `nnglass.remote.RemoteBackend` sends it to a server and returns a job that
+finishes there. Tracers and sessions submit, then wait unless `blocking=False`: they
+never branch on which backend they have.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import _config
 from ..graph.ir import Graph
 
+Values = dict[int, Any]  # saved values by node id (a session: by trace index, then node id)
+
+
+class Job(Protocol):
+    """A submitted graph."""
+
+    id: str
+
+    def status(self) -> str:
+        """RECEIVED, QUEUED, RUNNING, COMPLETED, ERROR or CANCELLED."""
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the values are here; raise the job's error if it failed."""
+
+    def result(self, timeout: float | None = None) -> Values: ...
+
+    def cancel(self) -> str: ...
+
+    def on_done(self, callback: Callable[[Values], Any]) -> None:
+        """Call `callback(values)` once the values are here (now, if they already are)."""
+
+
+class Backend(Protocol):
+    def submit(self, graph: Graph) -> Job: ...
+
 
 class Runnable(Protocol):
     """A model that can run a graph in-process (NNModel, LanguageModel)."""
 
-    def run_graph(self, graph: Graph) -> dict[int, Any]: ...
+    def run_graph(self, graph: Graph) -> Values: ...
 
 
-class Backend(Protocol):
-    def execute(self, graph: Graph) -> dict[int, Any]: ...
+_IDS = itertools.count()
+
+
+class DoneJob:
+    """A job that finished as it was made: a local run's values."""
+
+    def __init__(self, values: Values) -> None:
+        self.id = f"local-{next(_IDS)}"
+        self._values = values
+
+    def __repr__(self) -> str:
+        return f"DoneJob({self.id!r})"
+
+    def status(self) -> str:
+        return "COMPLETED"
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+    def result(self, timeout: float | None = None) -> Values:
+        return self._values
+
+    def cancel(self) -> str:
+        return "COMPLETED"
+
+    def on_done(self, callback: Callable[[Values], Any]) -> None:
+        callback(self._values)
 
 
 class LocalBackend:
-    """Runs the in-memory graph; with NNGLASS_ROUNDTRIP=1, after a JSON round trip."""
+    """Runs the in-memory graph; with NNGLASS_ROUNDTRIP=1, after a JSON round trip.
+    A failure raises from `submit`, at once, like the run itself would."""
 
     def __init__(self, model: Runnable, roundtrip: bool | None = None) -> None:
         self.model = model
         self.roundtrip = _config.roundtrip() if roundtrip is None else roundtrip
 
-    def execute(self, graph: Graph) -> dict[int, Any]:
+    def submit(self, graph: Graph) -> DoneJob:
         if self.roundtrip:
             from ..graph import wire
 
             graph = wire.roundtrip(graph)
-        return self.model.run_graph(graph)
+        return DoneJob(self.model.run_graph(graph))

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import TraceError
-from ..graph.ir import GET, MODULE, PARAM, SET, Graph, Invoke
+from ..graph.ir import GET, MODULE, PARAM, SET, Invoke
 from .proxy import Proxy
 from .tracer import Tracer, current_tracer, user_where
 
@@ -24,11 +24,6 @@ class TracedModel(Protocol):
     name: str
 
     def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke: ...
-
-    def _execute(self, graph: Graph, remote: bool = False) -> dict[int, Any]: ...
-
-    def _submit(self, target: Any) -> Any:
-        """Send a tracer's or session's graph without waiting; return the job."""
 
 
 class Envoy:

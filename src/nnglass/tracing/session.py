@@ -13,21 +13,21 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import TraceError
 from ..graph.ir import Graph
-from .proxy import NEVER_RAN, finish
-from .tracer import _SESSION, Tracer, user_where
+from .tracer import _SESSION, Tracer, submit, user_where
 
 if TYPE_CHECKING:
+    from ..runtime.backend import Backend, Job, Values
     from .envoy import TracedModel
 
 
 class Session:
     """Use via `model.session()`: `with lm.session(): with lm.trace(...): ...`."""
 
-    def __init__(self, model: TracedModel, remote: bool = False, blocking: bool = True) -> None:
+    def __init__(self, model: TracedModel, backend: Backend, blocking: bool = True) -> None:
         self.model = model
-        self.remote = remote
+        self.backend = backend
         self.blocking = blocking
-        self.job: Any = None  # with remote=True, blocking=False: the submitted job
+        self.job: Job | None = None  # the submitted job (one for all its traces)
         self.tracers: list[Tracer] = []
         self._token: contextvars.Token | None = None
 
@@ -43,15 +43,18 @@ class Session:
             return False
         self.graph = Graph(model=self.model.name, mode="session",
                            children=[t.graph for t in self.tracers])  # fmt: skip
-        if self.remote and not self.blocking:
-            self.job = self.model._submit(self)  # one request; proxies fill in on job.wait()
-            return False
-        results = self.model._execute(self.graph, remote=self.remote)
-        for k, tracer in enumerate(self.tracers):
-            values = results.get(k, {})
-            for proxy, node_id in tracer.saved.values():
-                finish(proxy, values.get(node_id, NEVER_RAN))
+        submit(self, self.backend, self.blocking)
         return False
+
+    def bind(self, job: Job) -> None:
+        self.job = job
+        for tracer in self.tracers:
+            tracer.bind(job)
+
+    def fill(self, values: Values) -> None:
+        """Each trace's values (by trace index) into its saved proxies."""
+        for k, tracer in enumerate(self.tracers):
+            tracer.fill(values.get(k, {}))
 
     def add(self, tracer: Tracer) -> None:
         if tracer.model is not self.model:

@@ -4,12 +4,14 @@ Invariants:
 - Recording never runs model code and never touches tensors' data.
 - Each node remembers the user's file:line (the first frame outside nnglass, torch and
   installed libraries).
-- On exit without an exception, the graph runs exactly once (through the model's
-  backend); saved proxies then hold their values. With an exception, nothing runs.
+- On exit without an exception, the graph is submitted exactly once to the backend the
+  trace was made with (`submit`), and saved proxies hold their values once the job is
+  done (at once unless `blocking=False`). With an exception, nothing runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import TraceError
+from ..errors import NNglassError, TraceError
 from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, IMPORT, SET, Graph, Node, Ref, Site
 from .proxy import NEVER_RAN, Proxy, Saved, finish
 from .where import user_where
 
 if TYPE_CHECKING:
+    from ..runtime.backend import Backend, Job, Values
     from .envoy import TracedModel
     from .session import Session
 
@@ -41,16 +44,31 @@ def current_session() -> Session | None:
     return _SESSION.get()
 
 
+def submit(target: Tracer | Session, backend: Backend, blocking: bool) -> Job:
+    """Submit a tracer's or session's graph; its saved proxies fill in when the job is
+    done. Blocking: wait (Ctrl-C cancels the job: nobody would collect its values)."""
+    job = backend.submit(target.graph)
+    target.bind(job)
+    job.on_done(target.fill)
+    if blocking:
+        try:
+            job.wait()
+        except KeyboardInterrupt:
+            with contextlib.suppress(NNglassError):
+                job.cancel()
+            raise
+    return job
+
+
 class Tracer:
     """Records one trace. Use via `model.trace(...)`, not directly."""
 
-    def __init__(self, model: TracedModel, args: tuple, kwargs: dict, mode: str = "trace",
-                 options: dict | None = None, remote: bool = False, blocking: bool = True,
-                 ) -> None:  # fmt: skip
+    def __init__(self, model: TracedModel, args: tuple, kwargs: dict, backend: Backend, mode: str = "trace",
+                 options: dict | None = None, blocking: bool = True) -> None:  # fmt: skip
         self.model = model
-        self.remote = remote
+        self.backend = backend
         self.blocking = blocking
-        self.job: Any = None  # with remote=True, blocking=False: the submitted job
+        self.job: Job | None = None  # the submitted job (blocking=False: `.value` after job.wait())
         self.graph = Graph(model=model.name, mode=mode, options=dict(options or {}))
         self.invoke_index: int | None = None
         self._step = 0
@@ -86,13 +104,16 @@ class Tracer:
         if self.session is not None:
             self.session.add(self)  # runs when the session ends
             return False
-        if self.remote and not self.blocking:
-            self.job = self.model._submit(self)  # saved proxies fill in on job.wait()
-            return False
-        values = self.model._execute(self.graph, remote=self.remote)
+        submit(self, self.backend, self.blocking)
+        return False
+
+    def bind(self, job: Job) -> None:
+        self.job = job
+
+    def fill(self, values: Values) -> None:
+        """The job's values into the saved proxies (a value that never came raises on `.value`)."""
         for proxy, node_id in self.saved.values():
             finish(proxy, values.get(node_id, NEVER_RAN))
-        return False
 
     @contextmanager
     def invoke(self, *args: Any, **kwargs: Any) -> Iterator[Tracer]:
