@@ -104,7 +104,8 @@ class LanguageModel(NNModel):
         return self._tracer(inputs, "scan", {"forward": kwargs}, remote=False)
 
     def _tracer(self, inputs: tuple, mode: str, options: dict, remote: bool, blocking: bool = True) -> Tracer:
-        return LMTracer(self, inputs, {}, self._backend(remote), mode=mode, options=options, blocking=blocking)
+        backend = self._backend(remote)
+        return LMTracer(self, inputs, {}, backend, mode=mode, options=options, blocking=blocking)
 
     # --- what Tracer needs -------------------------------------------------------------
     def _prepare_invoke(self, tracer: Tracer, args: tuple, kwargs: dict) -> Invoke:
