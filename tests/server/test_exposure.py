@@ -213,3 +213,29 @@ def test_inputs_show_the_input_of_a_block_and_of_a_keyword_called_module(
 
 def test_the_server_still_serves(server: Any, key: str) -> None:
     assert httpx.get(f"{server.url}/health", timeout=10).json()["models"]["provider"] == "ready"
+
+
+def test_a_hidden_model_takes_jobs_only_once_its_lookups_are_known(tiny_dir: Path, tmp_path: Path) -> None:
+    """Before a replica has loaded the weights, nobody knows which sites are lookups of
+    them: a weights-hidden model answers "try again" (503), it never guesses."""
+    from nnglass.errors import UnavailableError
+    from nnglass.graph import wire
+    from nnglass.server.config import ModelConfig, ServerConfig
+    from nnglass.server.service import Service
+
+    models = [ModelConfig(name=n, source=str(tiny_dir), policy=p) for n, p in
+              (("provider", PROVIDER), ("open", Policy()), ("exposed", EXPOSED))]
+    service = Service(ServerConfig(home=tmp_path, models=models))  # not started: no worker yet
+    local = LanguageModel(str(tiny_dir), name="provider")
+    for name in ("provider", "open", "exposed"):
+        tracer = local.trace("abcd")
+        tracer.graph.model = name
+        tracer.__enter__()
+        local.model.layers[1].output.save()
+        tracer.__exit__(KeyError, KeyError(), None)  # recorded, never run
+        json_bytes, tensors = wire.encode(tracer.graph)
+        if name == "provider":
+            with pytest.raises(UnavailableError, match="still loading"):
+                service.submit("k", json_bytes, tensors)
+        else:
+            assert service.submit("k", json_bytes, tensors).status.value == "QUEUED"
