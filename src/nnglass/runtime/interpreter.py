@@ -145,11 +145,17 @@ class Interpreter:
         self.fired.append(key)
         nodes, remaining = self.nodes, self.remaining
         whole = len(self.rows) == 1
+        watched = ()
         for i in task.ids:
             if remaining[i]:
                 self._out_of_order(nodes[i])
             node = nodes[i]
             if node.op == GET:
+                if task.grads and i in task.grads and i > task.last_set and not task.inplace:
+                    # Watch the gradient before anything reads the value: a backward that
+                    # the nodes below run inside this very hook must already find it.
+                    value = self._watch_grad(i, value)
+                    watched = (*watched, i)
                 seen = graph_view(without_state(value) if not key[0] else value)
                 self.complete(i, seen if whole or node.invoke is None else self._slice(seen, node.invoke))
             else:
@@ -174,7 +180,8 @@ class Interpreter:
                         values[i] = copy_tensors(v)
                         break
         for i in task.grads:
-            value = self._watch_grad(i, value)
+            if i not in watched:
+                value = self._watch_grad(i, value)
         if self.left == 0 and self.can_stop:
             raise EarlyStop
         return value
