@@ -34,6 +34,7 @@ from .errors import (
 from .graph.ops import register as register
 from .models.language import LanguageModel as LanguageModel
 from .models.nnmodel import NNModel as NNModel
+from .tracing.verbs import save as save
 
 __all__ = [
     "ExecutionError",
@@ -49,5 +50,6 @@ __all__ = [
     "VersionError",
     "configure",
     "register",
+    "save",
 ]
 __version__ = "0.1.0"

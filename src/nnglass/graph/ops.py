@@ -58,6 +58,12 @@ type_as unbind unflatten unique unsqueeze var view view_as where
 add_ clamp_ copy_ div_ fill_ index_fill_ masked_fill_ mul_ neg_ scatter_ sub_ zero_
 """
 
+# Every torch.<name> above that tensors also have as a method is reachable as that method
+# (`vec.dot(h)`, `W.mv(h)`): the same function, the receiver first.
+METHOD_FORMS = tuple(
+    n for n in TORCH_FUNCTIONS.split() if hasattr(torch.Tensor, n) and n not in TENSOR_METHODS.split()
+)
+
 # Attribute reads a graph may perform (tensors, sizes, transformers ModelOutputs).
 ATTRIBUTES = frozenset(
     """
@@ -81,7 +87,7 @@ VIEW_OPS = frozenset(
     Tensor.contiguous Tensor.detach Tensor.to Tensor.float Tensor.chunk Tensor.split Tensor.unbind
     torch.reshape torch.transpose torch.permute torch.t torch.squeeze torch.unsqueeze
     torch.narrow torch.select torch.diagonal torch.flatten torch.chunk torch.split torch.unbind
-    torch.swapaxes torch.movedim torch.broadcast_to
+    torch.swapaxes torch.movedim torch.broadcast_to Tensor.swapaxes Tensor.movedim Tensor.broadcast_to
     """.split()
 )
 
@@ -179,6 +185,9 @@ def default_registry() -> OpRegistry:
     for name in TENSOR_METHODS.split():
         # Unbound method calls dispatch on the receiver, so a `Tensor.size` node also
         # works on a `torch.Size`-free value like a tuple only where torch allows it.
+        reg.add(f"Tensor.{name}", _method(name))
+        reg.alias(getattr(torch.Tensor, name), f"Tensor.{name}")
+    for name in METHOD_FORMS:
         reg.add(f"Tensor.{name}", _method(name))
         reg.alias(getattr(torch.Tensor, name), f"Tensor.{name}")
     for name in OPERATORS.split():

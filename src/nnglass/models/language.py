@@ -130,6 +130,38 @@ class LanguageModel(NNModel):
         raise TraceError(f"cannot use {type(prompt).__name__} as a prompt: pass a string, a "
                          "list of strings, token ids or a tokenizer's output", user_where())  # fmt: skip
 
+    def _fake_world(self, graph: Graph) -> fake.FakeWorld:
+        """Site values of a fake forward on the recorded prompts (record-time metadata):
+        the loaded model under a FakeTensorMode, else (not loaded, or a scan) the fake model
+        from the config (a remote model needs no weights). Later generation steps see one new token."""
+        ids, mask, rows = batch_prompts(graph, self.tokenizer.pad_token_id)
+        if self._loaded is not None and self._fake is None and graph.mode != "scan":
+            model, mode = self._loaded, self._meta_mode()
+        else:
+            mode, model = fake._fake_model(self)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        ids, mask = ids.to(device), mask.to(device)
+        forward = dict(resolve(graph.options.get("forward", {}), [], graph.tensors))
+        forward["use_cache"] = False
+        key = (id(model), fake.signature((ids, forward)))
+
+        def sites(later: bool) -> fake.SiteValues:
+            if later:  # a generation step after the prompt: one new token (KV cache shapes aside)
+                one = ids[:, -1:]
+                run = lambda: model(input_ids=one, attention_mask=torch.ones_like(one), use_cache=False)
+                later_key = (id(model), "later", ids.shape[0])
+                return self._fake_sites.get(later_key, lambda: fake.capture(mode, model, run))
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            run = lambda: model(input_ids=ids, attention_mask=mask, position_ids=positions, **forward)
+            return self._fake_sites.get(key, lambda: fake.capture(mode, model, run))
+
+        result = None
+        if graph.mode == "generate":
+            with mode:
+                new = int(graph.options.get("generate", {}).get("max_new_tokens", 1))
+                result = torch.zeros(ids.shape[0], ids.shape[1] + new, dtype=ids.dtype, device=device)
+        return fake.FakeWorld(mode, model, sites, rows, ids.shape[0], result)
+
     # --- running (also what a server calls) ---------------------------------------------
     def _backend(self, remote: bool = False) -> Backend:
         """Where this model's graphs run: in this process, or (remote) on the server given

@@ -20,6 +20,7 @@ from ..runtime.values import resolve
 from ..tracing.envoy import Envoy
 from ..tracing.session import Session
 from ..tracing.tracer import Tracer, user_where
+from . import fake
 
 
 class NNModel:
@@ -35,6 +36,8 @@ class NNModel:
         object.__setattr__(self, "_local", LocalBackend(self))
         object.__setattr__(self, "_remote", backend)
         object.__setattr__(self, "_order", OrderLog())  # site orders seen, for early out-of-order errors
+        object.__setattr__(self, "_fake_mode", None)  # record-time metadata: made when first asked
+        object.__setattr__(self, "_fake_sites", fake.FakeCache())
 
     @property
     def module(self) -> torch.nn.Module:
@@ -67,6 +70,28 @@ class NNModel:
             _check_batchable(tracer.graph.invokes[0], invoke)
         return invoke
 
+    def _fake_world(self, graph: Graph) -> fake.FakeWorld:
+        """Site values of a fake forward on the graph's invokes (record-time metadata)."""
+        args, kwargs, rows, batch = batch_invokes(graph)
+        module, mode = self._module, self._meta_mode()
+        key = fake.signature((args, kwargs))
+
+        def make() -> fake.SiteValues:
+            return fake.capture(mode, module, lambda: module(*args, **kwargs))
+
+        def sites(later: bool) -> fake.SiteValues:
+            return self._fake_sites.get(key, make)
+
+        return fake.FakeWorld(mode, module, sites, rows, batch)
+
+    def _meta_mode(self) -> Any:
+        """The FakeTensorMode this model's own module runs under for metadata."""
+        if self._fake_mode is None:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            object.__setattr__(self, "_fake_mode", FakeTensorMode(allow_non_fake_inputs=True))
+        return self._fake_mode
+
     # --- running (also what a server calls) ---------------------------------------------
     def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:
         if graph.mode == "session":
@@ -82,7 +107,7 @@ class NNModel:
     # --- the module tree ------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         found = getattr(self._envoy, name)
-        if isinstance(found, Envoy):
+        if type(found) is Envoy:
             self.__dict__[name] = found  # next time a plain attribute hit
         return found
 

@@ -3,7 +3,13 @@
 Invariant: every operation on a `Proxy` inside a trace appends exactly one node to the
 tracer's graph and returns a new `Proxy` (in-place operations return the same proxy,
 now bound to the new node, so later reads see the edit, as in PyTorch). Nothing runs.
-After the trace, a saved proxy becomes a `Saved`: it behaves like its value.
+After the trace, a saved proxy becomes a `Saved` (saved.py): it behaves like its value.
+
+What does not depend on the data is answered while recording, from fake tensors
+(meta.py): `.shape`, `.dtype`, `.device`, `.ndim`, `.size()`, `len()`, iteration and the
+Python type (`isinstance(p, torch.Tensor)` is True for a tensor value: `__class__` is a
+property, as `unittest.mock` does it; `type(p)` stays `Proxy`). Asking costs one fake
+forward per input signature (cached by the model); not asking costs nothing.
 """
 
 from __future__ import annotations
@@ -11,9 +17,17 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from ..errors import OutOfOrderError, TraceError
+import torch
+
+from ..errors import TraceError
 from ..graph.ir import GRAD, SET_GRAD
 from ..graph.ops import ATTRIBUTES, REGISTRY
+from . import meta
+from .saved import NEVER_RAN as NEVER_RAN
+from .saved import NeverRan as NeverRan
+from .saved import Saved as Saved
+from .saved import _Slots
+from .saved import finish as finish
 from .where import third_party_caller
 
 if TYPE_CHECKING:
@@ -26,11 +40,7 @@ _CONTROL_FLOW = (
 )
 
 
-class _Slots:
-    # Proxy and Saved share this layout so a saved proxy can become a Saved in place.
-    __slots__ = ("__weakref__", "_id", "_tracer", "_value")
-
-
+_set_class = object.__dict__["__class__"].__set__
 _set_tracer = _Slots._tracer.__set__  # type: ignore[attr-defined]  # slot setters: no __setattr__
 _set_id = _Slots._id.__set__  # type: ignore[attr-defined]
 
@@ -73,9 +83,58 @@ class Proxy(_Slots):
             self._tracer.where(),
         )
 
+    # --- metadata (answered while recording; see meta.py) ------------------------------
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return meta.python_type(self)
+
+    @__class__.setter
+    def __class__(self, cls: type) -> None:
+        _set_class(self, cls)
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(meta.shape(self), self)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return meta.dtype(self)
+
+    @property
+    def device(self) -> torch.device:
+        return meta.device(self)
+
+    @property
+    def ndim(self) -> int:
+        return len(meta.shape(self))
+
+    @property
+    def is_cuda(self) -> bool:
+        return meta.device(self).type == "cuda"
+
+    def size(self, dim: int | None = None) -> Any:
+        return Shape(meta.shape(self), self) if dim is None else meta.size(self, dim)
+
+    def dim(self) -> int:
+        return len(meta.shape(self))
+
+    def numel(self) -> int:
+        return meta.shape(self).numel()
+
+    def is_floating_point(self) -> bool:
+        return meta.dtype(self).is_floating_point
+
+    def __len__(self) -> int:
+        return meta.length(self)
+
+    def __iter__(self) -> Any:
+        if issubclass(meta.python_type(self), dict):
+            return iter(meta.keys(self))
+        return (self[i] for i in range(meta.length(self)))
+
     # --- recording ---------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("_"):  # no op or attribute is private; probes (`_is_param`) get a no
             raise AttributeError(name)
         library = third_party_caller()
         if library is not None:
@@ -130,17 +189,6 @@ class Proxy(_Slots):
     # --- things a recorded value cannot do -------------------------------------------
     def __bool__(self) -> bool:
         raise TraceError(_CONTROL_FLOW, self._tracer.where())
-
-    def __iter__(self) -> Any:
-        raise TraceError(
-            "cannot iterate over a traced value: its length is unknown until the model runs; "
-            "index it instead (out[0], out[1]) or use .unbind()/.split() with known sizes",
-            self._tracer.where(),
-        )
-
-    def __len__(self) -> int:
-        raise TraceError("len() of a traced value is unknown while recording; use .shape",
-                         self._tracer.where())  # fmt: skip
 
     def __index__(self) -> int:
         raise TraceError("a traced value cannot be used as a Python int while recording",
@@ -221,120 +269,54 @@ for _name, _op in [("iadd", "add_"), ("isub", "sub_"), ("imul", "mul_"), ("itrue
     setattr(Proxy, f"__{_name}__", _inplace(f"Tensor.{_op}"))
 
 
+def has_proxy(x: Any) -> bool:
+    stack = [x]
+    while stack:
+        y = stack.pop()
+        t = type(y)
+        if t is Proxy:
+            return True
+        if t is tuple or t is list:
+            stack.extend(y)
+        elif t is dict:
+            stack.extend(y.values())
+    return False
+
+
 def _find_tracer(args: Any, kwargs: Any) -> Tracer:
     stack = [args, kwargs]
     while stack:
         x = stack.pop()
-        if isinstance(x, Proxy):
+        t = type(x)
+        if t is Proxy:
             return x._tracer
-        if isinstance(x, (list, tuple)):
+        if t is tuple or t is list:
             stack.extend(x)
-        elif isinstance(x, dict):
+        elif t is dict:
             stack.extend(x.values())
     raise TraceError("internal: no proxy among the arguments")
 
 
-class Saved(_Slots):
-    """A saved value after its trace ran: behaves like the value itself.
+class Shape(tuple):
+    """A proxy's shape while recording: a tuple of ints (compares equal to the
+    torch.Size), which can also be saved (`h.shape.save()`, for `lm.scan`)."""
 
-    `h.value` is the value; `h.shape`, `h[0]`, `h + 1`, `torch.allclose(h, ref)` work on it.
-    """
+    def __new__(cls, size: torch.Size, proxy: Proxy) -> Shape:
+        new = super().__new__(cls, size)
+        new._proxy = proxy
+        return new
 
-    __slots__ = ()
+    def save(self) -> Proxy:
+        """The shape as a saved value (`.value` is a torch.Size after the trace)."""
+        proxy = self._proxy
+        return proxy._tracer.record("builtins.getattr", (proxy, "shape")).save()
 
     @property
-    def value(self) -> Any:
-        if type(self._value) is NeverRan:
-            raise OutOfOrderError(
-                "this value was never computed: its generation step never ran (generation "
-                "ended earlier, e.g. at EOS)", self._tracer.graph.nodes[self._id].where)
-        return self._value
+    def value(self) -> torch.Size:
+        return torch.Size(self)
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.value, name)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self.value[key]
-
-    def __iter__(self) -> Any:
-        return iter(self.value)
-
-    def __len__(self) -> int:
-        return len(self.value)
-
-    def __bool__(self) -> bool:
-        return bool(self.value)
-
-    def __float__(self) -> float:
-        return float(self.value)
-
-    def __int__(self) -> int:
-        return int(self.value)
-
-    def __index__(self) -> int:
-        return self.value.__index__()
-
-    def __array__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.value.__array__(*args, **kwargs)
+    def numel(self) -> int:
+        return torch.Size(self).numel()
 
     def __repr__(self) -> str:
-        return repr(self._value)
-
-    def _repr_html_(self) -> str | None:
-        """Jupyter: shape, dtype, min/mean/max and a histogram (nnglass[viz]; else the repr)."""
-        try:
-            from ..viz import value_summary
-        except ModuleNotFoundError:
-            return None
-        return value_summary(self).text
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        return func(*_unwrap(args), **_unwrap(kwargs or {}))
-
-    __hash__ = object.__hash__
-
-
-def _unwrap(x: Any) -> Any:
-    if isinstance(x, Saved):
-        return x.value
-    if isinstance(x, (list, tuple)):
-        return type(x)(_unwrap(y) for y in x)
-    if isinstance(x, dict):
-        return {k: _unwrap(v) for k, v in x.items()}
-    return x
-
-
-def _saved_binary(name: str, reflected: bool = False) -> Any:
-    def method(self: Saved, other: Any) -> Any:
-        other = _unwrap(other)
-        return getattr(self.value, name)(other)
-    return method
-
-
-for _name in (
-    "add sub mul truediv floordiv mod pow matmul and or xor lshift rshift eq ne lt le gt ge"
-).split():
-    for _pre in ("", "r"):
-        if _pre and _name in ("eq", "ne", "lt", "le", "gt", "ge"):
-            continue
-        _dunder = f"__{_pre}{_name}__"
-        setattr(Saved, _dunder, _saved_binary(_dunder))
-for _name in ("neg", "pos", "abs", "invert"):
-    setattr(Saved, f"__{_name}__", lambda self, _n=_name: getattr(self.value, f"__{_n}__")())
-
-
-class NeverRan:
-    """The value of a node whose generation step never happened."""
-
-
-NEVER_RAN = NeverRan()
-
-
-def finish(proxy: Proxy, value: Any) -> None:
-    """Turn a saved proxy into a `Saved` holding `value` (slots match, so this is cheap)."""
-    object.__setattr__(proxy, "__class__", Saved)
-    object.__setattr__(proxy, "_value", value)
-
+        return f"torch.Size({list(self)})"

@@ -21,7 +21,8 @@ import torch
 
 from ..errors import NNglassError, TraceError
 from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, IMPORT, SET, Graph, Node, Ref, Site
-from .proxy import NEVER_RAN, Proxy, Saved, finish
+from .meta import Meta, Recording
+from .proxy import NEVER_RAN, Proxy, Saved, Shape, finish
 from .where import user_where
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ class Tracer:
         self._imports: dict[tuple[int, int], Ref] = {}
         self._shape: list[tuple] = []  # per node, what a runtime plan depends on (see _shape)
         self.session = current_session()
+        self._meta: Meta | None = None  # record-time metadata, made when first asked for
+        self._mode: Recording | None = None  # on torch's function-mode stack during the block
         self._implicit = bool(args or kwargs)
         if self._implicit:
             self.graph.invokes.append(model._prepare_invoke(self, args, kwargs))
@@ -89,11 +92,19 @@ class Tracer:
         if _CURRENT.get() is not None:
             raise TraceError("traces cannot be nested; use tracer.invoke(...) or a session", user_where())
         self._token = _CURRENT.set(self)
+        self._mode = Recording()
+        self._mode.push()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         _CURRENT.reset(self._token)
-        if exc_type is not None:
+        if self._mode is not None:
+            self._mode.pop()
+            self._mode = None
+        if exc_type is Stop:
+            if exc.tracer is not self:
+                return False
+        elif exc_type is not None:
             return False
         if not self.graph.invokes:
             raise TraceError("nothing to run: pass inputs to trace(...) or use tracer.invoke(...)",
@@ -103,9 +114,9 @@ class Tracer:
         self.graph.plan_key = (self.graph.mode, tuple(self._shape), saved)
         if self.session is not None:
             self.session.add(self)  # runs when the session ends
-            return False
+            return exc_type is Stop
         submit(self, self.backend, self.blocking)
-        return False
+        return exc_type is Stop
 
     def bind(self, job: Job) -> None:
         self.job = job
@@ -149,6 +160,15 @@ class Tracer:
         with self._step_scope(k):
             yield self
 
+    @property
+    def iter(self) -> Any:
+        """nnsight's spelling of steps: `with tracer.iter[:]` (every step, as `all()`),
+        `with tracer.iter[k]` (as `step(k)`), `for k in tracer.iter[a:b]:` (the loop body is
+        recorded once per step, in that step's scope)."""
+        from .verbs import StepIndex
+
+        return StepIndex(self)
+
     @contextmanager
     def _step_scope(self, step: int) -> Iterator[None]:
         previous, self._step = self._step, step
@@ -175,6 +195,17 @@ class Tracer:
         if modules is not None and not out:
             raise TraceError(f"no module matches {modules!r}", user_where())
         return out
+
+    def stop(self) -> None:
+        """End the block here (nnsight's `tracer.stop()`): nothing after this line is
+        recorded, and the forward pass stops once what was recorded has run."""
+        raise Stop(self)
+
+    def metadata(self) -> Meta:
+        """Shapes, dtypes and types of this trace's values (computed when first asked)."""
+        if self._meta is None:
+            self._meta = Meta(self)
+        return self._meta
 
     # --- recording ---------------------------------------------------------------------
     def where(self) -> str:
@@ -229,9 +260,9 @@ class Tracer:
             if entry is None or entry[0] is not x:
                 entry = self._tensor_keys[id(x)] = (x, self.graph.attach(x.detach()))
             return entry[1]
-        if t is tuple or t is list or isinstance(x, torch.Size):
+        if t is tuple or t is list or t is Shape or isinstance(x, torch.Size):
             items = [self.encode(y) for y in x]
-            return torch.Size(items) if isinstance(x, torch.Size) else t(items)
+            return torch.Size(items) if t is Shape or isinstance(x, torch.Size) else t(items)
         if t is dict:
             return {str(k): self.encode(v) for k, v in x.items()}
         if t is slice:
@@ -277,6 +308,14 @@ def _shape(node: Node) -> tuple:
     extra = tuple(node.refs()) if nested else None
     index = args[1] if node.op == "operator.getitem" and len(args) > 1 and type(args[1]) is int else None
     return (node.op, node.site, node.invoke, node.step, refs, extra, index)
+
+
+class Stop(Exception):
+    """`tracer.stop()`: leaves the block; the tracer that raised it catches it."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__("tracer.stop() outside its trace")
+        self.tracer = tracer
 
 
 class CacheEntry:

@@ -1,0 +1,73 @@
+"""nnsight's remaining verbs, spelled as nnsight spells them: `nnglass.save(x)` and
+`tracer.iter[...]` (steps). They only record; what they mean is stated where defined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import TraceError
+from .proxy import Proxy, has_proxy
+from .tracer import Tracer, current_tracer, user_where
+
+
+def save(obj: Any) -> Any:
+    """nnsight's `nnglass.save(x)`: `x.save()` for a proxy; a list, tuple or dict holding
+    proxies is saved as one value (its `.value` after the trace); anything else is
+    returned as it is (it is already a real value)."""
+    if type(obj) is Proxy:
+        return obj.save()
+    if type(obj) in (list, tuple, dict) and has_proxy(obj):
+        tracer = current_tracer("nnglass.save(...) of traced values")
+        return tracer.record(f"builtins.{type(obj).__name__}", (obj,)).save()
+    return obj
+
+
+
+class StepIndex:
+    """`tracer.iter[...]`: a step, every step, or a range of steps."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+
+    def __getitem__(self, key: int | slice) -> Steps:
+        if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            return Steps(self.tracer, key, key + 1)
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop = key.start or 0, key.stop
+            if not isinstance(start, int) or start < 0 or not (stop is None or isinstance(stop, int)):
+                raise TraceError(f"tracer.iter[{start}:{stop}]: steps are ints >= 0", user_where())
+            return Steps(self.tracer, start, stop)
+        raise TraceError(f"tracer.iter[...] takes a step k or a slice a:b, got {key!r}", user_where())
+
+
+class Steps:
+    """Steps start..stop-1 (stop None: every step from start on)."""
+
+    def __init__(self, tracer: Tracer, start: int, stop: int | None) -> None:
+        self.tracer, self.start, self.stop = tracer, start, stop
+        self._scopes: list[Any] = []
+
+    def __enter__(self) -> Tracer:
+        if self.start == 0 and self.stop is None:
+            scope = self.tracer.all()
+        elif self.stop == self.start + 1:
+            scope = self.tracer.step(self.start)
+        else:
+            raise TraceError("a `with` block is recorded once, so it stands for one step or for every "
+                             "step: loop instead (`for k in tracer.iter[a:b]:`), or use tracer.all()",
+                             user_where())  # fmt: skip
+        self._scopes.append(scope)
+        return scope.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._scopes.pop().__exit__(*exc)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.stop is None:
+            raise TraceError("`for k in tracer.iter[a:]` has no end: give one (tracer.iter[a:b]), or use "
+                             "`with tracer.all():`", user_where())  # fmt: skip
+        for k in range(self.start, self.stop):
+            with self.tracer.step(k):
+                yield k
