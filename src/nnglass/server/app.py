@@ -3,7 +3,10 @@
 Invariants: the API key is checked before anything else on every path but /health
 (no key or a bad key: 401, even for a job that does not exist); a body over the size
 limit is refused before it is read whole; every nnglass error maps to one status code
-through `STATUS`, with a JSON body naming the message, the user's line and the type.
+through `STATUS`, with a JSON body naming the message, the user's line and the type
+(503 also says when to try again, in Retry-After). The event loop never waits on the
+database: every store access runs in a worker thread, so a locked database slows the
+requests that need it, not every request.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..errors import (
     PolicyError,
     QuotaError,
     TooLargeError,
+    UnavailableError,
     VersionError,
 )
 from .config import ServerConfig
@@ -43,15 +47,18 @@ STATUS: list[tuple[type[NNglassError], int]] = [
     (PolicyError, 422),
     (GraphError, 422),
     (QuotaError, 429),
+    (UnavailableError, 503),
     (NNglassError, 400),
 ]
 _OPEN_PATHS = {"/health"}
+RETRY_AFTER_S = 2  # what a 503 tells the client to wait: about one busy timeout (db.py)
 
 
 def error_response(e: NNglassError) -> JSONResponse:
     status = next(code for cls, code in STATUS if isinstance(e, cls))
     detail = {"message": e.message, "where": e.where, "type": type(e).__name__}
-    return JSONResponse({"detail": detail}, status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 class Guard:
@@ -69,7 +76,10 @@ class Guard:
         if scope["path"] not in _OPEN_PATHS:
             header = headers.get("authorization", "")
             key = header[7:].strip() if header[:7].lower() == "bearer " else None
-            key_id = self.service.keys.verify(key) if key else None
+            try:
+                key_id = await asyncio.to_thread(self.service.keys.verify, key) if key else None
+            except UnavailableError as e:  # cannot tell now: not a 401
+                return await error_response(e)(scope, receive, send)
             if key_id is None:
                 return await error_response(AuthError(
                     "missing or invalid API key: send `Authorization: Bearer <key>` "
@@ -117,18 +127,22 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
 
     @app.get("/v1/jobs/{job_id}")
     async def status(job_id: str, request: Request) -> dict[str, Any]:
-        return service.status(service.get(request.state.key_id, job_id))
+        return service.status(await asyncio.to_thread(service.get, request.state.key_id, job_id))
 
     @app.get("/v1/jobs/{job_id}/events")
     async def events(job_id: str, request: Request) -> StreamingResponse:
-        job = service.get(request.state.key_id, job_id)
+        job = await asyncio.to_thread(service.get, request.state.key_id, job_id)
 
         async def stream() -> AsyncIterator[str]:
             last = None
             with service.hub.listen(job_id) as changed:
                 while True:
                     changed.clear()  # before reading: a change after the read wakes the wait
-                    current = service.status(service.get(job.key_id, job_id))
+                    pause = 15.0
+                    try:
+                        current = service.status(await asyncio.to_thread(service.get, job.key_id, job_id))
+                    except UnavailableError:  # a locked database: the stream stays, and asks again soon
+                        current, pause = last, float(RETRY_AFTER_S)
                     if current != last:
                         last = current
                         yield f"data: {json.dumps(current)}\n\n"
@@ -138,14 +152,14 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
                         yield ": keep-alive\n\n"
                     if await request.is_disconnected():
                         return
-                    await wait(changed, timeout=15.0)
+                    await wait(changed, timeout=pause)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
 
     @app.get("/v1/jobs/{job_id}/result")
     async def result(job_id: str, request: Request) -> FileResponse:
-        path = service.result_path(request.state.key_id, job_id)
+        path = await asyncio.to_thread(service.result_path, request.state.key_id, job_id)
         return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.safetensors")
 
     @app.delete("/v1/jobs/{job_id}")

@@ -13,7 +13,9 @@ Invariants:
 - `list()` never returns a key or a hash.
 - One connection (`check_same_thread=False`) guarded by a lock, WAL mode, so FastAPI's
   handler threads and other processes (the CLI) can share the file. The same file may
-  hold the jobs table (`<home>/nnglass.db`).
+  hold the jobs table (`<home>/nnglass.db`). A database locked by another process for
+  longer than `busy_timeout` (db.py) is an `UnavailableError` from any method (`verify`
+  too: "cannot tell now" is not "no such key").
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .db import BUSY_TIMEOUT_S, connect, unavailable_when_locked
 
 __all__ = ["KEY_PREFIX", "KeyStore"]
 
@@ -48,28 +54,22 @@ def _hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _connect(db_path: Path) -> sqlite3.Connection:
-    """Open `db_path` for sharing between threads (caller holds a lock) and processes."""
-    db_path = Path(db_path)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    # isolation_level=None: autocommit; each statement is its own transaction unless we
-    # say BEGIN. timeout: wait for another process's write lock instead of failing.
-    conn = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None, timeout=30.0)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    return conn
-
-
 class KeyStore:
-    """API keys in the SQLite file `db_path` (created if missing)."""
+    """API keys in the SQLite file `db_path` (created if missing). `busy_timeout`: how
+    long a statement waits for another process's lock."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
         self.db_path = Path(db_path)
         self._lock = threading.Lock()
-        self._conn = _connect(self.db_path)
-        with self._lock:
+        self._conn = connect(self.db_path, busy_timeout)
+        with self._db():
             self._conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """The connection: this store's lock held, a too-long lock turned into UnavailableError."""
+        with self._lock, unavailable_when_locked():
+            yield self._conn
 
     def create(self, name: str) -> tuple[str, str]:
         """Make a new key named `name`; return `(key_id, key)`. The key is shown only now."""
@@ -79,8 +79,8 @@ class KeyStore:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(8)
         try:
-            with self._lock:
-                self._conn.execute(
+            with self._db() as db:
+                db.execute(
                     "INSERT INTO api_keys (id, name, hash, created) VALUES (?, ?, ?, ?)",
                     (key_id, name, _hash(key), time.time()),
                 )
@@ -96,8 +96,8 @@ class KeyStore:
         if not isinstance(key, str) or not key.startswith(KEY_PREFIX) or len(key) > _MAX_KEY_CHARS:
             return None
         digest = _hash(key)
-        with self._lock:
-            row = self._conn.execute(
+        with self._db() as db:
+            row = db.execute(
                 "SELECT id, hash FROM api_keys WHERE hash = ? AND revoked IS NULL", (digest,)
             ).fetchone()
         if row is None or not hmac.compare_digest(row["hash"], digest):
@@ -106,8 +106,8 @@ class KeyStore:
 
     def list(self) -> list[dict[str, Any]]:
         """Every key, oldest first: id, name, created, revoked (epoch seconds or None)."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._db() as db:
+            rows = db.execute(
                 "SELECT id, name, created, revoked FROM api_keys ORDER BY created, rowid"
             ).fetchall()
         return [
@@ -117,11 +117,11 @@ class KeyStore:
     def revoke(self, name_or_id: str) -> bool:
         """Revoke the live key with this id (else this name); False if there is none."""
         now = time.time()
-        with self._lock:
+        with self._db() as db:
             # An id match wins, so a name that happens to look like another key's id
             # never revokes two keys at once.
             for column in ("id", "name"):
-                cur = self._conn.execute(
+                cur = db.execute(
                     f"UPDATE api_keys SET revoked = ? WHERE {column} = ? AND revoked IS NULL",
                     (now, name_or_id),
                 )

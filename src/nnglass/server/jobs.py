@@ -15,6 +15,8 @@ Invariants:
   as JSON text.
 - `SQLiteJobStore` uses one connection (`check_same_thread=False`) behind a lock, WAL
   mode; each write is one SQL statement, hence atomic across threads and processes.
+  A database locked by another process for longer than `busy_timeout` (db.py) is an
+  `UnavailableError` from any method, and then nothing was written.
   `JobStore` is the seam a PostgreSQL backend implements; callers never branch on it.
 """
 
@@ -26,10 +28,14 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
+
+from .db import BUSY_TIMEOUT_S, connect, unavailable_when_locked
 
 __all__ = ["Job", "JobStatus", "JobStore", "SQLiteJobStore", "new_job_id"]
 
@@ -132,39 +138,37 @@ def _from_row(row: sqlite3.Row) -> Job:
 
 
 class SQLiteJobStore:
-    """Jobs in the SQLite file `db_path` (created if missing; may be shared with KeyStore)."""
+    """Jobs in the SQLite file `db_path` (created if missing; may be shared with KeyStore).
+    `busy_timeout`: how long a statement waits for another process's lock."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
         self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # isolation_level=None: every statement commits on its own; timeout: wait for
-        # another process's write lock instead of failing.
-        self._conn = sqlite3.connect(
-            str(self.db_path), check_same_thread=False, isolation_level=None, timeout=30.0
-        )
-        self._conn.row_factory = sqlite3.Row
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL: a commit survives the process dying (what a server restart or a
-            # crash needs) without an fsync per commit; only an OS crash can lose the last ones.
-            self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn = connect(self.db_path, busy_timeout)
+        with self._db():
             self._conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for one statement: this store's lock held, a lock that another
+        process holds too long turned into UnavailableError."""
+        with self._lock, unavailable_when_locked():
+            yield self._conn
 
     def create(self, job: Job) -> Job:
         """Persist a new job; return it with `seq` set. A duplicate id is a ValueError."""
         values = [_to_sql(c, getattr(job, c)) for c in _COLUMNS]
         sql = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
         try:
-            with self._lock:
-                cur = self._conn.execute(sql, values)
+            with self._db() as db:
+                cur = db.execute(sql, values)
         except sqlite3.IntegrityError:
             raise ValueError(f"a job with id {job.id!r} already exists") from None
         return dataclasses.replace(job, seq=cur.lastrowid)
 
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._db() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _from_row(row)
 
     def update(self, job_id: str, **fields: Any) -> bool:
@@ -181,8 +185,8 @@ class SQLiteJobStore:
             # The guard lives in the same statement as the write: no read-then-write race.
             sql += f" AND status NOT IN ({_TERMINAL_SQL})"
         params = [_to_sql(n, fields[n]) for n in names] + [job_id]
-        with self._lock:
-            cur = self._conn.execute(sql, params)
+        with self._db() as db:
+            cur = db.execute(sql, params)
         return cur.rowcount == 1
 
     def by_status(self, *statuses: JobStatus, model: str | None = None) -> list[Job]:
@@ -194,8 +198,8 @@ class SQLiteJobStore:
         if model is not None:
             sql += " AND model = ?"
             params.append(model)
-        with self._lock:
-            rows = self._conn.execute(sql + " ORDER BY seq", params).fetchall()
+        with self._db() as db:
+            rows = db.execute(sql + " ORDER BY seq", params).fetchall()
         return [_from_row(r) for r in rows]
 
     def queued(self, model: str | None = None) -> list[Job]:
@@ -208,13 +212,13 @@ class SQLiteJobStore:
     def expired(self, now: float) -> list[Job]:
         """Terminal jobs whose `expires_at` is at or before `now`, oldest first."""
         sql = f"SELECT * FROM jobs WHERE expires_at <= ? AND status IN ({_TERMINAL_SQL}) ORDER BY seq"
-        with self._lock:
-            rows = self._conn.execute(sql, (now,)).fetchall()
+        with self._db() as db:
+            rows = db.execute(sql, (now,)).fetchall()
         return [_from_row(r) for r in rows]
 
     def delete(self, job_id: str) -> bool:
-        with self._lock:
-            cur = self._conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        with self._db() as db:
+            cur = db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return cur.rowcount == 1
 
     def close(self) -> None:
