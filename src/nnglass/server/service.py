@@ -9,14 +9,20 @@ Invariants:
 - A job is visible only to the key that created it: anyone else gets NotFoundError,
   the same answer as for a job that does not exist.
 - Each replica is one worker subprocess driven by one thread; a crash or a timeout
-  ends that job as ERROR with the reason, and the worker is restarted.
+  ends that job as ERROR with the reason, and the worker is restarted. When a shared
+  forward pass kills the worker, each of its jobs still running runs once more alone on
+  a restarted worker: only a job that kills it alone ends ERROR for it.
+- A locked database is an UnavailableError (503) for a request, and never loses a
+  job: the background threads wait it out and then write what they had to.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +35,14 @@ from .auth import KeyStore
 from .config import ModelConfig, ServerConfig
 from .events import EventHub
 from .exposure import describe
+from .handle import GRACE_SECONDS, WorkerHandle
 from .jobs import Job, JobStatus, SQLiteJobStore
 from .policy import check_policy
 from .results import DirResultStore
 from .scheduler import Scheduler
-from .worker import WorkerHandle
 
 log = logging.getLogger(__name__)
-_GRACE_S = 10.0  # beyond a job's run_seconds before the worker process is killed
+_RETRY_S = 0.5  # how often a background thread tries a locked database again
 
 
 @dataclass
@@ -92,7 +98,8 @@ class Service:
 
     def _recover(self) -> None:
         """Jobs a previous server left unfinished run again, or fail with a reason."""
-        for job in self.jobs.by_status(JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.RUNNING):
+        waiting = (JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.RUNNING)
+        for job in self._durably(self.jobs.by_status, *waiting):
             graph_path, _ = self.results.graph_paths(job.id)
             if job.model not in self.models or not graph_path.exists():
                 self._finish(job.id, JobStatus.ERROR, error={
@@ -101,9 +108,10 @@ class Service:
             elif job.status == JobStatus.RUNNING and job.attempts >= 2:
                 self._finish(job.id, JobStatus.ERROR, error={
                     "type": "RemoteError", "where": "",
-                    "message": "the server restarted twice while this job was running"})  # fmt: skip
+                    "message": "this job was started twice and the server or its worker stopped "
+                               "both times before it finished"})  # fmt: skip
             else:
-                self.jobs.update(job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
+                self._durably(self.jobs.update, job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
                 self.scheduler.submit(job.model, job.key_id, job.id)
 
     # --- requests --------------------------------------------------------------------------
@@ -125,10 +133,14 @@ class Service:
             job = Job(key_id=key_id, model=graph.model, mode=graph.mode, status=JobStatus.QUEUED)
             job.queued_at = job.created_at
             self.results.save_graph(job.id, graph_json, tensors)  # the graph first, then the row:
-            job = self.jobs.create(job)  # a row always has its graph (recovery relies on it)
+            try:  # a row always has its graph (recovery relies on it)
+                job = self.jobs.create(job)
+            except UnavailableError:
+                self.results.delete(job.id)  # not accepted: leave nothing behind
+                raise
             self.scheduler.submit(graph.model, key_id, job.id, share=share_key(graph))
         self._count("jobs_submitted_total")
-        return self.get(key_id, job.id)
+        return job  # not read back: once the row exists the job is accepted, locked database or not
 
     def _key_lock(self, key_id: str) -> threading.Lock:
         with self._lock:
@@ -147,11 +159,13 @@ class Service:
         job = self.get(key_id, job_id)
         if job.status.terminal:
             return job
+        # The row first: if the database is locked this raises and nothing has changed (the
+        # job is still queued); a replica that takes the job meanwhile sees CANCELLED.
+        self._finish(job.id, JobStatus.CANCELLED, retry=False)
         self.scheduler.cancel(job.model, job.id)
-        self._finish(job.id, JobStatus.CANCELLED)
         handle = self.models[job.model].running.get(job.id)
         if handle is not None:
-            handle.kill()  # its thread sees the worker die, restarts it; CANCELLED stays
+            handle.stop_job(job.id)  # its thread sees the worker die, restarts it; CANCELLED stays
         self._publish_queue(job.model)
         return self.get(key_id, job_id)
 
@@ -198,13 +212,19 @@ class Service:
             return
         while not self._stop.is_set():
             job_id = self.scheduler.next(cfg.name, timeout=0.5)
+            # Dead since the last job, or while idle (killed from outside): a job must never
+            # meet a dead worker, so it restarts first.
+            if not handle.alive and not self._restart_worker(state, handle):
+                return  # stopping: a job taken is still QUEUED in the store, for the next start
             if job_id is not None:
                 others = self.scheduler.take_sharing(cfg.name, job_id, cfg.share_jobs - 1)
                 self._run_jobs(state, handle, [job_id, *others])
-            if not handle.alive and not self._stop.is_set():
-                self._count("worker_restarts_total")
-                if not self._start_worker(state, handle):
-                    return
+
+    def _restart_worker(self, state: ModelState, handle: WorkerHandle) -> bool:
+        if self._stop.is_set():
+            return False
+        self._count("worker_restarts_total")
+        return self._start_worker(state, handle)
 
     def _start_worker(self, state: ModelState, handle: WorkerHandle) -> bool:
         while not self._stop.is_set():
@@ -224,41 +244,73 @@ class Service:
 
     def _run_jobs(self, state: ModelState, handle: WorkerHandle, job_ids: list[str]) -> None:
         """Run one job, or several sharing one forward pass (co-tenancy), on this replica."""
-        limits = state.config.policy.limits
-        requests = []
-        for job_id in job_ids:
-            job = self.jobs.get(job_id)
-            if job is None or job.status != JobStatus.QUEUED:
-                continue  # cancelled meanwhile
-            if not self.jobs.update(job_id, status=JobStatus.RUNNING.value, started_at=time.time(),
-                                    attempts=job.attempts + 1):  # fmt: skip
-                continue
-            state.running[job_id] = handle
-            self.hub.publish(job_id)
-            graph_path, tensor_path = self.results.graph_paths(job_id)
-            requests.append({
-                "job": job_id, "graph": str(graph_path), "tensors": str(tensor_path) if tensor_path else None,
-                "result": str(self.results.result_path(job_id)), "limits": asdict(limits),
-                "hide_weights": not state.config.policy.weights_visible,
-            })  # fmt: skip
+        requests = [r for r in (self._begin(state, job_id) for job_id in job_ids) if r is not None]
         if not requests:
             return
         self._publish_queue(state.config.name)
-        timeout = limits.run_seconds * len(requests) + _GRACE_S  # a failed shared run retries alone
+        seconds = state.config.policy.limits.run_seconds
+        if len(requests) == 1:
+            answer = self._run_on(state, handle, requests, seconds + GRACE_SECONDS)
+            self._record(state, requests[0]["job"], answer)
+            return
+        # After a failed shared pass the worker runs each job alone: a time limit for each.
+        reply = self._run_on(state, handle, requests, seconds * (len(requests) + 1) + GRACE_SECONDS)
+        answers = reply.get("batch")
+        if type(answers) is not list or len(answers) != len(requests):
+            # No answers: the worker died in the pass, and which job did it is unknown.
+            self._count("shared_passes_lost_total")
+            self._rerun_alone(state, handle, requests, seconds + GRACE_SECONDS)
+            return
+        self._count("shared_jobs_total", sum(1 for a in answers if a.get("shared")))
+        debug = {k: reply[k] for k in ("checksum", "has_grad") if k in reply}
+        for request, answer in zip(requests, answers):
+            self._record(state, request["job"], {**answer, **debug})
+
+    def _rerun_alone(
+        self, state: ModelState, handle: WorkerHandle, requests: list[dict[str, Any]], timeout: float
+    ) -> None:
+        """Each job of a shared pass that killed the worker (a hang past the time limit, a
+        crash, the out-of-memory killer, a cancel) runs again alone, on a restarted worker,
+        with its own time limit: an innocent job completes as it would have alone, and the
+        job that killed the worker kills it again, alone, and ends ERROR with that reason.
+        Once each, so a culprit cannot loop; the job stays RUNNING throughout."""
+        for request in requests:
+            job = self._durably(self.jobs.get, request["job"])
+            if job is None or job.status != JobStatus.RUNNING:
+                continue  # cancelled meanwhile
+            if not handle.alive and not self._restart_worker(state, handle):
+                return  # stopping: the job stays RUNNING, and runs again after the restart
+            self._durably(self.jobs.update, job.id, attempts=job.attempts + 1)
+            self._record(state, job.id, self._run_on(state, handle, [request], timeout))
+
+    def _begin(self, state: ModelState, job_id: str) -> dict[str, Any] | None:
+        """Mark a job RUNNING and build its request; None if it is no longer queued."""
+        job = self._durably(self.jobs.get, job_id)
+        if job is None or job.status != JobStatus.QUEUED:
+            return None  # cancelled meanwhile
+        if not self._durably(self.jobs.update, job_id, status=JobStatus.RUNNING.value, started_at=time.time(),
+                             attempts=job.attempts + 1):  # fmt: skip
+            return None
+        self.hub.publish(job_id)
+        graph_path, tensor_path = self.results.graph_paths(job_id)
+        policy = state.config.policy
+        return {
+            "job": job_id, "graph": str(graph_path), "tensors": str(tensor_path) if tensor_path else None,
+            "result": str(self.results.result_path(job_id)), "limits": asdict(policy.limits),
+            "hide_weights": not policy.weights_visible,
+        }  # fmt: skip
+
+    def _run_on(
+        self, state: ModelState, handle: WorkerHandle, requests: list[dict[str, Any]], timeout: float
+    ) -> dict[str, Any]:
+        """One request to the worker (several jobs: one shared pass); its answer."""
+        for request in requests:
+            state.running[request["job"]] = handle  # where a cancel finds it
         try:
-            if len(requests) == 1:
-                answers = [handle.run(requests[0], timeout=timeout)]
-            else:
-                reply = handle.run({"batch": requests}, timeout=timeout)
-                answers = reply.get("batch") or [reply] * len(requests)  # a dead worker fails all
-                self._count("shared_jobs_total", len(requests))
-                answers = [{**a, **{k: reply[k] for k in ("checksum", "has_grad") if k in reply}}
-                           for a in answers]  # fmt: skip
+            return handle.run(requests[0] if len(requests) == 1 else {"batch": requests}, timeout=timeout)
         finally:
             for request in requests:
                 state.running.pop(request["job"], None)
-        for request, answer in zip(requests, answers):
-            self._record(state, request["job"], answer)
 
     def _record(self, state: ModelState, job_id: str, answer: dict[str, Any]) -> None:
         if answer.get("checksum"):
@@ -270,12 +322,29 @@ class Service:
             self._finish(job_id, JobStatus.ERROR, error=answer.get("error") or {
                 "type": "RemoteError", "message": "the worker gave no answer", "where": ""})  # fmt: skip
 
-    def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> None:
+    def _finish(self, job_id: str, status: JobStatus, *, retry: bool = True, **fields: Any) -> None:
+        """The job's final status. `retry`: wait out a locked database (background threads,
+        which must not lose it); else a locked database raises UnavailableError."""
         now = time.time()
-        if self.jobs.update(job_id, status=status.value, finished_at=now,
-                            expires_at=now + self.config.result_ttl_s, **fields):  # fmt: skip
+        fields.update(status=status.value, finished_at=now, expires_at=now + self.config.result_ttl_s)
+        write = functools.partial(self.jobs.update, job_id, **fields)
+        if self._durably(write) if retry else write():
             self._count(f'jobs_finished_total{{status="{status.value}"}}')
         self.hub.publish(job_id)
+
+    def _durably(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`call(...)` on a store, waiting while the database is locked (by another process,
+        e.g. a backup or the CLI); raises only if the server stops meanwhile."""
+        warned = False
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except UnavailableError as e:
+                if not warned:
+                    log.warning("%s; trying again every %g s", e.message, _RETRY_S)
+                    warned = True
+                if self._stop.wait(_RETRY_S):
+                    raise
 
     def _publish_queue(self, model: str) -> None:
         for job_id in self.scheduler.positions(model):
@@ -283,10 +352,13 @@ class Service:
 
     def _expire_loop(self) -> None:
         while not self._stop.wait(min(60.0, max(1.0, self.config.result_ttl_s / 4))):
-            for job in self.jobs.expired(time.time()):
-                # The result goes; the job's record stays (its status still answers).
-                self.results.delete(job.id)
-                self.jobs.update(job.id, expires_at=None, result_bytes=None)
+            try:
+                for job in self.jobs.expired(time.time()):
+                    # The result goes; the job's record stays (its status still answers).
+                    self.results.delete(job.id)
+                    self.jobs.update(job.id, expires_at=None, result_bytes=None)
+            except UnavailableError as e:  # a locked database: the next round does it
+                log.info("expiring results later: %s", e.message)
 
     # --- metrics ---------------------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:

@@ -1,6 +1,6 @@
 """One model replica in its own process, so a crash is contained and a time limit can
-really stop the work. `python -m nnglass.server.worker` is the child; `WorkerHandle` is
-the server's side of it.
+really stop the work. `python -m nnglass.server.worker` is the child; `WorkerHandle`
+(handle.py, re-exported here) is the server's side of it.
 
 Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   parent → child, once: {"name", "source", "dtype", "threads", "debug_checksums"[, "limits"]}
@@ -25,9 +25,11 @@ Invariants:
   (tmp + os.replace) or not at all; one over `result_bytes` is refused, not written.
 - A graph runs under `torch.no_grad()` unless it (or a session child) holds a backward
   node; the runtime never changes weights or leaves `.grad` (debug_checksums checks it).
-- Parent: one request in flight per handle; an answer comes within the timeout, or the
-  child is killed. A timeout or a crash (EOF) is an ERROR answer and leaves the handle
-  dead until `restart()`.
+- Test hooks (environment variables, read by the child only): a job named by
+  NNGLASS_WORKER_TEST_HANG sleeps, and one named by NNGLASS_WORKER_TEST_CRASH makes the
+  child exit at once; alone or in a shared batch, before any hook runs. Each names a job
+  id, or the absolute path of a file of job ids, read at each request (so a server test
+  can name a job once the server has given it its id).
 """
 
 from __future__ import annotations
@@ -37,8 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import subprocess
 import sys
 import threading
 import time
@@ -56,11 +56,14 @@ from ..graph.ops import REGISTRY
 from ..graph.results import encode_results
 from ..runtime.limits import RunLimits, run_limits
 from .exposure import lookup_sites
+from .handle import GRACE_SECONDS as GRACE_SECONDS
+from .handle import WorkerHandle as WorkerHandle
+from .handle import error_answer
 
 logger = logging.getLogger(__name__)
 
-GRACE_SECONDS = 10.0  # past run_seconds, for encoding and writing the result
 TEST_HANG = "NNGLASS_WORKER_TEST_HANG"  # tests only: the job with this id sleeps, outside any hook
+TEST_CRASH = "NNGLASS_WORKER_TEST_CRASH"  # tests only: the job with this id makes the worker exit
 
 
 # --- child ----------------------------------------------------------------------------
@@ -81,8 +84,8 @@ def has_backward(graph: Graph) -> bool:
 
 def _error(job: Any, exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, NNglassError):
-        return _answer(job, type(exc).__name__, exc.message, exc.where)
-    return _answer(job, type(exc).__name__, str(exc))
+        return error_answer(job, type(exc).__name__, exc.message, exc.where)
+    return error_answer(job, type(exc).__name__, str(exc))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -153,8 +156,6 @@ class _Replica:
         return {"batch": answers, **self.debug_info()}
 
     def _run(self, job: Any, request: dict[str, Any]) -> int:
-        if os.environ.get(TEST_HANG) == str(job):
-            time.sleep(3600)
         graph = self._load(request)
         grad = contextlib.nullcontext() if has_backward(graph) else torch.no_grad()
         with run_limits(_limits(request)), grad:
@@ -242,149 +243,32 @@ def main() -> int:
         except ValueError as e:
             _send(out, _error(None, e))
             continue
-        if type(request.get("batch")) is list:
-            _send(out, replica.batch(request["batch"]))
+        batch = request.get("batch")
+        _test_hooks(batch if type(batch) is list else [request])
+        if type(batch) is list:
+            _send(out, replica.batch(batch))
         else:
             _send(out, replica.job(request))
     return 0
 
 
-# --- parent ---------------------------------------------------------------------------
+def _test_hooks(requests: list[Any]) -> None:
+    """Tests only: stand in for a job that kills the worker without reaching a hook."""
+    jobs = {str(r.get("job")) for r in requests if type(r) is dict}
+    if jobs & _test_ids(TEST_CRASH):
+        os._exit(70)
+    if jobs & _test_ids(TEST_HANG):
+        time.sleep(3600)
 
 
-class WorkerHandle:
-    """The server's side of one worker process. `env` adds to this process's environment;
-    the child's stderr is inherited, or appended to `log_path` when given."""
-
-    def __init__(self, model_config: dict[str, Any], env: dict[str, str] | None = None, *,
-                 log_path: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
-        self.config = dict(model_config)
-        self.env = dict(env or {})
-        self.log_path = log_path
-        self.paths: list[str] = []
-        self.ready: dict[str, Any] = {}  # the whole ready line (pid; checksum when debugging)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._lock = threading.Lock()  # one request in flight
-        self._dead = True
-
-    @property
-    def alive(self) -> bool:
-        return not self._dead and self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def start(self, timeout: float = 300.0) -> None:
-        """Spawn the child and wait until its model is loaded; raise NNglassError if not."""
-        self.kill()
-        log = open(self.log_path, "ab") if self.log_path is not None else None
-        try:
-            proc = subprocess.Popen([sys.executable, "-m", "nnglass.server.worker"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                    env={**os.environ, **self.env})  # fmt: skip
-        finally:
-            if log is not None:
-                log.close()  # the child holds its own copy
-        self._proc, self._lines = proc, queue.Queue()
-        threading.Thread(target=_read_lines, args=(proc.stdout, self._lines), daemon=True,
-                         name=f"worker-{self.config.get('name')}-{proc.pid}").start()  # fmt: skip
-        name = self.config.get("name")
-        try:
-            self._write(self.config)
-            msg = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            self.kill()
-            raise NNglassError(f"worker for model {name!r} did not load within {timeout:g} s") from None
-        except OSError:
-            msg = None
-        if msg is None or not msg.get("ready"):
-            self.kill()
-            why = (msg or {}).get("error") or {"type": "crash", "message": f"exit code {proc.returncode}"}
-            raise NNglassError(f"worker for model {name!r} failed to start: {why['type']}: {why['message']}")
-        self.ready, self.paths, self._dead = msg, list(msg["paths"]), False
-        logger.info("worker for model %r ready (pid %s)", name, proc.pid)
-
-    def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """Send one job; return its answer. `timeout` (default run_seconds + GRACE_SECONDS)
-        is a hard limit: past it the child is killed. Never raises for a job's failure."""
-        job = request.get("job")
-        with self._lock:
-            if not self.alive:
-                return _answer(job, "ExecutionError", "the worker is not running (restart it)")
-            seconds = request.get("limits", {}).get("run_seconds")
-            if timeout is None and seconds is not None:
-                timeout = float(seconds) + GRACE_SECONDS
-            deadline = None if timeout is None else time.monotonic() + timeout
-            try:
-                self._write(request)
-            except OSError:
-                return self._crashed(job)
-            while True:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                try:
-                    msg = self._lines.get(timeout=left)
-                except queue.Empty:
-                    self.kill()
-                    return _answer(job, "TimeLimitError",
-                                   f"time limit: the worker was stopped after {timeout:g} s")  # fmt: skip
-                if msg is None:
-                    return self._crashed(job)
-                if msg.get("job") == job:
-                    return msg
-                logger.warning("worker answered for job %r while job %r was running", msg.get("job"), job)
-
-    def restart(self, timeout: float = 300.0) -> None:
-        self.start(timeout)
-
-    def kill(self) -> None:
-        """Stop the child now (SIGKILL); the handle is dead until start()/restart()."""
-        self._dead = True
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-
-    def _write(self, message: dict[str, Any]) -> None:
-        assert self._proc is not None and self._proc.stdin is not None
-        self._proc.stdin.write(json.dumps(message, ensure_ascii=True).encode() + b"\n")
-        self._proc.stdin.flush()
-
-    def _crashed(self, job: Any) -> dict[str, Any]:
-        assert self._proc is not None
-        try:
-            code = self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # stdout closed but still running: finish it
-            code = None
-        self.kill()
-        code = self._proc.returncode if code is None else code
-        return _answer(job, "ExecutionError", f"the worker crashed (exit code {code})")
-
-
-def _answer(job: Any, kind: str, message: str, where: str = "") -> dict[str, Any]:
-    return {"job": job, "status": "ERROR", "error": {"type": kind, "message": message, "where": where}}
-
-
-def _read_lines(stream: IO[bytes], into: queue.Queue[dict[str, Any] | None]) -> None:
-    """Reader thread: the child's answer lines into a queue; None at EOF."""
+def _test_ids(var: str) -> set[str]:
+    value = os.environ.get(var, "")
+    if not os.path.isabs(value):  # a job id never holds a "/"
+        return {value} if value else set()
     try:
-        for raw in stream:
-            try:
-                msg = json.loads(raw)
-            except ValueError:
-                logger.warning("worker wrote a line that is not JSON: %r", raw[:200])
-                continue
-            if type(msg) is dict:
-                into.put(msg)
-    finally:
-        stream.close()
-        into.put(None)
+        return set(Path(value).read_text().split())
+    except OSError:
+        return set()
 
 
 if __name__ == "__main__":
