@@ -235,6 +235,9 @@ class Recording(TorchFunctionMode):
     def pop(self) -> None:
         """Take this mode off the stack (others the user pushed meanwhile stay, in order)."""
         n = torch._C._len_torch_function_stack()
+        if n and torch._C._get_function_stack_at(n - 1) is self:
+            torch._C._pop_torch_function_stack()
+            return
         stack = [torch._C._pop_torch_function_stack() for _ in range(n)]
         for m in reversed(stack):
             if m is not self:
