@@ -385,3 +385,13 @@ def test_non_tensor_arguments_must_match_across_invokes(make_net, gpt2, plain):
         logits = net.output.logits.save()
     with torch.no_grad():
         assert torch.equal(logits.value, gpt2(ids, use_cache=False).logits)
+
+
+def test_value_of_an_unsaved_proxy_says_it_was_not_saved(make_net, mlp, x):
+    """After a local run (its job already done) an unsaved value names `.save()`, not a job."""
+    net = make_net(mlp)
+    with net.trace(x):
+        h = net.layers[0].output
+    with pytest.raises(nnglass.TraceError, match=r"only for values you called `\.save\(\)` on") as err:
+        h.value  # noqa: B018
+    assert "job" not in str(err.value)

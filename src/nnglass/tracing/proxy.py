@@ -74,8 +74,9 @@ class Proxy(_Slots):
 
     @property
     def value(self) -> Any:
-        if getattr(self._tracer, "job", None) is not None:
-            raise TraceError(f"job {self._tracer.job.id} has not delivered its values yet: call "
+        job = getattr(self._tracer, "job", None)
+        if job is not None and id(self) in self._tracer.saved:  # saved, but its job is still out
+            raise TraceError(f"job {job.id} has not delivered its values yet: call "
                              "`tracer.job.wait()` first", self._tracer.where())  # fmt: skip
         raise TraceError(
             "`.value` is only available after the trace block has run, and only for values "
