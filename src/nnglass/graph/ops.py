@@ -213,7 +213,16 @@ REGISTRY = default_registry()
 def register(fn: Callable[..., Any], name: str | None = None) -> Callable[..., Any]:
     """Allow `fn` in graphs built and run by this process (usable as a decorator).
 
-    A server never runs it: its registry holds only what its admin registered.
+    A server never runs it: its registry holds only what its admin registered. The
+    default name is `module.qualname` (`module.name` where the qualname has private
+    parts, as torch's builtins do); a script's or notebook's functions (module
+    `__main__`) are named `main.qualname`.
     """
-    REGISTRY.add(name or f"{fn.__module__}.{fn.__qualname__}", fn)
+    if name is None:
+        module = "main" if fn.__module__ == "__main__" else fn.__module__
+        qualname = fn.__qualname__
+        if any(p.startswith("_") or "<" in p for p in qualname.split(".")):
+            qualname = fn.__name__
+        name = f"{module}.{qualname}"
+    REGISTRY.add(name, fn)
     return fn
