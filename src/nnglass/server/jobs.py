@@ -8,7 +8,8 @@ Invariants:
   status once the job is terminal, so when a cancel races a completion the first
   terminal status wins and the loser learns it from the False it gets back.
 - `by_status` answers in creation order (`seq`, assigned by the store, strictly
-  increasing), which is the order the scheduler's fairness starts from.
+  increasing), which is the order the scheduler's fairness starts from; `by_key` (one
+  key's jobs, for listing) in the reverse order, newest first.
 - `expired(now)` answers terminal jobs only: a job still queued or running never
   expires out from under its owner (DESIGN §1.6, nothing lost).
 - Timestamps are float epoch seconds; `error` is `{"message", "where", "type"}` stored
@@ -91,6 +92,7 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> Job | None: ...
     def update(self, job_id: str, **fields: Any) -> bool: ...
     def by_status(self, *statuses: JobStatus, model: str | None = None) -> list[Job]: ...
+    def by_key(self, key_id: str, limit: int, before: str | None = None) -> list[Job]: ...
     def queued(self, model: str | None = None) -> list[Job]: ...
     def unfinished(self) -> list[Job]: ...
     def expired(self, now: float) -> list[Job]: ...
@@ -117,6 +119,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status_model ON jobs(status, model, seq);
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs(expires_at);
+CREATE INDEX IF NOT EXISTS jobs_key ON jobs(key_id, seq);
 """
 _COLUMNS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
 _TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in JobStatus if s.terminal)
@@ -200,6 +203,17 @@ class SQLiteJobStore:
             params.append(model)
         with self._db() as db:
             rows = db.execute(sql + " ORDER BY seq", params).fetchall()
+        return [_from_row(r) for r in rows]
+
+    def by_key(self, key_id: str, limit: int, before: str | None = None) -> list[Job]:
+        """Up to `limit` of `key_id`'s jobs, newest first; with `before` (a job id), only
+        those created before that job, which must be `key_id`'s too (else: none)."""
+        sql, params = "SELECT * FROM jobs WHERE key_id = ?", [key_id]
+        if before is not None:
+            sql += " AND seq < (SELECT seq FROM jobs WHERE id = ? AND key_id = ?)"
+            params += [before, key_id]
+        with self._db() as db:
+            rows = db.execute(sql + " ORDER BY seq DESC LIMIT ?", [*params, int(limit)]).fetchall()
         return [_from_row(r) for r in rows]
 
     def queued(self, model: str | None = None) -> list[Job]:

@@ -22,6 +22,7 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,9 @@ class ModelState:
     running: dict[str, WorkerHandle] = field(default_factory=dict)
     checksums: set[str] = field(default_factory=set)  # debug: weights after each job and at start
     grad_seen: bool = False  # debug: a parameter had a .grad after a job (must never happen)
+    handles: list[WorkerHandle] = field(default_factory=list)  # one per replica
+    last_pass: int = 0  # jobs in the last request a replica ran (1: alone, more: one shared pass)
+    ended: deque[float] = field(default_factory=deque)  # when worker-run jobs ended, last minute only
 
 
 class Service:
@@ -140,6 +144,7 @@ class Service:
                 raise
             self.scheduler.submit(graph.model, key_id, job.id, share=share_key(graph))
         self._count("jobs_submitted_total")
+        self.hub.publish(job.id)  # a live view of all this key's jobs learns of it now
         return job  # not read back: once the row exists the job is accepted, locked database or not
 
     def _key_lock(self, key_id: str) -> threading.Lock:
@@ -154,6 +159,14 @@ class Service:
         if job is None or job.key_id != key_id:
             raise NotFoundError(f"no job {job_id!r} for this key")
         return job
+
+    def list_jobs(self, key_id: str, limit: int, before: str | None = None) -> tuple[list[Job], str | None]:
+        """Up to `limit` of this key's jobs, newest first, created before the job `before`
+        (a cursor: the last id of the previous page); and the cursor of the next page."""
+        if before is not None:
+            self.get(key_id, before)  # another key's job is no cursor: NotFoundError, as for get
+        jobs = self.jobs.by_key(key_id, limit + 1, before)
+        return jobs[:limit], jobs[limit - 1].id if len(jobs) > limit else None
 
     def cancel(self, key_id: str, job_id: str) -> Job:
         job = self.get(key_id, job_id)
@@ -194,11 +207,22 @@ class Service:
                     "replicas": s.config.replicas, "queue_depth": self.scheduler.depth(name),
                     "running": len(s.running), "policy": s.config.policy.summary(),
                     "exposure": describe(s.config.policy, s.lookups)}  # fmt: skip
+            info.update(self._activity(s))
             if self.config.debug_checksums:  # one checksum seen across all jobs: weights never changed
                 info["weight_checksums"] = sorted(s.checksums)
                 info["grad_seen"] = s.grad_seen
             out.append(info)
         return out
+
+    def _activity(self, s: ModelState) -> dict[str, Any]:
+        """What the replicas do, from what this process saw (no estimates)."""
+        with self._lock:
+            while s.ended and s.ended[0] < time.time() - 60:
+                s.ended.popleft()
+            ended = len(s.ended)
+        return {"replicas_alive": sum(h.alive for h in s.handles),
+                "replicas_busy": len({id(h) for h in list(s.running.values())}),
+                "last_pass_jobs": s.last_pass, "jobs_last_minute": ended}  # fmt: skip
 
     # --- workers ---------------------------------------------------------------------------
     def _serve_replica(self, state: ModelState, replica: int) -> None:
@@ -208,6 +232,7 @@ class Service:
             "debug_checksums": self.config.debug_checksums,
         })  # fmt: skip
         self._handles.append(handle)
+        state.handles.append(handle)
         if not self._start_worker(state, handle):
             return
         while not self._stop.is_set():
@@ -306,6 +331,7 @@ class Service:
         """One request to the worker (several jobs: one shared pass); its answer."""
         for request in requests:
             state.running[request["job"]] = handle  # where a cancel finds it
+        state.last_pass = len(requests)
         try:
             return handle.run(requests[0] if len(requests) == 1 else {"batch": requests}, timeout=timeout)
         finally:
@@ -313,6 +339,8 @@ class Service:
                 state.running.pop(request["job"], None)
 
     def _record(self, state: ModelState, job_id: str, answer: dict[str, Any]) -> None:
+        with self._lock:
+            state.ended.append(time.time())
         if answer.get("checksum"):
             state.checksums.add(answer["checksum"])
             state.grad_seen = state.grad_seen or bool(answer.get("has_grad"))
