@@ -220,9 +220,12 @@ class Service:
             while s.ended and s.ended[0] < time.time() - 60:
                 s.ended.popleft()
             ended = len(s.ended)
-        return {"replicas_alive": sum(h.alive for h in s.handles),
-                "replicas_busy": len({id(h) for h in list(s.running.values())}),
-                "last_pass_jobs": s.last_pass, "jobs_last_minute": ended}  # fmt: skip
+        return {
+            "replicas_alive": sum(h.alive for h in s.handles),
+            "replicas_busy": len({id(h) for h in list(s.running.values())}),
+            "last_pass_jobs": s.last_pass,
+            "jobs_last_minute": ended,
+        }
 
     # --- workers ---------------------------------------------------------------------------
     def _serve_replica(self, state: ModelState, replica: int) -> None:
