@@ -1,6 +1,7 @@
 """The HTTP API (DESIGN §4): routes, the key check, size limits, the error table.
 
-Invariants: the API key is checked before anything else on every path but /health
+Invariants: the API key is checked before anything else on every path but /health and
+the dashboard's page and static files (`dashboard.OPEN_PATHS`, exact paths, no data)
 (no key or a bad key: 401, even for a job that does not exist); a body over the size
 limit is refused before it is read whole; every nnglass error maps to one status code
 through `STATUS`, with a JSON body naming the message, the user's line and the type
@@ -34,6 +35,8 @@ from ..errors import (
     VersionError,
 )
 from .config import ServerConfig
+from .dashboard import OPEN_PATHS as DASHBOARD_PATHS
+from .dashboard import add_dashboard
 from .events import wait
 from .service import Service
 
@@ -50,8 +53,10 @@ STATUS: list[tuple[type[NNglassError], int]] = [
     (UnavailableError, 503),
     (NNglassError, 400),
 ]
-_OPEN_PATHS = {"/health"}
+_OPEN_PATHS = frozenset({"/health", *DASHBOARD_PATHS})  # compared whole: no prefix is open
 RETRY_AFTER_S = 2  # what a 503 tells the client to wait: about one busy timeout (db.py)
+LIST_LIMIT = 50  # jobs a page of `GET /v1/jobs` holds unless `limit` says fewer (at most MAX)
+MAX_LIST_LIMIT = 200
 
 
 def error_response(e: NNglassError) -> JSONResponse:
@@ -125,6 +130,16 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
         job = await asyncio.to_thread(service.submit, request.state.key_id, graph_json, tensors)
         return service.status(job)
 
+    @app.get("/v1/jobs")
+    async def list_jobs(request: Request, limit: str | None = None, before: str | None = None) -> Any:
+        key_id, n = request.state.key_id, _limit(limit)
+
+        def page() -> dict[str, Any]:  # the caller's jobs, newest first; `next` is the next `before`
+            jobs, cursor = service.list_jobs(key_id, n, before)
+            return {"jobs": [service.status(job) for job in jobs], "next": cursor}
+
+        return await asyncio.to_thread(page)
+
     @app.get("/v1/jobs/{job_id}")
     async def status(job_id: str, request: Request) -> dict[str, Any]:
         return service.status(await asyncio.to_thread(service.get, request.state.key_id, job_id))
@@ -175,7 +190,17 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(service.metrics(), media_type="text/plain; version=0.0.4")
 
+    add_dashboard(app, service, RETRY_AFTER_S)
     return app
+
+
+def _limit(text: str | None) -> int:
+    """`?limit=` of `GET /v1/jobs`: 1 to MAX_LIST_LIMIT (more is capped), LIST_LIMIT if absent."""
+    if text is None:
+        return LIST_LIMIT
+    if not text.isdigit() or int(text) < 1:
+        raise MalformedError(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, not {text[:20]!r}")
+    return min(int(text), MAX_LIST_LIMIT)
 
 
 async def _read_graph(request: Request, limit: int) -> tuple[bytes, bytes | None]:

@@ -1,8 +1,10 @@
-"""Pushing job changes to listeners (the SSE stream) across threads and event loops.
+"""Pushing job changes to listeners (the SSE streams) across threads and event loops.
 
 Workers run in threads; stream handlers are coroutines. `publish(job_id)` may be called
-from any thread and wakes every coroutine waiting on that job. A waiter that times out
-just re-reads the job: nothing is lost, a change is at worst seen on the next wake.
+from any thread and wakes every coroutine waiting on that job, and every listener to all
+changes (`listen_all`, which also learns which jobs changed). A waiter that times out
+just re-reads: nothing is lost, a change is at worst seen on the next wake. The hub
+carries job ids only, never who owns them: a listener checks ownership when it reads.
 """
 
 from __future__ import annotations
@@ -21,12 +23,29 @@ class EventHub:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._all: set[Changes] = set()
 
     def publish(self, job_id: str) -> None:
         with self._lock:
             waiters = list(self._waiters.get(job_id, ()))
+            every = list(self._all)
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
+        for changes in every:
+            changes.add(job_id)
+
+    @contextmanager
+    def listen_all(self) -> Iterator[Changes]:
+        """Every job's changes while the block runs: in a loop, `changes.take()` (the ids
+        changed since the last take), read them, then `await wait(changes.event, timeout)`."""
+        changes = Changes(asyncio.get_running_loop())
+        with self._lock:
+            self._all.add(changes)
+        try:
+            yield changes
+        finally:
+            with self._lock:
+                self._all.discard(changes)
 
     @contextmanager
     def listen(self, job_id: str) -> Iterator[asyncio.Event]:
@@ -45,9 +64,32 @@ class EventHub:
                         del self._waiters[job_id]
 
 
+class Changes:
+    """The ids of jobs changed since the last `take`, and an event set when one is added.
+    Taking clears the event under the same lock as adding sets it (the set itself runs
+    later, on the loop), so an id added after a take always wakes the next wait."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.event = asyncio.Event()
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ids: set[str] = set()
+
+    def add(self, job_id: str) -> None:
+        with self._lock:
+            self._ids.add(job_id)
+            self._loop.call_soon_threadsafe(self.event.set)
+
+    def take(self) -> set[str]:
+        with self._lock:
+            ids, self._ids = self._ids, set()
+            self.event.clear()
+        return ids
+
+
 async def wait(event: asyncio.Event, timeout: float) -> None:
     """Until `event` is set, or `timeout` seconds."""
     try:
         await asyncio.wait_for(event.wait(), timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
         pass
