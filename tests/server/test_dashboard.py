@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +188,26 @@ def test_event_stream_carries_only_the_callers_jobs(server: Any, lm: LanguageMod
     assert httpx.get(f"{server.url}/v1/events").status_code == 401
 
 
+def test_event_streams_per_key_are_bounded(server: Any) -> None:
+    from nnglass.server.dashboard import MAX_STREAMS_PER_KEY
+
+    with client(server, "many-tabs") as tabs, client(server, "one-tab") as other, ExitStack() as stack:
+        for _ in range(MAX_STREAMS_PER_KEY):
+            assert stack.enter_context(tabs.stream("GET", "/v1/events")).status_code == 200
+        with tabs.stream("GET", "/v1/events") as refused:
+            assert refused.status_code == 429
+        with other.stream("GET", "/v1/events") as theirs:  # another key is not held up
+            assert theirs.status_code == 200
+        stack.close()  # closed streams free their places
+        deadline = time.monotonic() + 30
+        while True:
+            with tabs.stream("GET", "/v1/events") as again:
+                if again.status_code == 200 or time.monotonic() > deadline:
+                    assert again.status_code == 200
+                    break
+            time.sleep(0.2)
+
+
 def test_only_the_page_and_its_files_are_open(server: Any) -> None:
     page = httpx.get(f"{server.url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -275,8 +295,8 @@ def test_dashboard_in_a_browser(
         blocker = submit(a, slow_graph(lm))
         watched = submit(a, slow_graph(lm))
         expect(status(watched)).to_have_text("QUEUED")
-        expect(page.locator(f'tr[data-job="{watched}"]')).to_contain_text("ahead")
         row = page.locator(f'tr[data-job="{watched}"]')
+        expect(row.locator("td.queue")).to_have_text(re.compile(r"^(next|\d+ ahead)$"))
         expect(row).to_have_attribute("data-history", re.compile(r"^QUEUED RUNNING"))
         page.screenshot(path=str(shots / "2-running.png"), full_page=True)
         expect(status(watched)).to_have_text("COMPLETED")

@@ -11,21 +11,25 @@ Invariants:
 - `/v1/events` sends only the caller's jobs: a changed job of another key is read once,
   then ignored by id; it never reaches the stream. Models are sent when they change
   (and at the start), and re-checked at each keep-alive (about every 15 s), which is
-  when a change that published nothing (a worker restarted) shows up.
+  when a change that published nothing (a worker restarted) shows up. Each stream is
+  woken by every change on the server, so one key may hold at most
+  `MAX_STREAMS_PER_KEY` open at once (more: 429).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
+from weakref import WeakSet
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from ..errors import NotFoundError, UnavailableError
+from ..errors import NotFoundError, QuotaError, UnavailableError
 from .events import wait
 from .service import Service
 
@@ -64,6 +68,8 @@ _HEADERS = {
 KEEP_ALIVE_S = 15.0
 COALESCE_S = 0.1  # a burst of changes (a queue moving) goes out as one batch of events
 _TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
+MAX_STREAMS_PER_KEY = 8  # a page opens one; a few tabs and scripts fit
+_MAX_FOREIGN = 10_000  # other keys' job ids a stream remembers not to read (then it forgets them all)
 
 
 def add_dashboard(app: FastAPI, service: Service, retry_after_s: float) -> None:
@@ -79,9 +85,28 @@ def add_dashboard(app: FastAPI, service: Service, retry_after_s: float) -> None:
         body, media = _STATIC[name]
         return Response(body, media_type=media, headers=_HEADERS)
 
+    # key_id -> its streams open now. Weak: a stream whose response never started (the
+    # client left first) never runs its `finally`, but is collected, and so not counted.
+    open_streams: defaultdict[str, WeakSet[AsyncIterator[str]]] = defaultdict(WeakSet)
+
     @app.get("/v1/events")
     async def events(request: Request) -> StreamingResponse:
-        stream = _stream(service, request.state.key_id, request, retry_after_s)
+        key_id = request.state.key_id
+        mine = open_streams[key_id]
+        if len(mine) >= MAX_STREAMS_PER_KEY:
+            raise QuotaError(f"this key already has {MAX_STREAMS_PER_KEY} event streams open; close one")
+
+        async def counted() -> AsyncIterator[str]:
+            try:
+                async for chunk in _stream(service, key_id, request, retry_after_s):
+                    yield chunk
+            finally:  # also when the client goes away: the task is cancelled inside the stream
+                mine.discard(stream)
+                if not mine:
+                    open_streams.pop(key_id, None)
+
+        stream = counted()
+        mine.add(stream)
         headers = {"Cache-Control": "no-store"}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
@@ -113,6 +138,8 @@ async def _stream(
             for job_id in ids:
                 owner, status = jobs.get(job_id, (None, None))
                 if status is None or owner != key_id:
+                    if len(foreign) >= _MAX_FOREIGN:
+                        foreign.clear()
                     foreign.add(job_id)  # a missing job stays missing; another key's is not ours
                     continue
                 if sent.get(job_id) != status:

@@ -138,7 +138,8 @@ function jobCells(job) {
   const id = el("td", job.id.slice(0, 10), "id");
   id.title = job.id;
   const status = el("td", job.status, `status status-${job.status}`);
-  const queue = el("td", job.status === "QUEUED" && job.position !== undefined ? `${job.position} ahead` : "");
+  const ahead = job.position === 0 ? "next" : `${job.position} ahead`;
+  const queue = el("td", job.status === "QUEUED" && job.position !== undefined ? ahead : "", "queue");
   const error = el("td", null, "error");
   if (job.error) {
     error.append(el("strong", job.error.type), ": ", job.error.message);
