@@ -93,10 +93,8 @@ class JobStore(Protocol):
     def update(self, job_id: str, **fields: Any) -> bool: ...
     def by_status(self, *statuses: JobStatus, model: str | None = None) -> list[Job]: ...
     def by_key(self, key_id: str, limit: int, before: str | None = None) -> list[Job]: ...
-    def queued(self, model: str | None = None) -> list[Job]: ...
     def unfinished(self) -> list[Job]: ...
     def expired(self, now: float) -> list[Job]: ...
-    def delete(self, job_id: str) -> bool: ...
 
 
 _SCHEMA = """
@@ -216,9 +214,6 @@ class SQLiteJobStore:
             rows = db.execute(sql + " ORDER BY seq DESC LIMIT ?", [*params, int(limit)]).fetchall()
         return [_from_row(r) for r in rows]
 
-    def queued(self, model: str | None = None) -> list[Job]:
-        return self.by_status(JobStatus.QUEUED, model=model)
-
     def unfinished(self) -> list[Job]:
         """Jobs not yet terminal (what a restarting server must re-queue or fail)."""
         return self.by_status(*(s for s in JobStatus if not s.terminal))
@@ -229,11 +224,6 @@ class SQLiteJobStore:
         with self._db() as db:
             rows = db.execute(sql, (now,)).fetchall()
         return [_from_row(r) for r in rows]
-
-    def delete(self, job_id: str) -> bool:
-        with self._db() as db:
-            cur = db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-        return cur.rowcount == 1
 
     def close(self) -> None:
         with self._lock:

@@ -51,9 +51,6 @@ class ResultStore(Protocol):
     def result_size(self, job_id: str) -> int | None: ...
     def open(self, job_id: str) -> BinaryIO: ...
     def delete(self, job_id: str) -> bool: ...
-    # The names server/README.md's table uses; same behaviour.
-    def path(self, job_id: str) -> Path: ...
-    def write(self, job_id: str, data: bytes) -> None: ...
 
 
 class DirResultStore:
@@ -125,6 +122,3 @@ class DirResultStore:
             return False
         shutil.rmtree(d)
         return True
-
-    path = result_path
-    write = write_result

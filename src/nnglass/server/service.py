@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,11 @@ from .auth import KeyStore
 from .config import ModelConfig, ServerConfig
 from .events import EventHub
 from .exposure import describe
-from .handle import GRACE_SECONDS, WorkerHandle
-from .jobs import Job, JobStatus, SQLiteJobStore
+from .handle import WorkerHandle
+from .jobs import Job, JobStatus, JobStore, SQLiteJobStore
 from .policy import check_policy
-from .results import DirResultStore
+from .replica import Replica, Worker
+from .results import DirResultStore, ResultStore
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -53,28 +54,40 @@ class ModelState:
     lookups: frozenset[tuple[str, str]] | None = None  # sites that are lookups of weights (None: unknown)
     state: str = "loading"  # loading | ready | failed
     error: str = ""
-    running: dict[str, WorkerHandle] = field(default_factory=dict)
+    running: dict[str, Worker] = field(default_factory=dict)  # job id -> the worker running it
     checksums: set[str] = field(default_factory=set)  # debug: weights after each job and at start
     grad_seen: bool = False  # debug: a parameter had a .grad after a job (must never happen)
-    handles: list[WorkerHandle] = field(default_factory=list)  # one per replica
+    workers: list[Worker] = field(default_factory=list)  # one per replica
     last_pass: int = 0  # jobs in the last request a replica ran (1: alone, more: one shared pass)
     ended: deque[float] = field(default_factory=deque)  # when worker-run jobs ended, last minute only
 
 
+WorkerFactory = Callable[[ModelConfig, ServerConfig], Worker]
+
+
+def subprocess_worker(model: ModelConfig, server: ServerConfig) -> Worker:
+    """The embedded default: each replica in a worker subprocess of this server."""
+    return WorkerHandle({"name": model.name, "source": model.source, "dtype": model.dtype,
+                         "threads": model.threads, "debug_checksums": server.debug_checksums})
+
+
 class Service:
-    def __init__(self, config: ServerConfig) -> None:
+    """The request side (submit, get, list, cancel, status) and the lifecycle; each
+    model replica is a `Replica` (server/replica.py) driving one `Worker`."""
+
+    def __init__(self, config: ServerConfig, worker: WorkerFactory = subprocess_worker) -> None:
         self.config = config
         home = Path(config.home)
         home.mkdir(parents=True, exist_ok=True)
         self.keys = KeyStore(home / "nnglass.db")
-        self.jobs = SQLiteJobStore(home / "nnglass.db")
-        self.results = DirResultStore(home / "jobs")
+        self.jobs: JobStore = SQLiteJobStore(home / "nnglass.db")
+        self.results: ResultStore = DirResultStore(home / "jobs")
+        self._worker = worker
         self.hub = EventHub()
         self.models = {m.name: ModelState(m) for m in config.models}
         self.scheduler = Scheduler(list(self.models))
         self.counters: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
-        self._handles: list[WorkerHandle] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
@@ -83,39 +96,50 @@ class Service:
     def start(self) -> None:
         self._recover()
         for state in self.models.values():
-            for replica in range(state.config.replicas):
-                self._spawn(self._serve_replica, state, replica)
+            for _ in range(state.config.replicas):
+                worker = self._worker(state.config, self.config)
+                state.workers.append(worker)
+                self._spawn(Replica(self, state, worker).serve)
         self._spawn(self._expire_loop)
 
     def stop(self) -> None:
         self._stop.set()
         self.scheduler.close()
-        for handle in list(self._handles):
-            handle.kill()
+        for state in self.models.values():
+            for worker in state.workers:
+                worker.kill()
         for t in self._threads:
             t.join(timeout=10)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True if the service stops meanwhile."""
+        return self._stop.wait(seconds)
+
     def _spawn(self, target: Any, *args: Any) -> None:
-        t = threading.Thread(target=target, args=args, daemon=True, name=f"nnglass-{target.__name__}")
+        name = getattr(target, "__name__", "thread")
+        t = threading.Thread(target=target, args=args, daemon=True, name=f"nnglass-{name}")
         t.start()
         self._threads.append(t)
 
     def _recover(self) -> None:
         """Jobs a previous server left unfinished run again, or fail with a reason."""
-        waiting = (JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.RUNNING)
-        for job in self._durably(self.jobs.by_status, *waiting):
+        for job in self.durably(self.jobs.unfinished):
             graph_path, _ = self.results.graph_paths(job.id)
             if job.model not in self.models or not graph_path.exists():
-                self._finish(job.id, JobStatus.ERROR, error={
+                self.finish(job.id, JobStatus.ERROR, error={
                     "type": "RemoteError", "where": "",
                     "message": "the server restarted and this job's model or graph is gone"})  # fmt: skip
             elif job.status == JobStatus.RUNNING and job.attempts >= 2:
-                self._finish(job.id, JobStatus.ERROR, error={
+                self.finish(job.id, JobStatus.ERROR, error={
                     "type": "RemoteError", "where": "",
                     "message": "this job was started twice and the server or its worker stopped "
                                "both times before it finished"})  # fmt: skip
             else:
-                self._durably(self.jobs.update, job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
+                self.durably(self.jobs.update, job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
                 self.scheduler.submit(job.model, job.key_id, job.id)
 
     # --- requests --------------------------------------------------------------------------
@@ -143,7 +167,7 @@ class Service:
                 self.results.delete(job.id)  # not accepted: leave nothing behind
                 raise
             self.scheduler.submit(graph.model, key_id, job.id, share=share_key(graph))
-        self._count("jobs_submitted_total")
+        self.count("jobs_submitted_total")
         self.hub.publish(job.id)  # a live view of all this key's jobs learns of it now
         return job  # not read back: once the row exists the job is accepted, locked database or not
 
@@ -174,12 +198,12 @@ class Service:
             return job
         # The row first: if the database is locked this raises and nothing has changed (the
         # job is still queued); a replica that takes the job meanwhile sees CANCELLED.
-        self._finish(job.id, JobStatus.CANCELLED, retry=False)
+        self.finish(job.id, JobStatus.CANCELLED, retry=False)
         self.scheduler.cancel(job.model, job.id)
-        handle = self.models[job.model].running.get(job.id)
-        if handle is not None:
-            handle.stop_job(job.id)  # its thread sees the worker die, restarts it; CANCELLED stays
-        self._publish_queue(job.model)
+        worker = self.models[job.model].running.get(job.id)
+        if worker is not None:
+            worker.stop_job(job.id)  # its thread sees the worker die, restarts it; CANCELLED stays
+        self.publish_queue(job.model)
         return self.get(key_id, job_id)
 
     def result_path(self, key_id: str, job_id: str) -> Path:
@@ -221,149 +245,28 @@ class Service:
                 s.ended.popleft()
             ended = len(s.ended)
         return {
-            "replicas_alive": sum(h.alive for h in s.handles),
-            "replicas_busy": len({id(h) for h in list(s.running.values())}),
+            "replicas_alive": sum(w.alive for w in s.workers),
+            "replicas_busy": len({id(w) for w in list(s.running.values())}),
             "last_pass_jobs": s.last_pass,
             "jobs_last_minute": ended,
         }
 
-    # --- workers ---------------------------------------------------------------------------
-    def _serve_replica(self, state: ModelState, replica: int) -> None:
-        cfg = state.config
-        handle = WorkerHandle({
-            "name": cfg.name, "source": cfg.source, "dtype": cfg.dtype, "threads": cfg.threads,
-            "debug_checksums": self.config.debug_checksums,
-        })  # fmt: skip
-        self._handles.append(handle)
-        state.handles.append(handle)
-        if not self._start_worker(state, handle):
-            return
-        while not self._stop.is_set():
-            job_id = self.scheduler.next(cfg.name, timeout=0.5)
-            # Dead since the last job, or while idle (killed from outside): a job must never
-            # meet a dead worker, so it restarts first.
-            if not handle.alive and not self._restart_worker(state, handle):
-                return  # stopping: a job taken is still QUEUED in the store, for the next start
-            if job_id is not None:
-                others = self.scheduler.take_sharing(cfg.name, job_id, cfg.share_jobs - 1)
-                self._run_jobs(state, handle, [job_id, *others])
-
-    def _restart_worker(self, state: ModelState, handle: WorkerHandle) -> bool:
-        if self._stop.is_set():
-            return False
-        self._count("worker_restarts_total")
-        return self._start_worker(state, handle)
-
-    def _start_worker(self, state: ModelState, handle: WorkerHandle) -> bool:
-        while not self._stop.is_set():
-            try:
-                handle.restart() if handle.pid is not None else handle.start()
-                state.paths = set(handle.paths)
-                state.lookups = frozenset(tuple(site) for site in handle.ready.get("lookups", ()))
-                if handle.ready.get("checksum"):
-                    state.checksums.add(handle.ready["checksum"])
-                state.state, state.error = "ready", ""
-                return True
-            except Exception as e:  # a model that fails to load must not take the server down
-                state.state, state.error = "failed", f"{type(e).__name__}: {e}"
-                log.error("model %s failed to start: %s", state.config.name, state.error)
-                self._stop.wait(5.0)
-        return False
-
-    def _run_jobs(self, state: ModelState, handle: WorkerHandle, job_ids: list[str]) -> None:
-        """Run one job, or several sharing one forward pass (co-tenancy), on this replica."""
-        requests = [r for r in (self._begin(state, job_id) for job_id in job_ids) if r is not None]
-        if not requests:
-            return
-        self._publish_queue(state.config.name)
-        seconds = state.config.policy.limits.run_seconds
-        if len(requests) == 1:
-            answer = self._run_on(state, handle, requests, seconds + GRACE_SECONDS)
-            self._record(state, requests[0]["job"], answer)
-            return
-        # After a failed shared pass the worker runs each job alone: a time limit for each.
-        reply = self._run_on(state, handle, requests, seconds * (len(requests) + 1) + GRACE_SECONDS)
-        answers = reply.get("batch")
-        if type(answers) is not list or len(answers) != len(requests):
-            # No answers: the worker died in the pass, and which job did it is unknown.
-            self._count("shared_passes_lost_total")
-            self._rerun_alone(state, handle, requests, seconds + GRACE_SECONDS)
-            return
-        self._count("shared_jobs_total", sum(1 for a in answers if a.get("shared")))
-        debug = {k: reply[k] for k in ("checksum", "has_grad") if k in reply}
-        for request, answer in zip(requests, answers):
-            self._record(state, request["job"], {**answer, **debug})
-
-    def _rerun_alone(
-        self, state: ModelState, handle: WorkerHandle, requests: list[dict[str, Any]], timeout: float
-    ) -> None:
-        """Each job of a shared pass that killed the worker (a hang past the time limit, a
-        crash, the out-of-memory killer, a cancel) runs again alone, on a restarted worker,
-        with its own time limit: an innocent job completes as it would have alone, and the
-        job that killed the worker kills it again, alone, and ends ERROR with that reason.
-        Once each, so a culprit cannot loop; the job stays RUNNING throughout."""
-        for request in requests:
-            job = self._durably(self.jobs.get, request["job"])
-            if job is None or job.status != JobStatus.RUNNING:
-                continue  # cancelled meanwhile
-            if not handle.alive and not self._restart_worker(state, handle):
-                return  # stopping: the job stays RUNNING, and runs again after the restart
-            self._durably(self.jobs.update, job.id, attempts=job.attempts + 1)
-            self._record(state, job.id, self._run_on(state, handle, [request], timeout))
-
-    def _begin(self, state: ModelState, job_id: str) -> dict[str, Any] | None:
-        """Mark a job RUNNING and build its request; None if it is no longer queued."""
-        job = self._durably(self.jobs.get, job_id)
-        if job is None or job.status != JobStatus.QUEUED:
-            return None  # cancelled meanwhile
-        if not self._durably(self.jobs.update, job_id, status=JobStatus.RUNNING.value, started_at=time.time(),
-                             attempts=job.attempts + 1):  # fmt: skip
-            return None
-        self.hub.publish(job_id)
-        graph_path, tensor_path = self.results.graph_paths(job_id)
-        policy = state.config.policy
-        return {
-            "job": job_id, "graph": str(graph_path), "tensors": str(tensor_path) if tensor_path else None,
-            "result": str(self.results.result_path(job_id)), "limits": asdict(policy.limits),
-            "hide_weights": not policy.weights_visible,
-        }  # fmt: skip
-
-    def _run_on(
-        self, state: ModelState, handle: WorkerHandle, requests: list[dict[str, Any]], timeout: float
-    ) -> dict[str, Any]:
-        """One request to the worker (several jobs: one shared pass); its answer."""
-        for request in requests:
-            state.running[request["job"]] = handle  # where a cancel finds it
-        state.last_pass = len(requests)
-        try:
-            return handle.run(requests[0] if len(requests) == 1 else {"batch": requests}, timeout=timeout)
-        finally:
-            for request in requests:
-                state.running.pop(request["job"], None)
-
-    def _record(self, state: ModelState, job_id: str, answer: dict[str, Any]) -> None:
+    def job_ended(self, state: ModelState) -> None:
+        """A worker finished a job (for `jobs_last_minute`)."""
         with self._lock:
             state.ended.append(time.time())
-        if answer.get("checksum"):
-            state.checksums.add(answer["checksum"])
-            state.grad_seen = state.grad_seen or bool(answer.get("has_grad"))
-        if answer.get("status") == "COMPLETED":
-            self._finish(job_id, JobStatus.COMPLETED, result_bytes=answer.get("bytes"))
-        else:
-            self._finish(job_id, JobStatus.ERROR, error=answer.get("error") or {
-                "type": "RemoteError", "message": "the worker gave no answer", "where": ""})  # fmt: skip
 
-    def _finish(self, job_id: str, status: JobStatus, *, retry: bool = True, **fields: Any) -> None:
+    def finish(self, job_id: str, status: JobStatus, *, retry: bool = True, **fields: Any) -> None:
         """The job's final status. `retry`: wait out a locked database (background threads,
         which must not lose it); else a locked database raises UnavailableError."""
         now = time.time()
         fields.update(status=status.value, finished_at=now, expires_at=now + self.config.result_ttl_s)
         write = functools.partial(self.jobs.update, job_id, **fields)
-        if self._durably(write) if retry else write():
-            self._count(f'jobs_finished_total{{status="{status.value}"}}')
+        if self.durably(write) if retry else write():
+            self.count(f'jobs_finished_total{{status="{status.value}"}}')
         self.hub.publish(job_id)
 
-    def _durably(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def durably(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`call(...)` on a store, waiting while the database is locked (by another process,
         e.g. a backup or the CLI); raises only if the server stops meanwhile."""
         warned = False
@@ -377,7 +280,7 @@ class Service:
                 if self._stop.wait(_RETRY_S):
                     raise
 
-    def _publish_queue(self, model: str) -> None:
+    def publish_queue(self, model: str) -> None:
         for job_id in self.scheduler.positions(model):
             self.hub.publish(job_id)
 
@@ -392,7 +295,7 @@ class Service:
                 log.info("expiring results later: %s", e.message)
 
     # --- metrics ---------------------------------------------------------------------------
-    def _count(self, name: str, n: int = 1) -> None:
+    def count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.counters[name] = self.counters.get(name, 0) + n
 

@@ -1,0 +1,180 @@
+"""A replica: one worker that holds a model, and the thread that feeds it jobs.
+
+The service drives every replica through the `Worker` protocol; `handle.WorkerHandle`
+(a subprocess) is one implementation, and a Ray actor can be another. The replica loop
+never asks which one it has.
+
+Invariants:
+- A job is marked RUNNING (and its attempt counted) before its request goes out; its
+  answer becomes its final status. A job never meets a dead worker: the loop restarts
+  it first.
+- Several queued jobs may share one request (co-tenancy). When that request comes back
+  without an answer per job (the worker died in the pass: a hang past the time limit, a
+  crash, the out-of-memory killer), each job still RUNNING runs once more alone on a
+  restarted worker: only a job that kills it alone ends ERROR for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .handle import GRACE_SECONDS
+from .jobs import JobStatus
+
+if TYPE_CHECKING:
+    from .service import ModelState, Service
+
+log = logging.getLogger(__name__)
+
+
+class Worker(Protocol):
+    """One model replica that runs job requests (the JSON protocol of `server/worker.py`)."""
+
+    paths: list[str]  # the model's module paths, once ready
+    ready: dict[str, Any]  # the whole ready message (paths, lookups, debug checksums)
+
+    @property
+    def alive(self) -> bool: ...
+
+    def start(self, timeout: float = 300.0) -> None:
+        """(Re)start and wait until the model is loaded; raise NNglassError if it is not."""
+
+    def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """One request's answer; never raises for a job's failure (that is an ERROR answer).
+        Past `timeout` the worker is stopped and the answer says so."""
+
+    def stop_job(self, job: Any) -> bool:
+        """Stop the worker if (and only if) it is running `job` now."""
+
+    def kill(self) -> None: ...
+
+
+class Replica:
+    """Feeds one worker the jobs of one model, from the service's scheduler."""
+
+    def __init__(self, service: Service, state: ModelState, worker: Worker) -> None:
+        self.service, self.state, self.worker = service, state, worker
+
+    def serve(self) -> None:
+        """The replica's thread: start the worker, then run jobs until the service stops."""
+        service, cfg = self.service, self.state.config
+        if not self._start():
+            return
+        while not service.stopping:
+            job_id = service.scheduler.next(cfg.name, timeout=0.5)
+            # Dead since the last job, or while idle (killed from outside): a job must never
+            # meet a dead worker, so it restarts first.
+            if not self.worker.alive and not self._restart():
+                return  # stopping: a job taken is still QUEUED in the store, for the next start
+            if job_id is not None:
+                others = service.scheduler.take_sharing(cfg.name, job_id, cfg.share_jobs - 1)
+                self.run_jobs([job_id, *others])
+
+    def _restart(self) -> bool:
+        if self.service.stopping:
+            return False
+        self.service.count("worker_restarts_total")
+        return self._start()
+
+    def _start(self) -> bool:
+        state = self.state
+        while not self.service.stopping:
+            try:
+                self.worker.start()
+                state.paths = set(self.worker.paths)
+                state.lookups = frozenset(tuple(site) for site in self.worker.ready.get("lookups", ()))
+                if self.worker.ready.get("checksum"):
+                    state.checksums.add(self.worker.ready["checksum"])
+                state.state, state.error = "ready", ""
+                return True
+            except Exception as e:  # a model that fails to load must not take the server down
+                state.state, state.error = "failed", f"{type(e).__name__}: {e}"
+                log.error("model %s failed to start: %s", state.config.name, state.error)
+                self.service.wait(5.0)
+        return False
+
+    def run_jobs(self, job_ids: list[str]) -> None:
+        """Run one job, or several sharing one forward pass (co-tenancy)."""
+        requests = [r for r in (self._begin(job_id) for job_id in job_ids) if r is not None]
+        if not requests:
+            return
+        service = self.service
+        service.publish_queue(self.state.config.name)
+        seconds = self.state.config.policy.limits.run_seconds
+        if len(requests) == 1:
+            self._record(requests[0]["job"], self._run(requests, seconds + GRACE_SECONDS))
+            return
+        # After a failed shared pass the worker runs each job alone: a time limit for each.
+        reply = self._run(requests, seconds * (len(requests) + 1) + GRACE_SECONDS)
+        answers = reply.get("batch")
+        if type(answers) is not list or len(answers) != len(requests):
+            # No answers: the worker died in the pass, and which job did it is unknown.
+            service.count("shared_passes_lost_total")
+            self._rerun_alone(requests, seconds + GRACE_SECONDS)
+            return
+        service.count("shared_jobs_total", sum(1 for a in answers if a.get("shared")))
+        debug = {k: reply[k] for k in ("checksum", "has_grad") if k in reply}
+        for request, answer in zip(requests, answers):
+            self._record(request["job"], {**answer, **debug})
+
+    def _rerun_alone(self, requests: list[dict[str, Any]], timeout: float) -> None:
+        """Each job of a shared pass that killed the worker (a hang past the time limit, a
+        crash, the out-of-memory killer, a cancel) runs again alone, on a restarted worker,
+        with its own time limit: an innocent job completes as it would have alone, and the
+        job that killed the worker kills it again, alone, and ends ERROR with that reason.
+        Once each, so a culprit cannot loop; the job stays RUNNING throughout."""
+        service = self.service
+        for request in requests:
+            job = service.durably(service.jobs.get, request["job"])
+            if job is None or job.status != JobStatus.RUNNING:
+                continue  # cancelled meanwhile
+            if not self.worker.alive and not self._restart():
+                return  # stopping: the job stays RUNNING, and runs again after the restart
+            service.durably(service.jobs.update, job.id, attempts=job.attempts + 1)
+            self._record(job.id, self._run([request], timeout))
+
+    def _begin(self, job_id: str) -> dict[str, Any] | None:
+        """Mark a job RUNNING and build its request; None if it is no longer queued."""
+        service = self.service
+        job = service.durably(service.jobs.get, job_id)
+        if job is None or job.status != JobStatus.QUEUED:
+            return None  # cancelled meanwhile
+        if not service.durably(service.jobs.update, job_id, status=JobStatus.RUNNING.value,
+                               started_at=time.time(), attempts=job.attempts + 1):  # fmt: skip
+            return None
+        service.hub.publish(job_id)
+        graph_path, tensor_path = service.results.graph_paths(job_id)
+        policy = self.state.config.policy
+        return {
+            "job": job_id, "graph": str(graph_path), "tensors": str(tensor_path) if tensor_path else None,
+            "result": str(service.results.result_path(job_id)), "limits": asdict(policy.limits),
+            "hide_weights": not policy.weights_visible,
+        }  # fmt: skip
+
+    def _run(self, requests: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
+        """One request to the worker (several jobs: one shared pass); its answer."""
+        state = self.state
+        for request in requests:
+            state.running[request["job"]] = self.worker  # where a cancel finds it
+        state.last_pass = len(requests)
+        request = requests[0] if len(requests) == 1 else {"batch": requests}
+        try:
+            return self.worker.run(request, timeout=timeout)
+        finally:
+            for request in requests:
+                state.running.pop(request["job"], None)
+
+    def _record(self, job_id: str, answer: dict[str, Any]) -> None:
+        state, service = self.state, self.service
+        service.job_ended(state)
+        if answer.get("checksum"):
+            state.checksums.add(answer["checksum"])
+            state.grad_seen = state.grad_seen or bool(answer.get("has_grad"))
+        if answer.get("status") == "COMPLETED":
+            service.finish(job_id, JobStatus.COMPLETED, result_bytes=answer.get("bytes"))
+        else:
+            service.finish(job_id, JobStatus.ERROR, error=answer.get("error") or {
+                "type": "RemoteError", "message": "the worker gave no answer", "where": ""})  # fmt: skip
