@@ -16,6 +16,10 @@ Scenarios, each timed as interleaved (baseline, trace) pairs with the ``_harness
 - ``save_all``: every decoder layer's output (hooks: 30 hand-registered hooks keeping outputs);
   nnglass may stop after the last layer (no final norm, no ``lm_head``), so ``save_all_out``
   also saves the logits: every framework then runs the whole forward, a like-for-like overhead;
+- ``meta_first`` / ``meta_again`` (nnglass only): ``save_all`` written the nnsight way, each
+  layer's output untupled with ``isinstance`` (record-time metadata), at a signature the model
+  has not seen (its metadata cache emptied before each trace) / at a known one; paired with
+  the framework's own ``save_all`` (``PAIRED_WITH``), so the overhead is metadata's alone;
 - ``early3``: ``model.layers[3].output`` and stop there (nnglass: automatically; nnsight:
   ``tracer.stop()``; hooks: a hook that raises); reported as a time ratio to a plain forward;
 - ``generate``: 16-token greedy generation adding ``STEER`` to ``model.layers[12].output[:, -1]``
@@ -55,6 +59,8 @@ STEER_LAYER = 12
 MAX_NEW = 16
 STEER_SEED, STEER_SCALE = 0, 2.0
 GENERATE_SCENARIOS = ("generate", "generate_null")  # paired with a plain steered generate
+# Paired with the framework's own trace doing the same without metadata (issue 12's targets).
+PAIRED_WITH = {"meta_first": "save_all", "meta_again": "save_all"}
 
 Scenario = Callable[[], Any]
 
@@ -127,6 +133,8 @@ def reference(b: LMBench) -> dict[str, Any]:
         "logits": logits,
         "save_all": [kept[i] for i in range(N_LAYERS)],
         "save_all_out": [*(kept[i] for i in range(N_LAYERS)), logits],
+        "meta_first": [kept[i] for i in range(N_LAYERS)],
+        "meta_again": [kept[i] for i in range(N_LAYERS)],
         "early3": kept[EARLY_LAYER],
         "generate": steered,
         "generate_null": steered,
@@ -166,11 +174,12 @@ def _time(args: argparse.Namespace, b: LMBench, scenarios: dict[str, Scenario]) 
         if name not in scenarios:
             continue
         is_gen = name in GENERATE_SCENARIOS
-        entry: dict[str, Any] = {"baseline": "generate" if is_gen else "forward"}
+        paired = PAIRED_WITH.get(name)
+        entry: dict[str, Any] = {"baseline": paired or ("generate" if is_gen else "forward")}
         try:
             with torch.no_grad():
                 entry["check"] = verdict(scenarios[name](), ref[name])
-                base = b.generate if is_gen else b.forward
+                base = scenarios[paired] if paired else b.generate if is_gen else b.forward
                 pairs, warmup = (args.gen_pairs, 1) if is_gen else (args.pairs, args.warmup)
                 entry["plain_ns"], entry["trace_ns"] = interleaved(base, scenarios[name], pairs, warmup)
         except Exception as exc:

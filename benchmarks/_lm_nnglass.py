@@ -7,6 +7,8 @@ go in as text (nnglass tokenizes on every trace, as a user's code would). Scenar
 - ``logits``: ``lm.output.logits.save()`` (the whole forward runs);
 - ``save_all``: every ``lm.model.layers[i].output.save()`` (the forward may stop after the last
   layer); ``save_all_out``: the same and ``lm.output.logits.save()`` (the whole forward runs);
+- ``meta_first`` / ``meta_again``: ``save_all`` with each output untupled by ``isinstance``
+  (record-time metadata), at an unseen / a known input signature;
 - ``early3``: ``lm.model.layers[3].output.save()`` alone: nnglass stops the forward by itself
   once nothing else is needed (DESIGN §2);
 - ``generate``: ``with lm.generate(prompt, max_new_tokens=16) as tr: with tr.all():
@@ -34,6 +36,7 @@ from _lm import (
     run_lm_worker,
 )
 from nnglass import LanguageModel
+from nnglass.models.fake import FakeCache
 
 
 def logits(lm: Any) -> torch.Tensor:
@@ -53,6 +56,24 @@ def save_all_out(lm: Any) -> list[torch.Tensor]:
         outs = [lm.model.layers[i].output.save() for i in range(N_LAYERS)]
         outs.append(lm.output.logits.save())
     return [o.value for o in outs]
+
+
+def untupled_all(lm: Any) -> list[torch.Tensor]:
+    """save_all as nnsight users write it: `isinstance` asks for record-time metadata."""
+    with lm.trace(PROMPT):
+        outs = []
+        for i in range(N_LAYERS):
+            out = lm.model.layers[i].output
+            h = out[0] if isinstance(out, tuple) else out
+            outs.append(h.save())
+    return [o.value for o in outs]
+
+
+def meta_first(lm: Any) -> list[torch.Tensor]:
+    """A first trace at a new input signature: the per-signature metadata cache is emptied
+    (what any unseen prompt shape meets; the model-level meta copy, built once, stays)."""
+    object.__setattr__(lm, "_fake_sites", FakeCache())
+    return untupled_all(lm)
 
 
 def early3(lm: Any) -> torch.Tensor:
@@ -77,6 +98,8 @@ def make(bench: LMBench) -> dict[str, Scenario]:
         "save_all": lambda: save_all(lm),
         "save_all_out": lambda: save_all_out(lm),
         "early3": lambda: early3(lm),
+        "meta_first": lambda: meta_first(lm),
+        "meta_again": lambda: untupled_all(lm),
         "generate": lambda: generate(lm, bench.steer),
     }
 

@@ -7,9 +7,10 @@ with every module's inputs and output captured: what a proxy's `.shape` or
 `isinstance(...)` answers while a trace records (tracing/meta.py).
 
 Invariants:
-- The fake model is built once per LanguageModel from its config; a loaded model (and
-  any NNModel's module) runs its own forward under a FakeTensorMode instead: its
-  parameters are read as fake copies, never written.
+- The fake model is built once per LanguageModel from its config (scans; metadata where
+  the meta-device forward of models/metaforward.py cannot run); a loaded model where that
+  forward cannot run, and any NNModel's module, run their own forward under the model's
+  one FakeTensorMode: parameters are read as fake copies, never written.
 - One capture per input signature (input shapes and dtypes, forward options, generation
   step kind), kept by the model (`_FakeCache`); a trace that never asks builds none.
 - Capture hooks act only for the capture running in this context, and are removed in a
@@ -43,7 +44,7 @@ def _fake_model(lm: LanguageModel) -> tuple[FakeTensorMode, torch.nn.Module]:
     if cached is None:
         from transformers import AutoModelForCausalLM
 
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        mode = lm._meta_mode()  # one mode per model: its fakes meet the metadata world's
         with mode:
             model = AutoModelForCausalLM.from_config(lm.config, dtype=lm._dtype).eval()
         cached = (mode, model)
@@ -127,9 +128,16 @@ class FakeWorld:
     """Site values of one fake forward, as the graph's invokes see them."""
 
     def __init__(self, mode: FakeTensorMode, model: torch.nn.Module, sites: Callable[[bool], SiteValues],
-                 rows: list[tuple[int, int]], batch: int, result: Any = None) -> None:  # fmt: skip
+                 rows: list[tuple[int, int]], batch: int, result: Any = None, *,
+                 convert: Callable[[Any], Any] | None = None,
+                 runner: Callable[[], torch.nn.Module] | None = None) -> None:  # fmt: skip
+        """`model`: the module tree (forward signatures); `convert`: a captured value as
+        fake tensors of `mode` (a meta capture, models/metaforward.py); `runner`: the
+        model whose modules run for `module(...)` calls on fake values (default: `model`)."""
         self._mode = mode
         self.model = model
+        self._convert = convert
+        self._runner = runner
         self._sites = sites  # later -> captured values (made on first use, cached by the model)
         self.rows = rows
         self.batch = batch
@@ -148,6 +156,8 @@ class FakeWorld:
             if key not in sites:
                 return Unknown(f"`{path or '<root>'}` call {call} did not run in the fake forward")
             value = sites[key]
+            if self._convert is not None:
+                value = self._convert(value)
             if kind == "input":
                 value = _first_input(self.model.get_submodule(path), *value)
             elif kind == "output" and not path:
@@ -159,13 +169,16 @@ class FakeWorld:
                 value = map_batch(value, self.batch, lambda t: t[start:stop])
         return value
 
+    def _run_model(self) -> torch.nn.Module:
+        return self.model if self._runner is None else self._runner()
+
     def module(self, path: str, args: tuple, kwargs: dict) -> Any:
         with torch.no_grad():
-            return _unknown_state(graph_view(self.model.get_submodule(path)(*args, **kwargs)))
+            return _unknown_state(graph_view(self._run_model().get_submodule(path)(*args, **kwargs)))
 
     def param(self, path: str) -> Any:
         module_path, _, name = path.rpartition(".")
-        module = self.model.get_submodule(module_path)
+        module = self._run_model().get_submodule(module_path)
         value = module._parameters.get(name)
         return (module._buffers[name] if value is None else value).detach()
 

@@ -11,8 +11,9 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,8 +28,10 @@ from ..runtime.run import execute, run_session
 from ..runtime.values import resolve
 from ..tracing.proxy import Proxy
 from ..tracing.tracer import Tracer, user_where
-from . import fake
+from . import fake, metaforward
 from .nnmodel import NNModel
+
+log = logging.getLogger(__name__)
 
 _SAMPLING = threading.Lock()  # seeded sampling forks the process RNG: one at a time
 
@@ -64,6 +67,7 @@ class LanguageModel(NNModel):
         object.__setattr__(self, "_load_kwargs", load_kwargs)
         object.__setattr__(self, "_load_lock", threading.Lock())
         object.__setattr__(self, "_fake", None)  # (FakeTensorMode, model), built by the first scan
+        object.__setattr__(self, "_meta", None)  # metadata's meta-device copy (False: none can be made)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -131,36 +135,63 @@ class LanguageModel(NNModel):
                          "list of strings, token ids or a tokenizer's output", user_where())  # fmt: skip
 
     def _fake_world(self, graph: Graph) -> fake.FakeWorld:
-        """Site values of a fake forward on the recorded prompts (record-time metadata):
-        the loaded model under a FakeTensorMode, else (not loaded, or a scan) the fake model
-        from the config (a remote model needs no weights). Later generation steps see one new token."""
+        """Site values of a fake forward on the recorded prompts (record-time metadata).
+
+        The model's own forward on a private meta-device copy (models/metaforward.py: the
+        loaded model's, else the config's, so a remote model needs no weights); where that
+        cannot run, the loaded model under a FakeTensorMode, else the fake model from the
+        config. Later generation steps see one new token."""
         ids, mask, rows = batch_prompts(graph, self.tokenizer.pad_token_id)
-        if self._loaded is not None and self._fake is None and graph.mode != "scan":
-            model, mode = self._loaded, self._meta_mode()
-        else:
-            mode, model = fake._fake_model(self)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        ids, mask = ids.to(device), mask.to(device)
+        mode = self._meta_mode()
+        loaded = self._loaded
+        device = next((p.device for p in loaded.parameters()), torch.device("cpu")) if loaded else None
+        device = device or torch.device("cpu")
         forward = dict(resolve(graph.options.get("forward", {}), [], graph.tensors))
         forward["use_cache"] = False
-        key = (id(model), fake.signature((ids, forward)))
+        meta = self._meta_copy() if graph.mode != "scan" else None
+
+        def fallback() -> tuple[torch.nn.Module, Any]:
+            if loaded is not None and self._fake is None and graph.mode != "scan":
+                return loaded, mode
+            return fake._fake_model(self)[1], mode
+
+        def capture(key: Any, run: Callable[[torch.nn.Module, Callable[[Any], Any]], Any]) -> fake.SiteValues:
+            def make() -> fake.SiteValues:
+                if meta is not None:
+                    try:
+                        return meta.capture(run)
+                    except Exception as e:  # a model the meta run cannot do: FakeTensorMode can
+                        log.info("metadata by FakeTensorMode for %s (meta forward: %s)", self.name, e)
+                        object.__setattr__(self, "_meta", False)
+                model, fmode = fallback()
+                return fake.capture(fmode, model, lambda: run(model, lambda t: t.to(device)))
+
+            return self._fake_sites.get((id(meta), key), make)
 
         def sites(later: bool) -> fake.SiteValues:
             if later:  # a generation step after the prompt: one new token (KV cache shapes aside)
                 one = ids[:, -1:]
-                run = lambda: model(input_ids=one, attention_mask=torch.ones_like(one), use_cache=False)
-                later_key = (id(model), "later", ids.shape[0])
-                return self._fake_sites.get(later_key, lambda: fake.capture(mode, model, run))
+                return capture(("later", ids.shape[0]), lambda m, x: m(
+                    input_ids=x(one), attention_mask=x(torch.ones_like(one)), use_cache=False))
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            run = lambda: model(input_ids=ids, attention_mask=mask, position_ids=positions, **forward)
-            return self._fake_sites.get(key, lambda: fake.capture(mode, model, run))
+            return capture(fake.signature((ids, forward)), lambda m, x: m(
+                input_ids=x(ids), attention_mask=x(mask), position_ids=x(positions), **forward))
 
         result = None
         if graph.mode == "generate":
             with mode:
                 new = int(graph.options.get("generate", {}).get("max_new_tokens", 1))
                 result = torch.zeros(ids.shape[0], ids.shape[1] + new, dtype=ids.dtype, device=device)
-        return fake.FakeWorld(mode, model, sites, rows, ids.shape[0], result)
+        convert = metaforward.to_fake(mode, device)
+        return fake.FakeWorld(mode, self._module, sites, rows, ids.shape[0], result, convert=convert,
+                              runner=lambda: fallback()[0])  # fmt: skip
+
+    def _meta_copy(self) -> metaforward.MetaCopy | None:
+        """The private meta-device copy metadata runs on (built once; None: cannot be)."""
+        if self._meta is None:
+            made = metaforward.MetaCopy.of(self._loaded if self._loaded is not None else self._module)
+            object.__setattr__(self, "_meta", made or False)
+        return self._meta or None
 
     # --- running (also what a server calls) ---------------------------------------------
     def _backend(self, remote: bool = False) -> Backend:
