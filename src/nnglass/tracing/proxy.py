@@ -69,8 +69,12 @@ class Proxy(_Slots):
     def grad(self, value: Any) -> None:
         self._tracer.record(SET_GRAD, (self, value))
 
-    def backward(self, gradient: Any = None) -> None:
-        self._tracer.record_backward(self, gradient)
+    def backward(self, gradient: Any = None) -> Any:
+        """Recorded at once; also a block, nnsight's spelling: `with loss.backward():` reads
+        `.grad`s inside, and the backward is recorded where the block ends (tracing/verbs.py)."""
+        from .verbs import BackwardBlock
+
+        return BackwardBlock(self._tracer, self._tracer.record_backward(self, gradient))
 
     @property
     def value(self) -> Any:

@@ -236,9 +236,23 @@ class Tracer:
         site = Site(path, kind, call, self._step)
         return self.record(op, () if op == GET else (value,), None, site)
 
-    def record_backward(self, proxy: Proxy, gradient: Any) -> None:
+    def record_backward(self, proxy: Proxy, gradient: Any) -> int:
         args = (proxy,) if gradient is None else (proxy, gradient)
-        self.record(BACKWARD, args)
+        return self.record(BACKWARD, args)._id
+
+    def take_last(self, node_id: int) -> Node:
+        """Remove node `node_id`, which must be the last one recorded (nothing refers to it
+        yet): a `with loss.backward():` block moves its backward to where the block ends."""
+        if not self.graph.nodes or self.graph.nodes[-1].id != node_id:
+            raise TraceError("`with x.backward():` must directly follow the backward it blocks", user_where())
+        self._shape.pop()
+        return self.graph.nodes.pop()
+
+    def put_back(self, node: Node) -> None:
+        """Record `node` again, now as the last node (same op, arguments and scope)."""
+        node.id = len(self.graph.nodes)
+        self.graph.nodes.append(node)
+        self._shape.append(_shape(node))
 
     def mark_saved(self, proxy: Proxy) -> None:
         self.graph.nodes[proxy._id].save = True

@@ -1,15 +1,19 @@
-"""nnsight's remaining verbs, spelled as nnsight spells them: `nnglass.save(x)` and
-`tracer.iter[...]` (steps). They only record; what they mean is stated where defined.
+"""nnsight's remaining verbs, spelled as nnsight spells them: `nnglass.save(x)`,
+`tracer.iter[...]` (steps) and `with loss.backward():`. They only record; what they mean is
+stated where defined.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import TraceError
 from .proxy import Proxy, has_proxy
-from .tracer import Tracer, current_tracer, user_where
+from .tracer import Stop, Tracer, current_tracer, user_where
+
+if TYPE_CHECKING:
+    from ..graph.ir import Node
 
 
 def save(obj: Any) -> Any:
@@ -23,6 +27,24 @@ def save(obj: Any) -> Any:
         return tracer.record(f"builtins.{type(obj).__name__}", (obj,)).save()
     return obj
 
+
+
+class BackwardBlock:
+    """What `x.backward()` returns. Unused, the backward stays where it was recorded. As a
+    block (`with loss.backward():`, nnsight's spelling), the backward moves to where the
+    block ends: `.grad`s declared inside are declared before it, as the runtime requires
+    (the backward still runs once, after the forward values it needs)."""
+
+    def __init__(self, tracer: Tracer, node_id: int) -> None:
+        self.tracer, self.node_id = tracer, node_id
+        self._node: Node | None = None
+
+    def __enter__(self) -> None:
+        self._node = self.tracer.take_last(self.node_id)
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self._node is not None and (exc_type is None or exc_type is Stop):
+            self.tracer.put_back(self._node)
 
 
 class StepIndex:

