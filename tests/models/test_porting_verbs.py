@@ -86,3 +86,80 @@ def test_a_grad_after_a_plain_backward_still_says_declare_it_first(tiny: Any, pa
             h = untuple(layers(tiny, pair.local)[0].output)
             pair.local.output.logits.sum().backward()
             h.grad.save()
+
+
+# --- model.edit() / clear_edits() ----------------------------------------------------------------
+
+
+def halve(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5
+
+
+def test_an_inplace_edit_applies_to_every_later_trace_until_cleared(tiny: Any, pair: Any, both: Any) -> None:
+    ids, mask = lmf.padded(tiny.tokenizer, PROMPT)
+    mlp = layers(tiny, tiny.hf)[1].mlp
+
+    def experiment(lm: Any) -> Any:
+        with lm.edit(inplace=True):
+            layers(tiny, lm)[1].mlp.output = layers(tiny, lm)[1].mlp.output * 0.5
+        with lm.trace(PROMPT):
+            edited = lm.output.logits.save()
+        with lm.trace(PROMPT):  # a getter at the edited site sees the edit
+            seen = layers(tiny, lm)[1].mlp.output.save()
+        lm.clear_edits()
+        with lm.trace(PROMPT):
+            clean = lm.output.logits.save()
+        return edited, seen, clean
+
+    edited, seen, clean = both(pair, experiment)
+    out, _ = lmf.hook_view(tiny.hf, mlp, ids, mask)
+    assert torch.equal(edited, lmf.edited_forward(tiny.hf, mlp, halve, ids, mask))
+    assert torch.equal(seen, out * 0.5)
+    assert torch.equal(clean, lmf.forward(tiny.hf, ids, mask))
+
+
+def test_edit_returns_an_edited_handle_and_leaves_the_model_alone(tiny: Any, pair: Any, both: Any) -> None:
+    ids, mask = lmf.padded(tiny.tokenizer, PROMPT)
+    vec = torch.randn(32, generator=torch.Generator().manual_seed(3))
+
+    def experiment(lm: Any) -> Any:
+        with lm.edit() as steered:
+            layers(tiny, lm)[0].mlp.output[:, -1] += vec
+        with steered.trace(PROMPT):
+            a = steered.output.logits.save()
+        with lm.trace(PROMPT):
+            b = lm.output.logits.save()
+        return a, b
+
+    a, b = both(pair, experiment)
+
+    def add(x: torch.Tensor) -> torch.Tensor:
+        x[:, -1] += vec
+        return x
+
+    assert torch.equal(a, lmf.edited_forward(tiny.hf, layers(tiny, tiny.hf)[0].mlp, add, ids, mask))
+    assert torch.equal(b, lmf.forward(tiny.hf, ids, mask))
+
+
+def test_an_edit_applies_at_every_generation_step(tiny: Any, pair: Any, both: Any) -> None:
+    ids, mask = lmf.padded(tiny.tokenizer, PROMPT)
+    mlp = layers(tiny, tiny.hf)[1].mlp
+
+    def experiment(lm: Any) -> Any:
+        with lm.edit() as edited:
+            layers(tiny, lm)[1].mlp.output = layers(tiny, lm)[1].mlp.output * 0.5
+        with edited.generate(PROMPT, max_new_tokens=4) as tracer:
+            tokens = tracer.result.save()
+        return tokens
+
+    got = both(pair, experiment)
+    ref = lmf.generate(tiny.hf, ids, mask, 4, hook=(mlp, lambda m, a, out: out * 0.5))
+    assert torch.equal(got, ref)
+
+
+def test_an_edit_saves_nothing(tiny: Any, pair: Any) -> None:
+    lm = pair.local
+    with pytest.raises(TraceError, match="an edit saves nothing"):
+        with lm.edit(inplace=True):
+            layers(tiny, lm)[0].output.save()
+    assert lm._edits == ()

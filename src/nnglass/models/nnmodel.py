@@ -17,6 +17,7 @@ from ..runtime.interpreter import Interpreter
 from ..runtime.order import OrderLog
 from ..runtime.run import execute, run_session
 from ..runtime.values import resolve
+from ..tracing.edits import EditTracer
 from ..tracing.envoy import Envoy
 from ..tracing.session import Session
 from ..tracing.tracer import Tracer, user_where
@@ -38,6 +39,7 @@ class NNModel:
         object.__setattr__(self, "_order", OrderLog())  # site orders seen, for early out-of-order errors
         object.__setattr__(self, "_fake_mode", None)  # record-time metadata: made when first asked
         object.__setattr__(self, "_fake_sites", fake.FakeCache())
+        object.__setattr__(self, "_edits", ())  # model.edit() fragments, replayed into every trace
 
     @property
     def module(self) -> torch.nn.Module:
@@ -52,6 +54,17 @@ class NNModel:
         """Several traces as one unit (one request when remote); later traces may use
         earlier traces' values."""
         return Session(self, self._backend(remote), blocking=blocking)
+
+    def edit(self, inplace: bool = False) -> EditTracer:
+        """Record interventions that apply to every later trace (nnsight's `model.edit()`):
+        `with net.edit() as edited:` gives a second handle on the same module carrying the
+        edits; `inplace=True` edits this model. The edits travel inside each graph sent (a
+        server never keeps them). Nothing is saved or run in the block."""
+        return EditTracer(self, inplace)
+
+    def clear_edits(self) -> None:
+        """Forget this model's edits: later traces run without them."""
+        object.__setattr__(self, "_edits", ())
 
     def _backend(self, remote: bool = False) -> Backend:
         """Where this model's graphs run: in this process, or (remote) on a server."""

@@ -84,8 +84,18 @@ class Tracer:
         self._meta: Meta | None = None  # record-time metadata, made when first asked for
         self._mode: Recording | None = None  # on torch's function-mode stack during the block
         self._implicit = bool(args or kwargs)
+        self.replay_edits()
         if self._implicit:
             self.graph.invokes.append(model._prepare_invoke(self, args, kwargs))
+
+    def replay_edits(self) -> None:
+        """The model's edits (`model.edit()`, tracing/edits.py) come first in every graph."""
+        edits = getattr(self.model, "_edits", ())
+        if edits:
+            from .edits import replay
+
+            for fragment in edits:
+                replay(self, fragment)
 
     # --- the block ---------------------------------------------------------------------
     def __enter__(self) -> Tracer:
