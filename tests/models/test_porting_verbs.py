@@ -163,3 +163,51 @@ def test_an_edit_saves_nothing(tiny: Any, pair: Any) -> None:
         with lm.edit(inplace=True):
             layers(tiny, lm)[0].output.save()
     assert lm._edits == ()
+
+
+# --- rename= and module.skip(value) --------------------------------------------------------------
+
+
+def test_rename_aliases_paths_and_names(tiny: Any) -> None:
+    from nnglass import LanguageModel
+
+    stack = "transformer.h" if tiny.arch == "gpt2" else "model.layers"
+    attn = "attn" if tiny.arch == "gpt2" else "self_attn"
+    lm = LanguageModel(tiny.hf, tokenizer=lmf.char_tokenizer(), rename={stack: "layers", attn: "attention"})
+    ids, mask = lmf.padded(tiny.tokenizer, PROMPT)
+    with lm.trace(PROMPT):
+        h = lm.layers[1].output.save()
+        a = lm.layers[0].attention.output.save()
+        same = layers(tiny, lm)[1].output.save()  # the real names keep working
+    sub = layers(tiny, tiny.hf)
+    ref_h, _ = lmf.hook_view(tiny.hf, sub[1], ids, mask)
+    ref_a, _ = lmf.hook_view(tiny.hf, getattr(sub[0], attn), ids, mask)
+    assert torch.equal(h, ref_h) and torch.equal(same, ref_h)
+    assert torch.equal(untuple(a.value), untuple(ref_a))
+    with pytest.raises(TraceError, match=r"no module at `transformer\.nope`"):
+        LanguageModel(tiny.hf, tokenizer=lmf.char_tokenizer(), rename={"transformer.nope": "x"})
+
+
+def test_skip_a_layer_passing_its_input_through(tiny: Any, pair: Any, both: Any) -> None:
+    """nnsight: `layer.skip(layer.input)` - the layer's output is its input."""
+    ids, mask = lmf.padded(tiny.tokenizer, PROMPT)
+    stack = layers(tiny, tiny.hf)
+
+    def experiment(lm: Any) -> Any:
+        with lm.trace(PROMPT):
+            layer = layers(tiny, lm)[1]
+            out = layer.output
+            h = layer.input
+            layer.skip((h, *out[1:]) if isinstance(out, tuple) else h)
+            logits = lm.output.logits.save()
+        return logits
+
+    got = both(pair, experiment)
+
+    def through(m: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    with lmf.hooks(stack[1].register_forward_hook(through, with_kwargs=True)), torch.no_grad():
+        ref = lmf.forward(tiny.hf, ids, mask)
+    assert torch.equal(got, ref)

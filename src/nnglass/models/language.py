@@ -41,7 +41,7 @@ class LanguageModel(NNModel):
 
     def __init__(self, model: Any, *, tokenizer: Any = None, dtype: torch.dtype | None = None,
                  name: str | None = None, backend: Backend | None = None,
-                 **load_kwargs: Any) -> None:  # fmt: skip
+                 rename: dict[str, str] | None = None, **load_kwargs: Any) -> None:  # fmt: skip
         if isinstance(model, torch.nn.Module):
             source, loaded, config = None, model, model.config
             meta = model
@@ -58,7 +58,7 @@ class LanguageModel(NNModel):
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        super().__init__(meta, name=label, backend=backend)
+        super().__init__(meta, name=label, backend=backend, rename=rename)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "_source", source)

@@ -18,7 +18,7 @@ from ..runtime.order import OrderLog
 from ..runtime.run import execute, run_session
 from ..runtime.values import resolve
 from ..tracing.edits import EditTracer
-from ..tracing.envoy import Envoy
+from ..tracing.envoy import Aliases, Envoy
 from ..tracing.session import Session
 from ..tracing.tracer import Tracer, user_where
 from . import fake
@@ -28,11 +28,13 @@ class NNModel:
     """Wraps (does not copy) a module. `with net.trace(x): net.layer.output.save()`."""
 
     def __init__(self, module: torch.nn.Module, name: str | None = None, *,
-                 backend: Backend | None = None) -> None:  # fmt: skip
+                 backend: Backend | None = None, rename: dict[str, str] | None = None) -> None:  # fmt: skip
         """`backend`: where `remote=True` runs (default: none for a plain module; a
-        LanguageModel uses the configured server)."""
+        LanguageModel uses the configured server). `rename`: aliases for module paths or
+        names, e.g. `{"transformer.h": "layers", "attn": "attention"}` (tracing/envoy.py)."""
         object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_envoy", Envoy(module, ""))
+        aliases = Aliases(module, rename) if rename else None
+        object.__setattr__(self, "_envoy", Envoy(module, "", aliases))
         object.__setattr__(self, "name", name or type(module).__name__)
         object.__setattr__(self, "_local", LocalBackend(self))
         object.__setattr__(self, "_remote", backend)

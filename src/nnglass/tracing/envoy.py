@@ -32,10 +32,11 @@ class Envoy:
     # No __slots__: a child envoy, once found, is cached in the instance __dict__ so the
     # next `net.layers` is a plain attribute hit (properties like `.output` still win).
 
-    def __init__(self, module: torch.nn.Module, path: str) -> None:
+    def __init__(self, module: torch.nn.Module, path: str, aliases: Aliases | None = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_aliases", aliases)
 
     # --- the tree ------------------------------------------------------------------------
     def _child(self, name: str) -> Envoy:
@@ -43,7 +44,7 @@ class Envoy:
         if child is None:
             module = self._module._modules[name]
             path = f"{self._path}.{name}" if self._path else name
-            child = self._children[name] = Envoy(module, path)
+            child = self._children[name] = Envoy(module, path, self._aliases)
         return child
 
     def __getattr__(self, name: str) -> Any:
@@ -51,6 +52,12 @@ class Envoy:
         if name in module._modules:
             child = self.__dict__[name] = self._child(name)
             return child
+        aliases = self._aliases
+        if aliases is not None and not name.startswith("__"):
+            found = aliases.resolve(self, name)
+            if found is not None:
+                self.__dict__[name] = found
+                return found
         if name in module._parameters or name in module._buffers:
             path = f"{self._path}.{name}" if self._path else name
             return current_tracer(f"`{path}`").record(PARAM, (path,))
@@ -105,6 +112,12 @@ class Envoy:
             raise TraceError(f"call index must be an int >= 0, got {i!r}", user_where())
         return SiteCall(self, i)
 
+    def skip(self, value: Any) -> None:
+        """nnsight's `module.skip(value)`: the module's output (first call) is `value`, as
+        its forward returned it. What every later module sees is exactly that; the forward
+        itself still runs (its inner sites too), so compute is not saved yet."""
+        SiteCall(self, 0).output = value
+
     @property
     def output(self) -> Proxy:
         """Exactly what the module's forward returned in its first call (a tuple stays a tuple)."""
@@ -143,6 +156,38 @@ class Envoy:
     def inputs_pair(self) -> Proxy:
         """`.inputs` as one proxy of the (args, kwargs) pair (what the cache saves)."""
         return current_tracer("`.inputs`").record_site(GET, self._path, "inputs", 0)
+
+
+class Aliases:
+    """`rename=`: other names for modules (nnsight's aliases). A dotted key ("transformer.h")
+    names a path, reachable under its alias from the root (`net.layers`); a plain key
+    ("self_attn") is a child's name, reachable under its alias wherever such a child is
+    (`layer.attn`). The real names keep working, and graphs hold only real paths, so a
+    server never needs the aliases."""
+
+    def __init__(self, root: torch.nn.Module, rename: dict[str, str]) -> None:
+        self.paths: dict[str, str] = {}  # alias at the root -> real path
+        self.names: dict[str, str] = {}  # alias of a child -> its real name
+        for real, alias in rename.items():
+            if not isinstance(real, str) or not isinstance(alias, str) or not alias.isidentifier():
+                why = f"rename maps module paths to names: {real!r}: {alias!r} is not one"
+                raise TraceError(why, user_where())
+            if "." in real:
+                try:
+                    root.get_submodule(real)
+                except AttributeError:
+                    raise TraceError(f"rename: the model has no module at `{real}`", user_where()) from None
+                self.paths[alias] = real
+            else:
+                self.names[alias] = real
+
+    def resolve(self, envoy: Envoy, name: str) -> Envoy | None:
+        if not envoy._path and name in self.paths:
+            return envoy.at(self.paths[name])
+        real = self.names.get(name)
+        if real is not None and real in envoy._module._modules:
+            return envoy._child(real)
+        return None
 
 
 class SiteCall:
