@@ -1,6 +1,7 @@
 """nnsight code runs unchanged: experiments written the way nnsight 0.8 users write them
 (`isinstance` to untuple, shapes in Python control flow, real tensors' methods taking
-proxies, `nnglass.save`, `tracer.stop`, `tracer.iter`), on tiny GPT-2 and tiny Llama.
+proxies, `nnglass.save`, `tracer.stop`, `tracer.iter`), on tiny GPT-2 and tiny Llama (and
+on SmolLM2: tests/models/test_porting_smol.py runs these same functions).
 
 Each runs locally and after a JSON round trip (`both`: bitwise equal) and is checked
 against the same experiment done with plain PyTorch hooks (bitwise where the
@@ -18,7 +19,6 @@ import torch
 import nnglass
 
 PROMPT = "The truth is"
-HIDDEN = 32
 
 
 def layers(tiny: Any, x: Any) -> Any:
@@ -33,8 +33,12 @@ def attention(tiny: Any, layer: Any) -> Any:
     return layer.attn if tiny.arch == "gpt2" else layer.self_attn
 
 
-def steer_vector(seed: int = 7) -> torch.Tensor:
-    return 2 * torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed))
+def hidden(tiny: Any) -> int:
+    return int(tiny.hf.config.hidden_size)
+
+
+def steer_vector(tiny: Any, seed: int = 7) -> torch.Tensor:
+    return 2 * torch.randn(hidden(tiny), generator=torch.Generator().manual_seed(seed))
 
 
 def untuple(out: Any) -> Any:
@@ -49,14 +53,14 @@ def retuple(out: Any, h: torch.Tensor) -> Any:
 
 
 def test_steering_in_place_after_untupling(tiny: Any, pair: Any, both: Any) -> None:
-    vec, alpha = steer_vector(), 0.5
+    vec, alpha = steer_vector(tiny), 0.5
     ids, mask = lmf.padded(tiny.tokenizer, PROMPT)
 
     def experiment(lm: Any) -> Any:
         with lm.trace(PROMPT):
             out = layers(tiny, lm)[1].output
             h = out[0] if isinstance(out, tuple) else out
-            assert h.shape[-1] == HIDDEN and h.ndim == 3
+            assert h.shape[-1] == hidden(tiny) and h.ndim == 3
             h[:, -1] += alpha * vec.to(device=h.device, dtype=h.dtype)
             logits = lm.output.logits.save()
         return logits
@@ -71,7 +75,7 @@ def test_steering_in_place_after_untupling(tiny: Any, pair: Any, both: Any) -> N
 
 
 def test_steering_by_replacement_with_mixed_arithmetic(tiny: Any, pair: Any, both: Any) -> None:
-    vec = steer_vector()
+    vec = steer_vector(tiny)
     ids, mask = lmf.padded(tiny.tokenizer, PROMPT)
 
     def experiment(lm: Any) -> Any:
@@ -145,7 +149,10 @@ def test_logit_lens_over_every_layer(tiny: Any, pair: Any, both: Any) -> None:
         return probs
 
     got = both(pair, experiment)
-    seen = [lmf.hook_view(tiny.hf, layer, ids, mask)[0] for layer in layers(tiny, tiny.hf)]
+    seen: list[Any] = []
+    keep = lambda m, a, out: seen.append(lmf.clone_tree(out))
+    with lmf.hooks(*(layer.register_forward_hook(keep) for layer in layers(tiny, tiny.hf))):
+        lmf.forward(tiny.hf, ids, mask)
     with torch.no_grad():
         ref = [tiny.hf.lm_head(final_norm(tiny, tiny.hf)(untuple(h)))[:, -1].softmax(-1) for h in seen]
     assert len(got) == len(ref)
@@ -264,16 +271,16 @@ def test_gradient_of_a_site_whose_loss_is_computed_in_its_own_hook(tiny: Any, pa
 
 
 def test_steered_generation_with_shapes_per_step(tiny: Any, pair: Any, both: Any) -> None:
-    texts = ["hi", "hello"]
+    texts = ["hi there", "hello world"]  # more than one token each, for every tokenizer
     ids, mask = lmf.padded(tiny.tokenizer, texts)
-    vec = steer_vector()
+    vec = steer_vector(tiny)
     widths: list[Any] = []
 
     def experiment(lm: Any) -> Any:
         with lm.generate(texts, max_new_tokens=3) as tracer:
             with tracer.all():
                 h = untuple(layers(tiny, lm)[0].output)
-                assert h.size(-1) == HIDDEN and h.size(0) == 2
+                assert h.size(-1) == hidden(tiny) and h.size(0) == 2
                 h[:, -1] += vec.to(h.dtype)
             with tracer.step(0):
                 widths.append(untuple(layers(tiny, lm)[0].output).shape[1])
@@ -336,7 +343,7 @@ def test_metadata_inside_a_session(tiny: Any, pair: Any, both: Any) -> None:
             with lm.trace(clean):
                 h = untuple(layers(tiny, lm)[0].output)[:, -1]
             with lm.trace(other):
-                assert h.shape == (1, HIDDEN) and isinstance(h, torch.Tensor)
+                assert h.shape == (1, hidden(tiny)) and isinstance(h, torch.Tensor)
                 target = untuple(layers(tiny, lm)[0].output)
                 target[:, -1] = h
                 logits = lm.output.logits.save()

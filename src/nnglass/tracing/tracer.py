@@ -282,7 +282,9 @@ class Tracer:
         if isinstance(x, torch.Tensor):
             entry = self._tensor_keys.get(id(x))
             if entry is None or entry[0] is not x:
-                entry = self._tensor_keys[id(x)] = (x, self.graph.attach(x.detach()))
+                # Contiguous, as the wire carries it: a strided view (a weight's slice) would
+                # otherwise round differently here than after a round trip or on a server.
+                entry = self._tensor_keys[id(x)] = (x, self.graph.attach(x.detach().contiguous()))
             return entry[1]
         if t is tuple or t is list or t is Shape or isinstance(x, torch.Size):
             items = [self.encode(y) for y in x]
