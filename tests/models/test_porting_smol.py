@@ -1,5 +1,6 @@
 """The porting corpus on the real SmolLM2-135M: the same experiment functions as
-test_porting.py, test_porting_verbs.py and test_porting_attention.py (written the way
+test_porting.py, test_porting_verbs.py, test_porting_attention.py and
+test_porting_residual.py (written the way
 nnsight 0.8 users write them), unchanged, each against plain PyTorch hooks and after a JSON
 round trip. One LanguageModel pair (weights loaded once) for the module.
 """
@@ -14,6 +15,7 @@ import lm_fixtures as lmf
 import pytest
 import test_porting as porting
 import test_porting_attention as attention
+import test_porting_residual as residual
 import test_porting_verbs as verbs
 
 from nnglass import LanguageModel
@@ -71,6 +73,7 @@ EXPERIMENTS = [
     verbs.test_an_edit_applies_at_every_generation_step,
     verbs.test_skip_a_layer_passing_its_input_through,
     *attention.EXPERIMENTS,
+    *residual.EXPERIMENTS,
 ]
 
 
