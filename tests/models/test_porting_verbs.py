@@ -77,7 +77,9 @@ def test_a_gradient_edited_inside_a_backward_block(tiny: Any, pair: Any, both: A
                 h1.grad = torch.zeros_like(h1)
         return g0
 
-    assert torch.equal(both(pair, experiment), torch.zeros(1, len(PROMPT), 32))
+    ids, mask = lmf.padded(tiny.tokenizer, PROMPT)
+    h0, _ = lmf.hook_view(tiny.hf, layers(tiny, tiny.hf)[0], ids, mask)
+    assert torch.equal(both(pair, experiment), torch.zeros_like(untuple(h0)))
 
 
 def test_a_grad_after_a_plain_backward_still_says_declare_it_first(tiny: Any, pair: Any) -> None:
@@ -120,7 +122,7 @@ def test_an_inplace_edit_applies_to_every_later_trace_until_cleared(tiny: Any, p
 
 def test_edit_returns_an_edited_handle_and_leaves_the_model_alone(tiny: Any, pair: Any, both: Any) -> None:
     ids, mask = lmf.padded(tiny.tokenizer, PROMPT)
-    vec = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    vec = torch.randn(tiny.hf.config.hidden_size, generator=torch.Generator().manual_seed(3))
 
     def experiment(lm: Any) -> Any:
         with lm.edit() as steered:
@@ -211,3 +213,11 @@ def test_skip_a_layer_passing_its_input_through(tiny: Any, pair: Any, both: Any)
     with lmf.hooks(stack[1].register_forward_hook(through, with_kwargs=True)), torch.no_grad():
         ref = lmf.forward(tiny.hf, ids, mask)
     assert torch.equal(got, ref)
+
+
+def test_tracer_iter_past_the_last_step_is_refused_while_recording(tiny: Any, pair: Any) -> None:
+    lm = pair.local
+    with pytest.raises(TraceError, match=r"has 2 steps \(0\.\.1\), step 3 never runs"):
+        with lm.generate(PROMPT, max_new_tokens=2) as tracer:
+            for _ in tracer.iter[0:4]:
+                layers(tiny, lm)[0].output.save()

@@ -70,6 +70,11 @@ class Steps:
     def __init__(self, tracer: Tracer, start: int, stop: int | None) -> None:
         self.tracer, self.start, self.stop = tracer, start, stop
         self._scopes: list[Any] = []
+        steps = tracer.graph.options.get("generate", {}).get("max_new_tokens")
+        last = start if stop is None else stop - 1
+        if isinstance(steps, int) and last >= steps:  # known while recording: say so here
+            why = f"tracer.iter: this generation has {steps} steps (0..{steps - 1}), step {last} never runs"
+            raise TraceError(why, user_where())
 
     def __enter__(self) -> Tracer:
         if self.start == 0 and self.stop is None:
