@@ -141,3 +141,30 @@ def test_a_branch_on_input_data_follows_the_real_values() -> None:
     for mask, kind in ((torch.ones(2, 3, dtype=torch.bool), "tensor"), (torch.eye(2, 3).bool(), "tuple")):
         sites = MetaCopy(OnInput()).capture(lambda m, meta, mask=mask: m(meta(torch.randn(2, 3)), meta(mask)))
         assert describe(sites[("", "output", 0)])[0] == kind
+
+
+def test_remote_metadata_needs_no_weights(nnglass_cache: Any) -> None:
+    """`remote=True`: shapes and types come from the config's meta copy; the client never
+    loads the weights, the "server" (a second model, after a JSON round trip) runs the graph."""
+    from nnglass import LanguageModel
+    from nnglass.runtime.backend import LocalBackend
+
+    server = LanguageModel("smollm2-135m")
+    client = LanguageModel("smollm2-135m", backend=LocalBackend(server, roundtrip=True))
+    prompt = "The capital of France is"
+    with client.trace(prompt, remote=True):
+        out = client.model.layers[3].output
+        h = out[0] if isinstance(out, tuple) else out
+        assert isinstance(h, torch.Tensor) and h.shape[-1] == 576 and h.device.type == "cpu"
+        mask = client.model.layers[3].inputs[1]["attention_mask"]
+        masked = isinstance(mask, torch.Tensor)
+        h = h.save()
+    assert client._loaded is None and isinstance(client._meta, MetaCopy)
+    ids, attn = lmf.padded(server.tokenizer, prompt)
+    layer = server.module.model.layers[3]
+    seen: list[Any] = []
+    keep = lambda m, a, k: seen.append(k.get("attention_mask"))
+    with lmf.hooks(layer.register_forward_pre_hook(keep, with_kwargs=True)):
+        lmf.forward(server.module, ids, attn)
+    assert masked == isinstance(seen[0], torch.Tensor)  # the real run's mask decision
+    assert torch.equal(h, lmf.hook_view(server.module, layer, ids, attn)[0])
