@@ -221,3 +221,36 @@ def test_tracer_iter_past_the_last_step_is_refused_while_recording(tiny: Any, pa
         with lm.generate(PROMPT, max_new_tokens=2) as tracer:
             for _ in tracer.iter[0:4]:
                 layers(tiny, lm)[0].output.save()
+
+
+# --- shapes read before a later, longer prompt ---------------------------------------------------
+
+
+def test_a_width_read_before_a_longer_prompt_is_an_error_not_a_stale_number(tiny: Any, pair: Any) -> None:
+    lm = pair.local
+    with pytest.raises(TraceError, match=r"the shape read here .* once every invoke is recorded"):
+        with lm.trace() as tracer:
+            with tracer.invoke("hi"):
+                h = untuple(layers(tiny, lm)[0].output)
+                width = h.shape  # [1, 2, H] now; [1, 11, H] once the second prompt pads it
+                h[:, : width[1]].save()
+            with tracer.invoke("hello world"):
+                layers(tiny, lm)[0].output.save()
+
+
+def test_what_a_longer_prompt_does_not_change_may_be_read_early(tiny: Any, pair: Any, both: Any) -> None:
+    def experiment(lm: Any) -> Any:
+        with lm.trace() as tracer:
+            with tracer.invoke("hi"):
+                h = untuple(layers(tiny, lm)[0].output)
+                assert h.size(-1) == tiny.hf.config.hidden_size and isinstance(h, torch.Tensor)
+                a = h[:, -1].save()
+            with tracer.invoke("hello world"):
+                b = untuple(layers(tiny, lm)[0].output)[:, -1].save()
+        return a, b
+
+    a, b = both(pair, experiment)
+    ids, mask = lmf.padded(tiny.tokenizer, ["hi", "hello world"])
+    out, _ = lmf.hook_view(tiny.hf, layers(tiny, tiny.hf)[0], ids, mask)
+    lmf.assert_close(a, untuple(out)[:1, -1])
+    lmf.assert_close(b, untuple(out)[1:, -1])

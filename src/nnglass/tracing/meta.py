@@ -87,6 +87,8 @@ class Meta:
         self._world_invokes = -1
         self._sets: dict[tuple, list[int]] = {}  # (site, invoke) -> set node ids
         self._indexed = 0
+        # (node id, what, get, answer, where, invokes recorded then): see `recheck`
+        self.answers: list[tuple[int, str, Any, Any, str, int]] = []
 
     @contextmanager
     def _quiet(self) -> Iterator[None]:
@@ -116,6 +118,29 @@ class Meta:
             variants = (1,)
         with self._quiet():
             return [self._eval(node_id, v) for v in variants]
+
+    def recheck(self) -> None:
+        """An answer given while fewer invokes were recorded must hold for all of them: a
+        later, longer prompt widens every row (left padding), so a width read in an early
+        invoke can go stale. Checked once the block ends, on a fresh fake forward, and only
+        for answers given before the last invoke was recorded."""
+        n = len(self.tracer.graph.invokes)
+        stale = [a for a in self.answers if a[5] != n]
+        if not stale:
+            return
+        fresh = Meta(self.tracer)
+        for node_id, what, get, answer, where, _ in stale:
+            try:
+                now = get(fresh.of(node_id)[0])
+            except Exception:  # unknown now as well: the run will say why, if it matters
+                continue
+            if now != answer:
+                raise TraceError(
+                    f"the {what} read here ({answer}) is {now} once every invoke is recorded: a later "
+                    "invoke's longer prompt widens the batch (left padding); read it after the last "
+                    "invoke, or put the longest prompt first",
+                    where,
+                )
 
     def world(self) -> FakeWorld:
         graph = self.tracer.graph
@@ -267,6 +292,8 @@ def _one(proxy: Any, what: str, get: Any) -> Any:
             raise TraceError(f"the {what} of this value is not known while recording: {value.why}",
                              proxy._tracer.where())  # fmt: skip
         answers.append(get(value))
+    meta = proxy._tracer.metadata()
+    meta.answers.append((proxy._id, what, get, answers[0], proxy._tracer.where(), meta._world_invokes))
     if any(a != answers[0] for a in answers[1:]):
         raise TraceError(
             f"the {what} of this value differs between generation steps inside tracer.all() "

@@ -120,6 +120,8 @@ class Tracer:
             raise TraceError("nothing to run: pass inputs to trace(...) or use tracer.invoke(...)",
                              user_where())  # fmt: skip
         self.check()
+        if self._meta is not None:
+            self._meta.recheck()
         saved = frozenset(node_id for _, node_id in self.saved.values())
         self.graph.plan_key = (self.graph.mode, tuple(self._shape), saved)
         if self.session is not None:
