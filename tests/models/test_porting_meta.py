@@ -168,3 +168,21 @@ def test_remote_metadata_needs_no_weights(nnglass_cache: Any) -> None:
         lmf.forward(server.module, ids, attn)
     assert masked == isinstance(seen[0], torch.Tensor)  # the real run's mask decision
     assert torch.equal(h, lmf.hook_view(server.module, layer, ids, attn)[0])
+
+
+def test_a_call_whose_shape_follows_input_data_is_never_repeated() -> None:
+    class Keep(nn.Module):
+        def forward(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+            return x[:, : int(n)]
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = Keep(), Keep()
+
+        def forward(self, x: torch.Tensor, n: torch.Tensor, m: torch.Tensor) -> tuple:
+            return self.a(x, n), self.b(x, m)
+
+    x, n, m = torch.randn(2, 6), torch.tensor(2), torch.tensor(5)
+    sites = MetaCopy(Two()).capture(lambda model, meta: model(meta(x), meta(n), meta(m)))
+    assert [tuple(t.shape) for t in sites[("", "output", 0)]] == [(2, 2), (2, 5)]

@@ -158,6 +158,7 @@ class FakeWorld:
             value = sites[key]
             if self._convert is not None:
                 value = self._convert(value)
+                sites[key] = value  # converted once per capture (fakes are only ever read)
             if kind == "input":
                 value = _first_input(self.model.get_submodule(path), *value)
             elif kind == "output" and not path:

@@ -168,13 +168,15 @@ class LanguageModel(NNModel):
 
             return self._fake_sites.get((id(meta), key), make)
 
+        main_key = fake.signature((ids, forward))  # once per world, not per site read
+
         def sites(later: bool) -> fake.SiteValues:
             if later:  # a generation step after the prompt: one new token (KV cache shapes aside)
                 one = ids[:, -1:]
                 return capture(("later", ids.shape[0]), lambda m, x: m(
                     input_ids=x(one), attention_mask=x(torch.ones_like(one)), use_cache=False))
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            return capture(fake.signature((ids, forward)), lambda m, x: m(
+            return capture(main_key, lambda m, x: m(
                 input_ids=x(ids), attention_mask=x(mask), position_ids=x(positions), **forward))
 
         result = None

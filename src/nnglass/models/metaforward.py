@@ -11,10 +11,10 @@ private meta-device copy instead, with two additions:
   (`None` or a tensor) are the real run's.
 - **Repeats.** A call of a module whose structure (class, parameter and buffer shapes and
   dtypes, settings; its index in a stack aside) equals one already run in this forward,
-  with inputs of equal shapes, strides and dtypes, is not run again: its output and its
-  submodules' captured values are those of the first call (the same meta tensors: they
-  hold no data, so sharing them changes nothing). Thirty identical decoder
-  layers cost one.
+  with inputs of equal shapes, strides and dtypes, and which read no data (`.item()`), is
+  not run again: its output and its submodules' captured values are those of the first
+  call (the same meta tensors: they hold no data, so sharing them changes nothing).
+  Thirty identical decoder layers cost one.
 
 Invariants:
 - The copy is private (one per model, built once by `MetaCopy.of`; parameters and buffers
@@ -74,6 +74,7 @@ class _Capture:
         self.calls: dict[tuple[str, str], int] = {}
         self.seen: dict[Any, tuple[Any, list[tuple[str, str, Any]]]] = {}
         self.recorders: list[tuple[str, list[tuple[str, str, Any]]]] = []  # (path, notes) of open calls
+        self.reads = 0  # data answered from shadows so far: a call that read some is no repeat
 
     def note(self, path: str, kind: str, value: Any) -> None:
         n = self.calls.get((path, kind), 0)
@@ -112,7 +113,7 @@ class MetaCopy:
         """Every module's (args, kwargs) and output in one meta forward `run(model, meta)`,
         where `meta(real)` gives the meta stand-in of an input whose data is known."""
         cap = _Capture()
-        shadows = _Shadows()
+        shadows = _Shadows(cap)
         token = _ACTIVE.set(cap)
         try:
             with shadows, torch.no_grad():
@@ -193,11 +194,13 @@ def _repeatable(owner: MetaCopy, path: str, module: torch.nn.Module) -> Callable
             return output  # meta tensors hold no data: sharing them changes nothing
         notes: list[tuple[str, str, Any]] = []
         cap.recorders.append((prefix, notes))
+        reads = cap.reads
         try:
             output = forward(*args, **kwargs)
         finally:
             cap.recorders.pop()
-        if _signature(output) is not None:
+        # Shapes that followed the inputs' data (a read `.item()`) are not the shapes' alone.
+        if cap.reads == reads and _signature(output) is not None:
             cap.seen[key] = (output, notes)
         return output
 
@@ -225,8 +228,9 @@ def _post(path: str) -> Any:
 class _Shadows(TorchDispatchMode):
     """Meta tensors with their real values where those are known and small."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: _Capture) -> None:
         super().__init__()
+        self.cap = cap
         self.real: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta) -> (meta, real)
 
     def meta(self, real: torch.Tensor) -> torch.Tensor:
@@ -247,6 +251,7 @@ class _Shadows(TorchDispatchMode):
             reals = [self._shadow(x) if isinstance(x, torch.Tensor) else x for x in args]
             if any(r is None for r in reals):
                 raise NotMeta(f"the forward reads data computed from the weights ({func})")
+            self.cap.reads += 1
             return func(*reals, **kwargs)
         out = func(*args, **kwargs)
         inputs = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
