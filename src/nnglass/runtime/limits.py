@@ -16,12 +16,16 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class RunLimits:
     seconds: float | None = None  # wall time of the run (checked between nodes and in hooks)
-    op_bytes: int | None = None  # the most bytes one op may produce
+    op_bytes: int | None = None  # the most bytes one op may make (checked before it runs)
     live_bytes: int | None = None  # the most bytes the values of one run may hold at once
     hide_weights: bool = False  # the model's weights are hidden: `.inputs` shows only `.input`
 
     def deadline(self) -> float | None:
         return None if self.seconds is None else time.monotonic() + self.seconds
+
+    def bounds_run(self) -> bool:
+        """Whether a run must be checked as it goes (`runtime.limited.LimitedInterpreter`)."""
+        return self.seconds is not None or self.op_bytes is not None or self.live_bytes is not None
 
 
 NO_LIMITS = RunLimits()

@@ -18,6 +18,7 @@ from ..graph.ops import REGISTRY, OpRegistry
 from .backend import Runnable
 from .hooks import install, uninstall
 from .interpreter import EarlyStop, Interpreter
+from .limited import LimitedInterpreter
 from .limits import active_limits
 from .order import OrderLog
 from .plan import cached_plan
@@ -45,9 +46,13 @@ def execute(
     plan = cached_plan(graph, registry)
     if order is not None:
         order.check(plan, graph)
-    interp = interpreter(plan, graph, model, rows, batch_size, can_stop=can_stop, imports=imports)
     limits = active_limits()
-    interp.deadline, interp.seconds, interp.op_bytes = limits.deadline(), limits.seconds, limits.op_bytes
+    if interpreter is Interpreter and limits.bounds_run():
+        interpreter = LimitedInterpreter  # a plain local run pays nothing for limits
+    interp = interpreter(plan, graph, model, rows, batch_size, can_stop=can_stop, imports=imports)
+    interp.deadline, interp.seconds = limits.deadline(), limits.seconds
+    if isinstance(interp, LimitedInterpreter):
+        interp.op_bytes, interp.live_bytes = limits.op_bytes, limits.live_bytes
     interp.hide_weights = limits.hide_weights
     if copy_saves or (order is not None and order.edits_outputs):
         interp.copy_saves = True
