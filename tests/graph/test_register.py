@@ -13,10 +13,13 @@ from nnglass.graph.ops import REGISTRY
 
 @pytest.fixture
 def clean_registry() -> Iterator[None]:
-    before = set(REGISTRY.names())
+    """The process registry without torch.sinc (another test may have registered it),
+    restored exactly afterwards."""
+    ops, names = dict(REGISTRY._ops), dict(REGISTRY._names)
+    REGISTRY._ops.pop("torch.sinc", None)
+    REGISTRY._names = {k: v for k, v in names.items() if v != "torch.sinc"}
     yield
-    for name in set(REGISTRY.names()) - before:
-        REGISTRY._ops.pop(name)
+    REGISTRY._ops, REGISTRY._names = ops, names
 
 
 def test_a_registered_torch_function_records_and_runs(clean_registry: None) -> None:
