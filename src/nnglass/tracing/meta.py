@@ -284,16 +284,24 @@ def values(proxy: Any) -> list[Any]:
     return proxy._tracer.metadata().of(proxy._id)
 
 
-def _one(proxy: Any, what: str, get: Any) -> Any:
-    """`get(value)` for each variant the proxy runs in; they must agree."""
+def note(proxy: Any, what: str, get: Any, answer: Any, invokes: int) -> None:
+    """Remember an answer the user's code took (see `Meta.recheck`): `invokes` were recorded
+    when it was computed."""
+    m = proxy._tracer.metadata()
+    m.answers.append((proxy._id, what, get, answer, proxy._tracer.where(), invokes))
+
+
+def _one(proxy: Any, what: str, get: Any, noted: bool = True) -> Any:
+    """`get(value)` for each variant the proxy runs in; they must agree. `noted`: the answer
+    is remembered for `Meta.recheck` (a `Shape` instead notes the parts that are read)."""
     answers = []
     for value in values(proxy):
         if type(value) is Unknown:
             raise TraceError(f"the {what} of this value is not known while recording: {value.why}",
                              proxy._tracer.where())  # fmt: skip
         answers.append(get(value))
-    meta = proxy._tracer.metadata()
-    meta.answers.append((proxy._id, what, get, answers[0], proxy._tracer.where(), meta._world_invokes))
+    if noted:
+        note(proxy, what, get, answers[0], proxy._tracer.metadata()._world_invokes)
     if any(a != answers[0] for a in answers[1:]):
         raise TraceError(
             f"the {what} of this value differs between generation steps inside tracer.all() "
@@ -304,18 +312,18 @@ def _one(proxy: Any, what: str, get: Any) -> Any:
     return answers[0]
 
 
-def _tensor(proxy: Any, what: str, get: Any) -> Any:
+def _tensor(proxy: Any, what: str, get: Any, noted: bool = True) -> Any:
     def check(value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             raise TraceError(f"this value is a {type(value).__name__}, not a tensor: it has no {what}",
                              proxy._tracer.where())  # fmt: skip
         return get(value)
 
-    return _one(proxy, what, check)
+    return _one(proxy, what, check, noted)
 
 
-def shape(proxy: Any) -> torch.Size:
-    return _tensor(proxy, "shape", lambda t: torch.Size(t.shape))
+def shape(proxy: Any, noted: bool = True) -> torch.Size:
+    return _tensor(proxy, "shape", lambda t: torch.Size(t.shape), noted)
 
 
 def dtype(proxy: Any) -> torch.dtype:

@@ -99,7 +99,7 @@ class Proxy(_Slots):
 
     @property
     def shape(self) -> Shape:
-        return Shape(meta.shape(self), self)
+        return Shape(meta.shape(self, noted=False), self)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,17 +111,17 @@ class Proxy(_Slots):
 
     @property
     def ndim(self) -> int:
-        return len(meta.shape(self))
+        return len(meta.shape(self, noted=False))  # no prompt's length changes it
 
     @property
     def is_cuda(self) -> bool:
         return meta.device(self).type == "cuda"
 
     def size(self, dim: int | None = None) -> Any:
-        return Shape(meta.shape(self), self) if dim is None else meta.size(self, dim)
+        return Shape(meta.shape(self, noted=False), self) if dim is None else meta.size(self, dim)
 
     def dim(self) -> int:
-        return len(meta.shape(self))
+        return len(meta.shape(self, noted=False))
 
     def numel(self) -> int:
         return meta.shape(self).numel()
@@ -304,12 +304,45 @@ def _find_tracer(args: Any, kwargs: Any) -> Tracer:
 
 class Shape(tuple):
     """A proxy's shape while recording: a tuple of ints (compares equal to the
-    torch.Size), which can also be saved (`h.shape.save()`, for `lm.scan`)."""
+    torch.Size), which can also be saved (`h.shape.save()`, for `lm.scan`). It notes which
+    sizes the user's code reads (`Meta.recheck`: `h.shape[0]` takes the batch only)."""
 
     def __new__(cls, size: torch.Size, proxy: Proxy) -> Shape:
         new = super().__new__(cls, size)
         new._proxy = proxy
+        new._invokes = proxy._tracer.metadata()._world_invokes
         return new
+
+    def _read(self, dims: Any) -> None:
+        for d in dims:
+            get = lambda t, d=d: int(t.shape[d])
+            meta.note(self._proxy, f"size of dim {d}", get, tuple.__getitem__(self, d), self._invokes)
+
+    def _read_all(self) -> None:
+        self._read(range(tuple.__len__(self)))
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            self._read(range(tuple.__len__(self))[key])
+        else:
+            self._read((key,))
+        return tuple.__getitem__(self, key)
+
+    def __iter__(self) -> Any:
+        self._read_all()
+        return tuple.__iter__(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._read_all()
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        self._read_all()
+        return tuple.__ne__(self, other)
+
+    def __hash__(self) -> int:
+        self._read_all()
+        return tuple.__hash__(self)
 
     def save(self) -> Proxy:
         """The shape as a saved value (`.value` is a torch.Size after the trace)."""
@@ -318,10 +351,11 @@ class Shape(tuple):
 
     @property
     def value(self) -> torch.Size:
-        return torch.Size(self)
+        self._read_all()
+        return torch.Size(tuple.__iter__(self))
 
     def numel(self) -> int:
-        return torch.Size(self).numel()
+        return self.value.numel()
 
     def __repr__(self) -> str:
         return f"torch.Size({list(self)})"
