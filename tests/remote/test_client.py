@@ -434,3 +434,42 @@ def test_status_line_texts() -> None:
     line.show("ok")
     line.clear()
     assert out.getvalue() == "\rnnglass: running\rnnglass: ok     " + "\r" + " " * 11 + "\r"
+
+
+def test_in_a_notebook_progress_renders_in_one_output_area(
+        net: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """In a Jupyter kernel the status is one display area updated in place: queued at N,
+    running, downloading with a bar, then emptied; `progress=False` shows nothing."""
+    import sys
+    import types
+
+    shown: list[str] = []
+
+    class Handle:
+        def update(self, bundle: dict, raw: bool = False) -> None:
+            shown.append(bundle["text/html"])
+
+    def display(bundle: dict, raw: bool = False, display_id: bool = False) -> Handle:
+        assert raw and display_id
+        shown.append(bundle["text/html"])
+        return Handle()
+
+    ipython = types.ModuleType("IPython")
+    ipython.display = types.SimpleNamespace(display=display)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "IPython.display", ipython.display)  # type: ignore[attr-defined]
+    model = remote_model(net, backend(FakeServer(net), progress=None))
+    x = torch.randn(1, 4)
+    with model.trace(x, remote=True):
+        y = model.output.save()
+    assert torch.equal(y.value, local_reference(net, x)[1])
+    assert shown[0] == "<code>nnglass: queued (position 2)</code>"
+    assert "<code>nnglass: running</code>" in shown
+    assert any("<progress" in h and "downloading" in h for h in shown)
+    assert shown[-1] == ""
+    shown.clear()
+    quiet = remote_model(net, backend(FakeServer(net), progress=False))
+    with quiet.trace(torch.randn(1, 4), remote=True):
+        quiet.output.save()
+    assert shown == []

@@ -41,7 +41,7 @@ from ..errors import (
 from ..graph import wire
 from ..graph.ir import Graph
 from ..graph.results import decode_results
-from .status import StatusLine
+from .status import Status, status_for
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class Job:
         if self._values is not None:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        with StatusLine(self._backend.progress) as line:
+        with status_for(self._backend.progress) as line:
             info = self.info if self.info.get("status") in TERMINAL else None
             info = info or self._follow(deadline, line) or self._poll(deadline, timeout, line)
             status = info["status"]
@@ -229,11 +229,11 @@ class Job:
     def _get(self) -> dict[str, Any]:
         return self._backend.request("GET", f"/v1/jobs/{self.id}", f"job {self.id}").json()
 
-    def _seen(self, info: dict[str, Any], line: StatusLine) -> None:
+    def _seen(self, info: dict[str, Any], line: Status) -> None:
         self.info = info
         line.job(info)
 
-    def _follow(self, deadline: float | None, line: StatusLine) -> dict[str, Any] | None:
+    def _follow(self, deadline: float | None, line: Status) -> dict[str, Any] | None:
         """The terminal status from the event stream; None if the stream broke first."""
         b = self._backend
         read = 60.0 if deadline is None else max(0.01, min(60.0, deadline - time.monotonic()))
@@ -253,7 +253,7 @@ class Job:
             log.debug("job %s: event stream broke (%s); polling", self.id, e)
         return None
 
-    def _poll(self, deadline: float | None, timeout: float | None, line: StatusLine) -> dict[str, Any]:
+    def _poll(self, deadline: float | None, timeout: float | None, line: Status) -> dict[str, Any]:
         delay, largest = self._backend.poll
         outage: float | None = None  # since when the server has not answered (it may be restarting)
         while True:
@@ -276,7 +276,7 @@ class Job:
             time.sleep(delay if deadline is None else min(delay, deadline - now))
             delay = min(largest, delay * 1.5)
 
-    def _download(self, line: StatusLine) -> dict[int, Any]:
+    def _download(self, line: Status) -> dict[int, Any]:
         b, what = self._backend, f"the result of job {self.id}"
         buf = bytearray()
         try:

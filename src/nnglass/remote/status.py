@@ -1,4 +1,5 @@
-"""The live status line of a remote job: one line on stderr, rewritten in place with `\\r`.
+"""The live status of a remote job: one line on stderr, rewritten in place with `\\r`;
+in a Jupyter notebook, one output cell area updated in place (`NotebookStatus`).
 
 Invariants:
 - Shown only when asked (`progress=True`) or, by default, when the stream is a terminal;
@@ -10,8 +11,9 @@ Invariants:
 
 from __future__ import annotations
 
+import html
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 _MB = 1e6
@@ -69,6 +71,67 @@ class StatusLine:
 
     def __exit__(self, *exc: object) -> None:
         self.clear()
+
+
+class NotebookStatus:
+    """The same status in a notebook: an HTML line (a progress bar while downloading)
+    in one display area, updated in place and emptied when the job is done.
+    `display`: IPython's `display` (tests pass their own)."""
+
+    def __init__(self, display: Callable[..., Any], prefix: str = "nnglass") -> None:
+        self._display = display
+        self.prefix = prefix
+        self._handle: Any = None
+        self._html = ""
+
+    def _render(self, markup: str) -> None:
+        if markup == self._html:
+            return
+        bundle = {"text/html": markup}
+        if self._handle is None:
+            self._handle = self._display(bundle, raw=True, display_id=True)
+        else:
+            self._handle.update(bundle, raw=True)
+        self._html = markup
+
+    def show(self, text: str) -> None:
+        self._render(f"<code>{html.escape(self.prefix)}: {html.escape(text)}</code>")
+
+    def job(self, info: Mapping[str, Any]) -> None:
+        self.show(describe(info))
+
+    def download(self, done: int, total: int | None) -> None:
+        if not total:
+            self.show(bar(done, None))
+            return
+        self._render(f"<code>{html.escape(self.prefix)}: downloading {done / _MB:.1f}/{total / _MB:.1f} MB"
+                     f"</code> <progress value=\"{done}\" max=\"{total}\"></progress>")
+
+    def clear(self) -> None:
+        if self._handle is not None:
+            self._render("")
+
+    def __enter__(self) -> NotebookStatus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+
+
+Status = StatusLine | NotebookStatus
+
+
+def status_for(progress: bool | None) -> Status:
+    """The status display for a job: in a Jupyter kernel an updating cell output (unless
+    `progress=False`); elsewhere the stderr line (by default only on a terminal)."""
+    if progress is not False and "ipykernel" in sys.modules:
+        try:
+            from IPython.display import display
+        except ImportError:
+            pass
+        else:
+            return NotebookStatus(display)
+    return StatusLine(progress)
 
 
 def _isatty(stream: TextIO) -> bool:
