@@ -1,22 +1,22 @@
-"""Overhead worker for nnglass, written against the public API of DESIGN.md §2.
+"""Overhead worker for nnglass, written against the public API of docs/reference.md.
 
 Runs in ``/work/main/.venv`` in a process of its own (never next to nnsight, which patches torch
 and ``object`` on import). Each scenario does exactly what its twin in ``_bench_nnsight.py`` does:
 
 - ``empty``: a trace that touches nothing;
 - ``save1``: save the middle block's output (nnglass may stop the forward pass early after it,
-  DESIGN §2, so on the GPT-2 model its number can include that saving);
+  docs/reference.md, so on the GPT-2 model its number can include that saving);
 - ``save1_out``: ``save1`` plus the model's output, so every framework runs the whole forward
   pass: on GPT-2 the one row that is pure overhead for nnglass;
 - ``save_all``: save every block's output;
 - ``get_set_save``: ``h = layers[5].output; layers[5].output = h * 2``; save ``layers[6].output``;
 - ``grad``: the gradient of ``output.sum()`` w.r.t. the middle block's output
-  (``g = h.grad.save()`` declared before ``.backward()``, DESIGN §2); nnglass computes only the
+  (``g = h.grad.save()`` declared before ``.backward()``, docs/reference.md); nnglass computes only the
   gradients the graph asks for, like the ``torch.autograd.grad`` baseline it is paired with;
 - ``early3``: read ``layers[3].output`` (the forward stops after block 3 by itself); ``full3``
   reads it and the model output (the whole forward runs): early3's baseline;
 - ``wrapped_forward``: an untraced call of the wrapped module (should cost nothing: nnglass
-  installs hooks only for a trace and removes them after, DESIGN §1.4).
+  installs hooks only for a trace and removes them after, docs/reference.md).
 
 ``.save()`` returns a proxy; its ``.value`` is the tensor after the block. For the GPT-2 model
 the HF model is wrapped with ``NNModel`` and called with ``input_ids=`` (and ``use_cache=False``),

@@ -23,7 +23,7 @@ the first trace at a second, never-seen call site: frameworks that parse or comp
 source per call site pay that once per site.
 
 Every scenario's result is compared with a reference computed by plain forward hooks (what
-DESIGN §1.3 defines as the truth), so a framework that skips work shows up as a failed check.
+docs/reference.md defines as the truth), so a framework that skips work shows up as a failed check.
 This file imports only the standard library, torch and ``_models`` (it runs in both venvs).
 """
 

@@ -1,4 +1,4 @@
-"""Language-model worker for nnglass (``language.py``), written against DESIGN.md §2.
+"""Language-model worker for nnglass (``language.py``), written against docs/reference.md.
 
 ``LanguageModel("smollm2-135m")`` is the built-in name: with ``NNGLASS_CACHE`` pointing at the
 cache the driver names, it loads the converted folder the pristine copy also comes from. Prompts
@@ -10,7 +10,7 @@ go in as text (nnglass tokenizes on every trace, as a user's code would). Scenar
 - ``meta_first`` / ``meta_again``: ``save_all`` with each output untupled by ``isinstance``
   (record-time metadata), at an unseen / a known input signature;
 - ``early3``: ``lm.model.layers[3].output.save()`` alone: nnglass stops the forward by itself
-  once nothing else is needed (DESIGN §2);
+  once nothing else is needed (docs/reference.md);
 - ``generate``: ``with lm.generate(prompt, max_new_tokens=16) as tr: with tr.all():
   lm.model.layers[12].output[:, -1] += steer``, and ``tr.result.save()`` for the tokens.
 

@@ -183,7 +183,7 @@ def write_docs(md: str, env: dict[str, Any], res: dict[str, Any], path: Path = D
             "÷ baseline: overhead / baseline time (a plain forward, except for `grad`).",
             "- `hooks`: the same work hand-written with forward hooks; on the MLP, "
             "`save_all`/`hooks` is the hooks floor. `plain`/`null`: the method's own bias.",
-            "- nnglass stops the forward pass once nothing else is needed (DESIGN §2), so its "
+            "- nnglass stops the forward pass once nothing else is needed (docs/reference.md), so its "
             "`save1`, `save_all` and `get_set_save` rows include work it skipped (negative on "
             "GPT-2: no `ln_f`/`lm_head`); `save1_out` also saves the model output, so every "
             "framework runs the whole pass: that row is pure overhead.",

@@ -1,4 +1,4 @@
-"""Errors point at the user's line (DESIGN §1.5) and leave the model as it was.
+"""Errors point at the user's line (docs/reference.md) and leave the model as it was.
 
 Each test provokes one mistake, checks the exception class and that its message ends
 with "\\n  at <this file>:<the offending line>", then checks that the model holds no

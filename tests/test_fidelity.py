@@ -1,5 +1,5 @@
 """Fidelity: a getter returns exactly what a plain forward hook sees; a setter changes the
-forward pass exactly as a hook returning the edited value would (DESIGN §1.3, §2).
+forward pass exactly as a hook returning the edited value would (docs/reference.md).
 
 Every experiment runs locally and after a JSON round trip (the `run` fixture), with
 bitwise-equal results; the reference is plain PyTorch hooks from conftest. Invokes are

@@ -112,7 +112,7 @@ def test_activation_patching_across_invokes(smol: lmf.Pair, hf: torch.nn.Module,
     assert top_token(smol, patched) == " Paris"
     assert top_token(smol, lmf.forward(hf, *encode(smol, COLOSSEUM))) == " Rome"
 
-    # The DESIGN's example: the last position only, between prompts of different lengths.
+    # The reference's example: the last position only, between prompts of different lengths.
     short = "The Colosseum is in"
 
     def last_position(lm: Any) -> Any:

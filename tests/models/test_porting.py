@@ -209,7 +209,7 @@ def test_activation_patching_between_prompts(tiny: Any, pair: Any, both: Any) ->
         return out
 
     ref = lmf.edited_forward(tiny.hf, layers(tiny, tiny.hf)[1], edit, ids_x, mask_x)[:, -1]
-    lmf.assert_close(got, ref)  # batched with another prompt: float tolerance (DESIGN §2)
+    lmf.assert_close(got, ref)  # batched with another prompt: float tolerance (docs/reference.md)
 
 
 def test_attribution_patching_over_every_layer(tiny: Any, pair: Any, both: Any) -> None:

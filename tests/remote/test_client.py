@@ -1,4 +1,4 @@
-"""The remote client against an in-memory fake of the service's HTTP API (DESIGN §4).
+"""The remote client against an in-memory fake of the service's HTTP API (docs/service.md).
 
 The fake decodes what the client sends with `graph.wire.decode` (as a server must), runs
 the graph on its own copy of the model through the local runtime, and answers with

@@ -1,5 +1,5 @@
 """Co-tenancy: different users' forward-only graphs share one forward pass, each seeing only
-its own rows, with results equal to running alone (float tolerance; DESIGN §2 Numbers).
+its own rows, with results equal to running alone (float tolerance; docs/reference.md, numbers).
 One user's failure never fails the others: a shared run that fails runs each job alone."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Faults outside any one job's graph (DESIGN §1.6, "one user's failure never fails
+"""Faults outside any one job's graph (docs/security.md, "one user's failure never fails
 another user's job"; nothing lost):
 
 - a job that kills the worker in a shared forward pass (a hang past the time limit, a

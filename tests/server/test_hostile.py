@@ -1,5 +1,5 @@
-"""The hostile client (DESIGN §1.1, §1.7, §4): whatever it sends, the answer is a clear
-4xx with the status code of DESIGN §4's table, nothing it names is imported, run or read,
+"""The hostile client (docs/security.md): whatever it sends, the answer is a clear
+4xx with the status code of docs/service.md's table, nothing it names is imported, run or read,
 and the server keeps serving everyone else.
 
 Requests go over plain HTTP (httpx) or, where httpx would tidy them up (dot segments in

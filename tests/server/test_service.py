@@ -1,5 +1,5 @@
 """The service end to end: `nnglass serve --config` on loopback (a random free port), its
-worker subprocesses, the HTTP API of DESIGN §4, and the client's `remote=True`.
+worker subprocesses, the HTTP API of docs/service.md, and the client's `remote=True`.
 
 Remote runs are checked against the same experiment run in this process, bit for bit
 (`torch.equal`). On one machine that holds when both sides use the same number of torch
@@ -318,7 +318,7 @@ def test_client_needs_no_weights(tiny_dir: Path, tmp_path: Path, lm: LanguageMod
     assert_same(getter_save(light, True), getter_save(lm, False))
 
 
-# --- 2. the API (DESIGN §4) -------------------------------------------------------------
+# --- 2. the API (docs/service.md) -------------------------------------------------------------
 
 
 def test_submit_status_and_result(http: httpx.Client, lm: LanguageModel) -> None:

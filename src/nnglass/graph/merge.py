@@ -10,7 +10,7 @@ Invariants:
   `options["groups"]`, so `lm.output` of one user is that user's rows only.
 - `split` gives each graph exactly the saved values it would have had alone, by its own
   node ids. Numbers differ from a lone run only as batch composition allows (float
-  tolerance, DESIGN §2 "Numbers").
+  tolerance, docs/reference.md, numbers).
 """
 
 from __future__ import annotations

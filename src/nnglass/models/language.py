@@ -268,7 +268,7 @@ class LMTracer(Tracer):
             return self.record_site(GET, "", "result", 0)
 
 
-# One sequence per prompt, sampled or greedy: what the step semantics (DESIGN §2) cover.
+# One sequence per prompt, sampled or greedy: what the step semantics (docs/reference.md) cover.
 # Beam search and several sequences per prompt change the batch under the graph's rows.
 GENERATE_OPTIONS = frozenset(
     "do_sample temperature top_k top_p min_p typical_p repetition_penalty no_repeat_ngram_size "

@@ -1,4 +1,4 @@
-"""The HTTP API (DESIGN §4): routes, the key check, size limits, the error table.
+"""The HTTP API (docs/service.md): routes, the key check, size limits, the error table.
 
 Invariants: the API key is checked before anything else on every path but /health and
 the dashboard's page and static files (`dashboard.OPEN_PATHS`, exact paths, no data)

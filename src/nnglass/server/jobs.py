@@ -11,7 +11,7 @@ Invariants:
   increasing), which is the order the scheduler's fairness starts from; `by_key` (one
   key's jobs, for listing) in the reverse order, newest first.
 - `expired(now)` answers terminal jobs only: a job still queued or running never
-  expires out from under its owner (DESIGN §1.6, nothing lost).
+  expires out from under its owner (nothing lost: docs/security.md).
 - Timestamps are float epoch seconds; `error` is `{"message", "where", "type"}` stored
   as JSON text.
 - `SQLiteJobStore` uses one connection (`check_same_thread=False`) behind a lock, WAL

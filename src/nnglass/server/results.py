@@ -2,7 +2,7 @@
 
 Invariants:
 - `DirResultStore` keeps each job in `root/<job_id>/`: `graph.json`, optionally
-  `tensors.safetensors`, and `result.safetensors` (DESIGN §4, "Results on the wire").
+  `tensors.safetensors`, and `result.safetensors` (server/README.md, "Results on the wire").
 - Job ids come from URLs. Every method checks the id against `[A-Za-z0-9_-]{16,64}`
   (ValueError otherwise) and that the resolved directory is a direct child of `root`,
   before it touches the file system: no path outside `root` is ever read, written or
