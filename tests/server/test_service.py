@@ -310,6 +310,19 @@ def test_session_is_one_request(server: Any, key: str, lm: LanguageModel) -> Non
     assert_same(remote, session_experiment(lm, False))
 
 
+def test_models_count_the_real_prompt_tokens_they_ran(server: Any, key: str, http: httpx.Client,
+                                                      lm: LanguageModel) -> None:  # fmt: skip
+    """Padding is not counted: two invokes of 2 and 11 tokens are 13, however padded."""
+    before = server.metric(key, "nnglass_prompt_tokens_total")
+    with lm.trace(remote=True) as tracer:
+        for prompt in ("hi", "hello there"):
+            with tracer.invoke(prompt):
+                lm.output.logits[:, -1].save()
+    assert server.metric(key, "nnglass_prompt_tokens_total") == before + 13
+    tiny = next(m for m in http.get("/v1/models").json() if m["name"] == NAME)
+    assert tiny["prompt_tokens_per_s"] >= 13 / 60
+
+
 def test_client_needs_no_weights(tiny_dir: Path, tmp_path: Path, lm: LanguageModel) -> None:
     for f in tiny_dir.iterdir():
         if f.suffix != ".safetensors":

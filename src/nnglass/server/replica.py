@@ -169,7 +169,7 @@ class Replica:
 
     def _record(self, job_id: str, answer: dict[str, Any]) -> None:
         state, service = self.state, self.service
-        service.job_ended(state)
+        service.job_ended(state, job_id)
         if answer.get("checksum"):
             state.checksums.add(answer["checksum"])
             state.grad_seen = state.grad_seen or bool(answer.get("has_grad"))

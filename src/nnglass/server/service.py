@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import NotFoundError, QuotaError, UnavailableError
 from ..graph import wire
 from ..graph.check import Limits as WireLimits
+from ..graph.ir import Graph, TensorRef
 from ..graph.merge import share_key
 from .auth import KeyStore
 from .config import ModelConfig, ServerConfig
@@ -59,7 +60,7 @@ class ModelState:
     grad_seen: bool = False  # debug: a parameter had a .grad after a job (must never happen)
     workers: list[Worker] = field(default_factory=list)  # one per replica
     last_pass: int = 0  # jobs in the last request a replica ran (1: alone, more: one shared pass)
-    ended: deque[float] = field(default_factory=deque)  # when worker-run jobs ended, last minute only
+    ended: deque[tuple[float, int]] = field(default_factory=deque)  # (when, prompt tokens): last minute
 
 
 WorkerFactory = Callable[[ModelConfig, ServerConfig], Worker]
@@ -91,6 +92,7 @@ class Service:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
+        self._prompt_tokens: dict[str, int] = {}  # job id -> its prompts' real tokens, until it ends
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -167,6 +169,8 @@ class Service:
                 self.results.delete(job.id)  # not accepted: leave nothing behind
                 raise
             self.scheduler.submit(graph.model, key_id, job.id, share=share_key(graph))
+            with self._lock:
+                self._prompt_tokens[job.id] = prompt_tokens(graph)
         self.count("jobs_submitted_total")
         self.hub.publish(job.id)  # a live view of all this key's jobs learns of it now
         return job  # not read back: once the row exists the job is accepted, locked database or not
@@ -200,6 +204,8 @@ class Service:
         # job is still queued); a replica that takes the job meanwhile sees CANCELLED.
         self.finish(job.id, JobStatus.CANCELLED, retry=False)
         self.scheduler.cancel(job.model, job.id)
+        with self._lock:
+            self._prompt_tokens.pop(job.id, None)
         worker = self.models[job.model].running.get(job.id)
         if worker is not None:
             worker.stop_job(job.id)  # its thread sees the worker die, restarts it; CANCELLED stays
@@ -241,20 +247,23 @@ class Service:
     def _activity(self, s: ModelState) -> dict[str, Any]:
         """What the replicas do, from what this process saw (no estimates)."""
         with self._lock:
-            while s.ended and s.ended[0] < time.time() - 60:
+            while s.ended and s.ended[0][0] < time.time() - 60:
                 s.ended.popleft()
-            ended = len(s.ended)
+            ended, tokens = len(s.ended), sum(n for _, n in s.ended)
         return {
             "replicas_alive": sum(w.alive for w in s.workers),
             "replicas_busy": len({id(w) for w in list(s.running.values())}),
             "last_pass_jobs": s.last_pass,
             "jobs_last_minute": ended,
+            "prompt_tokens_per_s": round(tokens / 60, 2),  # of the jobs that ended in the last minute
         }
 
-    def job_ended(self, state: ModelState) -> None:
-        """A worker finished a job (for `jobs_last_minute`)."""
+    def job_ended(self, state: ModelState, job_id: str) -> None:
+        """A worker finished a job (for `jobs_last_minute`, `prompt_tokens_per_s`)."""
         with self._lock:
-            state.ended.append(time.time())
+            tokens = self._prompt_tokens.pop(job_id, 0)  # 0: queued before a restart
+            state.ended.append((time.time(), tokens))
+            self.counters["prompt_tokens_total"] = self.counters.get("prompt_tokens_total", 0) + tokens
 
     def finish(self, job_id: str, status: JobStatus, *, retry: bool = True, **fields: Any) -> None:
         """The job's final status. `retry`: wait out a locked database (background threads,
@@ -310,6 +319,17 @@ class Service:
     def _wire_limits(self) -> WireLimits:
         return WireLimits(max_json_bytes=self.config.max_request_bytes,
                           max_tensor_bytes=self.config.max_request_bytes)  # fmt: skip
+
+
+def prompt_tokens(graph: Graph) -> int:
+    """The real (unpadded) prompt tokens of a graph's traces: its attention masks' sum."""
+    total = 0
+    for g in graph.children or [graph]:
+        for inv in g.invokes:
+            mask = inv.kwargs.get("attention_mask")
+            if type(mask) is TensorRef and mask.key in g.tensors:
+                total += int(g.tensors[mask.key].sum())
+    return total
 
 
 def _paths_of(state: ModelState) -> set[str]:

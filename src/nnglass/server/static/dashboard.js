@@ -81,7 +81,7 @@ function modelCard(m) {
     ["replicas", `${m.replicas_alive ?? "?"}/${m.replicas} alive, ${m.replicas_busy ?? 0} busy`],
     ["queue", `${m.queue_depth} waiting, ${m.running} running`],
     ["last pass", m.last_pass_jobs ? plural(m.last_pass_jobs, "job") : "none yet"],
-    ["last minute", `${plural(m.jobs_last_minute ?? 0, "job")} ended`],
+    ["last minute", `${plural(m.jobs_last_minute ?? 0, "job")} ended, ${m.prompt_tokens_per_s ?? 0} prompt tokens/s`],
     ["read", p.read.length ? p.read.join(", ") : "nothing"],
     ["write", p.write.length ? p.write.join(", ") : "nothing"],
     ["weights", p.weights_visible ? "visible" : "hidden"],
