@@ -145,3 +145,26 @@ def test_hidden_weights_show_only_the_input(tiny: Any, pair: Any) -> None:
 
 def _first(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x
+
+
+def test_unwrap_gives_back_what_graph_view_wrapped_in_any_container() -> None:
+    """A ModelOutput or namedtuple holding state comes back with its class and the model's
+    own objects (what a setter hands the model)."""
+    from collections import namedtuple
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from nnglass.graph.ir import find
+    from nnglass.runtime.values import Opaque, graph_view, unwrap
+
+    state, logits = object(), torch.zeros(1, 2)
+    Pair = namedtuple("Pair", "h state")
+    for value in (CausalLMOutputWithPast(logits=logits, past_key_values=state), Pair(logits, state),
+                  (logits, [state]), {"h": logits, "s": state}):
+        seen = graph_view(value)
+        assert type(seen) is type(value) and seen is not value
+        back = unwrap(seen)
+        assert type(back) is type(value)
+        leaves = list(back.values()) if isinstance(back, dict) else list(back)
+        assert any(leaf is state or leaf == [state] for leaf in leaves if not isinstance(leaf, torch.Tensor))
+        assert find(seen, Opaque) is not None and find(back, Opaque) is None

@@ -103,6 +103,26 @@ def _collect_refs(obj: Any, out: list[int]) -> None:
             stack.extend((x.start, x.stop, x.step))
 
 
+def find(x: Any, kind: type) -> Any:
+    """The first object of exactly type `kind` inside nested lists, tuples, dicts (their
+    subclasses too: torch.Size, namedtuples, ModelOutputs) and slices; None if none.
+    Containers are told by their real type, never by `isinstance`: a proxy may claim to
+    be a tuple while recording."""
+    stack = [x]
+    while stack:
+        y = stack.pop()
+        t = type(y)
+        if t is kind:
+            return y
+        if t is tuple or t is list or issubclass(t, (list, tuple)):
+            stack.extend(y)
+        elif issubclass(t, dict):
+            stack.extend(y.values())
+        elif t is slice:
+            stack.extend((y.start, y.stop, y.step))
+    return None
+
+
 @dataclass(slots=True)
 class Invoke:
     """One invoke's model inputs (already encoded: tensors as TensorRefs)."""

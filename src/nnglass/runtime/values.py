@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..graph.ir import Ref, TensorRef
+from ..graph.ir import Ref, TensorRef, find
 
 
 def resolve(x: Any, values: list[Any], tensors: dict[str, Any]) -> Any:
@@ -71,18 +71,25 @@ def graph_view(x: Any) -> Any:
 
 
 def unwrap(x: Any) -> Any:
-    """The model's own objects again, where a value holds `Opaque`s (a setter's value)."""
+    """The model's own objects again, where a value holds `Opaque`s (a setter's value);
+    containers are rebuilt as `graph_view` rebuilt them, only where something changed."""
     t = type(x)
     if t is torch.Tensor:
         return x
     if t is Opaque:
         return x._held
-    if t is list or t is tuple:
+    if isinstance(x, (list, tuple)) and not isinstance(x, torch.Size):
         items = [unwrap(y) for y in x]
-        return x if all(a is b for a, b in zip(items, x)) else t(items)
-    if t is dict:
+        if all(a is b for a, b in zip(items, x)):
+            return x
+        if t is list or t is tuple:
+            return t(items)
+        return t(*items) if hasattr(x, "_fields") else tuple(items)
+    if isinstance(x, dict):
         out = {k: unwrap(v) for k, v in x.items()}
-        return x if all(out[k] is v for k, v in x.items()) else out
+        if all(out[k] is v for k, v in x.items()):
+            return x
+        return out if t is dict else _rebuild(x, out)
     return x
 
 
@@ -104,16 +111,7 @@ def _hide(x: Any) -> Any:
 
 def opaque_in(x: Any) -> Opaque | None:
     """The first `Opaque` inside a value, if any (for error messages)."""
-    stack = [x]
-    while stack:
-        v = stack.pop()
-        if type(v) is Opaque:
-            return v
-        if isinstance(v, (list, tuple)):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-    return None
+    return find(x, Opaque)
 
 
 def snapshot(x: Any, copy: bool = True) -> Any:

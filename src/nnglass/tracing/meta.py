@@ -40,6 +40,7 @@ from ..graph.ir import (
     Node,
     Ref,
     TensorRef,
+    find,
 )
 from ..graph.ops import REGISTRY
 
@@ -235,19 +236,7 @@ class Meta:
 
 
 def _first_unknown(x: Any) -> Unknown | None:
-    stack = [x]
-    while stack:
-        y = stack.pop()
-        t = type(y)
-        if t is Unknown:
-            return y
-        if t is tuple or t is list:
-            stack.extend(y)
-        elif t is dict:
-            stack.extend(y.values())
-        elif t is slice:
-            stack.extend((y.start, y.stop, y.step))
-    return None
+    return find(x, Unknown)
 
 
 class Recording(TorchFunctionMode):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import TraceError
-from ..graph.ir import GRAD, SET_GRAD
+from ..graph.ir import GRAD, SET_GRAD, find
 from ..graph.ops import ATTRIBUTES, REGISTRY
 from . import meta
 from .saved import NEVER_RAN as NEVER_RAN
@@ -275,17 +275,7 @@ for _name, _op in [("iadd", "add_"), ("isub", "sub_"), ("imul", "mul_"), ("itrue
 
 
 def has_proxy(x: Any) -> bool:
-    stack = [x]
-    while stack:
-        y = stack.pop()
-        t = type(y)
-        if t is Proxy:
-            return True
-        if t is tuple or t is list:
-            stack.extend(y)
-        elif t is dict:
-            stack.extend(y.values())
-    return False
+    return find(x, Proxy) is not None
 
 
 def _find_tracer(args: Any, kwargs: Any) -> Tracer:
