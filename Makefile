@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned in the same command as everything that depends on it (else pip fetches CUDA)
-	$(BIN)/pip install -q "$(TORCH)" -e ".[lm,server,dev,viz]"
+	$(BIN)/pip install -q "$(TORCH)" -e ".[lm,server,cluster,dev,viz]"
 	touch $(STAMP)
 
 test: $(STAMP)
