@@ -34,6 +34,7 @@ from .errors import (
 from .graph.ops import register as register
 from .models.language import LanguageModel as LanguageModel
 from .models.nnmodel import NNModel as NNModel
+from .runtime.backend import Recorder as Recorder
 from .tracing.verbs import save as save
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "NNglassError",
     "OutOfOrderError",
     "PolicyError",
+    "Recorder",
     "RemoteError",
     "TimeLimitError",
     "TraceError",

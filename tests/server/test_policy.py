@@ -1,14 +1,12 @@
 """A model's policy refuses exactly what it forbids, before anything runs, at the user's line.
 
-Graphs are recorded with real `NNModel` traces and never run: `recorded(...)` enters the
-trace, yields the tracer, and leaves it as if an exception escaped (so nothing executes).
+Graphs are recorded with real `NNModel` traces and never run: the models are built with a
+`nnglass.Recorder` backend, and `recorded(...)` is a `remote=True` trace on it.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,14 +23,9 @@ from nnglass.tracing.tracer import Tracer
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "server.toml"
 
 
-@contextmanager
-def recorded(net: nnglass.NNModel, *args: object) -> Iterator[Tracer]:
-    tracer = net.trace(*args)
-    tracer.__enter__()
-    try:
-        yield tracer
-    finally:
-        tracer.__exit__(KeyError, KeyError(), None)  # as if the block raised: nothing runs
+def recorded(net: nnglass.NNModel, *args: object) -> Tracer:
+    """A trace block that records and never runs (`net` is built with a `Recorder` backend)."""
+    return net.trace(*args, remote=True)
 
 
 def next_line() -> str:
@@ -80,7 +73,7 @@ def test_glob_with_many_stars_is_fast() -> None:
 
 
 def test_default_policy_allows_everything(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     with recorded(net, x) as tracer:
         h = net.layers[0].output
         h.grad.save()
@@ -92,7 +85,7 @@ def test_default_policy_allows_everything(mlp: nn.Module, x: torch.Tensor) -> No
 
 
 def test_read_needs_a_read_match_and_names_the_line(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     policy = Policy(read=["layers.*"], write=[])
     with recorded(net, x) as tracer:
         net.layers[2].output.save()
@@ -109,7 +102,7 @@ def test_read_needs_a_read_match_and_names_the_line(mlp: nn.Module, x: torch.Ten
 
 
 def test_write_needs_a_write_match(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     with recorded(net, x) as tracer:
         at = next_line()
         net.layers[0].output[:, 0] = 0  # a get, then an in-place setitem on its value
@@ -122,7 +115,7 @@ def test_write_needs_a_write_match(mlp: nn.Module, x: torch.Tensor) -> None:
 
 
 def test_input_and_inputs_need_a_read_match(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     for record in (lambda: net.head.input.save(), lambda: net.head.inputs[0][0].save()):
         with recorded(net, x) as tracer:
             record()
@@ -133,7 +126,7 @@ def test_input_and_inputs_need_a_read_match(mlp: nn.Module, x: torch.Tensor) -> 
 @pytest.mark.parametrize(("read", "ok"), [([""], True), (["**"], True), (["*"], False), (["*.**"], False)])
 def test_root_is_matched_only_by_empty_or_doublestar(mlp: nn.Module, x: torch.Tensor, read: list[str],
                                                       ok: bool) -> None:  # fmt: skip
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     with recorded(net, x) as tracer:
         net.output.save()
     if ok:
@@ -161,7 +154,7 @@ def test_the_generated_result_is_always_readable_never_writable(mlp: nn.Module) 
 
 
 def test_gradients_off_refuses_grad_and_backward(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     with recorded(net, x) as tracer:
         h = net.layers[0].output
         at = next_line()
@@ -175,7 +168,7 @@ def test_gradients_off_refuses_grad_and_backward(mlp: nn.Module, x: torch.Tensor
 
 
 def test_set_grad_needs_the_site_writable(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     with recorded(net, x) as tracer:
         h = net.layers[0].output
         at = next_line()
@@ -187,7 +180,7 @@ def test_set_grad_needs_the_site_writable(mlp: nn.Module, x: torch.Tensor) -> No
 
 
 def test_hidden_weights_refuse_parameters(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     with recorded(net, x) as tracer:
         at = next_line()
         net.head.weight.save()
@@ -198,7 +191,7 @@ def test_hidden_weights_refuse_parameters(mlp: nn.Module, x: torch.Tensor) -> No
 
 
 def test_module_calls_need_calls_on_and_weights_visible(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     with recorded(net, x) as tracer:
         h = net.layers[3].output
         at = next_line()
@@ -221,7 +214,7 @@ def test_options_and_attributes_that_expose_other_modules(mlp: nn.Module, x: tor
     graph = Graph(model="MLP", options={"forward": {"output_hidden_states": True}})
     assert "output_hidden_states" in refused(graph, partial, mlp).message
     check_policy(graph, Policy(), paths(mlp))
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     with recorded(net, x) as tracer:
         out = net.output
         at = next_line()
@@ -262,7 +255,7 @@ def test_new_tokens_limit(mlp: nn.Module) -> None:
 
 
 def test_graph_node_limit(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     with recorded(net, x) as tracer:
         h = net.layers[0].output
         for _ in range(9):
@@ -276,22 +269,19 @@ def test_graph_node_limit(mlp: nn.Module, x: torch.Tensor) -> None:
 
 
 def record_session(net: nnglass.NNModel, x: torch.Tensor) -> tuple[Graph, str]:
-    session = net.session()
-    session.__enter__()
-    try:
+    session = net.session(remote=True)
+    with session:
         with net.trace(x):
             h = net.layers[2].output
         with net.trace(x):
             net.layers[2].output = h
             at = next_line()
             net.head.output.save()
-    finally:
-        session.__exit__(KeyError, KeyError(), None)
     return Graph(model=net.name, mode="session", children=[t.graph for t in session.tracers]), at
 
 
 def test_session_children_are_checked(mlp: nn.Module, x: torch.Tensor) -> None:
-    graph, at = record_session(nnglass.NNModel(mlp), x)
+    graph, at = record_session(nnglass.NNModel(mlp, backend=nnglass.Recorder()), x)
     assert graph.children[1].nodes[0].op == "import"
     check_policy(graph, Policy(read=["layers.*", "head"], write=["layers.*"]), paths(mlp))
     err = refused(graph, Policy(read=["layers.*"]), mlp)
@@ -301,7 +291,7 @@ def test_session_children_are_checked(mlp: nn.Module, x: torch.Tensor) -> None:
 
 
 def test_session_nodes_count_across_children(mlp: nn.Module, x: torch.Tensor) -> None:
-    graph, _ = record_session(nnglass.NNModel(mlp), x)
+    graph, _ = record_session(nnglass.NNModel(mlp, backend=nnglass.Recorder()), x)
     total = sum(len(c.nodes) for c in graph.children)
     check_policy(graph, Policy(limits=Limits(graph_nodes=total)), paths(mlp))
     assert f"{total} nodes" in refused(graph, Policy(limits=Limits(graph_nodes=total - 1)), mlp).message
@@ -320,7 +310,8 @@ def test_session_prompt_tokens_are_per_trace(mlp: nn.Module) -> None:
 def test_example_provider_policy_exposes_only_the_residual_stream(llama: nn.Module) -> None:
     provider = load_config(EXAMPLE).model("provider-135m")
     assert provider is not None
-    policy, net, ids = provider.policy, nnglass.NNModel(llama), torch.zeros(1, 5, dtype=torch.long)
+    policy, ids = provider.policy, torch.zeros(1, 5, dtype=torch.long)
+    net = nnglass.NNModel(llama, backend=nnglass.Recorder())
     with recorded(net, ids) as tracer:
         net.model.layers[0].input.save()
         net.model.layers[1].output[:, -1] = 0
@@ -331,7 +322,8 @@ def test_example_provider_policy_exposes_only_the_residual_stream(llama: nn.Modu
         "lm_head.output": lambda: net.lm_head.output.save(),
         "`param`": lambda: net.model.norm.weight.save(),
         "calling `lm_head`": lambda: net.lm_head(net.model.layers[1].output).save(),
-        "gradients are off": lambda: net.model.layers[1].output.grad.save(),
+        "gradients are off": lambda: (net.model.layers[1].output.grad.save(),
+                                      net.output.logits.sum().backward()),
     }
     for expected, record in refusals.items():
         with recorded(net, ids) as tracer:
@@ -343,7 +335,7 @@ def test_example_provider_policy_exposes_only_the_residual_stream(llama: nn.Modu
 
 
 def test_in_place_edits_of_a_site_value_are_writes(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     edits = {
         "Tensor.add_": lambda h: h.add_(1),
         "view then edit": lambda h: h.view(2, 4, 4)[0].zero_(),
@@ -362,7 +354,7 @@ def test_in_place_edits_of_a_site_value_are_writes(mlp: nn.Module, x: torch.Tens
 
 
 def test_in_place_edits_of_fresh_values_are_not_writes(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     with recorded(net, x) as tracer:
         h = net.layers[0].output
         h.clone().add_(1)
@@ -374,7 +366,7 @@ def test_in_place_edits_of_fresh_values_are_not_writes(mlp: nn.Module, x: torch.
 
 
 def test_parameters_are_never_edited(mlp: nn.Module, x: torch.Tensor) -> None:
-    net = nnglass.NNModel(mlp)
+    net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     for edit in (lambda w: w.mul_(0), lambda w: torch.add(w, 1, out=w), lambda w: w.t().zero_()):
         with recorded(net, x) as tracer:
             w = net.head.weight

@@ -2,7 +2,8 @@
 
 `LocalBackend` runs the graph in this process and returns a job that has already
 finished; `nnglass.remote.RemoteBackend` sends it to a server and returns a job that
-finishes there. Tracers and sessions submit, then wait unless `blocking=False`: they
+finishes there; `Recorder` keeps the graph and runs nothing (to inspect, store or send a
+graph yourself). Tracers and sessions submit, then wait unless `blocking=False`: they
 never branch on which backend they have.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import _config
+from ..errors import NNglassError
 from ..graph.ir import Graph
 
 Values = dict[int, Any]  # saved values by node id (a session: by trace index, then node id)
@@ -90,3 +92,54 @@ class LocalBackend:
 
             graph = wire.roundtrip(graph)
         return DoneJob(self.model.run_graph(graph))
+
+
+class RecordedJob:
+    """A graph that was recorded, not run: its saved values never come."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.id = f"recorded-{next(_IDS)}"
+        self.graph = graph
+
+    def __repr__(self) -> str:
+        return f"RecordedJob({self.id!r})"
+
+    def status(self) -> str:
+        return "RECORDED"
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+    def result(self, timeout: float | None = None) -> Values:
+        raise NNglassError("this graph was only recorded (nnglass.Recorder): it never ran")
+
+    def cancel(self) -> str:
+        return "RECORDED"
+
+    def on_done(self, callback: Callable[[Values], Any]) -> None:
+        return None  # never: saved proxies stay unfilled
+
+
+class Recorder:
+    """A backend that runs nothing and keeps every graph submitted to it, in order.
+
+        rec = nnglass.Recorder()
+        net = nnglass.NNModel(module, backend=rec)   # where remote=True goes
+        with net.trace(x, remote=True):
+            net.layers[0].output.save()
+        graph = rec.last                              # the recorded intervention graph
+    """
+
+    def __init__(self) -> None:
+        self.graphs: list[Graph] = []
+
+    @property
+    def last(self) -> Graph:
+        if not self.graphs:
+            raise NNglassError("nothing recorded yet: trace with remote=True on a model built "
+                               "with backend=this recorder")
+        return self.graphs[-1]
+
+    def submit(self, graph: Graph) -> RecordedJob:
+        self.graphs.append(graph)
+        return RecordedJob(graph)
