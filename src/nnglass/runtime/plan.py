@@ -2,7 +2,9 @@
 
 Computed once per graph, from the graph alone (no model): the dependency counts and
 consumers that drive dataflow execution, which sites each hook serves, which site
-values must be copied before an in-place edit, and where gradients are requested.
+values must be copied before an in-place edit, and where gradients are requested. What
+shares memory with what, and what an op edits, comes from `graph.analysis` (the same
+answer the server's policy reads).
 
 In-place edits keep PyTorch semantics on graph-owned memory only:
 - an in-place op whose target is (a view of) a site value makes that site copy its
@@ -18,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import GraphError
+from ..graph.analysis import Analysis, analyze
 from ..graph.ir import ALL_STEPS, GET, GRAD, OPCODES, PARAM, SET, SET_GRAD, Graph, Node, Ref, _collect_refs
-from ..graph.ops import REGISTRY, VIEW_OPS, OpRegistry, is_inplace
+from ..graph.ops import REGISTRY, OpRegistry
 
 SiteKey = tuple[str, str, int, int]  # path, kind, call, step
 _SITE_OPS = frozenset({GET, SET, GRAD, SET_GRAD})
-_CONTAINERS = frozenset({"builtins.list", "builtins.tuple", "builtins.dict"})
 
 
 @dataclass(slots=True)
@@ -86,13 +88,12 @@ def _nested_refs(x: Any) -> list[int]:
 def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
     nodes = graph.nodes
     n = len(nodes)
+    memory = analyze(graph)
     deps: list[set[int]] = [_refs(node) for node in nodes]
     fns: list[Any] = [None] * n
     tasks: dict[SiteKey, SiteTask] = {}
     hooked: dict[str, set[str]] = {}
     site_where: dict[str, str] = {}
-    root: list[int] = list(range(n))  # alias root: the node whose memory a value shares
-    weight = [False] * n  # the value may share memory with a parameter or buffer
     readers: dict[int, list[int]] = {}  # alias root -> nodes that read it
     grad_groups: dict[int, list[int]] = {}
     grad_path: dict[int, tuple[int, tuple[int, ...]]] = {}
@@ -117,38 +118,25 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
                         hooked.setdefault(site.path, set()).add(site.kind)
                         site_where.setdefault(site.path, node.where)
                 task.ids.append(i)
-                if op == GET:
-                    if task.first_get < 0:
-                        task.first_get = i
-                    root[i] = task.first_get
+                if op == GET and task.first_get < 0:
+                    task.first_get = i
             elif op == GRAD or op == SET_GRAD:
-                grad_path[i] = _grad_target(graph, node)
+                grad_path[i] = _grad_target(memory, node)
                 grad_groups.setdefault(grad_path[i][0], []).append(i)
                 # The gradient arrives from backward: the target's value is not an input.
                 deps[i].discard(node.args[0].id)
             elif op == "backward":
                 has_backward = True
-            elif op == PARAM:
-                weight[i] = True
         else:
             fn = registry.get(op)
             if fn is None:
                 raise GraphError(f"node %{i}: op {op!r} is not in this registry", node.where)
             fns[i] = fn
-            first = node.args[0] if node.args and type(node.args[0]) is Ref else None
-            if first is not None and (op in VIEW_OPS or is_inplace(op)):
-                root[i] = root[first.id]  # a view, or the edited tensor itself: same memory
-                weight[i] = weight[first.id]
-            elif op in _CONTAINERS:
-                weight[i] = any(weight[d] for d in deps[i])
-        ds = deps[i]
-        for d in ds:
-            readers.setdefault(root[d], []).append(i)
-        if ds and is_inplace(op) and type(node.args[0]) is Ref:
-            if weight[node.args[0].id]:
-                raise GraphError("parameters are read-only: clone the weight first (w = ...weight.clone())",
-                                 node.where)  # fmt: skip
-            _order_inplace(nodes, node, root, readers, deps, tasks)
+        for d in deps[i]:
+            for r in memory.roots[d]:
+                readers.setdefault(r, []).append(i)
+        if memory.edits[i]:
+            _order_inplace(nodes, node, memory, readers, deps, tasks)
 
     consumers: list[list[int]] = [[] for _ in range(n)]
     for i, ds in enumerate(deps):
@@ -157,12 +145,12 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
     runnable = [node.op not in _SITE_OPS for node in nodes]
     starters = [i for i in range(n) if runnable[i] and not deps[i]]
     for i in range(n):
-        r = nodes[root[i]]
-        if r.op == GET:
-            task = tasks[site_key(r)]
-            task.rooted.append(i)
-            if consumers[i]:
-                task.escapes.append(i)
+        for r in memory.roots[i]:
+            if nodes[r].op == GET:
+                task = tasks[site_key(nodes[r])]
+                task.rooted.append(i)
+                if consumers[i]:
+                    task.escapes.append(i)
     for task in tasks.values():
         task.last_set = max((i for i in task.ids if nodes[i].op == SET), default=-1)
     # The root's output in a plain trace is final: no module runs after it, and no node
@@ -176,46 +164,40 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
                   for path, kinds in hooked.items()]  # fmt: skip
     return Plan(
         [tuple(sorted(d)) for d in deps], consumers, fns, tasks, hooked, site_where, hook_specs,
-        grad_groups, grad_path, starters, runnable, all_steps, final, {i for i in range(n) if weight[i]},
+        grad_groups, grad_path, starters, runnable, all_steps, final,
+        {i for i in range(n) if memory.shares_weights(i)},
         has_backward, max_step,
     )  # fmt: skip
 
 
-def _order_inplace(nodes: list[Node], node: Node, root: list[int], readers: dict[int, list[int]],
+def _order_inplace(nodes: list[Node], node: Node, memory: Analysis, readers: dict[int, list[int]],
                    deps: list[set[int]], tasks: dict[SiteKey, SiteTask]) -> None:  # fmt: skip
     """An in-place edit runs after every earlier reader of the memory it edits; an edit
     of a site's value makes that site copy its value first and finish in its hook."""
     i = node.id
-    r = root[node.args[0].id]
-    target = nodes[r]
-    deps[i].update(j for j in readers.get(r, ()) if j < i)
-    if target.op == GET:
-        task = tasks[site_key(target)]
-        task.copy = True
-        task.inplace.append(i)
+    for r in sorted(memory.edits[i]):
+        target = nodes[r]
+        if target.op == PARAM:
+            raise GraphError("parameters are read-only: clone the weight first (w = ...weight.clone())",
+                             node.where)  # fmt: skip
+        deps[i].update(j for j in readers.get(r, ()) if j < i)
+        if target.op == GET:
+            task = tasks[site_key(target)]
+            task.copy = True
+            task.inplace.append(i)
 
 
-def _grad_target(graph: Graph, node: Node) -> tuple[int, tuple[int, ...]]:
+def _grad_target(memory: Analysis, node: Node) -> tuple[int, tuple[int, ...]]:
     """The get node whose (full-batch) value the gradient is taken of, and the int
     indices that pick the tensor out of it (e.g. `out[0].grad` of a tuple output)."""
-    path: list[int] = []
-    target = node.args[0]
-    while isinstance(target, Ref):
-        t = graph.nodes[target.id]
-        if t.op == GET:
-            if t.site.kind not in ("input", "output"):
-                break
-            return t.id, tuple(reversed(path))
-        if t.op == "operator.getitem" and isinstance(t.args[1], int):
-            path.append(t.args[1])
-            target = t.args[0]
-            continue
-        break
-    raise GraphError(
-        "`.grad` is available on a module's `.input`/`.output` (or an element of a tuple "
-        "output, `out[0].grad`); take the gradient first, then index it: `out.grad[:, -1]`",
-        node.where,
-    )
+    target = memory.grad_targets.get(node.id)
+    if target is None:
+        raise GraphError(
+            "`.grad` is available on a module's `.input`/`.output` (or an element of a tuple "
+            "output, `out[0].grad`); take the gradient first, then index it: `out.grad[:, -1]`",
+            node.where,
+        )
+    return target
 
 
 _CACHE: dict[Any, Plan] = {}

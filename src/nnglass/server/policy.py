@@ -34,6 +34,10 @@ queries (Carlini et al., 2024, "Stealing Part of a Production Language Model"). 
 the last block out of `read`/`write` if that matters. Model options that widen what the
 root output carries (`output_hidden_states`, `output_attentions`, `use_cache`, ...) and
 reading the output's `past_key_values` are allowed only when every module is readable.
+
+What counts as a write comes from `graph.analysis` (what each op edits, what each value
+shares memory with): the same analysis the runtime's plan runs by, so an in-place edit the
+policy did not see as a write cannot happen.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from ..errors import PolicyError
+from ..graph.analysis import analyze
 from ..graph.ir import (
     BACKWARD,
     GET,
@@ -54,12 +59,9 @@ from ..graph.ir import (
     SET_GRAD,
     Graph,
     Node,
-    Ref,
     Site,
     TensorRef,
-    _collect_refs,
 )
-from ..graph.ops import VIEW_OPS, is_inplace
 from .config import Policy
 
 # Options that make the root output carry other modules' values (every layer's hidden
@@ -67,19 +69,6 @@ from .config import Policy
 _WIDER = ("output_hidden_states", "output_attentions", "output_router_logits")
 EXPOSING_OPTIONS = {"forward": (*_WIDER, "use_cache"), "generate": (*_WIDER, "return_dict_in_generate")}
 EXPOSING_ATTRIBUTES = ("past_key_values", "hidden_states", "attentions")
-
-_F = "torch.nn.functional."
-# Ops whose result may share memory with an argument (views, and ops that may return an
-# argument itself); an in-place edit of their result edits that argument. Ops outside the
-# default registry are assumed to return fresh memory.
-_ALIASING = VIEW_OPS | {
-    f"Tensor.{m}" for m in "cpu type_as double half bfloat16 bool int long float contiguous".split()
-} | {"builtins.tuple", "builtins.list", "builtins.dict", "builtins.min", "builtins.max", "operator.pos",
-     _F + "dropout"}  # fmt: skip
-# torch.nn.functional ops with an `inplace` parameter, and its position.
-_INPLACE_ARG = {_F + "relu": 1, _F + "selu": 1, _F + "silu": 1, _F + "elu": 2, _F + "leaky_relu": 2,
-                _F + "hardtanh": 3, _F + "dropout": 3}  # fmt: skip
-
 
 def match(pattern: str, path: str) -> bool:
     """Does a glob match a dotted module path? Per component: `*` is exactly one, `**`
@@ -146,6 +135,7 @@ class _Check:
         self.hidden_lookups = lookups if hidden else frozenset()
         self.model = graph.model
         self._all_readable: bool | None = None
+        self.memory = analyze(graph)
         # Per node: the site values and parameters whose memory its value may share.
         self.aliases: list[frozenset[Site | str]] = []
 
@@ -234,40 +224,28 @@ class _Check:
     def check_writes(self, node: Node) -> None:
         """An op that edits memory in place edits every site value or parameter its target
         may share memory with: that is a write to the site, and never allowed on a weight."""
-        op, args, kwargs = node.op, node.args, node.kwargs
-        pos = _INPLACE_ARG.get(op)
-        inplace = is_inplace(op) or bool(kwargs.get("inplace")) or (pos is not None and pos < len(args)
-                                                                    and bool(args[pos]))  # fmt: skip
-        result = self.aliases_of(args[:1]) if inplace else frozenset()  # the edited value itself
-        result |= self.aliases_of(kwargs.get("out"))
-        written = set(result)
-        max_norm = kwargs.get("max_norm", args[3] if len(args) > 3 else None)
-        if op == _F + "embedding" and max_norm is not None:  # renormalizes the weight's rows in place
-            written |= self.aliases_of((kwargs.get("weight"), args[1:2]))
-        for alias in sorted(written, key=str):
+        for alias in sorted(self.named(self.memory.edits[node.id]), key=str):
             if isinstance(alias, str):
                 self.refuse(node, f"this edits parameter {alias!r} in place; parameters are read-only for "
                             "everyone: clone the weight first (w = ...weight.clone())")
             self.check_site(node, alias, write=True)
-        if op == GET and node.site is not None:
-            result = frozenset([node.site])
-        elif op == PARAM:
-            result = frozenset([str(node.args[0])])
-        elif op == IMPORT:  # an earlier trace's value: its parameters are still live memory
-            k, i = node.args if len(node.args) == 2 else (-1, -1)
-            shared = self.earlier[k].aliases[i] if 0 <= k < len(self.earlier) else frozenset()
-            result = frozenset(a for a in shared if isinstance(a, str))
-        elif op in _ALIASING:
-            result |= self.aliases_of(args)
-        self.aliases.append(result)
+        self.aliases.append(self.named(self.memory.roots[node.id]))
 
-    def aliases_of(self, values: Any) -> frozenset[Site | str]:
+    def named(self, roots: frozenset[int]) -> frozenset[Site | str]:
+        """The site values and parameters behind alias roots (an import: the parameters its
+        value shares in the earlier trace, which are still live memory)."""
         out: set[Site | str] = set()
-        refs: list[int] = []
-        _collect_refs(values, refs)
-        for r in refs:
-            if 0 <= r < len(self.aliases):
-                out |= self.aliases[r]
+        for r in roots:
+            root = self.memory.nodes[r]
+            if root.op == GET and root.site is not None:
+                out.add(root.site)
+            elif root.op == PARAM and root.args:
+                out.add(str(root.args[0]))
+            elif root.op == IMPORT and len(root.args) == 2:
+                k, i = root.args
+                if type(k) is int and 0 <= k < len(self.earlier) and type(i) is int:
+                    shared = self.earlier[k].aliases
+                    out.update(a for a in (shared[i] if 0 <= i < len(shared) else ()) if isinstance(a, str))
         return frozenset(out)
 
     def check_site(self, node: Node, site: Site | None, write: bool) -> None:
@@ -292,16 +270,12 @@ class _Check:
 
     def grad_site(self, node: Node) -> Site:
         """The site whose value `.grad` is of (through int indexing of a tuple output)."""
-        target = node.args[0] if node.args else None
-        while isinstance(target, Ref) and 0 <= target.id < len(self.graph.nodes):
-            src = self.graph.nodes[target.id]
-            if src.op == GET and src.site is not None:
-                return src.site
-            if src.op != "operator.getitem" or len(src.args) < 2 or type(src.args[1]) is not int:
-                break
-            target = src.args[0]
-        self.refuse(node, "`.grad` is available only on a module's `.input`/`.output` (or an element "
-                    "of a tuple output); take the gradient first, then index it")
+        target = self.memory.grad_targets.get(node.id)
+        site = self.memory.nodes[target[0]].site if target is not None else None
+        if site is None:
+            self.refuse(node, "`.grad` is available only on a module's `.input`/`.output` (or an element "
+                        "of a tuple output); take the gradient first, then index it")
+        return site
 
     def refuse(self, node: Node, why: str) -> NoReturn:
         site = f" at `{_show(node.site)}`" if node.site is not None else ""
