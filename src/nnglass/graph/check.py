@@ -21,10 +21,9 @@ from typing import Any
 import torch
 
 from ..errors import GraphError, VersionError
-from .ir import OPCODES, SITE_KINDS, WIRE_VERSION, Graph, Invoke, Node, Ref, Site, TensorRef
+from .ir import MODES, OPCODES, SESSION, SITE_KINDS, WIRE_VERSION, Graph, Invoke, Node, Ref, Site, TensorRef
 from .ops import ATTRIBUTES, REGISTRY, OpRegistry
 
-MODES = ("trace", "generate", "session", "scan")
 # Dtypes a value may name, by their canonical name (never looked up with getattr).
 DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
@@ -245,7 +244,7 @@ def check(graph: Graph, registry: OpRegistry = REGISTRY, limits: Limits = DEFAUL
     traces = graph.children
     if type(traces) is not list:
         raise GraphError("graph children must be a list")
-    if graph.mode != "session":
+    if graph.mode != SESSION:
         if traces:
             raise GraphError("only a session has child traces")
         _bound(_check_tensors(graph.tensors), limits.max_tensor_bytes, "bytes of attached tensors")
@@ -255,7 +254,7 @@ def check(graph: Graph, registry: OpRegistry = REGISTRY, limits: Limits = DEFAUL
         raise GraphError("a session's own nodes, invokes and tensors must be empty: its "
                          "traces hold them")
     _bound(len(traces), limits.max_children, "traces")
-    if any(type(t) is not Graph or t.mode == "session" or t.children for t in traces):
+    if any(type(t) is not Graph or t.mode == SESSION or t.children for t in traces):
         raise GraphError("a session's children must be traces (sessions cannot be nested)")
     _bound(sum(len(t.nodes) for t in traces), limits.max_nodes, "nodes")
     total = sum(_check_tensors(t.tensors) for t in traces)

@@ -40,6 +40,17 @@ OPCODES = frozenset({GET, SET, GRAD, SET_GRAD, MODULE, PARAM, BACKWARD, IMPORT})
 SITE_KINDS = ("input", "inputs", "output", "result")
 ALL_STEPS = -1  # Site.step for nodes inside `tracer.all()`
 
+# Graph.mode: what one request runs.
+TRACE, GENERATE, SESSION, SCAN = "trace", "generate", "session", "scan"
+MODES = (TRACE, GENERATE, SESSION, SCAN)
+
+# Keys of Graph.options (all optional).
+FORWARD_KWARGS = "forward"  # keyword arguments of the model's forward (trace, scan)
+GENERATE_KWARGS = "generate"  # keyword arguments of `generate` (max_new_tokens, sampling)
+SEED = "seed"  # generate: the run's private random seed
+VALIDATE = "validate"  # trace: shape-check with fake tensors before the real run
+GROUPS = "groups"  # server-built (graph/merge.py): each co-tenant's row group
+
 
 @dataclass(frozen=True, slots=True)
 class Ref:
@@ -67,6 +78,17 @@ class Site(NamedTuple):
     kind: str
     call: int = 0
     step: int = 0
+
+    def __str__(self) -> str:
+        """How messages name a site: `layers.0.output`, `attn.call(1).input`, `<root>.output`."""
+        call = f".call({self.call})" if self.call else ""
+        step = "" if self.step == 0 else " (every step)" if self.step == ALL_STEPS else f" (step {self.step})"
+        return f"{path_name(self.path)}{call}.{self.kind}{step}"
+
+
+def path_name(path: str) -> str:
+    """A module path as messages show it ("" is the root)."""
+    return path or "<root>"
 
 
 @dataclass(slots=True)
@@ -135,16 +157,17 @@ class Invoke:
 class Graph:
     """An experiment: nodes, the invokes that feed the forward pass, attached tensors.
 
-    mode: "trace" (one forward), "generate" (options hold generate kwargs), "scan" (fake
-    tensors), or "session": `children` are traces run in order; a child reads an earlier
-    child's value through an `import` node. A session's own nodes/invokes are empty.
+    mode: TRACE (one forward), GENERATE (options[GENERATE_KWARGS] holds generate's
+    kwargs), SCAN (fake tensors), or SESSION: `children` are traces run in order; a child
+    reads an earlier child's value through an `import` node. A session's own nodes and
+    invokes are empty. Option keys are named above (FORWARD_KWARGS, ...).
     """
 
     model: str = ""
     nodes: list[Node] = field(default_factory=list)
     invokes: list[Invoke] = field(default_factory=list)
     tensors: dict[str, Any] = field(default_factory=dict)  # key -> torch.Tensor
-    mode: str = "trace"
+    mode: str = TRACE
     options: dict[str, Any] = field(default_factory=dict)
     version: str = WIRE_VERSION
     children: list[Graph] = field(default_factory=list)
@@ -172,7 +195,7 @@ class Graph:
 
 
 def format_node(n: Node) -> str:
-    site = f" @{n.site.path or '<root>'}.{n.site.kind}[{n.site.call}]" if n.site else ""
+    site = f" @{n.site}" if n.site else ""
     args = ", ".join(_fmt(a) for a in n.args)
     kw = "".join(f", {k}={_fmt(v)}" for k, v in n.kwargs.items())
     flags = (" save" if n.save else "") + (f" invoke={n.invoke}" if n.invoke is not None else "")

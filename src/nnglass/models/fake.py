@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..graph.ir import Graph, Site
+from ..graph.ir import GENERATE, SCAN, Graph, Site
 from ..runtime.interpreter import Interpreter
 from ..runtime.run import execute
 from ..runtime.values import Opaque, graph_view, map_batch, without_state
@@ -62,8 +62,8 @@ def scan(lm: LanguageModel, graph: Graph, ids: torch.Tensor, mask: torch.Tensor,
         return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
 
     with _quiet(), mode:
-        scan_graph = Graph(graph.model, graph.nodes, graph.invokes, graph.tensors, "generate"
-                           if graph.mode == "generate" else "scan", graph.options)  # fmt: skip
+        scan_graph = Graph(graph.model, graph.nodes, graph.invokes, graph.tensors,
+                           GENERATE if graph.mode == GENERATE else SCAN, graph.options)
         return execute(scan_graph, model, forward, rows, ids.shape[0], imports=imports, order=lm._order)
 
 

@@ -21,7 +21,20 @@ from typing import Any
 
 from ..errors import GraphError
 from ..graph.analysis import Analysis, analyze
-from ..graph.ir import ALL_STEPS, GET, GRAD, OPCODES, PARAM, SET, SET_GRAD, Graph, Node, Ref, _collect_refs
+from ..graph.ir import (
+    ALL_STEPS,
+    GET,
+    GRAD,
+    OPCODES,
+    PARAM,
+    SET,
+    SET_GRAD,
+    TRACE,
+    Graph,
+    Node,
+    Ref,
+    _collect_refs,
+)
 from ..graph.ops import REGISTRY, OpRegistry
 
 SiteKey = tuple[str, str, int, int]  # path, kind, call, step
@@ -156,7 +169,7 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
     # The root's output in a plain trace is final: no module runs after it, and no node
     # edits it (else its task would copy). Saving it (or a view of it) needs no copy.
     root_out = [t for k, t in tasks.items() if k[:2] == ("", "output")]
-    final = {i for t in root_out if not t.copy for i in t.rooted} if graph.mode == "trace" else set()
+    final = {i for t in root_out if not t.copy for i in t.rooted} if graph.mode == TRACE else set()
     for get_id in grad_groups:
         g = nodes[get_id]
         tasks[site_key(g)].grads.append(get_id)

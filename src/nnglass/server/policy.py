@@ -50,24 +50,30 @@ from ..errors import PolicyError
 from ..graph.analysis import analyze
 from ..graph.ir import (
     BACKWARD,
+    FORWARD_KWARGS,
+    GENERATE,
+    GENERATE_KWARGS,
     GET,
     GRAD,
     IMPORT,
     MODULE,
     PARAM,
+    SESSION,
     SET,
     SET_GRAD,
     Graph,
     Node,
     Site,
     TensorRef,
+    path_name,
 )
 from .config import Policy
 
 # Options that make the root output carry other modules' values (every layer's hidden
 # state, attention patterns, the KV cache: keys and values are linear maps of inputs).
 _WIDER = ("output_hidden_states", "output_attentions", "output_router_logits")
-EXPOSING_OPTIONS = {"forward": (*_WIDER, "use_cache"), "generate": (*_WIDER, "return_dict_in_generate")}
+EXPOSING_OPTIONS = {FORWARD_KWARGS: (*_WIDER, "use_cache"),
+                    GENERATE_KWARGS: (*_WIDER, "return_dict_in_generate")}
 EXPOSING_ATTRIBUTES = ("past_key_values", "hidden_states", "attentions")
 
 def match(pattern: str, path: str) -> bool:
@@ -107,8 +113,8 @@ def check_policy(graph: Graph, policy: Policy, module_paths: set[str],
     if nodes > policy.limits.graph_nodes:
         raise PolicyError(f"the graph has {nodes} nodes; model {graph.model!r} allows at most "
                           f"{policy.limits.graph_nodes} per request: split the work into several requests")
-    traces = graph.children if graph.mode == "session" else [graph]
-    if any(t.children for t in traces) or (graph.children and graph.mode != "session"):
+    traces = graph.children if graph.mode == SESSION else [graph]
+    if any(t.children for t in traces) or (graph.children and graph.mode != SESSION):
         raise PolicyError("only a session may hold traces, and only one level deep")
     earlier: list[_Check] = []
     for trace in traces:
@@ -158,9 +164,9 @@ class _Check:
         if tokens > limits.prompt_tokens:
             raise PolicyError(f"the prompts of one trace hold {tokens} tokens; model {self.model!r} "
                               f"allows at most {limits.prompt_tokens}: use fewer or shorter prompts")
-        if self.graph.mode != "generate":
+        if self.graph.mode != GENERATE:
             return
-        gen = self.graph.options.get("generate", {})
+        gen = self.graph.options.get(GENERATE_KWARGS, {})
         new = gen.get("max_new_tokens") if isinstance(gen, dict) else None
         if type(new) is not int:
             raise PolicyError(f"generate needs an int max_new_tokens (at most {limits.new_tokens} on "
@@ -205,7 +211,7 @@ class _Check:
                 self.refuse(node, f"no module at {owner!r} (parameter {node.args[0]!r})")
         elif op == MODULE:
             path = node.args[0]
-            call = f"calling `{path or '<root>'}` on your own values"
+            call = f"calling `{path_name(path)}` on your own values"
             if not policy.weights_visible:
                 self.refuse(node, f"{call}: weights of model {self.model!r} are hidden, so module calls "
                             "are refused (they would expose the weights)")
@@ -261,10 +267,10 @@ class _Check:
         if not matches_any(patterns, site.path):
             verb = "writing" if write else "reading"
             allowed = ", ".join(repr(p) for p in patterns) or "nothing"
-            self.refuse(node, f"{verb} `{_show(site)}` is not allowed by the policy of model "
+            self.refuse(node, f"{verb} `{site}` is not allowed by the policy of model "
                         f"{self.model!r}; {'writable' if write else 'readable'}: {allowed}")
         if not write and (site.path, "output" if site.kind == "output" else "input") in self.hidden_lookups:
-            self.refuse(node, f"reading `{_show(site)}` would reveal the weights of model {self.model!r}: "
+            self.refuse(node, f"reading `{site}` would reveal the weights of model {self.model!r}: "
                         "its value is a lookup of them (one embedding row per token), and the weights are "
                         "hidden (the policy does not set expose_embeddings); read a later block instead")
 
@@ -278,13 +284,8 @@ class _Check:
         return site
 
     def refuse(self, node: Node, why: str) -> NoReturn:
-        site = f" at `{_show(node.site)}`" if node.site is not None else ""
+        site = f" at `{node.site}`" if node.site is not None else ""
         raise PolicyError(f"node %{node.id} `{node.op}`{site}: {why}", where=node.where)
-
-
-def _show(site: Site) -> str:
-    call = f".call({site.call})" if site.call else ""
-    return f"{site.path or '<root>'}{call}.{site.kind}"
 
 
 def _count_leaves(x: Any) -> int:

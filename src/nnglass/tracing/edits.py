@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import TraceError
-from ..graph.ir import ALL_STEPS, Graph, Node, Ref, Site, TensorRef
+from ..graph.ir import ALL_STEPS, GENERATE, Graph, Node, Ref, Site, TensorRef
 from .tracer import Stop, Tracer, _shape, user_where
 
 
@@ -68,7 +68,7 @@ def replay(tracer: Tracer, fragment: Graph) -> None:
     graph = tracer.graph
     offset = len(graph.nodes)
     tensors = {key: graph.attach(t) for key, t in fragment.tensors.items()}
-    every_step = graph.mode == "generate"
+    every_step = graph.mode == GENERATE
 
     def remap(x: Any) -> Any:
         t = type(x)

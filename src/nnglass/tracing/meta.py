@@ -30,6 +30,7 @@ from ..errors import TraceError
 from ..graph.ir import (
     ALL_STEPS,
     BACKWARD,
+    GENERATE,
     GET,
     GRAD,
     IMPORT,
@@ -111,7 +112,7 @@ class Meta:
         """The node's fake value per generation-step variant it runs in (one for a plain
         trace; step 0 and a later step inside `tracer.all()`)."""
         node = self.tracer.graph.nodes[node_id]
-        if self.tracer.graph.mode != "generate" or node.step == 0:
+        if self.tracer.graph.mode != GENERATE or node.step == 0:
             variants = (0,)
         elif node.step == ALL_STEPS:
             variants = (0, 1)

@@ -12,7 +12,7 @@ import contextvars
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TraceError
-from ..graph.ir import Graph
+from ..graph.ir import SESSION, Graph
 from .tracer import _SESSION, Tracer, submit, user_where
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class Session:
         _SESSION.reset(self._token)
         if exc_type is not None or not self.tracers:
             return False
-        self.graph = Graph(model=self.model.name, mode="session",
+        self.graph = Graph(model=self.model.name, mode=SESSION,
                            children=[t.graph for t in self.tracers])  # fmt: skip
         submit(self, self.backend, self.blocking)
         return False

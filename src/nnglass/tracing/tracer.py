@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import NNglassError, TraceError
-from ..graph.ir import ALL_STEPS, BACKWARD, GET, GRAD, IMPORT, SET, Graph, Node, Ref, Site
+from ..graph.ir import ALL_STEPS, BACKWARD, GENERATE, GET, GRAD, IMPORT, SET, TRACE, Graph, Node, Ref, Site
 from .meta import Meta, Recording
 from .proxy import NEVER_RAN, Proxy, Saved, Shape, finish
 from .where import user_where
@@ -64,7 +64,7 @@ def submit(target: Tracer | Session, backend: Backend, blocking: bool) -> Job:
 class Tracer:
     """Records one trace. Use via `model.trace(...)`, not directly."""
 
-    def __init__(self, model: TracedModel, args: tuple, kwargs: dict, backend: Backend, mode: str = "trace",
+    def __init__(self, model: TracedModel, args: tuple, kwargs: dict, backend: Backend, mode: str = TRACE,
                  options: dict | None = None, blocking: bool = True) -> None:  # fmt: skip
         self.model = model
         self.backend = backend
@@ -198,7 +198,7 @@ class Tracer:
         tree = self.model._envoy
         patterns = [p.split(".") for p in (modules if modules is not None else ["**"])]
         out: dict[str, CacheEntry] = {}
-        scope = ALL_STEPS if self.graph.mode == "generate" else self._step
+        scope = ALL_STEPS if self.graph.mode == GENERATE else self._step
         with self._step_scope(scope):
             for path, _ in tree._module.named_modules():
                 if path and any(_match(p, path.split(".")) for p in patterns):

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TraceError
+from ..graph.ir import GENERATE_KWARGS
 from .proxy import Proxy, has_proxy
 from .tracer import Stop, Tracer, current_tracer, user_where
 
@@ -70,7 +71,7 @@ class Steps:
     def __init__(self, tracer: Tracer, start: int, stop: int | None) -> None:
         self.tracer, self.start, self.stop = tracer, start, stop
         self._scopes: list[Any] = []
-        steps = tracer.graph.options.get("generate", {}).get("max_new_tokens")
+        steps = tracer.graph.options.get(GENERATE_KWARGS, {}).get("max_new_tokens")
         last = start if stop is None else stop - 1
         if isinstance(steps, int) and last >= steps:  # known while recording: say so here
             why = f"tracer.iter: this generation has {steps} steps (0..{steps - 1}), step {last} never runs"
