@@ -6,6 +6,7 @@ and containers (tuples, lists, dicts, transformers ModelOutputs) are rebuilt.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -49,48 +50,66 @@ class Opaque:
 _PLAIN = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.Size})
 
 
-def graph_view(x: Any) -> Any:
-    """A site's value as a graph sees it: every leaf that is not a value becomes `Opaque`
-    (containers are rebuilt only where something changed)."""
+# --- the one walk over a value's containers --------------------------------------------------
+# Containers are lists, tuples (namedtuples keep their class; torch.Size is a leaf), dicts and
+# transformers' ModelOutputs (dicts that rebuild with their own class). Anything else is a
+# leaf: a tensor, a number, an Opaque, or a model object a graph must never open.
+
+
+def _is_container(x: Any) -> bool:
     t = type(x)
-    if t is torch.Tensor or t in _PLAIN or t is Opaque or isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, (list, tuple)):
-        items = [graph_view(y) for y in x]
-        if all(a is b for a, b in zip(items, x)):
-            return x
-        if t is list or t is tuple:
-            return t(items)
-        return t(*items) if hasattr(x, "_fields") else tuple(items)  # a namedtuple keeps its class
-    if t is dict or (isinstance(x, dict) and t.__module__.startswith("transformers.")):  # a ModelOutput
-        out = {k: graph_view(v) for k, v in x.items()}
+    return (t is tuple or t is list or t is dict or (isinstance(x, (list, tuple)) and t is not torch.Size)
+            or (isinstance(x, dict) and t.__module__.startswith("transformers.")))  # fmt: skip
+
+
+def map_values(x: Any, fn: Callable[[Any], Any]) -> Any:
+    """`x` with `fn` applied to each leaf (like torch.fx's `map_aggregate`). A container is
+    rebuilt only where a leaf changed, else it is returned itself."""
+    t = type(x)
+    if t is torch.Tensor or not _is_container(x):
+        return fn(x)
+    if isinstance(x, dict):
+        out = {k: map_values(v, fn) for k, v in x.items()}
         if all(out[k] is v for k, v in x.items()):
             return x
         return out if t is dict else _rebuild(x, out)
-    return Opaque(x)
+    items = [map_values(y, fn) for y in x]
+    if all(a is b for a, b in zip(items, x)):
+        return x
+    if t is list or t is tuple:
+        return t(items)
+    if hasattr(x, "_fields"):
+        return t(*items)  # a namedtuple keeps its class
+    return list(items) if isinstance(x, list) else tuple(items)
+
+
+def leaves(x: Any) -> Iterator[Any]:
+    """Every leaf of `x`, by the same rule as `map_values`."""
+    stack = [x]
+    while stack:
+        v = stack.pop()
+        if type(v) is torch.Tensor or not _is_container(v):
+            yield v
+        else:
+            stack.extend(reversed(list(v.values() if isinstance(v, dict) else v)))
+
+
+def graph_view(x: Any) -> Any:
+    """A site's value as a graph sees it: every leaf that is not a value becomes `Opaque`."""
+    return x if type(x) is torch.Tensor else map_values(x, _seen)
+
+
+def _seen(x: Any) -> Any:
+    return x if type(x) in _PLAIN or type(x) is Opaque or isinstance(x, torch.Tensor) else Opaque(x)
 
 
 def unwrap(x: Any) -> Any:
-    """The model's own objects again, where a value holds `Opaque`s (a setter's value);
-    containers are rebuilt as `graph_view` rebuilt them, only where something changed."""
-    t = type(x)
-    if t is torch.Tensor:
-        return x
-    if t is Opaque:
-        return x._held
-    if isinstance(x, (list, tuple)) and not isinstance(x, torch.Size):
-        items = [unwrap(y) for y in x]
-        if all(a is b for a, b in zip(items, x)):
-            return x
-        if t is list or t is tuple:
-            return t(items)
-        return t(*items) if hasattr(x, "_fields") else tuple(items)
-    if isinstance(x, dict):
-        out = {k: unwrap(v) for k, v in x.items()}
-        if all(out[k] is v for k, v in x.items()):
-            return x
-        return out if t is dict else _rebuild(x, out)
-    return x
+    """The model's own objects again, where a value holds `Opaque`s (a setter's value)."""
+    return x if type(x) is torch.Tensor else map_values(x, _held)
+
+
+def _held(x: Any) -> Any:
+    return x._held if type(x) is Opaque else x
 
 
 def only_input(args: tuple, kwargs: dict, params: list[str]) -> tuple[tuple, dict]:
@@ -121,8 +140,20 @@ def snapshot(x: Any, copy: bool = True) -> Any:
     of a plain trace). KV caches are refused: they are large, mutated by generation after
     the fact, and not values a result can carry.
     """
-    if isinstance(x, torch.Tensor):
+    if type(x) is torch.Tensor:
         return x.detach().clone() if copy else x.detach()
+    return map_values(x, _clone_leaf if copy else _detach_leaf)
+
+
+def _clone_leaf(x: Any) -> Any:
+    return x.detach().clone() if isinstance(x, torch.Tensor) else _plain_leaf(x)
+
+
+def _detach_leaf(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else _plain_leaf(x)
+
+
+def _plain_leaf(x: Any) -> Any:
     held = x._held if type(x) is Opaque else x
     if _is_kv_cache(held):
         raise TypeError(
@@ -132,27 +163,12 @@ def snapshot(x: Any, copy: bool = True) -> Any:
     if held is not x:
         raise TypeError(f"this is {x.why}: it cannot be saved (save tensors, numbers, or containers "
                         "of those)")
-    if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
-        return type(x)(snapshot(y, copy) for y in x)
-    if isinstance(x, dict):
-        out = {k: snapshot(v, copy) for k, v in x.items()}
-        return out if type(x) is dict else _rebuild(x, out)
     return x
 
 
 def tensor_leaves(x: Any) -> list[torch.Tensor]:
     """The tensors inside a value (tuples, lists, dicts, model outputs)."""
-    out: list[torch.Tensor] = []
-    stack = [x]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-    return out
+    return [v for v in leaves(x) if isinstance(v, torch.Tensor)]
 
 
 _STATE_KEYS = ("past_key_values", "cache")
@@ -182,25 +198,13 @@ def _rebuild(obj: Any, items: dict) -> Any:
 
 
 def copy_tensors(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if type(x) in (list, tuple):
-        return type(x)(copy_tensors(y) for y in x)
-    if isinstance(x, dict):
-        out = {k: copy_tensors(v) for k, v in x.items()}
-        return out if type(x) is dict else _rebuild(x, out)
-    return x
+    return map_values(x, lambda v: v.clone() if isinstance(v, torch.Tensor) else v)
 
 
-def map_batch(x: Any, batch: int, fn: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return fn(x) if x.dim() and x.shape[0] == batch else x
-    if type(x) in (list, tuple):
-        return type(x)(map_batch(y, batch, fn) for y in x)
-    if isinstance(x, dict):
-        out = {k: map_batch(v, batch, fn) for k, v in x.items()}
-        return out if type(x) is dict else _rebuild(x, out)
-    return x
+def map_batch(x: Any, batch: int, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """`fn` of every tensor whose first axis is the batch; other leaves as they are."""
+    return map_values(x, lambda v: fn(v) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch
+                      else v)  # fmt: skip
 
 
 def zip_batch(full: Any, part: Any, batch: int, put: Any) -> Any:
