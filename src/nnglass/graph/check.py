@@ -200,8 +200,13 @@ def _check_op(node: Node, registry: OpRegistry, session: tuple[int, list[Graph]]
             raise _node_error(node, f"bad module path {_show(site.path)}: {_PATH_RULE}")
         if op == "get" and (args or node.kwargs):
             raise _node_error(node, "get takes no arguments")
-        if op == "set" and (len(args) != 1 or node.kwargs):
-            raise _node_error(node, "set takes exactly one argument, the new value")
+        skip_only = list(node.kwargs) == ["skip"] and node.kwargs["skip"] is True
+        if op == "set" and (len(args) != 1 or not (not node.kwargs or skip_only)):
+            raise _node_error(node, "set takes exactly one argument, the new value (and skip=True, "
+                                    "only for a module's output)")
+        if node.kwargs and site is not None and site.kind != "output":
+            raise _node_error(node, "skip=True replaces a module's output; this set is of its "
+                                    f"{_show(site.kind)}")
         if op in ("grad", "set_grad", "backward") and (not args or type(args[0]) is not Ref):
             raise _node_error(node, f"{op} needs a reference to an earlier node as first argument")
         if op in ("module", "param") and not _is_path(args[0] if args else None, op == "module"):

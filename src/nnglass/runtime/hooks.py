@@ -5,6 +5,10 @@ Invariants:
   `finally`, also when the forward raises or stops early.
 - A hook acts only for the run active in the current context (a context variable), so
   threads tracing the same model at once never see each other's interventions.
+- `module.skip(v)` is the one place a run changes more than hooks: while some run may
+  skip a module, its `forward` attribute is a dispatcher that returns `SKIPPED` for that
+  run (its output hook then hands the model `v`) and calls the real forward for anyone
+  else. The last run to leave puts the module's own `forward` back.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import itertools
+import threading
 import weakref
 from typing import Any
 
@@ -19,7 +24,7 @@ import torch
 
 from ..errors import GraphError
 from .interpreter import Interpreter
-from .values import only_input, unwrap
+from .values import SKIPPED, only_input, unwrap
 
 ACTIVE: contextvars.ContextVar[Interpreter | None] = contextvars.ContextVar("nnglass_run", default=None)
 
@@ -104,6 +109,10 @@ def install(model: torch.nn.Module, interp: Interpreter) -> list[tuple[dict, int
     interp.active_token = ACTIVE.set(interp)
     key = next(_KEYS)
     try:
+        if interp.plan.skipped:
+            installed.append((_SKIP_TABLE, 0, None))
+            for path in interp.plan.skipped:
+                _start_skipping(find_module(model, path, interp.plan.site_where[path]), interp, path)
         for path, pre, out in interp.plan.hook_specs:
             module = find_module(model, path, interp.plan.site_where[path])
             if pre:
@@ -123,7 +132,55 @@ def install(model: torch.nn.Module, interp: Interpreter) -> list[tuple[dict, int
 
 def uninstall(interp: Interpreter, installed: list[tuple[dict, int, dict | None]]) -> None:
     for table, key, flags in installed:
+        if table is _SKIP_TABLE:
+            _stop_skipping(interp)
+            continue
         table.pop(key, None)
         if flags is not None:
             flags.pop(key, None)
     ACTIVE.reset(interp.active_token)
+
+
+# --- module.skip(v): a forward that does not run ----------------------------------------------
+_SKIP_TABLE: dict = {}  # marks a skip entry in `installed`
+_SKIP_LOCK = threading.Lock()
+_NO_FORWARD = object()
+# module -> (the runs that may skip it, by path; its own instance-level forward, if any)
+_SKIPPING: weakref.WeakKeyDictionary[torch.nn.Module, tuple[dict[Interpreter, str], Any]] = \
+    weakref.WeakKeyDictionary()  # fmt: skip
+_SKIPPED_BY: weakref.WeakKeyDictionary[Interpreter, list[torch.nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _start_skipping(module: torch.nn.Module, interp: Interpreter, path: str) -> None:
+    with _SKIP_LOCK:
+        entry = _SKIPPING.get(module)
+        if entry is None:
+            runs: dict[Interpreter, str] = {}
+            entry = _SKIPPING[module] = (runs, module.__dict__.get("forward", _NO_FORWARD))
+            module.forward = _dispatcher(runs, module.forward)
+        entry[0][interp] = path
+        _SKIPPED_BY.setdefault(interp, []).append(module)
+
+
+def _stop_skipping(interp: Interpreter) -> None:
+    with _SKIP_LOCK:
+        for module in _SKIPPED_BY.pop(interp, ()):
+            runs, own = _SKIPPING[module]
+            runs.pop(interp, None)
+            if not runs:
+                del _SKIPPING[module]
+                if own is _NO_FORWARD:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = own
+
+
+def _dispatcher(runs: dict[Interpreter, str], forward: Any) -> Any:
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        interp = ACTIVE.get()
+        path = runs.get(interp) if interp is not None else None
+        if path is not None and not interp.suspended and interp.skips_forward(path):
+            return SKIPPED
+        return forward(*args, **kwargs)
+
+    return dispatch

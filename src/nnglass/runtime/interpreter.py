@@ -130,6 +130,17 @@ class Interpreter:
         self.calls[ck] = call + 1
         return self.fire_site((path, kind, call, self.step), value)
 
+    def skips_forward(self, path: str) -> bool:
+        """Does `module.skip(v)` replace the next output of `path` for every row? Then its
+        forward (and everything inside it) need not run. A skip of some invokes' rows
+        only lets the forward run and replaces those rows, like any setter."""
+        key = (path, "output", self.calls.get((path, "output"), 0), self.step)
+        task = self._with_every_step(key, self.plan.tasks.get(key)) if self.plan.all_steps else \
+            self.plan.tasks.get(key)  # fmt: skip
+        if task is None or not task.skips:
+            return False
+        return len(self.rows) == 1 or any(self.nodes[i].invoke is None for i in task.skips)
+
     def fire_result(self, value: Any) -> Any:
         """Generation finished: `tracer.result` nodes see the generated ids."""
         return self.fire_site(("", "result", 0, 0), value)
@@ -199,6 +210,7 @@ class Interpreter:
                 sorted(task.ids + every.ids), task.copy or every.copy, task.inplace + every.inplace,
                 task.grads + every.grads, min(task.first_get, every.first_get),
                 task.rooted + every.rooted, task.escapes + every.escapes, max(task.last_set, every.last_set),
+                task.skips + every.skips,
             )  # fmt: skip
         return merged
 

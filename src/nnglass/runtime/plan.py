@@ -53,6 +53,7 @@ class SiteTask:
     rooted: list[int] = field(default_factory=list)  # nodes whose value is (a view of) it
     escapes: list[int] = field(default_factory=list)  # rooted nodes that other nodes read
     last_set: int = -1  # the last `set` among ids (model errors point at it)
+    skips: list[int] = field(default_factory=list)  # `module.skip(v)` sets: the forward need not run
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Plan:
     weights: set[int] = field(default_factory=set)  # values that may share a parameter's memory
     has_backward: bool = False
     max_step: int = 0
+    skipped: set[str] = field(default_factory=set)  # paths some `.skip(v)` may keep from running
 
 
 def site_key(node: Node) -> SiteKey:
@@ -131,6 +133,8 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
                         hooked.setdefault(site.path, set()).add(site.kind)
                         site_where.setdefault(site.path, node.where)
                 task.ids.append(i)
+                if op == SET and node.kwargs.get("skip") is True:
+                    task.skips.append(i)
                 if op == GET and task.first_get < 0:
                     task.first_get = i
             elif op == GRAD or op == SET_GRAD:
@@ -175,11 +179,12 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
         tasks[site_key(g)].grads.append(get_id)
     hook_specs = [(path, frozenset(kinds & {"input", "inputs"}), "output" in kinds)
                   for path, kinds in hooked.items()]  # fmt: skip
+    skipped = {key[0] for key, t in tasks.items() if t.skips}
     return Plan(
         [tuple(sorted(d)) for d in deps], consumers, fns, tasks, hooked, site_where, hook_specs,
         grad_groups, grad_path, starters, runnable, all_steps, final,
         {i for i in range(n) if memory.shares_weights(i)},
-        has_backward, max_step,
+        has_backward, max_step, skipped,
     )  # fmt: skip
 
 

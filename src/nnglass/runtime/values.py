@@ -47,6 +47,9 @@ class Opaque:
         return f"<opaque {type(self._held).__name__}>"
 
 
+SKIPPED = Opaque(None, "the output of a module that `.skip(...)` replaced, so it never ran: "
+                 "read `.output` after the skip to see the value that replaced it")
+
 _PLAIN = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.Size})
 
 

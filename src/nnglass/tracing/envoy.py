@@ -114,9 +114,10 @@ class Envoy:
 
     def skip(self, value: Any) -> None:
         """nnsight's `module.skip(value)`: the module's output (first call) is `value`, as
-        its forward returned it. What every later module sees is exactly that; the forward
-        itself still runs (its inner sites too), so compute is not saved yet."""
-        SiteCall(self, 0).output = value
+        if its forward had returned it, and the forward does not run (nor anything inside
+        it: reading an inner site is an error). Inside one invoke of several, the forward
+        runs for the other rows and this invoke's rows are replaced, like a setter."""
+        current_tracer("`.skip()`").record_site(SET, self._path, "output", 0, value, skip=True)
 
     @property
     def output(self) -> Proxy:

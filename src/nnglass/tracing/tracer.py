@@ -244,9 +244,10 @@ class Tracer:
         proxy._tracer, proxy._id = new._tracer, new._id
         return proxy
 
-    def record_site(self, op: str, path: str, kind: str, call: int, value: Any = None) -> Proxy:
+    def record_site(self, op: str, path: str, kind: str, call: int, value: Any = None,
+                    skip: bool = False) -> Proxy:  # fmt: skip
         site = Site(path, kind, call, self._step)
-        return self.record(op, () if op == GET else (value,), None, site)
+        return self.record(op, () if op == GET else (value,), {"skip": True} if skip else None, site)
 
     def record_backward(self, proxy: Proxy, gradient: Any) -> int:
         args = (proxy,) if gradient is None else (proxy, gradient)
