@@ -79,6 +79,18 @@ def test_untuple_with_isinstance_and_unpack(run, tuple_out, plain):
     assert isinstance(ab, list) and torch.equal(ab[1], ref[1])
 
 
+def test_saved_values_answer_isinstance_for_their_value_after_the_block(tuple_out, plain):
+    """Code written for nnsight checks saved values' types after the block too."""
+    net = nnglass.NNModel(tuple_out)
+    with net.trace(plain.randn(3, 4)):
+        pair = net.split.output.save()
+        h = net.split.output[0].save()
+    assert isinstance(pair, tuple) and not isinstance(pair, torch.Tensor) and len(pair) == 2
+    assert isinstance(h, torch.Tensor) and not isinstance(h, tuple)
+    first = pair[0] if isinstance(pair, tuple) else pair
+    assert torch.equal(first, h) and torch.equal(torch.cat([h, h]), torch.cat([h.value, h.value]))
+
+
 def test_control_flow_on_shapes_but_not_on_data(mlp, plain):
     x = plain.randn(2, 8)
     net = nnglass.NNModel(mlp)

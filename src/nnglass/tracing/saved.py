@@ -33,6 +33,13 @@ class Saved(_Slots):
                 "ended earlier, e.g. at EOS)", self._tracer.graph.nodes[self._id].where)
         return self._value
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """The value's class, so `isinstance(out, tuple)` and `isinstance(h, torch.Tensor)`
+        answer for the value (as they did while recording); `type(h)` is still `Saved`."""
+        value = self._value
+        return Saved if type(value) is NeverRan else type(value)
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
