@@ -379,3 +379,18 @@ class Plain:
 @pytest.fixture
 def plain() -> type[Plain]:
     return Plain
+
+
+# --- a cluster ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """One real two-node Ray cluster on loopback for the whole session (tests/ray_cluster.py),
+    started the first time a test asks for it and stopped at the end."""
+    from ray_cluster import RayCluster  # tests/ray_cluster.py, shared
+
+    cluster = RayCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()

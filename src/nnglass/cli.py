@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--model", help="quick form: serve this one model (e.g. smollm2-135m)")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--ray", metavar="ADDRESS", default=None,
+                       help='replicas as actors on this Ray cluster ("auto" or HOST:PORT)')  # fmt: skip
 
     keys = sub.add_parser("keys", help="manage API keys (in NNGLASS_HOME)")
     keys.add_argument("action", choices=["create", "list", "revoke"])
@@ -51,6 +53,8 @@ def _server_config(args: argparse.Namespace):
     else:
         raise SystemExit("nnglass serve: give --config server.toml or --model NAME")
     overrides = {k: getattr(args, k, None) for k in ("host", "port")}
+    if getattr(args, "ray", None):
+        overrides.update(engine="ray", ray_address=args.ray)
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 

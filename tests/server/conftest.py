@@ -9,7 +9,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -55,9 +57,11 @@ def free_port() -> int:
 class Server:
     """`nnglass serve --config` in a subprocess on a random loopback port."""
 
-    def __init__(self, home: Path, config_text: str, cwd: Path | None = None) -> None:
+    def __init__(self, home: Path, config_text: str, cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.home = home
         self.cwd = cwd  # the server's working directory (default: this process's)
+        self.env = dict(env or {})  # added to this process's environment
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = home / "server.toml"
@@ -66,7 +70,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> None:
-        env = {**os.environ, "NNGLASS_HOME": str(self.home)}
+        env = {**os.environ, **self.env, "NNGLASS_HOME": str(self.home)}
         log = open(self.home / "server.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "nnglass", "serve", "--config", str(self.config)],
                                      env=env, stdout=log, stderr=log, cwd=self.cwd)  # fmt: skip
@@ -145,14 +149,60 @@ new_tokens = 64
 """
 
 
+@dataclass(frozen=True)
+class Engine:
+    """Where a test server runs its replicas: "subprocess" (the embedded default) or "ray"
+    (the session's two-node cluster, tests/ray_cluster.py)."""
+
+    name: str
+    cluster: Any = None  # ray_cluster.RayCluster for "ray"
+
+    def config(self, text: str) -> str:
+        return text if self.cluster is None else self.cluster.server_toml(text)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {} if self.cluster is None else self.cluster.env
+
+
+SUBPROCESS = Engine("subprocess")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "engines(*names): run this module's `engine` tests on each engine")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test (or module fixture) that asks for `engine` runs once per engine its module's
+    `pytestmark = pytest.mark.engines("subprocess", "ray")` names (default: subprocess)."""
+    if "engine" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("engines")
+        names = marker.args if marker is not None else ("subprocess",)
+        metafunc.parametrize("engine", names, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def engine(request: pytest.FixtureRequest) -> Engine:
+    return request.getfixturevalue("ray_engine") if request.param == "ray" else SUBPROCESS
+
+
+@pytest.fixture(scope="session")
+def ray_engine(ray_cluster: Any) -> Engine:
+    """Replicas on the session's two-node Ray cluster (tests/conftest.py, `ray_cluster`)."""
+    return Engine("ray", ray_cluster)
+
+
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
-    """`start_server(name, config_text, home=None, cwd=None)`: a started Server in a new
-    temporary home (or `home`). Callers stop theirs; whatever is left stops at the end."""
+    """`start_server(name, config_text, home=None, cwd=None, engine=SUBPROCESS)`: a started
+    Server in a new temporary home (or `home`), its replicas where `engine` runs them.
+    Callers stop theirs; whatever is left stops at the end."""
     started: list[Server] = []
 
-    def start(name: str, config_text: str, home: Path | None = None, cwd: Path | None = None) -> Server:
-        server = Server(home if home is not None else tmp_path_factory.mktemp(name), config_text, cwd=cwd)
+    def start(name: str, config_text: str, home: Path | None = None, cwd: Path | None = None,
+              engine: Engine = SUBPROCESS) -> Server:  # fmt: skip
+        home = home if home is not None else tmp_path_factory.mktemp(name)
+        server = Server(home, engine.config(config_text), cwd=cwd, env=engine.env)
         started.append(server)
         server.start()
         return server

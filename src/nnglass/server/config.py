@@ -28,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 MiB = 2**20
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+ENGINES = ("subprocess", "ray")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class ModelConfig:
     threads: int = 2  # torch threads per replica, always set explicitly
     share_jobs: int = 8  # co-tenancy: most queued jobs merged into one forward pass (1: never)
     policy: Policy = field(default_factory=Policy)
+    # engine = "ray": what each replica's actor asks of its node (num_cpus, num_gpus, memory,
+    # or any custom resource of `ray start --resources`); num_cpus defaults to `threads`.
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,9 @@ class ServerConfig:
     max_request_bytes: int = 64 * MiB
     debug_checksums: bool = False
     max_queued_per_key: int = 16  # quota: jobs one API key may have waiting
+    engine: str = "subprocess"  # where replicas run: "subprocess" (this machine) or "ray" (a cluster)
+    ray_address: str = "auto"  # engine = "ray": the cluster's GCS, "HOST:PORT" or "auto" (this machine's)
+    ray_node_ip: str = ""  # engine = "ray": this machine's address as the cluster sees it ("": Ray's guess)
     models: list[ModelConfig] = field(default_factory=list)
 
     def model(self, name: str) -> ModelConfig | None:
@@ -153,6 +160,12 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> ServerConfig
     if dupes:
         raise ConfigError(f"models: names must be unique, {', '.join(map(repr, dupes))} repeated")
     cfg = ServerConfig(models=models, **kw)
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"server.engine: {cfg.engine!r} is not one of {', '.join(ENGINES)}")
+    for i, m in enumerate(models):
+        if m.resources and cfg.engine != "ray":
+            raise ConfigError(f'models[{i}].resources: only for engine = "ray" (this server runs '
+                              f"{cfg.engine} workers)")  # fmt: skip
     _positive(cfg, "server", ("result_ttl_s", "max_request_bytes", "max_queued_per_key"))
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"server.port: must be 0..65535, got {cfg.port}")
@@ -164,13 +177,14 @@ def _model(raw: object, where: str) -> ModelConfig:
     for key in ("name", "source"):
         if key not in table:
             raise ConfigError(f"{where}.{key}: missing (required)")
-    kw = _fields(table, ModelConfig, where, nested=("policy",))
+    kw = _fields(table, ModelConfig, where, nested=("policy", "resources"))
     if not kw["name"]:
         raise ConfigError(f"{where}.name: must not be empty")
     if kw.get("dtype", "float32") not in DTYPES:
         raise ConfigError(f"{where}.dtype: {kw['dtype']!r} is not one of {', '.join(DTYPES)}")
     policy = _policy(table.get("policy", {}), f"{where}.policy")
-    cfg = ModelConfig(policy=policy, **kw)
+    resources = _resources(table.get("resources", {}), f"{where}.resources")
+    cfg = ModelConfig(policy=policy, resources=resources, **kw)
     _positive(cfg, where, ("replicas", "threads", "share_jobs"))
     return cfg
 
@@ -184,6 +198,18 @@ def _policy(raw: object, where: str) -> Policy:
     limits = Limits(**_fields(_table(table.get("limits", {}), f"{where}.limits"), Limits, f"{where}.limits"))
     _positive(limits, f"{where}.limits", tuple(f.name for f in fields(Limits)))
     return Policy(limits=limits, **kw)
+
+
+def _resources(raw: object, where: str) -> dict[str, float]:
+    """A replica's resources: names to finite amounts >= 0 (Ray checks they exist)."""
+    out = {}
+    for name, amount in _table(raw, where).items():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
+            raise ConfigError(f"{where}.{name}: must be a number, got {amount!r}")
+        if amount < 0:
+            raise ConfigError(f"{where}.{name}: must be >= 0, got {amount!r}")
+        out[name] = float(amount)
+    return out
 
 
 # --- checking, key by key ---------------------------------------------------------------

@@ -1,13 +1,17 @@
 """A replica: one worker that holds a model, and the thread that feeds it jobs.
 
 The service drives every replica through the `Worker` protocol; `handle.WorkerHandle`
-(a subprocess) is one implementation, and a Ray actor can be another. The replica loop
+(a subprocess) is one implementation, `ray_worker.RayWorker` (a Ray actor) another. The replica loop
 never asks which one it has.
 
 Invariants:
 - A job is marked RUNNING (and its attempt counted) before its request goes out; its
   answer becomes its final status. A job never meets a dead worker: the loop restarts
   it first.
+- A replica takes its model's next job only when its worker is idle, so with N replicas
+  a job goes to one that is free (the least loaded) and never waits behind a busy one.
+- An answer that carries its result's bytes (`data`: a worker on another machine, such
+  as a Ray actor) has them put in the service's ResultStore before the job completes.
 - Several queued jobs may share one request (co-tenancy). When that request comes back
   without an answer per job (the worker died in the pass: a hang past the time limit, a
   crash, the out-of-memory killer), each job still RUNNING runs once more alone on a
@@ -64,6 +68,8 @@ class Replica:
         if not self._start():
             return
         while not service.stopping:
+            if not self.worker.alive and not self._restart():  # before taking a job: a replica
+                return  # whose worker is down (its node lost) leaves the queue to the others
             job_id = service.scheduler.next(cfg.name, timeout=0.5)
             # Dead since the last job, or while idle (killed from outside): a job must never
             # meet a dead worker, so it restarts first.
@@ -173,6 +179,12 @@ class Replica:
         if answer.get("checksum"):
             state.checksums.add(answer["checksum"])
             state.grad_seen = state.grad_seen or bool(answer.get("has_grad"))
+        if answer.get("status") == "COMPLETED" and isinstance(answer.get("data"), bytes):
+            try:  # a worker without this server's disk sent the result back: store it
+                service.results.write_result(job_id, answer["data"])
+            except OSError as e:
+                why = {"type": "RemoteError", "message": f"the result could not be stored: {e}", "where": ""}
+                answer = {"status": "ERROR", "error": why}
         if answer.get("status") == "COMPLETED":
             service.finish(job_id, JobStatus.COMPLETED, result_bytes=answer.get("bytes"))
         else:

@@ -8,7 +8,8 @@ Invariants:
   QUEUED are queued again and jobs left RUNNING run once more (then fail with a reason).
 - A job is visible only to the key that created it: anyone else gets NotFoundError,
   the same answer as for a job that does not exist.
-- Each replica is one worker subprocess driven by one thread; a crash or a timeout
+- Each replica is one worker (a subprocess, or a Ray actor with `engine = "ray"`)
+  driven by one thread, which takes its model's next job only when it is idle; a crash, a timeout
   ends that job as ERROR with the reason, and the worker is restarted. When a shared
   forward pass kills the worker, each of its jobs still running runs once more alone on
   a restarted worker: only a job that kills it alone ends ERROR for it.
@@ -72,11 +73,26 @@ def subprocess_worker(model: ModelConfig, server: ServerConfig) -> Worker:
                          "threads": model.threads, "debug_checksums": server.debug_checksums})
 
 
+def ray_worker(model: ModelConfig, server: ServerConfig) -> Worker:
+    """`engine = "ray"`: each replica a Ray actor on the cluster at `server.ray_address`."""
+    from .ray_worker import ray_worker as make  # Ray is an optional dependency (the cluster extra)
+
+    return make(model, server)
+
+
+ENGINES: dict[str, WorkerFactory] = {"subprocess": subprocess_worker, "ray": ray_worker}
+
+
+def configured_worker(model: ModelConfig, server: ServerConfig) -> Worker:
+    """The worker `server.engine` names; the service never asks which one it holds."""
+    return ENGINES[server.engine](model, server)
+
+
 class Service:
     """The request side (submit, get, list, cancel, status) and the lifecycle; each
     model replica is a `Replica` (server/replica.py) driving one `Worker`."""
 
-    def __init__(self, config: ServerConfig, worker: WorkerFactory = subprocess_worker) -> None:
+    def __init__(self, config: ServerConfig, worker: WorkerFactory = configured_worker) -> None:
         self.config = config
         home = Path(config.home)
         home.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """One model replica in its own process, so a crash is contained and a time limit can
 really stop the work. `python -m nnglass.server.worker` is the child; `WorkerHandle`
-(handle.py, re-exported here) is the server's side of it.
+(handle.py, re-exported here) is the server's side of it. `LoadedModel`, `ready_message`
+and `answer` are the replica itself, whatever hosts it (this child, or a Ray actor).
 
 Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   parent → child, once: {"name", "source", "dtype", "threads", "debug_checksums"[, "limits"]}
@@ -16,6 +17,10 @@ Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   With debug_checksums, "ready" and every answer also carry "checksum" (sha256 over all
   parameters and buffers) and "has_grad" (whether any parameter holds a `.grad`).
   EOF on stdin: the child exits 0.
+  A host on another machine (server/ray_worker.py) calls `answer` with the same requests,
+  except that they carry the graph (`graph_data`, `tensor_data`: bytes) instead of its
+  paths and have no `result` path: each COMPLETED answer's result is then in
+  `LoadedModel.outbox[job]` for the host to send back.
 
 Invariants:
 - The child's stdout carries protocol lines only: fd 1 is pointed at stderr before any
@@ -98,7 +103,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class _Replica:
+class LoadedModel:
     """The loaded model and what a job needs to run on it."""
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -113,6 +118,7 @@ class _Replica:
         torch.set_num_threads(int(config["threads"]))
         self.lm = LanguageModel(config["source"], dtype=DTYPES[dtype], name=self.name)
         self.module = self.lm.module  # load the weights now, not on the first job
+        self.outbox: dict[Any, bytes] = {}  # job -> its result, for a request without a result path
 
     def debug_info(self) -> dict[str, Any]:
         if not self.debug:
@@ -163,10 +169,8 @@ class _Replica:
         return self._store(request, graph, values)
 
     def _load(self, request: dict[str, Any]) -> Graph:
-        tensors = request.get("tensors")
-        graph = wire.decode(Path(request["graph"]).read_bytes(),
-                            Path(tensors).read_bytes() if tensors else None,
-                            registry=REGISTRY, limits=self.limits)  # fmt: skip
+        graph_bytes, tensor_bytes = _graph_bytes(request)
+        graph = wire.decode(graph_bytes, tensor_bytes, registry=REGISTRY, limits=self.limits)
         if graph.model != self.name:
             raise GraphError(f"this worker serves model {self.name!r}, but the graph is for "
                              f"{graph.model!r}")  # fmt: skip
@@ -178,8 +182,21 @@ class _Replica:
         if len(data) > limit:
             raise PolicyError(f"the result is {len(data)} bytes, over this model's limit of {limit} "
                               "bytes: save less (slice before .save(), or save fewer values)")  # fmt: skip
-        _write_atomic(Path(request["result"]), data)
+        if isinstance(request.get("result"), str):
+            _write_atomic(Path(request["result"]), data)
+        else:  # a host whose server has no shared disk: the bytes go back with the answer
+            self.outbox[request.get("job")] = data
         return len(data)
+
+
+def _graph_bytes(request: dict[str, Any]) -> tuple[bytes, bytes | None]:
+    """A request names its graph by path (this child shares the server's disk) or carries
+    it (`graph_data`, `tensor_data`: a host on another machine)."""
+    if isinstance(request.get("graph_data"), bytes):
+        tensors = request.get("tensor_data")
+        return request["graph_data"], tensors if isinstance(tensors, bytes) else None
+    tensors = request.get("tensors")
+    return Path(request["graph"]).read_bytes(), Path(tensors).read_bytes() if tensors else None
 
 
 def _limits(*requests: dict[str, Any]) -> RunLimits:
@@ -225,16 +242,13 @@ def main() -> int:
     tag = f"worker[{config.get('name')}:{os.getpid()}]"
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"%(asctime)s {tag} %(message)s")
     try:
-        replica = _Replica(config)
+        replica = LoadedModel(config)
     except Exception as e:
         logger.exception("could not load the model")
         _send(out, {"ready": False, "error": _error(None, e)["error"]})
         return 1
     _watch_parent()
-    paths = [p for p, _ in replica.module.named_modules()]
-    lookups = [list(site) for site in sorted(lookup_sites(replica.module))]
-    ready = {"ready": True, "paths": paths, "lookups": lookups, "pid": os.getpid()}
-    _send(out, {**ready, **replica.debug_info()})
+    _send(out, ready_message(replica))
     while line := sys.stdin.readline():
         try:
             request = json.loads(line)
@@ -243,13 +257,25 @@ def main() -> int:
         except ValueError as e:
             _send(out, _error(None, e))
             continue
-        batch = request.get("batch")
-        _test_hooks(batch if type(batch) is list else [request])
-        if type(batch) is list:
-            _send(out, replica.batch(batch))
-        else:
-            _send(out, replica.job(request))
+        _send(out, answer(replica, request))
     return 0
+
+
+def ready_message(replica: LoadedModel) -> dict[str, Any]:
+    """What a host tells the server once the model is loaded."""
+    paths = [p for p, _ in replica.module.named_modules()]
+    lookups = [list(site) for site in sorted(lookup_sites(replica.module))]
+    return {"ready": True, "paths": paths, "lookups": lookups, "pid": os.getpid(), **replica.debug_info()}
+
+
+def answer(replica: LoadedModel, request: dict[str, Any]) -> dict[str, Any]:
+    """One request's answer: a job, or a {"batch": [...]} sharing one pass. Every host of a
+    replica (this child's stdin loop, a Ray actor) answers through this one function."""
+    batch = request.get("batch")
+    _test_hooks(batch if type(batch) is list else [request])
+    if type(batch) is list:
+        return replica.batch(batch)
+    return replica.job(request)
 
 
 def _test_hooks(requests: list[Any]) -> None:
