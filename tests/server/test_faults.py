@@ -52,9 +52,10 @@ PROMPTS = ["hello there", "goodbye you", "how are you", "whats up yo"]  # one pa
 RUN_SECONDS = 2  # the faulty server's time limit (its kill backstop is 10 s later)
 CRASHED = {"subprocess": "crashed (exit code 70)", "ray": "the worker crashed"}
 
-# The faulty server's tests run with subprocess workers and with Ray actors (the session's
-# cluster); the others need only one server (tests/server/conftest.py, `engine`).
-pytestmark = pytest.mark.engines("subprocess", "ray")
+# The hang test also runs with Ray actors (the session's cluster; tests/server/conftest.py,
+# `engine`): a time limit and a shared pass's reruns on a restarted actor. Ray's crash and
+# kill outcomes are in test_ray.py (a crash on Ray reads the same for both culprits here).
+ON_BOTH_ENGINES = pytest.mark.engines("subprocess", "ray")
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +216,7 @@ def next_job_runs(site: Faulty, lm: LanguageModel) -> None:
         assert_as_alone(http, submit(http, graph), lm, graph)
 
 
+@ON_BOTH_ENGINES
 def test_a_job_that_hangs_a_shared_pass_fails_alone(site: Faulty, lm: LanguageModel) -> None:
     """The reviewer's attack: the culprit never reaches a hook, so only the kill backstop
     stops the shared pass. The three others complete as if alone; the culprit, rerun alone
