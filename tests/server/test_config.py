@@ -3,6 +3,7 @@ TOML, and every typo or wrong type is refused naming the key (never a silent def
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -172,11 +173,40 @@ def test_wrong_types_are_refused(tmp_path: Path, text: str, key: str) -> None:
     (MINIMAL + '[models.policy]\nwrite = ["a..b"]\n', "models[0].policy.write[0]: bad pattern"),
     (MINIMAL + '[models.policy]\nread = ["a.b-c"]\n', "bad pattern"),
     ("[[models]\n", "not valid TOML"),
+    ('[server]\nengine = "dask"\n' + MINIMAL, "server.engine: 'dask' is not one of subprocess, ray"),
+    (MINIMAL + "resources = {num_gpus = 1}\n", 'models[0].resources: only for engine = "ray"'),
+    ('[server]\nengine = "ray"\n' + MINIMAL + "resources = {num_gpus = -1}\n",
+     "models[0].resources.num_gpus: must be >= 0"),
+    ('[server]\nengine = "ray"\n' + MINIMAL + 'resources = {gpu = "one"}\n',
+     "models[0].resources.gpu: must be a number"),
+    ('[server]\nengine = "ray"\n' + MINIMAL + "resources = 2\n", "models[0].resources: must be a table"),
 ])  # fmt: skip
 def test_bad_values_are_refused(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text))
     assert message in str(err.value)
+
+
+def test_ray_engine_and_resources(tmp_path: Path) -> None:
+    text = ('[server]\nengine = "ray"\nray_address = "127.0.0.2:6379"\nray_node_ip = "127.0.0.2"\n'
+            + MINIMAL + "threads = 3\nresources = {num_gpus = 1, node_a = 0.5}\n")  # fmt: skip
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.engine, cfg.ray_address, cfg.ray_node_ip) == ("ray", "127.0.0.2:6379", "127.0.0.2")
+    assert cfg.models[0].resources == {"num_gpus": 1.0, "node_a": 0.5}
+    from nnglass.server.ray_worker import actor_options
+
+    assert actor_options(cfg.models[0]) == {"num_cpus": 3, "num_gpus": 1.0, "resources": {"node_a": 0.5}}
+
+
+def test_serve_dash_dash_ray_picks_the_ray_engine(tmp_path: Path) -> None:
+    from nnglass.cli import _server_config
+
+    path = write(tmp_path, MINIMAL)
+    args = argparse.Namespace(config=path, model=None, host=None, port=None, ray="127.0.0.2:6379")
+    cfg = _server_config(args)
+    assert (cfg.engine, cfg.ray_address) == ("ray", "127.0.0.2:6379")
+    args.ray = None
+    assert _server_config(args).engine == "subprocess"
 
 
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
