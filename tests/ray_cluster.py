@@ -4,7 +4,8 @@ in tests/conftest.py starts one per session; docs/deploy.md gives the same comma
 Each node is one `ray start --block` process of the test environment's own `ray`, in a
 process group of its own and a private `--temp-dir`, so stopping it (SIGTERM, then
 SIGKILL to its group) ends that node and nothing else on the machine: never `ray stop`,
-which stops every Ray process of the user. The nodes advertise loopback addresses only
+which stops every Ray process of the user. A node also gets SIGTERM when the process
+that started it dies (PR_SET_PDEATHSIG), so a killed test run leaves no cluster behind. The nodes advertise loopback addresses only
 (head 127.0.0.2, worker 127.0.0.3), the dashboard is off, and Ray's token
 authentication is on with a token made for this cluster: a client reaches it only with
 `env` (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN). Each node has one custom resource of its
@@ -39,6 +40,14 @@ def _free_port(ip: str) -> int:
     with socket.socket() as s:
         s.bind((ip, 0))
         return int(s.getsockname()[1])
+
+
+def _end_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies,
+    so a test run that is killed (no teardown) still ends its nodes."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -95,7 +104,7 @@ class RayCluster:
         resources = json.dumps({name: self.cpus_per_node})
         node.proc = subprocess.Popen([*node.args, "--node-ip-address", node.ip, "--resources", resources],
                                      env=self._node_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)  # fmt: skip
+                                     start_new_session=True, preexec_fn=_end_with_parent)  # fmt: skip
         log.close()
         deadline = time.monotonic() + timeout
         while "block forever" not in self.log(name):

@@ -178,10 +178,13 @@ class RayWorker:
                 return error_answer(job, "ExecutionError", "the worker is not running (restart it)")
             batch = request.get("batch")
             jobs = [r.get("job") for r in batch] if type(batch) is list else [job]
+            try:
+                carried = {"batch": [_carry(r) for r in batch]} if type(batch) is list else _carry(request)
+            except OSError as e:  # this machine's store, not the actor: it stays up
+                return error_answer(job, "ExecutionError", f"the job's graph could not be read: {e}")
             with self._jobs_lock:
                 self._jobs = frozenset(j for j in jobs if j is not None)
             try:
-                carried = {"batch": [_carry(r) for r in batch]} if type(batch) is list else _carry(request)
                 return ray.get(self._actor.run.remote(carried), timeout=timeout)
             except GetTimeoutError:
                 self.kill()
@@ -190,7 +193,7 @@ class RayWorker:
             except RayActorError as e:
                 self.kill()
                 return error_answer(job, "ExecutionError", f"the worker crashed ({_reason(e)})")
-            except (RayError, OSError) as e:  # nothing of a job's own failure: that is an answer
+            except RayError as e:  # nothing of a job's own failure: that is an answer
                 self.kill()
                 return error_answer(job, "ExecutionError", f"the worker failed: {type(e).__name__}: {e}")
             finally:
