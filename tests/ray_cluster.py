@@ -5,8 +5,9 @@ Each node is one `ray start --block` process of the test environment's own `ray`
 process group of its own and a private `--temp-dir`, so stopping it (SIGTERM, then
 SIGKILL to its group) ends that node and nothing else on the machine: never `ray stop`,
 which stops every Ray process of the user. A node also gets SIGTERM when the process
-that started it dies (PR_SET_PDEATHSIG), so a killed test run leaves no cluster behind. The nodes advertise loopback addresses only
-(head 127.0.0.2, worker 127.0.0.3), the dashboard is off, and Ray's token
+that started it dies (PR_SET_PDEATHSIG), so a killed test run leaves no cluster behind.
+The nodes advertise loopback addresses only (head 127.0.0.2, worker 127.0.0.3), the
+dashboard is off, and Ray's token
 authentication is on with a token made for this cluster: a client reaches it only with
 `env` (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN). Each node has one custom resource of its
 own (`node_a`, `node_b`), so a test can place a replica on either node.
