@@ -41,7 +41,12 @@ class LanguageModel(NNModel):
 
     def __init__(self, model: Any, *, tokenizer: Any = None, dtype: torch.dtype | None = None,
                  name: str | None = None, backend: Backend | None = None,
-                 rename: dict[str, str] | None = None, **load_kwargs: Any) -> None:  # fmt: skip
+                 rename: dict[str, str] | None = None, remote: bool = False,
+                 **load_kwargs: Any) -> None:  # fmt: skip
+        """remote=True: the model lives on a server (`backend`, else NNGLASS_HOST); a name
+        that is no local folder is looked up there (its config and tokenizer, never its
+        weights; models/remote_source.py), and traces run there unless asked otherwise."""
+        remote_only = False
         if isinstance(model, torch.nn.Module):
             source, loaded, config = None, model, model.config
             meta = model
@@ -49,10 +54,19 @@ class LanguageModel(NNModel):
         else:
             from . import loading
 
-            source = loading.resolve_model_source(model)
+            if remote:
+                from .remote_source import remote_source
+
+                source, remote_only, backend = remote_source(str(model), backend)
+            else:
+                source = loading.resolve_model_source(model)
             config, tok = loading.load_config_and_tokenizer(source)
             tokenizer = tokenizer or tok
             loaded, meta, label = None, loading.meta_model(config), name or str(model)
+            if remote_only:
+                from ..remote.meta import check_tree
+
+                check_tree(source, meta, str(model))
         if tokenizer is None:
             raise TraceError("LanguageModel needs a tokenizer when given a model object")
         tokenizer.padding_side = "left"
@@ -68,10 +82,14 @@ class LanguageModel(NNModel):
         object.__setattr__(self, "_load_lock", threading.Lock())
         object.__setattr__(self, "_fake", None)  # (FakeTensorMode, model), built by the first scan
         object.__setattr__(self, "_meta", None)  # metadata's meta-device copy (False: none can be made)
+        object.__setattr__(self, "_remote_only", remote_only)  # from a server: no weights
 
     @property
     def module(self) -> torch.nn.Module:
         """The transformers model, loading its weights on first use."""
+        if self._loaded is None and self._remote_only:
+            raise TraceError(f"model {self.name!r} lives on the server: its weights are not here; run traces "
+                             "there (the default for LanguageModel(name, remote=True))", user_where())
         if self._loaded is None:
             with self._load_lock:
                 if self._loaded is None:
@@ -108,7 +126,7 @@ class LanguageModel(NNModel):
         return self._tracer(inputs, "scan", {"forward": kwargs}, remote=False)
 
     def _tracer(self, inputs: tuple, mode: str, options: dict, remote: bool, blocking: bool = True) -> Tracer:
-        backend = self._backend(remote)
+        backend = self._backend(remote or (self._remote_only and mode != "scan"))
         return LMTracer(self, inputs, {}, backend, mode=mode, options=options, blocking=blocking)
 
     # --- what Tracer needs -------------------------------------------------------------

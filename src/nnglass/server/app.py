@@ -38,6 +38,9 @@ from .config import ServerConfig
 from .dashboard import OPEN_PATHS as DASHBOARD_PATHS
 from .dashboard import add_dashboard
 from .events import wait
+from .model_meta import add_meta
+from .openai_api import OPENAI_PATHS, add_openai, models_page, openai_error
+from .openai_graph import Frontends
 from .service import Service
 
 # Most specific first: the first class an error is an instance of decides its status.
@@ -77,6 +80,7 @@ class Guard:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        refuse = openai_error if scope["path"] in OPENAI_PATHS else error_response  # each API its shape
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if scope["path"] not in _OPEN_PATHS:
             header = headers.get("authorization", "")
@@ -84,9 +88,9 @@ class Guard:
             try:
                 key_id = await asyncio.to_thread(self.service.keys.verify, key) if key else None
             except UnavailableError as e:  # cannot tell now: not a 401
-                return await error_response(e)(scope, receive, send)
+                return await refuse(e)(scope, receive, send)
             if key_id is None:
-                return await error_response(AuthError(
+                return await refuse(AuthError(
                     "missing or invalid API key: send `Authorization: Bearer <key>` "
                     "(NNGLASS_API_KEY on the client; `nnglass keys create NAME` on the server)",
                 ))(scope, receive, send)  # fmt: skip
@@ -94,7 +98,7 @@ class Guard:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             error = TooLargeError(f"request body over {self.limit} bytes")
-            return await error_response(error)(scope, receive, send)
+            return await refuse(error)(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -183,14 +187,17 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
         return service.status(job)
 
     @app.get("/v1/models")
-    async def models() -> list[dict[str, Any]]:
-        return service.models_info()
+    async def models(request: Request) -> Any:
+        return models_page(service.models_info(), request)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(service.metrics(), media_type="text/plain; version=0.0.4")
 
     add_dashboard(app, service, RETRY_AFTER_S)
+    frontends = Frontends({m.name: m.source for m in config.models})
+    add_meta(app, frontends)
+    add_openai(app, service, frontends)
     return app
 
 
