@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ import torch
 import transformers
 from test_exposure import PROVIDER, model_toml
 
-from nnglass import LanguageModel
+from nnglass import LanguageModel, NNglassError, PolicyError, TraceError
 from nnglass.errors import QuotaError, UnavailableError
 from nnglass.graph import wire
+from nnglass.remote import RemoteBackend
 from nnglass.runtime.backend import DoneJob
 from nnglass.server.openai_api import openai_error
 
@@ -304,3 +306,36 @@ def test_models_list_for_both_clients_and_jobs_are_ordinary(
             f.endswith((".safetensors", ".bin")) for f in meta["files"]
         )
         assert httpx.get(f"{server.url}/v1/models/provider/meta").status_code == 401
+
+
+# --- clients that have nothing local ---------------------------------------------------------
+
+
+def test_remote_only_client_needs_nothing_local(server: Any, key: str, chat_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("NNGLASS_CACHE", str(tmp_path / "cache"))
+    backend = RemoteBackend(server.url, key, progress=False)
+    lm = LanguageModel("provider", remote=True, backend=backend)
+    local = LanguageModel(chat_dir)
+    assert repr(lm) == repr(local)  # the same module tree, built from the server's config
+    cached = {p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    assert "config.json" in cached and not any(n.endswith((".safetensors", ".bin", ".pt")) for n in cached)
+    with lm.scan("abc"):
+        shape = lm.model.layers[0].output.save()
+    assert tuple(shape.value.shape) == (1, 3, 32)
+    with lm.generate("hi", max_new_tokens=4) as tr:  # remote: the default for this model
+        h = lm.model.layers[1].output[:, -1].save()
+        out = tr.result.save()
+    with local.generate("hi", max_new_tokens=4) as tr:
+        want_h = local.model.layers[1].output[:, -1].save()
+        want = tr.result.save()
+    assert torch.equal(out.value, want.value) and torch.equal(h.value, want_h.value)
+    with pytest.raises(PolicyError) as e:
+        with lm.trace("hi"):
+            lm.model.embed_tokens.output.save()
+    assert e.value.where.endswith(f"test_provider.py:{sys._getframe().f_lineno - 1}")
+    with pytest.raises(TraceError, match="lives on the server"):
+        lm.module  # noqa: B018
+    with pytest.raises(NNglassError) as e:
+        LanguageModel("no-such-model", remote=True, backend=backend)
+    assert "neither locally nor on the server" in e.value.message and "404" in e.value.message
