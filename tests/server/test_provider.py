@@ -2,9 +2,9 @@
 server, each answer checked against the same computation done without the server: plain
 transformers `generate` and forward passes, plain PyTorch hooks, or a local nnglass trace.
 
-Two models on one server: "tiny" (everything allowed, no chat template) and "provider"
-(the same weights with a chat template, under the shipped provider policy: weights
-hidden, reads and writes limited to the blocks and the root's output).
+One model on one server: "provider", the tests' tiny Llama with a chat template, under the
+shipped provider policy (weights hidden, reads and writes limited to the blocks and the
+root's output): what the extensions do, and that the policy holds, on the same model.
 """
 
 from __future__ import annotations
@@ -25,12 +25,22 @@ import transformers
 from test_exposure import PROVIDER, model_toml
 
 from nnglass import LanguageModel, NNglassError, PolicyError, TraceError
-from nnglass.errors import QuotaError, UnavailableError
+from nnglass.errors import MalformedError, QuotaError, UnavailableError
 from nnglass.graph import wire
 from nnglass.remote import RemoteBackend
 from nnglass.runtime.backend import DoneJob
 from nnglass.server.openai_api import openai_error
+from nnglass.server.openai_graph import Frontend
+from nnglass.server.openai_request import parse_request
 
+SERVER = """[server]
+host = "127.0.0.1"
+port = PORT
+home = "HOME"
+max_request_bytes = 8000000
+max_queued_per_key = 8
+
+"""
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
 
@@ -46,10 +56,8 @@ def chat_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(
-    start_server: Callable[..., Any], tiny_config: Callable[..., str], chat_dir: Path
-) -> Iterator[Any]:
-    server = start_server("openai", tiny_config(extra_model=model_toml("provider", chat_dir, PROVIDER)))
+def server(start_server: Callable[..., Any], chat_dir: Path) -> Iterator[Any]:
+    server = start_server("openai", SERVER + model_toml("provider", chat_dir, PROVIDER))
     yield server
     server.stop()
 
@@ -116,7 +124,7 @@ def test_chat_equals_generate_token_for_token(client: openai.OpenAI, hf: Any, ch
 
 
 def test_streaming_reassembles_to_the_whole_answer(client: openai.OpenAI) -> None:
-    kw: dict[str, Any] = {"model": "tiny", "prompt": "abc", "max_tokens": 10, "temperature": 0}
+    kw: dict[str, Any] = {"model": "provider", "prompt": "abc", "max_tokens": 10, "temperature": 0}
     whole = client.completions.create(**kw)
     chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
@@ -132,16 +140,18 @@ def test_streaming_reassembles_to_the_whole_answer(client: openai.OpenAI) -> Non
 def test_completion_equals_generate_and_stop_cuts(client: openai.OpenAI, hf: Any, tok: Any) -> None:
     ids = tok("hello")["input_ids"]
     want = tok.decode(greedy(hf, ids, 16), skip_special_tokens=True)
-    r = client.completions.create(model="tiny", prompt="hello", max_tokens=16, temperature=0)
+    r = client.completions.create(model="provider", prompt="hello", max_tokens=16, temperature=0)
     assert r.choices[0].text == want
     assert len(want) > 3, "the random model should say something"
     stop = want[2:4]
-    cut = client.completions.create(model="tiny", prompt="hello", max_tokens=16, temperature=0, stop=[stop])
+    kw: dict[str, Any] = {"model": "provider", "prompt": "hello", "max_tokens": 16, "temperature": 0}
+    cut = client.completions.create(**kw, stop=[stop])
     assert cut.choices[0].text == want[: want.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
 def test_seeded_sampling_is_the_local_seeded_generate(client: openai.OpenAI, tiny_dir: Path) -> None:
-    kw: dict[str, Any] = {"model": "tiny", "prompt": "xyz", "max_tokens": 8, "temperature": 0.9, "top_p": 0.8}
+    kw: dict[str, Any] = {"model": "provider", "prompt": "xyz", "max_tokens": 8, "temperature": 0.9}
+    kw["top_p"] = 0.8
     a = client.completions.create(**kw, seed=7).choices[0].text
     assert client.completions.create(**kw, seed=7).choices[0].text == a
     lm = LanguageModel(tiny_dir)
@@ -157,7 +167,7 @@ def test_steering_equals_the_same_trace_and_a_plain_hook(client: openai.OpenAI, 
                                                          tok: Any) -> None:  # fmt: skip
     v = torch.randn(32, generator=torch.Generator().manual_seed(3))
     steer = {"site": "model.layers.0", "vector": v.tolist(), "scale": 4.0, "positions": "all"}
-    kw: dict[str, Any] = {"model": "tiny", "prompt": "steer me", "max_tokens": 12, "temperature": 0}
+    kw: dict[str, Any] = {"model": "provider", "prompt": "steer me", "max_tokens": 12, "temperature": 0}
     r = client.completions.create(**kw, extra_body={"nnglass": {"steer": [steer]}})
     plain = client.completions.create(**kw).choices[0].text
     lm = LanguageModel(tiny_dir)
@@ -185,7 +195,7 @@ def test_steering_equals_the_same_trace_and_a_plain_hook(client: openai.OpenAI, 
 
 
 def test_read_equals_a_saved_trace_streamed_or_not(client: openai.OpenAI, tiny_dir: Path) -> None:
-    kw: dict[str, Any] = {"model": "tiny", "prompt": "read me", "max_tokens": 6, "temperature": 0,
+    kw: dict[str, Any] = {"model": "provider", "prompt": "read me", "max_tokens": 6, "temperature": 0,
                           "extra_body": {"nnglass": {"read": ["model.layers.*"]}}}  # fmt: skip
     r = client.completions.create(**kw)
     acts = r.nnglass["activations"]  # type: ignore[attr-defined]
@@ -210,19 +220,19 @@ def test_graph_extension_runs_a_full_graph(client: openai.OpenAI, tiny_dir: Path
             job.graph = graph  # type: ignore[attr-defined]
             return job
 
-    lm = LanguageModel(tiny_dir, name="tiny", backend=Capture())
+    lm = LanguageModel(tiny_dir, name="provider", backend=Capture())
     with lm.generate("g", max_new_tokens=4, remote=True) as tr:
         with tr.step(1):
-            lm.model.layers[1].mlp.output[:] *= 0.0
+            lm.model.layers[0].output[:] *= 0.5
             kept = lm.model.layers[1].output[:, -1].norm().save()
     doc, tensors = wire.encode(tr.job.graph)  # type: ignore[union-attr]
     ext = {"graph": json.loads(doc), "graph_tensors": base64.b64encode(tensors or b"").decode()}
-    r = client.completions.create(model="tiny", prompt="g", max_tokens=4, temperature=0,
+    r = client.completions.create(model="provider", prompt="g", max_tokens=4, temperature=0,
                                   extra_body={"nnglass": ext})  # fmt: skip
     local = LanguageModel(tiny_dir)
     with local.generate("g", max_new_tokens=4) as tr:
         with tr.step(1):
-            local.model.layers[1].mlp.output[:] *= 0.0
+            local.model.layers[0].output[:] *= 0.5
             want = local.model.layers[1].output[:, -1].norm().save()
         out = tr.result.save()
     saved = r.nnglass["saved"][str(kept._id)]  # type: ignore[attr-defined]
@@ -258,7 +268,7 @@ def test_provider_policy_holds_through_this_endpoint(client: openai.OpenAI) -> N
 def test_errors_have_openai_shape_and_status(server: Any, client: openai.OpenAI) -> None:
     bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:
-        bad.completions.create(model="tiny", prompt="a")
+        bad.completions.create(model="provider", prompt="a")
     assert e.value.body["type"] == "authentication_error"
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-9", prompt="a")
@@ -279,10 +289,8 @@ def test_errors_have_openai_shape_and_status(server: Any, client: openai.OpenAI)
     ]
     for kw, field in cases:
         with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(**{"model": "tiny", "prompt": "a", **kw})
+            client.completions.create(**{"model": "provider", "prompt": "a", **kw})
         assert e.value.body["message"].startswith(field), (kw, e.value.body)
-    with pytest.raises(openai.BadRequestError, match="chat template"):
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}])
     assert openai_error(QuotaError("too many")).status_code == 429
     assert json.loads(openai_error(UnavailableError("busy")).body)["error"]["type"] == "server_error"
 
@@ -290,12 +298,12 @@ def test_errors_have_openai_shape_and_status(server: Any, client: openai.OpenAI)
 def test_models_list_for_both_clients_and_jobs_are_ordinary(
     server: Any, key: str, client: openai.OpenAI
 ) -> None:
-    assert {"tiny", "provider"} <= {m.id for m in client.models.list()}
+    assert [m.id for m in client.models.list()] == ["provider"]
     with server.client(key) as http:
         plain = http.get("/v1/models").json()
-        assert isinstance(plain, list) and {m["name"] for m in plain} == {"tiny", "provider"}
+        assert isinstance(plain, list) and [m["name"] for m in plain] == ["provider"]
         before = server.metric(key, "nnglass_jobs_submitted_total")
-        r = client.completions.create(model="tiny", prompt="job", max_tokens=2)
+        r = client.completions.create(model="provider", prompt="job", max_tokens=2)
         job = r.nnglass["job"]  # type: ignore[attr-defined]
         assert http.get(f"/v1/jobs/{job}").json()["status"] == "COMPLETED"
         assert job in [j["id"] for j in http.get("/v1/jobs").json()["jobs"]]
@@ -339,3 +347,11 @@ def test_remote_only_client_needs_nothing_local(server: Any, key: str, chat_dir:
     with pytest.raises(NNglassError) as e:
         LanguageModel("no-such-model", remote=True, backend=backend)
     assert "neither locally nor on the server" in e.value.message and "404" in e.value.message
+
+
+def test_chat_needs_a_chat_template(tiny_dir: Path) -> None:
+    frontend = Frontend("tiny", str(tiny_dir))  # the char tokenizer has none
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "a"}]}
+    with pytest.raises(MalformedError, match="no chat template; use POST /v1/completions"):
+        frontend.prompt_ids(parse_request(body, chat=True))
+    assert openai_error(MalformedError("messages: no chat template")).status_code == 400
