@@ -30,9 +30,8 @@ def add_meta(app: FastAPI, frontends: Frontends) -> None:
 
     @app.get("/v1/models/{name}/meta")
     async def meta(name: str) -> dict[str, Any]:
-        frontend = frontends.get(name)  # NotFoundError: 404
-        if name not in cache:
-            cache[name] = await asyncio.to_thread(model_meta, frontend)
+        if name not in cache:  # NotFoundError (404) for a model not served
+            cache[name] = await asyncio.to_thread(lambda: model_meta(frontends.get(name)))
         return cache[name]
 
 

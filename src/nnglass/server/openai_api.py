@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -121,8 +122,7 @@ async def _complete(request: Request, service: Service, frontends: Frontends, ch
     try:
         body = await _read_json(request, service.config.max_request_bytes)
         req = parse_request(body, chat)
-        frontend = frontends.get(req.model)
-        job, plan = await asyncio.to_thread(_submit, service, frontend, req, request.state.key_id)
+        frontend, job, plan = await asyncio.to_thread(_submit, service, frontends, req, request.state.key_id)
     except NNglassError as e:
         return openai_error(e)
     key_id = request.state.key_id
@@ -142,13 +142,16 @@ async def _complete(request: Request, service: Service, frontends: Frontends, ch
     return _whole(req, frontend, answer, job.id, created)
 
 
-def _submit(service: Service, frontend: Frontend, req: CompletionRequest, key_id: str) -> tuple[Job, Plan]:
+def _submit(service: Service, frontends: Frontends, req: CompletionRequest,
+            key_id: str) -> tuple[Frontend, Job, Plan]:  # fmt: skip
+    """In a worker thread: a model's first request loads its tokenizer and config."""
+    frontend = frontends.get(req.model)
     limit = service.config.model(req.model).policy.limits.new_tokens  # type: ignore[union-attr]
     if req.max_tokens is not None and req.max_tokens > limit:
         raise MalformedError(f"max_tokens: at most {limit} on model {req.model!r}, got {req.max_tokens}")
     ids = frontend.prompt_ids(req)
     graph_json, tensors, plan = frontend.build(req, ids, req.max_tokens or limit)
-    return service.submit(key_id, graph_json, tensors), plan
+    return frontend, service.submit(key_id, graph_json, tensors), plan
 
 
 async def _read_json(request: Request, limit: int) -> Any:
@@ -232,13 +235,20 @@ async def _stream(request: Request, service: Service, frontend: Frontend, req: C
             {"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
             nnglass={"job": job.id},
         )
-    async for _ in _follow(request, service, key_id, job.id):
-        yield ": waiting\n\n"
-    try:
+    answered = False
+    try:  # a stream closed early (the client went away) cancels the job
+        async for _ in _follow(request, service, key_id, job.id):
+            yield ": waiting\n\n"
         answer = await asyncio.to_thread(_answer, service, frontend, req, key_id, job.id, plan)
+        answered = True
     except NNglassError as e:
+        answered = True
         yield f"data: {json.dumps(_error_body(e)[1])}\n\n"
         return
+    finally:
+        if not answered:
+            with contextlib.suppress(NNglassError):
+                service.cancel(key_id, job.id)
     tok = frontend.tokenizer
     for i, piece in enumerate(answer.pieces):
         lp = logprobs_json(req, answer, tok, i, i + 1)
