@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -53,6 +54,7 @@ from .openai_graph import Frontend, Frontends, Plan
 from .openai_request import CompletionRequest, parse_request
 from .service import Service
 
+log = logging.getLogger(__name__)
 OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 KEEP_ALIVE_S = 5.0
 
@@ -125,6 +127,9 @@ async def _complete(request: Request, service: Service, frontends: Frontends, ch
         frontend, job, plan = await asyncio.to_thread(_submit, service, frontends, req, request.state.key_id)
     except NNglassError as e:
         return openai_error(e)
+    except Exception as e:  # a bug of ours, not the client's: logged, answered in OpenAI's shape
+        log.exception("could not make the graph of a %s request", "chat" if chat else "completion")
+        return openai_error(RemoteError(f"the server could not make the request's graph: {type(e).__name__}"))
     key_id = request.state.key_id
     created = int(time.time())
     if req.stream:
