@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import nnglass
+from components import postgres, s3  # noqa: F401  (tests/components.py: session fixtures, shared)
 from saved_values import assert_bitwise_equal, unwrap  # tests/saved_values.py, shared
 
 # --- models ---------------------------------------------------------------------------

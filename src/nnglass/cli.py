@@ -31,9 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--ray", metavar="ADDRESS", default=None,
                        help='replicas as actors on this Ray cluster ("auto" or HOST:PORT)')  # fmt: skip
 
-    keys = sub.add_parser("keys", help="manage API keys (in NNGLASS_HOME)")
+    keys = sub.add_parser("keys", help="manage API keys (in NNGLASS_HOME, or the --config server's database)")
     keys.add_argument("action", choices=["create", "list", "revoke"])
     keys.add_argument("name", nargs="?")
+    keys.add_argument("--config", type=Path,
+                      help="server.toml: its database (PostgreSQL, or its home's SQLite)")
 
     models = sub.add_parser("models", help="list the models a config serves")
     models.add_argument("--config", type=Path)
@@ -75,11 +77,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from .server.auth import KeyStore
+    from .server.config import ServerConfig, load_config
+    from .server.stores import open_keys
 
-    home = _config.home()
-    home.mkdir(parents=True, exist_ok=True)
-    store = KeyStore(home / "nnglass.db")
+    config = load_config(args.config) if args.config else ServerConfig(home=_config.home())
+    if not config.database:
+        config.home.mkdir(parents=True, exist_ok=True)
+    store = open_keys(config)
+    try:
+        return _key_action(store, args)
+    finally:
+        store.close()
+
+
+def _key_action(store, args: argparse.Namespace) -> int:
     if args.action == "create":
         if not args.name:
             raise SystemExit("nnglass keys create NAME")

@@ -19,6 +19,7 @@ import torch
 import transformers
 
 from nnglass.server.auth import KeyStore
+from nnglass.server.pg import Database
 
 TINY = "tiny"
 
@@ -46,6 +47,20 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
+@pytest.fixture(scope="session")
+def pg_database(postgres: Any) -> Iterator[Database]:
+    """One pool on one database of the session's PostgreSQL (tests/components.py)."""
+    db = Database(postgres.fresh_database())
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def pg_clean(pg_database: Database) -> Database:
+    """`pg_database` with every table emptied: each test starts from nothing."""
+    with pg_database.tx() as conn:
+        conn.execute("TRUNCATE jobs, api_keys, queue, queue_turns, frontends")
+    return pg_database
 
 
 def free_port() -> int:

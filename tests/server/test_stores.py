@@ -1,4 +1,6 @@
-"""The server's persistence: API keys, the job store, result directories."""
+"""The server's persistence: API keys, the job store, result directories. The `keys`
+and `jobs` fixtures run each test against every implementation (SQLite, PostgreSQL);
+tests/server/test_store_contract.py holds the rest of the contract."""
 
 from __future__ import annotations
 
@@ -12,13 +14,17 @@ import pytest
 
 from nnglass.server.auth import KeyStore
 from nnglass.server.jobs import Job, JobStatus, SQLiteJobStore, new_job_id
+from nnglass.server.pg_stores import PgJobStore, PgKeyStore
 from nnglass.server.results import DirResultStore
 
 # --- keys -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def keys(tmp_path: Path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def keys(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "postgresql":
+        yield PgKeyStore(request.getfixturevalue("pg_clean"))
+        return
     with KeyStore(tmp_path / "nnglass.db") as store:
         yield store
 
@@ -106,8 +112,11 @@ def test_key_verify_from_threads(keys: KeyStore) -> None:
 # --- jobs -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def jobs(tmp_path: Path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def jobs(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "postgresql":
+        yield PgJobStore(request.getfixturevalue("pg_clean"))
+        return
     with SQLiteJobStore(tmp_path / "nnglass.db") as store:
         yield store
 

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from ..errors import (
@@ -177,9 +177,12 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
 
     @app.get("/v1/jobs/{job_id}/result")
-    async def result(job_id: str, request: Request) -> FileResponse:
-        path = await asyncio.to_thread(service.result_path, request.state.key_id, job_id)
-        return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.safetensors")
+    async def result(job_id: str, request: Request) -> StreamingResponse:
+        # Streamed from whichever store holds it, after the key check; never a link.
+        stream, size = await asyncio.to_thread(service.open_result, request.state.key_id, job_id)
+        headers = {"Content-Length": str(size),
+                   "Content-Disposition": f'attachment; filename="{job_id}.safetensors"'}  # fmt: skip
+        return StreamingResponse(_chunks(stream), media_type="application/octet-stream", headers=headers)
 
     @app.delete("/v1/jobs/{job_id}")
     async def cancel(job_id: str, request: Request) -> dict[str, Any]:
@@ -199,6 +202,19 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
     add_meta(app, frontends)
     add_openai(app, service, frontends)
     return app
+
+
+_CHUNK = 1 << 20
+
+
+async def _chunks(stream: Any) -> AsyncIterator[bytes]:
+    """A result's bytes, read in a worker thread a chunk at a time; closed at the end or
+    when the client goes away."""
+    try:
+        while chunk := await asyncio.to_thread(stream.read, _CHUNK):
+            yield chunk
+    finally:
+        await asyncio.to_thread(stream.close)
 
 
 def _limit(text: str | None) -> int:

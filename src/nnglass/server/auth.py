@@ -16,6 +16,8 @@ Invariants:
   hold the jobs table (`<home>/nnglass.db`). A database locked by another process for
   longer than `busy_timeout` (db.py) is an `UnavailableError` from any method (`verify`
   too: "cannot tell now" is not "no such key").
+- `Keys` is the seam: this SQLite `KeyStore` and `pg_stores.PgKeyStore` keep the same
+  contract; callers never branch on which one they hold.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .db import BUSY_TIMEOUT_S, connect, unavailable_when_locked
 
-__all__ = ["KEY_PREFIX", "KeyStore"]
+__all__ = ["KEY_PREFIX", "KeyStore", "Keys"]
 
 KEY_PREFIX = "nng_"
 _MAX_KEY_CHARS = 128  # a real key is 47 characters; anything far longer is not one
@@ -48,6 +50,14 @@ CREATE TABLE IF NOT EXISTS api_keys (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS api_keys_live_name ON api_keys(name) WHERE revoked IS NULL;
 """
+
+
+class Keys(Protocol):
+    def create(self, name: str) -> tuple[str, str]: ...
+    def verify(self, key: str | None) -> str | None: ...
+    def list(self) -> list[dict[str, Any]]: ...
+    def revoke(self, name_or_id: str) -> bool: ...
+    def close(self) -> None: ...
 
 
 def _hash(key: str) -> str:

@@ -95,6 +95,12 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8321
     home: Path = field(default_factory=_config.home)  # database, results
+    # Where jobs and keys live: "" is SQLite in `home`; "postgresql://..." is a shared
+    # database several frontends may use (server/stores.py).
+    database: str = ""
+    # Where graphs and results live: "" is `home`/jobs; "s3://bucket/prefix" is
+    # S3-compatible storage (endpoint and credentials from the AWS_* variables).
+    results: str = ""
     result_ttl_s: float = 86_400.0
     max_request_bytes: int = 64 * MiB
     debug_checksums: bool = False
@@ -167,6 +173,13 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> ServerConfig
             raise ConfigError(f'models[{i}].resources: only for engine = "ray" (this server runs '
                               f"{cfg.engine} workers)")  # fmt: skip
     _positive(cfg, "server", ("result_ttl_s", "max_request_bytes", "max_queued_per_key"))
+    if cfg.database and not cfg.database.startswith(("postgresql://", "postgres://")):
+        scheme = cfg.database.split("://")[0]
+        raise ConfigError(f"server.database: {scheme!r} is not a database this server knows; give "
+                          "\"postgresql://USER@HOST:PORT/DB\", or leave it out for SQLite in home")
+    if cfg.results and not cfg.results.startswith("s3://"):
+        raise ConfigError(f"server.results: {cfg.results!r} is not an s3://bucket/prefix URL; "
+                          "leave it out for a folder in home")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"server.port: must be 0..65535, got {cfg.port}")
     return cfg

@@ -5,13 +5,16 @@ from any thread and wakes every coroutine waiting on that job, and every listene
 changes (`listen_all`, which also learns which jobs changed). A waiter that times out
 just re-reads: nothing is lost, a change is at worst seen on the next wake. The hub
 carries job ids only, never who owns them: a listener checks ownership when it reads.
+`deliver` is the local half of `publish`; a hub that spans processes (pg_events.PgHub)
+publishes elsewhere and delivers what comes back. Observers (`observe`) learn of every
+delivered change, in the delivering thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -24,8 +27,17 @@ class EventHub:
         self._lock = threading.Lock()
         self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._all: set[Changes] = set()
+        self._observers: list[Callable[[str], None]] = []
+
+    def observe(self, observer: Callable[[str], None]) -> None:
+        self._observers.append(observer)
 
     def publish(self, job_id: str) -> None:
+        self.deliver(job_id)
+
+    def deliver(self, job_id: str) -> None:
+        for observer in self._observers:
+            observer(job_id)
         with self._lock:
             waiters = list(self._waiters.get(job_id, ()))
             every = list(self._all)

@@ -16,6 +16,9 @@ Invariants:
   without an answer per job (the worker died in the pass: a hang past the time limit, a
   crash, the out-of-memory killer), each job still RUNNING runs once more alone on a
   restarted worker: only a job that kills it alone ends ERROR for it.
+- A job's files reach the worker as `results.LocalFiles` (the result store's own files,
+  or private copies); a result is committed to the store before the job is COMPLETED,
+  so any frontend that sees COMPLETED can serve it. The copies go when the job ends.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .handle import GRACE_SECONDS
 from .jobs import JobStatus
+from .results import LocalFiles
 
 if TYPE_CHECKING:
     from .service import ModelState, Service
@@ -61,6 +65,7 @@ class Replica:
 
     def __init__(self, service: Service, state: ModelState, worker: Worker) -> None:
         self.service, self.state, self.worker = service, state, worker
+        self._files: dict[str, LocalFiles] = {}  # job id -> its files, while it runs here
 
     def serve(self) -> None:
         """The replica's thread: start the worker, then run jobs until the service stops."""
@@ -104,6 +109,15 @@ class Replica:
 
     def run_jobs(self, job_ids: list[str]) -> None:
         """Run one job, or several sharing one forward pass (co-tenancy)."""
+        try:
+            self._run_jobs(job_ids)
+        finally:
+            for job_id in job_ids:
+                files = self._files.pop(job_id, None)
+                if files is not None:
+                    files.close()
+
+    def _run_jobs(self, job_ids: list[str]) -> None:
         requests = [r for r in (self._begin(job_id) for job_id in job_ids) if r is not None]
         if not requests:
             return
@@ -152,11 +166,16 @@ class Replica:
                                started_at=time.time(), attempts=job.attempts + 1):  # fmt: skip
             return None
         service.hub.publish(job_id)
-        graph_path, tensor_path = service.results.graph_paths(job_id)
+        try:
+            files = self._files[job_id] = service.durably(service.results.local_files, job_id)
+        except FileNotFoundError:
+            gone = {"type": "RemoteError", "where": "", "message": "this job's graph is gone from storage"}
+            service.finish(job_id, JobStatus.ERROR, error=gone)
+            return None
         policy = self.state.config.policy
         return {
-            "job": job_id, "graph": str(graph_path), "tensors": str(tensor_path) if tensor_path else None,
-            "result": str(service.results.result_path(job_id)), "limits": asdict(policy.limits),
+            "job": job_id, "graph": str(files.graph), "result": str(files.result),
+            "tensors": str(files.tensors) if files.tensors else None, "limits": asdict(policy.limits),
             "hide_weights": not policy.weights_visible,
         }  # fmt: skip
 
@@ -186,6 +205,9 @@ class Replica:
                 why = {"type": "RemoteError", "message": f"the result could not be stored: {e}", "where": ""}
                 answer = {"status": "ERROR", "error": why}
         if answer.get("status") == "COMPLETED":
+            files = self._files.get(job_id)
+            if files is not None:
+                service.durably(files.commit)  # stored before anyone can see COMPLETED
             service.finish(job_id, JobStatus.COMPLETED, result_bytes=answer.get("bytes"))
         else:
             service.finish(job_id, JobStatus.ERROR, error=answer.get("error") or {

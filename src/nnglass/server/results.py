@@ -12,8 +12,11 @@ Invariants:
   only a `.tmp-*` file that `delete` removes with the directory. Like the job store,
   files survive the process dying; no fsync per job (only an OS crash could lose the
   newest ones — a ~7 ms cost per job on this kind of disk, see docs/benchmarks.md).
-- `ResultStore` is the seam an S3-compatible backend implements; callers never branch
-  on which one they hold.
+- `ResultStore` is the seam an S3-compatible backend implements (s3.py); callers never
+  branch on which one they hold. It hands bytes and streams; a worker that reads and
+  writes files (the subprocess worker) gets them from `local_files`: this store hands
+  its own files (no copy), another copies the graph into a private temporary folder
+  and stores the result when the worker's answer is committed.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-__all__ = ["DirResultStore", "ResultStore", "check_job_id"]
+__all__ = ["DirResultStore", "LocalFiles", "ResultStore", "check_job_id"]
 
 GRAPH_FILE = "graph.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -42,10 +47,26 @@ def check_job_id(job_id: object) -> str:
     return job_id
 
 
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class LocalFiles:
+    """A job's files on this machine, for a worker that reads and writes paths."""
+
+    graph: Path
+    tensors: Path | None
+    result: Path  # where the worker writes the result (atomically)
+    commit: Callable[[], None] = _nothing  # store what the worker wrote at `result`
+    close: Callable[[], None] = _nothing  # remove any temporary copies
+
+
 class ResultStore(Protocol):
     def save_graph(self, job_id: str, json_bytes: bytes, tensor_bytes: bytes | None = None) -> None: ...
-    def graph_paths(self, job_id: str) -> tuple[Path, Path | None]: ...
-    def result_path(self, job_id: str) -> Path: ...
+    def has_graph(self, job_id: str) -> bool: ...
+    def load_graph(self, job_id: str) -> tuple[bytes, bytes | None]: ...
+    def local_files(self, job_id: str) -> LocalFiles: ...
     def write_result(self, job_id: str, data: bytes) -> None: ...
     def has_result(self, job_id: str) -> bool: ...
     def result_size(self, job_id: str) -> int | None: ...
@@ -93,6 +114,19 @@ class DirResultStore:
         d = self._dir(job_id)
         tensors = d / TENSORS_FILE
         return d / GRAPH_FILE, (tensors if tensors.exists() else None)
+
+    def has_graph(self, job_id: str) -> bool:
+        return (self._dir(job_id) / GRAPH_FILE).is_file()
+
+    def load_graph(self, job_id: str) -> tuple[bytes, bytes | None]:
+        """The graph's JSON and tensors (None: none attached); FileNotFoundError if none."""
+        graph, tensors = self.graph_paths(job_id)
+        return graph.read_bytes(), (tensors.read_bytes() if tensors is not None else None)
+
+    def local_files(self, job_id: str) -> LocalFiles:
+        """The job's own files: the worker writes the result into place itself."""
+        graph, tensors = self.graph_paths(job_id)
+        return LocalFiles(graph=graph, tensors=tensors, result=self.result_path(job_id))
 
     def result_path(self, job_id: str) -> Path:
         """Where the result is (or will be); a worker may write it there itself, atomically."""

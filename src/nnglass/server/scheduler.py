@@ -4,12 +4,40 @@ Invariant: within a model, keys take turns (round robin over the keys that have
 queued jobs), so one heavy user cannot starve the others; within a key, jobs run in
 submission order. Positions are what a job's owner sees: how many jobs will start
 before it. The scheduler holds ids only; the job store holds the truth.
+
+`Queue` is the seam: `Scheduler` (in this process's memory) is the embedded default;
+`pg_queue.PgQueue` keeps the same queue in PostgreSQL, shared by several frontends.
+The service never asks which one it has. `hold(key_id)` makes a key's quota check and
+its queueing one step (here a lock; there an advisory lock every frontend sees).
+`orphans(unfinished)` answers the unfinished jobs no live process holds: for a
+process-local queue, every unfinished job the first time (the process that held them
+is gone), none after.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .jobs import Job
+
+
+class Queue(Protocol):
+    def submit(self, model: str, key_id: str, job_id: str, share: str | None = None) -> None: ...
+    def take_sharing(self, model: str, job_id: str, limit: int) -> list[str]: ...
+    def next(self, model: str, timeout: float | None = None) -> str | None: ...
+    def cancel(self, model: str, job_id: str) -> bool: ...
+    def positions(self, model: str) -> dict[str, int]: ...
+    def depth(self, model: str) -> int: ...
+    def queued_by(self, key_id: str) -> int: ...
+    def hold(self, key_id: str) -> AbstractContextManager[None]: ...
+    def orphans(self, unfinished: Callable[[], list[Job]]) -> list[Job]: ...
+    def tick(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class ModelQueue:
@@ -67,6 +95,25 @@ class Scheduler:
         self._share: dict[str, str] = {}  # job id -> co-tenancy key (graph.merge.share_key)
         self._ready = threading.Condition()
         self._closed = False
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._recovered = False
+
+    @contextmanager
+    def hold(self, key_id: str) -> Iterator[None]:
+        with self._ready:
+            lock = self._key_locks.setdefault(key_id, threading.Lock())
+        with lock:
+            yield
+
+    def orphans(self, unfinished: Callable[[], list[Job]]) -> list[Job]:
+        if self._recovered:
+            return []
+        jobs = unfinished()  # raises (and stays unrecovered) while the database is locked
+        self._recovered = True
+        return jobs
+
+    def tick(self) -> None:
+        pass  # nothing is shared: no lease to renew
 
     def submit(self, model: str, key_id: str, job_id: str, share: str | None = None) -> None:
         with self._ready:

@@ -15,6 +15,10 @@ Invariants:
   a restarted worker: only a job that kills it alone ends ERROR for it.
 - A locked database is an UnavailableError (503) for a request, and never loses a
   job: the background threads wait it out and then write what they had to.
+- The stores, the queue and the event hub come from `stores.open_stores` (SQLite, a
+  folder and this process's memory by default; PostgreSQL and S3 shared by several
+  frontends otherwise); nothing here asks which. Jobs no live process holds (a
+  previous run's, or a dead frontend's) are recovered at start and every few seconds.
 """
 
 from __future__ import annotations
@@ -27,26 +31,24 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import NotFoundError, QuotaError, UnavailableError
 from ..graph import wire
 from ..graph.check import Limits as WireLimits
 from ..graph.ir import Graph, TensorRef
 from ..graph.merge import share_key
-from .auth import KeyStore
 from .config import ModelConfig, ServerConfig
-from .events import EventHub
 from .exposure import describe
 from .handle import WorkerHandle
-from .jobs import Job, JobStatus, JobStore, SQLiteJobStore
+from .jobs import Job, JobStatus
 from .policy import check_policy
 from .replica import Replica, Worker
-from .results import DirResultStore, ResultStore
-from .scheduler import Scheduler
+from .stores import open_stores
 
 log = logging.getLogger(__name__)
 _RETRY_S = 0.5  # how often a background thread tries a locked database again
+_TICK_S = 2.0  # how often the queue's lease is renewed and orphaned jobs are looked for
 
 
 @dataclass
@@ -94,20 +96,17 @@ class Service:
 
     def __init__(self, config: ServerConfig, worker: WorkerFactory = configured_worker) -> None:
         self.config = config
-        home = Path(config.home)
-        home.mkdir(parents=True, exist_ok=True)
-        self.keys = KeyStore(home / "nnglass.db")
-        self.jobs: JobStore = SQLiteJobStore(home / "nnglass.db")
-        self.results: ResultStore = DirResultStore(home / "jobs")
-        self._worker = worker
-        self.hub = EventHub()
+        Path(config.home).mkdir(parents=True, exist_ok=True)
         self.models = {m.name: ModelState(m) for m in config.models}
-        self.scheduler = Scheduler(list(self.models))
+        self.stores = open_stores(config, list(self.models))
+        self.keys, self.jobs, self.results = self.stores.keys, self.stores.jobs, self.stores.results
+        self.scheduler, self.hub = self.stores.scheduler, self.stores.hub
+        self.hub.observe(self._changed)
+        self._worker = worker
         self.counters: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._key_locks: dict[str, threading.Lock] = {}
         self._prompt_tokens: dict[str, int] = {}  # job id -> its prompts' real tokens, until it ends
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -118,7 +117,7 @@ class Service:
                 worker = self._worker(state.config, self.config)
                 state.workers.append(worker)
                 self._spawn(Replica(self, state, worker).serve)
-        self._spawn(self._expire_loop)
+        self._spawn(self._upkeep_loop)
 
     def stop(self) -> None:
         self._stop.set()
@@ -128,6 +127,7 @@ class Service:
                 worker.kill()
         for t in self._threads:
             t.join(timeout=10)
+        self.stores.close()
 
     @property
     def stopping(self) -> bool:
@@ -144,10 +144,10 @@ class Service:
         self._threads.append(t)
 
     def _recover(self) -> None:
-        """Jobs a previous server left unfinished run again, or fail with a reason."""
-        for job in self.durably(self.jobs.unfinished):
-            graph_path, _ = self.results.graph_paths(job.id)
-            if job.model not in self.models or not graph_path.exists():
+        """Jobs no live process holds (a previous run left them, or a frontend that died)
+        run again, or fail with a reason."""
+        for job in self.durably(self.scheduler.orphans, self.jobs.unfinished):
+            if job.model not in self.models or not self.results.has_graph(job.id):
                 self.finish(job.id, JobStatus.ERROR, error={
                     "type": "RemoteError", "where": "",
                     "message": "the server restarted and this job's model or graph is gone"})  # fmt: skip
@@ -172,7 +172,7 @@ class Service:
             # Which sites reveal the weights is known once a replica has loaded them.
             raise UnavailableError(f"model {graph.model!r} is still loading; try again in a few seconds")
         check_policy(graph, policy, state.paths or _paths_of(state), state.lookups)
-        with self._key_lock(key_id):  # the quota check and the queueing are one step per key
+        with self.scheduler.hold(key_id):  # the quota check and the queueing are one step per key
             if self.scheduler.queued_by(key_id) >= self.config.max_queued_per_key:
                 raise QuotaError(f"this key already has {self.config.max_queued_per_key} jobs waiting; "
                                  "wait for some to finish")  # fmt: skip
@@ -190,10 +190,6 @@ class Service:
         self.count("jobs_submitted_total")
         self.hub.publish(job.id)  # a live view of all this key's jobs learns of it now
         return job  # not read back: once the row exists the job is accepted, locked database or not
-
-    def _key_lock(self, key_id: str) -> threading.Lock:
-        with self._lock:
-            return self._key_locks.setdefault(key_id, threading.Lock())
 
     def get(self, key_id: str, job_id: str) -> Job:
         try:
@@ -228,11 +224,29 @@ class Service:
         self.publish_queue(job.model)
         return self.get(key_id, job_id)
 
-    def result_path(self, key_id: str, job_id: str) -> Path:
+    def open_result(self, key_id: str, job_id: str) -> tuple[BinaryIO, int]:
+        """The caller's job's result, as a stream, and its size in bytes."""
         job = self.get(key_id, job_id)
-        if job.status != JobStatus.COMPLETED or not self.results.has_result(job.id):
+        size = self.results.result_size(job.id) if job.status == JobStatus.COMPLETED else None
+        if size is None:
             raise NotFoundError(f"job {job_id} has no result ({job.status.value.lower()})")
-        return self.results.result_path(job.id)
+        try:
+            return self.results.open(job.id), size
+        except FileNotFoundError:  # expired between the two reads
+            raise NotFoundError(f"job {job_id} has no result (expired)") from None
+
+    def _changed(self, job_id: str) -> None:
+        """A job changed, maybe on another frontend: one cancelled there while it runs
+        here is stopped here."""
+        for state in self.models.values():
+            worker = state.running.get(job_id)
+            if worker is not None:
+                try:
+                    job = self.jobs.get(job_id)
+                except UnavailableError:  # cannot tell now; the cancel's own frontend retries nothing
+                    return
+                if job is not None and job.status == JobStatus.CANCELLED:
+                    worker.stop_job(job_id)
 
     def status(self, job: Job) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -309,15 +323,21 @@ class Service:
         for job_id in self.scheduler.positions(model):
             self.hub.publish(job_id)
 
-    def _expire_loop(self) -> None:
-        while not self._stop.wait(min(60.0, max(1.0, self.config.result_ttl_s / 4))):
+    def _upkeep_loop(self) -> None:
+        """The lease, orphaned jobs (every _TICK_S), expired results (less often)."""
+        every, last = min(60.0, max(1.0, self.config.result_ttl_s / 4)), time.monotonic()
+        while not self._stop.wait(_TICK_S):
             try:
-                for job in self.jobs.expired(time.time()):
-                    # The result goes; the job's record stays (its status still answers).
-                    self.results.delete(job.id)
-                    self.jobs.update(job.id, expires_at=None, result_bytes=None)
+                self.scheduler.tick()
+                self._recover()
+                if time.monotonic() - last >= every:
+                    last = time.monotonic()
+                    for job in self.jobs.expired(time.time()):
+                        # The result goes; the job's record stays (its status still answers).
+                        self.results.delete(job.id)
+                        self.jobs.update(job.id, expires_at=None, result_bytes=None)
             except UnavailableError as e:  # a locked database: the next round does it
-                log.info("expiring results later: %s", e.message)
+                log.info("upkeep later: %s", e.message)
 
     # --- metrics ---------------------------------------------------------------------------
     def count(self, name: str, n: int = 1) -> None:

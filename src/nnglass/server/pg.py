@@ -1,0 +1,154 @@
+"""The PostgreSQL database the stores share when `[server] database = "postgresql://..."`.
+
+Invariants:
+- One `Database` (a psycopg_pool connection pool) per process, shared by the job store,
+  the key store and the queue; every statement borrows a connection for one
+  transaction (`db.tx()`), commits on success and rolls back on any error.
+- The schema is created or migrated on open: `nnglass_schema` holds the version, and
+  each migration runs once, in order, under an advisory lock, so frontends that start
+  together never race on it.
+- A database that cannot be reached, or a connection not free within `timeout`
+  seconds, or a statement that waits on a lock longer than that, is an
+  `UnavailableError` (HTTP 503 + Retry-After), like a locked SQLite file (db.py);
+  every other error is left as it is. Nothing half-written: a failed transaction is
+  rolled back whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..errors import UnavailableError
+
+__all__ = ["MIGRATIONS", "Database"]
+
+TIMEOUT_S = 2.0  # as db.BUSY_TIMEOUT_S: a request behind an unreachable database answers promptly
+_MIGRATE_LOCK = 0x6E6E67  # "nng": the advisory lock migrations run under
+
+# Each entry moves the schema one version up; never edit one that has shipped, append.
+MIGRATIONS: list[str] = [
+    # 1: jobs, keys, the shared queue and the frontends' leases
+    """
+    CREATE TABLE jobs (
+        seq          BIGSERIAL PRIMARY KEY,
+        id           TEXT NOT NULL UNIQUE,
+        key_id       TEXT NOT NULL,
+        model        TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        created_at   DOUBLE PRECISION NOT NULL,
+        queued_at    DOUBLE PRECISION,
+        started_at   DOUBLE PRECISION,
+        finished_at  DOUBLE PRECISION,
+        expires_at   DOUBLE PRECISION,
+        error        TEXT,
+        result_bytes BIGINT,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        priority     DOUBLE PRECISION NOT NULL DEFAULT 0,
+        mode         TEXT NOT NULL
+    );
+    CREATE INDEX jobs_status_model ON jobs(status, model, seq);
+    CREATE INDEX jobs_expires ON jobs(expires_at);
+    CREATE INDEX jobs_key ON jobs(key_id, seq);
+    CREATE TABLE api_keys (
+        id      TEXT PRIMARY KEY,
+        name    TEXT NOT NULL,
+        hash    TEXT NOT NULL UNIQUE,
+        created DOUBLE PRECISION NOT NULL,
+        revoked DOUBLE PRECISION
+    );
+    CREATE UNIQUE INDEX api_keys_live_name ON api_keys(name) WHERE revoked IS NULL;
+    CREATE SEQUENCE queue_order;
+    CREATE TABLE queue (
+        job_id     TEXT PRIMARY KEY,
+        model      TEXT NOT NULL,
+        key_id     TEXT NOT NULL,
+        share      TEXT,
+        pos        BIGINT NOT NULL DEFAULT nextval('queue_order'),
+        claimed_by TEXT
+    );
+    CREATE INDEX queue_model ON queue(model, claimed_by, pos);
+    CREATE TABLE queue_turns (
+        model  TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        served BIGINT NOT NULL,
+        PRIMARY KEY (model, key_id)
+    );
+    CREATE TABLE frontends (
+        id        TEXT PRIMARY KEY,
+        heartbeat TIMESTAMPTZ NOT NULL
+    );
+    """,
+]
+
+
+class Database:
+    """A connection pool to `url`, the schema brought up to date on open."""
+
+    def __init__(self, url: str, timeout: float = TIMEOUT_S, max_size: int = 16) -> None:
+        self.url, self.timeout = url, timeout
+        options = f"-c lock_timeout={int(timeout * 1000)} -c statement_timeout={int(timeout * 5000)}"
+        self.pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
+            kwargs={"row_factory": dict_row, "options": options, "connect_timeout": max(1, int(timeout))},
+        )
+        try:
+            self.pool.open(wait=True, timeout=timeout * 5)
+        except PoolTimeout:
+            self.pool.close()
+            raise UnavailableError(f"cannot reach the database at {_redact(url)}") from None
+        self.migrate()
+
+    @contextmanager
+    def tx(self) -> Iterator[psycopg.Connection]:
+        """A connection in a transaction: committed on success, rolled back on error; an
+        unreachable or locked database is UnavailableError."""
+        try:
+            with self.pool.connection() as conn:  # commits or rolls back on exit
+                yield conn
+        except PoolTimeout:
+            raise UnavailableError(
+                "the server's database is busy or unreachable; try again in a few seconds"
+            ) from None
+        except (psycopg.OperationalError, psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as e:
+            raise UnavailableError(
+                f"the server's database is unavailable ({type(e).__name__}); try again in a few seconds"
+            ) from None
+
+    def migrate(self) -> int:
+        """Run the migrations not yet applied; the version now."""
+        with self.tx() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS nnglass_schema (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) AS v FROM nnglass_schema").fetchone()
+            version = (row or {}).get("v") or 0
+            for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+                conn.execute(sql)
+                conn.execute("INSERT INTO nnglass_schema (version) VALUES (%s)", (number,))
+            return len(MIGRATIONS)
+
+    def connect(self) -> psycopg.Connection:
+        """A connection of its own, outside the pool, in autocommit (for LISTEN)."""
+        return psycopg.connect(
+            self.url, autocommit=True, row_factory=dict_row, connect_timeout=max(1, int(self.timeout))
+        )
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _redact(url: str) -> str:
+    """`url` without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    user, _, host = rest.rpartition("@")
+    return f"{scheme}{sep}{user.split(':')[0]}@{host}"

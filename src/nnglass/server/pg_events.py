@@ -1,0 +1,87 @@
+"""Changes across frontends: PostgreSQL LISTEN/NOTIFY under the in-process EventHub.
+
+Invariants:
+- One listener thread per process, on a connection of its own (outside the pool), calls
+  the handlers of each channel with the payload. It reconnects after a database outage;
+  what it missed meanwhile is at worst seen late, since every waiter re-reads on its
+  timeout (events.py) and the queue is polled too (pg_queue.py).
+- `PgHub.publish(job_id)` is a NOTIFY; every frontend's listener (this one's too)
+  delivers it to the local waiters. A database that cannot take the NOTIFY still
+  delivers locally: this frontend's streams never wait on the outage.
+- Payloads are job ids or model names only, never who owns them (as events.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import psycopg
+
+from ..errors import UnavailableError
+from .events import EventHub
+from .pg import Database
+
+__all__ = ["JOBS_CHANNEL", "QUEUE_CHANNEL", "Listener", "PgHub"]
+
+log = logging.getLogger(__name__)
+JOBS_CHANNEL, QUEUE_CHANNEL = "nnglass_jobs", "nnglass_queue"
+
+
+class Listener:
+    """A thread that LISTENs to channels and hands each notification to its handlers."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._handlers: dict[str, list[Callable[[str], None]]] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def on(self, channel: str, handler: Callable[[str], None]) -> None:
+        self._handlers.setdefault(channel, []).append(handler)
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="nnglass-pg-listener")
+        self._thread.start()
+        self._ready.wait(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self.db.connect() as conn:
+                    for channel in self._handlers:
+                        conn.execute(f"LISTEN {channel}")
+                    self._ready.set()
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            for handler in self._handlers.get(note.channel, ()):
+                                try:
+                                    handler(note.payload)
+                                except Exception:  # one handler's bug must not stop the others
+                                    log.exception("handler for %s failed", note.channel)
+            except psycopg.Error as e:
+                log.warning("lost the database's notifications (%s); reconnecting", type(e).__name__)
+                self._stop.wait(1.0)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class PgHub(EventHub):
+    """An EventHub whose publish reaches every frontend's waiters."""
+
+    def __init__(self, db: Database, listener: Listener) -> None:
+        super().__init__()
+        self.db = db
+        listener.on(JOBS_CHANNEL, self.deliver)
+
+    def publish(self, job_id: str) -> None:
+        try:
+            with self.db.tx() as conn:
+                conn.execute("SELECT pg_notify(%s, %s)", (JOBS_CHANNEL, job_id))
+        except UnavailableError:
+            self.deliver(job_id)  # this frontend's waiters still learn of it now

@@ -1,0 +1,219 @@
+"""The job queue in PostgreSQL, shared by every frontend (the `scheduler.Queue` seam).
+
+Invariants:
+- A job waits as a `queue` row (model, key, co-tenancy share key, `pos` from one
+  sequence) with `claimed_by` NULL. A frontend takes one with `SELECT ... FOR UPDATE
+  SKIP LOCKED` and marks it its own in the same transaction, so two frontends never
+  take one job; the row stays, claimed, until the job is terminal (then a sweep drops
+  it) or cancelled.
+- Fairness as `scheduler.Scheduler`, across frontends: keys take turns. A key's place
+  in line is the later of its oldest waiting job and the last time it was served
+  (`queue_turns`, from the same sequence); within a key, submission order.
+- Each frontend renews its lease (`frontends.heartbeat`, the database's clock) every
+  `tick`; a frontend silent for `LEASE_S` is dead. `orphans` hands back, once, the
+  unfinished jobs that no live frontend holds (claimed by a dead one, or with no row
+  at all for `GRACE_S`), with their rows removed so nobody takes them meanwhile; the
+  service then re-queues or fails each with a reason. One sweep at a time (an
+  advisory lock). A frontend that stops cleanly gives up its lease at once.
+- A frontend whose own lease lapsed (a database outage longer than `LEASE_S`) may see
+  a job it still runs run again elsewhere: the first terminal status wins (jobs.py).
+- `hold(key_id)` is a transaction-scoped advisory lock on the key: the quota check and
+  the queueing are one step across frontends.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .jobs import _TERMINAL_SQL, Job
+from .pg import Database
+from .pg_events import QUEUE_CHANNEL, Listener
+from .pg_stores import _job
+
+__all__ = ["PgQueue"]
+
+LEASE_S = 10.0  # a frontend silent this long is dead
+GRACE_S = 5.0  # a job row this young may still be on its way into the queue
+_SWEEP_LOCK = 0x6E6E68
+_POLL_S = 0.5  # how often an idle replica looks again, notifications aside
+
+# The waiting jobs of one model in the order they start: round r of every lane, lanes
+# by their place in line.
+_ORDER = """
+WITH w AS (SELECT job_id, key_id, share, pos FROM queue WHERE model = %(model)s AND claimed_by IS NULL),
+lanes AS (SELECT w.key_id, GREATEST(MIN(w.pos), COALESCE(MAX(t.served), 0)) AS place
+          FROM w LEFT JOIN queue_turns t ON t.model = %(model)s AND t.key_id = w.key_id GROUP BY w.key_id)
+SELECT w.job_id, w.key_id, w.share FROM w JOIN lanes l ON l.key_id = w.key_id
+ORDER BY row_number() OVER (PARTITION BY w.key_id ORDER BY w.pos), l.place
+"""
+_CLAIM = """
+WITH lanes AS (SELECT q.key_id, GREATEST(MIN(q.pos), COALESCE(MAX(t.served), 0)) AS place
+               FROM queue q LEFT JOIN queue_turns t ON t.model = q.model AND t.key_id = q.key_id
+               WHERE q.model = %(model)s AND q.claimed_by IS NULL GROUP BY q.key_id)
+SELECT q.job_id, q.key_id FROM queue q JOIN lanes l ON l.key_id = q.key_id
+WHERE q.model = %(model)s AND q.claimed_by IS NULL
+ORDER BY l.place, q.pos LIMIT 1 FOR UPDATE OF q SKIP LOCKED
+"""
+_SERVED = """
+INSERT INTO queue_turns (model, key_id, served) VALUES (%s, %s, nextval('queue_order'))
+ON CONFLICT (model, key_id) DO UPDATE SET served = EXCLUDED.served
+"""
+_ORPHANS = f"""
+SELECT j.* FROM jobs j
+LEFT JOIN queue q ON q.job_id = j.id
+LEFT JOIN frontends f ON f.id = q.claimed_by AND f.heartbeat > now() - make_interval(secs => %(lease)s)
+WHERE j.status NOT IN ({_TERMINAL_SQL})
+  AND ((q.job_id IS NULL AND j.created_at < extract(epoch FROM now()) - %(grace)s)
+       OR (q.claimed_by IS NOT NULL AND f.id IS NULL))
+ORDER BY j.seq
+"""
+
+
+class PgQueue:
+    """Per-model fair queues in the database; this frontend is `self.id`."""
+
+    def __init__(self, db: Database, listener: Listener, models: list[str]) -> None:
+        self.db, self.models = db, list(models)
+        self.id = "fe_" + secrets.token_hex(8)
+        self._wake = threading.Condition()
+        self._closed = False
+        listener.on(QUEUE_CHANNEL, self._notified)
+        self.tick()
+
+    def _notified(self, model: str) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def submit(self, model: str, key_id: str, job_id: str, share: str | None = None) -> None:
+        with self.db.tx() as conn:
+            conn.execute(
+                "INSERT INTO queue (job_id, model, key_id, share) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (job_id) DO NOTHING",
+                (job_id, model, key_id, share),
+            )
+            conn.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, model))  # sent at commit
+
+    def _claim(self, model: str) -> str | None:
+        with self.db.tx() as conn:
+            row = conn.execute(_CLAIM, {"model": model}).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE queue SET claimed_by = %s WHERE job_id = %s", (self.id, row["job_id"]))
+            conn.execute(_SERVED, (model, row["key_id"]))
+            return str(row["job_id"])
+
+    def next(self, model: str, timeout: float | None = None) -> str | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._closed:
+            job_id = self._claim(model)
+            if job_id is not None:
+                return job_id
+            left = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                return None
+            with self._wake:
+                self._wake.wait(left)
+        return None
+
+    def take_sharing(self, model: str, job_id: str, limit: int) -> list[str]:
+        if limit <= 0:
+            return []
+        with self.db.tx() as conn:
+            row = conn.execute("SELECT share FROM queue WHERE job_id = %s", (job_id,)).fetchone()
+            if row is None or row["share"] is None:
+                return []
+            order = [
+                r for r in conn.execute(_ORDER, {"model": model}).fetchall() if r["share"] == row["share"]
+            ]
+            wanted = [r["job_id"] for r in order[:limit]]
+            got = {
+                r["job_id"]
+                for r in conn.execute(
+                    "UPDATE queue SET claimed_by = %s WHERE job_id = ANY(%s) AND claimed_by IS NULL "
+                    "RETURNING job_id",
+                    (self.id, wanted),
+                ).fetchall()
+            }
+            for r in order[:limit]:
+                if r["job_id"] in got:
+                    conn.execute(_SERVED, (model, r["key_id"]))
+        return [j for j in wanted if j in got]
+
+    def cancel(self, model: str, job_id: str) -> bool:
+        with self.db.tx() as conn:
+            return (
+                conn.execute("DELETE FROM queue WHERE job_id = %s AND claimed_by IS NULL", (job_id,)).rowcount
+                == 1
+            )
+
+    def positions(self, model: str) -> dict[str, int]:
+        with self.db.tx() as conn:
+            return {r["job_id"]: i for i, r in enumerate(conn.execute(_ORDER, {"model": model}).fetchall())}
+
+    def depth(self, model: str) -> int:
+        with self.db.tx() as conn:
+            row = conn.execute(
+                "SELECT count(*) AS n FROM queue WHERE model = %s AND claimed_by IS NULL", (model,)
+            ).fetchone()
+        return int(row["n"])
+
+    def queued_by(self, key_id: str) -> int:
+        with self.db.tx() as conn:
+            row = conn.execute(
+                "SELECT count(*) AS n FROM queue WHERE key_id = %s AND claimed_by IS NULL", (key_id,)
+            ).fetchone()
+        return int(row["n"])
+
+    @contextmanager
+    def hold(self, key_id: str) -> Iterator[None]:
+        with self.db.tx() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key_id,))
+            yield
+
+    def tick(self) -> None:
+        """Renew this frontend's lease; drop the rows of jobs that have ended."""
+        with self.db.tx() as conn:
+            conn.execute(
+                "INSERT INTO frontends (id, heartbeat) VALUES (%s, now()) "
+                "ON CONFLICT (id) DO UPDATE SET heartbeat = now()",
+                (self.id,),
+            )
+            conn.execute(
+                f"DELETE FROM queue q USING jobs j WHERE q.job_id = j.id AND j.status IN ({_TERMINAL_SQL})"
+            )
+
+    def orphans(self, unfinished: Callable[[], list[Job]]) -> list[Job]:
+        with self.db.tx() as conn:
+            if not conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS ok", (_SWEEP_LOCK,)).fetchone()[
+                "ok"
+            ]:
+                return []  # another frontend sweeps now
+            rows: list[dict[str, Any]] = conn.execute(
+                _ORPHANS, {"lease": LEASE_S, "grace": GRACE_S}
+            ).fetchall()
+            conn.execute("DELETE FROM queue WHERE job_id = ANY(%s)", ([r["id"] for r in rows],))
+            conn.execute(
+                "DELETE FROM frontends WHERE heartbeat < now() - make_interval(secs => %s)", (LEASE_S * 10,)
+            )
+        return [_job(r) for r in rows]
+
+    def close(self) -> None:
+        """Stop waiting; give up the lease, so the others take over this frontend's jobs now."""
+        self._closed = True
+        with self._wake:
+            self._wake.notify_all()
+        try:
+            with self.db.tx() as conn:
+                conn.execute(
+                    "UPDATE queue SET claimed_by = NULL WHERE claimed_by = %s AND job_id IN "
+                    "(SELECT id FROM jobs WHERE status = 'QUEUED')",
+                    (self.id,),
+                )
+                conn.execute("DELETE FROM frontends WHERE id = %s", (self.id,))
+        except Exception:  # the database is gone too: the lease lapses on its own
+            pass

@@ -1,0 +1,156 @@
+"""The job store and the key store in PostgreSQL (pg.py holds the pool and the schema).
+
+Same contracts as `jobs.SQLiteJobStore` and `auth.KeyStore` (the contract tests in
+tests/server/test_store_contract.py run against both): each write is one statement,
+so atomic across threads, processes and frontends; a terminal status is final (the
+guard is in the UPDATE's WHERE); keys are stored as SHA-256 hashes only and `list()`
+never returns a key or a hash; an unreachable database is UnavailableError from any
+method, and then nothing was written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import secrets
+import time
+from typing import Any
+
+import psycopg
+
+from .auth import _MAX_KEY_CHARS, KEY_PREFIX, _hash
+from .jobs import _COLUMNS, _TERMINAL_SQL, _UPDATABLE, Job, JobStatus, _to_sql
+from .pg import Database
+
+__all__ = ["PgJobStore", "PgKeyStore"]
+
+
+def _job(row: dict[str, Any]) -> Job:
+    row["status"] = JobStatus(row["status"])
+    row["error"] = None if row["error"] is None else json.loads(row["error"])
+    return Job(**row)
+
+
+class PgJobStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create(self, job: Job) -> Job:
+        values = [_to_sql(c, getattr(job, c)) for c in _COLUMNS]
+        sql = (
+            f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_COLUMNS))}) "
+            "RETURNING seq"
+        )
+        try:
+            with self.db.tx() as conn:
+                seq = conn.execute(sql, values).fetchone()["seq"]
+        except psycopg.errors.UniqueViolation:
+            raise ValueError(f"a job with id {job.id!r} already exists") from None
+        return dataclasses.replace(job, seq=seq)
+
+    def get(self, job_id: str) -> Job | None:
+        with self.db.tx() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id = %s", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def update(self, job_id: str, **fields: Any) -> bool:
+        unknown = set(fields) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"cannot update job field(s) {sorted(unknown)}; updatable: {sorted(_UPDATABLE)}")
+        if not fields:
+            return self.get(job_id) is not None
+        names = sorted(fields)
+        sql = f"UPDATE jobs SET {', '.join(f'{n} = %s' for n in names)} WHERE id = %s"
+        if "status" in fields:
+            sql += f" AND status NOT IN ({_TERMINAL_SQL})"  # the guard in the same statement
+        with self.db.tx() as conn:
+            cur = conn.execute(sql, [*(_to_sql(n, fields[n]) for n in names), job_id])
+        return cur.rowcount == 1
+
+    def by_status(self, *statuses: JobStatus, model: str | None = None) -> list[Job]:
+        if not statuses:
+            return []
+        sql, params = "SELECT * FROM jobs WHERE status = ANY(%s)", [[JobStatus(s).value for s in statuses]]
+        if model is not None:
+            sql += " AND model = %s"
+            params.append(model)
+        with self.db.tx() as conn:
+            return [_job(r) for r in conn.execute(sql + " ORDER BY seq", params).fetchall()]
+
+    def by_key(self, key_id: str, limit: int, before: str | None = None) -> list[Job]:
+        sql, params = "SELECT * FROM jobs WHERE key_id = %s", [key_id]
+        if before is not None:
+            sql += " AND seq < (SELECT seq FROM jobs WHERE id = %s AND key_id = %s)"
+            params += [before, key_id]
+        with self.db.tx() as conn:
+            rows = conn.execute(sql + " ORDER BY seq DESC LIMIT %s", [*params, int(limit)]).fetchall()
+        return [_job(r) for r in rows]
+
+    def unfinished(self) -> list[Job]:
+        return self.by_status(*(s for s in JobStatus if not s.terminal))
+
+    def expired(self, now: float) -> list[Job]:
+        sql = f"SELECT * FROM jobs WHERE expires_at <= %s AND status IN ({_TERMINAL_SQL}) ORDER BY seq"
+        with self.db.tx() as conn:
+            return [_job(r) for r in conn.execute(sql, (now,)).fetchall()]
+
+    def close(self) -> None:
+        pass  # the Database is closed by whoever opened it
+
+
+class PgKeyStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create(self, name: str) -> tuple[str, str]:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("a key needs a non-empty name, e.g. `nnglass keys create alice`")
+        name = name.strip()
+        key, key_id = KEY_PREFIX + secrets.token_urlsafe(32), "key_" + secrets.token_hex(8)
+        try:
+            with self.db.tx() as conn:
+                conn.execute(
+                    "INSERT INTO api_keys (id, name, hash, created) VALUES (%s, %s, %s, %s)",
+                    (key_id, name, _hash(key), time.time()),
+                )
+        except psycopg.errors.UniqueViolation:
+            raise ValueError(
+                f"a live key named {name!r} already exists; revoke it first "
+                f"(`nnglass keys revoke {name}`) or pick another name"
+            ) from None
+        return key_id, key
+
+    def verify(self, key: str | None) -> str | None:
+        if not isinstance(key, str) or not key.startswith(KEY_PREFIX) or len(key) > _MAX_KEY_CHARS:
+            return None
+        digest = _hash(key)
+        with self.db.tx() as conn:
+            row = conn.execute(
+                "SELECT id, hash FROM api_keys WHERE hash = %s AND revoked IS NULL", (digest,)
+            ).fetchone()
+        if row is None or not hmac.compare_digest(row["hash"], digest):
+            return None
+        return str(row["id"])
+
+    def list(self) -> list[dict[str, Any]]:
+        with self.db.tx() as conn:
+            rows = conn.execute(
+                "SELECT id, name, created, revoked FROM api_keys ORDER BY created, id"
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def revoke(self, name_or_id: str) -> bool:
+        now = time.time()
+        with self.db.tx() as conn:
+            for column in ("id", "name"):  # an id match wins, as in auth.KeyStore
+                cur = conn.execute(
+                    f"UPDATE api_keys SET revoked = %s WHERE {column} = %s AND revoked IS NULL",
+                    (now, name_or_id),
+                )
+                if cur.rowcount:
+                    return True
+        return False
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,168 @@
+"""Job files in S3-compatible storage when `[server] results = "s3://bucket/prefix"`.
+
+Invariants:
+- The endpoint and credentials come from the usual AWS variables (AWS_ENDPOINT_URL,
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, profiles...), read by
+  boto3 itself; nothing here holds a secret. The bucket is created on open if missing.
+- Each job is `prefix/<job_id>/` with the same three objects as `results.DirResultStore`.
+  Every method checks the job id first (`check_job_id`): a key is never built from an
+  unchecked string.
+- A PUT is atomic in S3: a reader sees the old object, the new one, or none.
+- Results leave only through the API after the key check (`open` streams the object);
+  no presigned URL is ever made: a link would be a bearer token that outlives the key.
+- Storage that cannot be reached is `UnavailableError` (503); a missing object is
+  FileNotFoundError, as for files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from ..errors import UnavailableError
+from .results import GRAPH_FILE, RESULT_FILE, TENSORS_FILE, LocalFiles, check_job_id
+
+__all__ = ["S3ResultStore"]
+
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+@contextlib.contextmanager
+def _reachable() -> Iterator[None]:
+    """Unreachable storage is UnavailableError; a missing object FileNotFoundError."""
+    try:
+        yield
+    except botocore.exceptions.ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in _MISSING:
+            raise FileNotFoundError(code) from None
+        if code.startswith("5") or code in {"SlowDown", "ServiceUnavailable", "RequestTimeout"}:
+            raise UnavailableError(
+                f"result storage is unavailable ({code}); try again in a few seconds"
+            ) from None
+        raise
+    except (
+        botocore.exceptions.EndpointConnectionError,
+        botocore.exceptions.ConnectionClosedError,
+        botocore.exceptions.ReadTimeoutError,
+        botocore.exceptions.ConnectTimeoutError,
+    ) as e:
+        raise UnavailableError(
+            f"cannot reach result storage ({type(e).__name__}); try again in a few seconds"
+        ) from None
+
+
+class S3ResultStore:
+    """Job files under `s3://bucket/prefix`."""
+
+    def __init__(self, url: str) -> None:
+        if not url.startswith("s3://"):
+            raise ValueError(f"not an s3:// URL: {url!r}")
+        bucket, _, prefix = url[5:].partition("/")
+        if not bucket:
+            raise ValueError(f"{url!r} names no bucket (s3://bucket/prefix)")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        config = Config(connect_timeout=2, read_timeout=30, retries={"max_attempts": 2})
+        self.s3 = boto3.client("s3", config=config)
+        with _reachable():
+            try:
+                self.s3.head_bucket(Bucket=bucket)
+            except botocore.exceptions.ClientError as e:
+                if str(e.response.get("Error", {}).get("Code", "")) not in _MISSING:
+                    raise
+                self.s3.create_bucket(Bucket=bucket)
+
+    def _key(self, job_id: str, name: str = "") -> str:
+        folder = f"{self.prefix}/{check_job_id(job_id)}/" if self.prefix else f"{check_job_id(job_id)}/"
+        return folder + name
+
+    def _put(self, job_id: str, name: str, data: bytes) -> None:
+        with _reachable():
+            self.s3.put_object(Bucket=self.bucket, Key=self._key(job_id, name), Body=data)
+
+    def _get(self, job_id: str, name: str) -> bytes:
+        with _reachable():
+            return cast(
+                bytes, self.s3.get_object(Bucket=self.bucket, Key=self._key(job_id, name))["Body"].read()
+            )
+
+    def _size(self, job_id: str, name: str) -> int | None:
+        try:
+            with _reachable():
+                head = self.s3.head_object(Bucket=self.bucket, Key=self._key(job_id, name))
+        except FileNotFoundError:
+            return None
+        return int(head["ContentLength"])
+
+    def save_graph(self, job_id: str, json_bytes: bytes, tensor_bytes: bytes | None = None) -> None:
+        if tensor_bytes is not None:
+            self._put(job_id, TENSORS_FILE, tensor_bytes)
+        self._put(job_id, GRAPH_FILE, json_bytes)  # last, as in the folder store: its presence means whole
+
+    def has_graph(self, job_id: str) -> bool:
+        return self._size(job_id, GRAPH_FILE) is not None
+
+    def load_graph(self, job_id: str) -> tuple[bytes, bytes | None]:
+        graph = self._get(job_id, GRAPH_FILE)
+        try:
+            tensors: bytes | None = self._get(job_id, TENSORS_FILE)
+        except FileNotFoundError:
+            tensors = None
+        return graph, tensors
+
+    def local_files(self, job_id: str) -> LocalFiles:
+        """The graph copied into a private temporary folder; `commit` uploads the result
+        the worker wrote there, `close` removes the folder."""
+        graph, tensors = self.load_graph(job_id)
+        folder = Path(tempfile.mkdtemp(prefix="nnglass-job-"))
+        (folder / GRAPH_FILE).write_bytes(graph)
+        if tensors is not None:
+            (folder / TENSORS_FILE).write_bytes(tensors)
+        result = folder / RESULT_FILE
+
+        def commit() -> None:
+            if result.is_file():
+                with _reachable():
+                    self.s3.upload_file(str(result), self.bucket, self._key(job_id, RESULT_FILE))
+
+        return LocalFiles(
+            graph=folder / GRAPH_FILE,
+            tensors=folder / TENSORS_FILE if tensors is not None else None,
+            result=result,
+            commit=commit,
+            close=lambda: shutil.rmtree(folder, ignore_errors=True),
+        )
+
+    def write_result(self, job_id: str, data: bytes) -> None:
+        self._put(job_id, RESULT_FILE, data)
+
+    def has_result(self, job_id: str) -> bool:
+        return self.result_size(job_id) is not None
+
+    def result_size(self, job_id: str) -> int | None:
+        return self._size(job_id, RESULT_FILE)
+
+    def open(self, job_id: str) -> BinaryIO:
+        """The result as a stream from storage (FileNotFoundError when there is none)."""
+        with _reachable():
+            body: Any = self.s3.get_object(Bucket=self.bucket, Key=self._key(job_id, RESULT_FILE))["Body"]
+        return cast(BinaryIO, body)
+
+    def delete(self, job_id: str) -> bool:
+        folder = self._key(job_id)
+        with _reachable():
+            listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=folder).get("Contents", [])
+            if not listed:
+                return False
+            self.s3.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": o["Key"]} for o in listed]}
+            )
+        return True
