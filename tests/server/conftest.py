@@ -19,7 +19,9 @@ import torch
 import transformers
 
 from nnglass.server.auth import KeyStore
+from nnglass.server.config import load_config
 from nnglass.server.pg import Database
+from nnglass.server.stores import open_keys
 
 TINY = "tiny"
 
@@ -69,19 +71,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_stores(config_text: str, stores: dict[str, str] | None) -> str:
+    """The config with `[server] database` and `results` set (None: the embedded default)."""
+    if not stores:
+        return config_text
+    lines = "".join(f'{k} = "{v}"\n' for k, v in stores.items() if v)
+    assert "[server]\n" in config_text
+    return config_text.replace("[server]\n", "[server]\n" + lines, 1)
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgresql+s3"])
+def stores(request: pytest.FixtureRequest) -> dict[str, str] | None:
+    """Which stores a module's server uses: the embedded default (SQLite and a folder in
+    its home), then a fresh PostgreSQL database and S3 bucket. A module whose server
+    fixture asks for this runs twice, once per combination."""
+    if request.param == "embedded":
+        return None
+    return {"database": request.getfixturevalue("postgres").fresh_database(),
+            "results": request.getfixturevalue("s3").url()}  # fmt: skip
+
+
 class Server:
-    """`nnglass serve --config` in a subprocess on a random loopback port."""
+    """`nnglass serve --config` in a subprocess on a random loopback port. `stores`: the
+    `[server] database` and `results` it uses (None: SQLite and a folder in `home`)."""
 
     def __init__(self, home: Path, config_text: str, cwd: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+                 env: dict[str, str] | None = None, stores: dict[str, str] | None = None) -> None:
         self.home = home
         self.cwd = cwd  # the server's working directory (default: this process's)
         self.env = dict(env or {})  # added to this process's environment
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = home / "server.toml"
-        self.config.write_text(config_text.replace("PORT", str(self.port)).replace("HOME", str(home)))
-        self.keys = KeyStore(home / "nnglass.db")
+        text = with_stores(config_text, stores).replace("PORT", str(self.port)).replace("HOME", str(home))
+        self.config.write_text(text)
+        self.stores = stores
+        self.keys = open_keys(load_config(self.config)) if stores else KeyStore(home / "nnglass.db")
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> None:
@@ -209,15 +234,16 @@ def ray_engine(ray_cluster: Any) -> Engine:
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
-    """`start_server(name, config_text, home=None, cwd=None, engine=SUBPROCESS)`: a started
-    Server in a new temporary home (or `home`), its replicas where `engine` runs them.
-    Callers stop theirs; whatever is left stops at the end."""
+    """`start_server(name, config_text, home=None, cwd=None, engine=SUBPROCESS, stores=None)`:
+    a started Server in a new temporary home (or `home`), its replicas where `engine` runs
+    them, its jobs and results in `stores` (None: the embedded default). Callers stop
+    theirs; whatever is left stops at the end."""
     started: list[Server] = []
 
     def start(name: str, config_text: str, home: Path | None = None, cwd: Path | None = None,
-              engine: Engine = SUBPROCESS) -> Server:  # fmt: skip
+              engine: Engine = SUBPROCESS, stores: dict[str, str] | None = None) -> Server:  # fmt: skip
         home = home if home is not None else tmp_path_factory.mktemp(name)
-        server = Server(home, engine.config(config_text), cwd=cwd, env=engine.env)
+        server = Server(home, engine.config(config_text), cwd=cwd, env=engine.env, stores=stores)
         started.append(server)
         server.start()
         return server

@@ -63,7 +63,8 @@ def listing(base: Path, skip: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def site(start_server: Callable[..., Any], tiny_config: Callable[..., str],
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:  # fmt: skip
+         tmp_path_factory: pytest.TempPathFactory, stores: dict[str, str] | None) -> Iterator[Site]:  # fmt: skip
+    """The server under attack, once per store combination (conftest.stores)."""
     tiny_config()  # the tiny model is on disk before the listing below
     home = tmp_path_factory.mktemp("hostile-home")
     cwd = tmp_path_factory.mktemp("hostile-cwd")
@@ -72,7 +73,7 @@ def site(start_server: Callable[..., Any], tiny_config: Callable[..., str],
     sentinel.write_text(SECRET)
     base = tmp_path_factory.getbasetemp()
     before = listing(base, skip=home)
-    server = start_server("hostile", tiny_config(), home=home, cwd=cwd)
+    server = start_server("hostile", tiny_config(), home=home, cwd=cwd, stores=stores)
     key = server.keys.create("alice")[1]
     yield Site(server, key, base, cwd, sentinel, outside / "touched", before)
     server.stop()

@@ -1,0 +1,179 @@
+"""Two `nnglass serve` frontends on one PostgreSQL database and one S3 bucket: any
+frontend answers any job (status, events, result), the queue and its quota hold across
+both, no job runs twice, and a frontend killed with SIGKILL mid-job loses nothing (the
+survivor runs the job again, or fails it with a reason). The servers are real
+processes; PostgreSQL and S3 are the session's (tests/components.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from nnglass import LanguageModel
+from nnglass.graph import wire
+from nnglass.graph.ir import Graph
+from nnglass.graph.results import decode_results
+from saved_values import assert_bitwise_equal
+
+TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
+
+
+@contextmanager
+def recording(block: Any) -> Iterator[Any]:
+    """Enter a trace block and leave it without running it (its graph stays recorded)."""
+    block.__enter__()
+    try:
+        yield block
+    finally:
+        block.__exit__(KeyError, KeyError(), None)
+
+
+def small_graph(lm: LanguageModel, prompt: str) -> Graph:
+    with recording(lm.trace(prompt)) as tracer:
+        lm.model.layers[0].output.save()
+    return tracer.graph
+
+
+def slow_graph(lm: LanguageModel, n: int = 1500, k: int = 10) -> Graph:
+    """A job that keeps a worker busy for a few seconds."""
+    with recording(lm.trace("hi")) as tracer:
+        m = lm.model.layers[0].output.sum().expand(n, n).contiguous()
+        for _ in range(k):
+            m = m @ m
+        m.sum().save()
+    return tracer.graph
+
+
+def post(http: httpx.Client, graph: Graph) -> httpx.Response:
+    json_bytes, tensors = wire.encode(graph)
+    files = {"graph": ("graph.json", json_bytes, "application/json")}
+    if tensors is not None:
+        files["tensors"] = ("t.safetensors", tensors, "application/octet-stream")
+    return http.post("/v1/jobs", files=files)
+
+
+def submit(http: httpx.Client, graph: Graph) -> str:
+    r = post(http, graph)
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def wait_for(http: httpx.Client, job_id: str, statuses: tuple[str, ...] = TERMINAL,
+             timeout: float = 90.0) -> dict[str, Any]:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while True:
+        info = http.get(f"/v1/jobs/{job_id}").json()
+        if info["status"] in statuses:
+            return info
+        assert time.monotonic() < deadline, info
+        time.sleep(0.05)
+
+
+def running_on(server: Any, key: str) -> int:
+    models = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+    return sum(m["running"] for m in models)
+
+
+@pytest.fixture(scope="module")
+def pair(start_server: Callable[..., Any], tiny_config: Callable[..., str], postgres: Any,
+         s3: Any) -> Iterator[tuple[Any, Any]]:  # fmt: skip
+    stores = {"database": postgres.fresh_database(), "results": s3.url()}
+    a = start_server("frontend-a", tiny_config(run_seconds=60), stores=stores)
+    b = start_server("frontend-b", tiny_config(run_seconds=60), stores=stores)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir: Path) -> LanguageModel:
+    return LanguageModel(str(tiny_dir), name="tiny")
+
+
+def test_any_frontend_answers_any_job(pair: tuple[Any, Any], lm: LanguageModel) -> None:
+    a, b = pair
+    key = a.keys.create("alice")[1]  # made through A's database: B knows it too
+    graph = small_graph(lm, "hello there")
+    with a.client(key) as on_a, b.client(key) as on_b:
+        job = submit(on_a, graph)
+        with on_b.stream("GET", f"/v1/jobs/{job}/events") as events:  # B's stream, A's job
+            lines = [line for line in events.iter_lines() if line.startswith("data: ")]
+        seen = [json.loads(line[6:])["status"] for line in lines]
+        assert seen[-1] == "COMPLETED"
+        info = on_b.get(f"/v1/jobs/{job}").json()
+        result = on_b.get(f"/v1/jobs/{job}/result")
+        assert result.status_code == 200 and int(result.headers["content-length"]) == info["result_bytes"]
+        assert_bitwise_equal(decode_results(result.content), lm.run_graph(graph))
+        assert on_a.get(f"/v1/jobs/{job}/result").content == result.content
+        other = b.keys.create("mallory")[1]
+        with b.client(other) as stranger:  # another key sees nothing on either frontend
+            assert stranger.get(f"/v1/jobs/{job}").status_code == 404
+            assert stranger.get(f"/v1/jobs/{job}/result").status_code == 404
+
+
+def test_every_job_runs_once_across_frontends(pair: tuple[Any, Any], lm: LanguageModel) -> None:
+    a, b = pair
+    keys = [a.keys.create(f"user{i}")[1] for i in range(3)]
+    graphs = {f"prompt {i}": small_graph(lm, f"prompt {i}") for i in range(12)}
+    jobs: dict[str, tuple[str, str]] = {}
+    for i, (prompt, graph) in enumerate(graphs.items()):
+        server, key = (a, b)[i % 2], keys[i % 3]
+        with server.client(key) as http:
+            jobs[submit(http, graph)] = (prompt, key)
+    for job, (prompt, key) in jobs.items():
+        with b.client(key) as http:
+            assert wait_for(http, job)["status"] == "COMPLETED"
+            assert_bitwise_equal(decode_results(http.get(f"/v1/jobs/{job}/result").content),
+                                 lm.run_graph(graphs[prompt]))  # fmt: skip
+    with psycopg.connect(a.stores["database"]) as conn:
+        rows = conn.execute("SELECT id, attempts FROM jobs WHERE id = ANY(%s)", (list(jobs),)).fetchall()
+    attempts = dict(rows)
+    assert attempts == dict.fromkeys(jobs, 1)  # each started exactly once, by one frontend
+
+
+def test_quota_holds_across_frontends(pair: tuple[Any, Any], lm: LanguageModel) -> None:
+    a, b = pair
+    key = a.keys.create("greedy")[1]
+    blocker = b.keys.create("blocker")[1]
+    with a.client(blocker) as http:  # both replicas busy: the greedy key's jobs wait
+        busy = [submit(http, slow_graph(lm, k=25)) for _ in range(2)]
+        for job in busy:
+            wait_for(http, job, ("RUNNING", *TERMINAL))
+    answers = []
+    for i in range(12):
+        with (a, b)[i % 2].client(key) as http:
+            answers.append(post(http, small_graph(lm, f"q{i}")))
+    codes = [r.status_code for r in answers]
+    assert codes.count(202) <= 8 + 2 and 429 in codes  # max_queued_per_key = 8 across both
+    with a.client(blocker) as http:
+        for job in busy:
+            http.delete(f"/v1/jobs/{job}")
+    with b.client(key) as http:  # the admitted ones all run
+        for r in answers:
+            if r.status_code == 202:
+                assert wait_for(http, r.json()["id"])["status"] == "COMPLETED"
+
+
+def test_a_frontend_killed_mid_job_loses_nothing(pair: tuple[Any, Any], lm: LanguageModel) -> None:
+    a, b = pair
+    key = a.keys.create("survivor")[1]
+    graph = slow_graph(lm)
+    with a.client(key) as on_a, b.client(key) as on_b:
+        job = submit(on_a, graph)
+        wait_for(on_b, job, ("RUNNING", *TERMINAL))
+        victim, survivor = (a, b) if running_on(a, key) else (b, a)
+        assert running_on(victim, key) == 1
+        victim.kill()  # SIGKILL: no goodbye, its lease just stops
+        with survivor.client(key) as http:
+            done = wait_for(http, job, timeout=120)
+            assert done["status"] == "COMPLETED", done  # run again (attempt 2) by the survivor
+            result = http.get(f"/v1/jobs/{job}/result").content
+            assert_bitwise_equal(decode_results(result), lm.run_graph(graph))

@@ -1,0 +1,266 @@
+"""The store contracts every implementation keeps: result stores (folder, S3), queues
+(in memory, PostgreSQL), and what only the production stores add (schema versions, an
+unreachable database or bucket is a 503, keys hashed in PostgreSQL too)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nnglass.errors import UnavailableError
+from nnglass.server.jobs import Job, JobStatus, new_job_id
+from nnglass.server.pg import MIGRATIONS, Database
+from nnglass.server.pg_events import Listener
+from nnglass.server.pg_queue import PgQueue
+from nnglass.server.pg_stores import PgJobStore, PgKeyStore
+from nnglass.server.results import DirResultStore
+from nnglass.server.s3 import S3ResultStore
+from nnglass.server.scheduler import Scheduler
+
+# --- result stores --------------------------------------------------------------------
+
+
+@pytest.fixture(params=["folder", "s3"])
+def results(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "s3":
+        return S3ResultStore(request.getfixturevalue("s3").url())
+    return DirResultStore(tmp_path / "results")
+
+
+def test_results_keep_graphs_and_results(results: Any) -> None:
+    jid, bare = new_job_id(), new_job_id()
+    results.save_graph(jid, b'{"version": "1.0"}', b"TENSORS")
+    results.save_graph(bare, b"{}")
+    assert results.has_graph(jid) and not results.has_graph(new_job_id())
+    assert results.load_graph(jid) == (b'{"version": "1.0"}', b"TENSORS")
+    assert results.load_graph(bare) == (b"{}", None)
+    with pytest.raises(FileNotFoundError):
+        results.load_graph(new_job_id())
+    assert not results.has_result(jid) and results.result_size(jid) is None
+    with pytest.raises(FileNotFoundError):
+        results.open(jid)
+    results.write_result(jid, b"x" * 3000)
+    assert results.has_result(jid) and results.result_size(jid) == 3000
+    stream = results.open(jid)
+    try:
+        assert stream.read(1000) + stream.read() == b"x" * 3000
+    finally:
+        stream.close()
+    assert results.delete(jid) and not results.has_graph(jid) and not results.has_result(jid)
+    assert not results.delete(jid)
+    assert results.load_graph(bare) == (b"{}", None)  # another job's files untouched
+
+
+def test_local_files_carry_what_a_worker_writes(results: Any) -> None:
+    jid = new_job_id()
+    results.save_graph(jid, b"G", b"T")
+    files = results.local_files(jid)
+    try:
+        assert files.graph.read_bytes() == b"G"
+        assert files.tensors is not None and files.tensors.read_bytes() == b"T"
+        files.result.write_bytes(b"RESULT")  # what the worker does (atomically, in worker.py)
+        files.commit()
+    finally:
+        files.close()
+    assert results.result_size(jid) == 6
+    with results.open(jid) as f:
+        assert f.read() == b"RESULT"
+    bare = new_job_id()
+    results.save_graph(bare, b"G")
+    files = results.local_files(bare)
+    assert files.tensors is None
+    files.commit()  # no result written: nothing stored
+    files.close()
+    assert not results.has_result(bare)
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "short", "x" * 65, "a" * 20 + "\x00", None])
+def test_results_refuse_bad_ids(results: Any, bad: object) -> None:
+    for call in (lambda: results.save_graph(bad, b"{}"), lambda: results.load_graph(bad),
+                 lambda: results.local_files(bad), lambda: results.write_result(bad, b"x"),
+                 lambda: results.has_result(bad), lambda: results.open(bad),
+                 lambda: results.delete(bad), lambda: results.has_graph(bad)):  # fmt: skip
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_s3_store_creates_its_bucket_and_keeps_to_its_prefix(s3: Any) -> None:
+    import boto3
+
+    url = s3.url()
+    a, b = S3ResultStore(url), S3ResultStore(url.replace("/results", "/other"))
+    jid = new_job_id()
+    a.write_result(jid, b"A")
+    assert not b.has_result(jid)  # same bucket, another prefix
+    listed = boto3.client("s3").list_objects_v2(Bucket=a.bucket)["Contents"]
+    assert [o["Key"] for o in listed] == [f"results/{jid}/result.safetensors"]
+
+
+def test_unreachable_storage_is_unavailable(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nnglass.server.s3 import S3ResultStore as Store
+
+    store = Store(s3.url())
+    from components import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(UnavailableError):
+        Store(s3.url())
+    monkeypatch.undo()
+    store.write_result("a" * 20, b"still works")
+    assert store.result_size("a" * 20) == 11
+
+
+# --- PostgreSQL only ------------------------------------------------------------------
+
+
+def test_schema_version_and_migrations_run_once(pg_clean: Database) -> None:
+    assert pg_clean.migrate() == len(MIGRATIONS)  # again: nothing to do, nothing fails
+    with pg_clean.tx() as conn:
+        versions = [r["version"] for r in conn.execute("SELECT version FROM nnglass_schema ORDER BY version")]
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
+
+
+def test_pg_keys_stored_hashed(pg_clean: Database) -> None:
+    keys = PgKeyStore(pg_clean)
+    key_id, key = keys.create("alice")
+    with pg_clean.tx() as conn:
+        cells = [str(c) for row in conn.execute("SELECT * FROM api_keys") for c in row.values()]
+    assert all(key[4:] not in c for c in cells)
+    assert keys.verify(key) == key_id
+
+
+def test_unreachable_database_is_unavailable() -> None:
+    from components import free_port
+
+    with pytest.raises(UnavailableError, match="cannot reach"):
+        Database(f"postgresql://nobody:secret@127.0.0.1:{free_port()}/x", timeout=0.5)
+
+
+def test_a_locked_row_is_unavailable_and_writes_nothing(pg_clean: Database) -> None:
+    jobs = PgJobStore(pg_clean)
+    job = jobs.create(Job(key_id="k", model="m", status=JobStatus.QUEUED))
+    with pg_clean.tx() as conn:  # another process holds the row (a migration, a backup...)
+        conn.execute("SELECT * FROM jobs WHERE id = %s FOR UPDATE", (job.id,))
+        with pytest.raises(UnavailableError):
+            jobs.update(job.id, status=JobStatus.CANCELLED)
+    assert jobs.get(job.id).status is JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+# --- queues ---------------------------------------------------------------------------
+
+
+def _pg_queue(db: Database, models: list[str]) -> tuple[PgQueue, Listener]:
+    listener = Listener(db)
+    queue = PgQueue(db, listener, models)
+    listener.start()
+    return queue, listener
+
+
+@pytest.fixture(params=["memory", "postgresql"])
+def queue(request: pytest.FixtureRequest) -> Any:
+    if request.param == "memory":
+        yield Scheduler(["m", "n"])
+        return
+    queue, listener = _pg_queue(request.getfixturevalue("pg_clean"), ["m", "n"])
+    yield queue
+    queue.close()
+    listener.close()
+
+
+def test_queue_is_fair_across_keys_and_in_order_within_one(queue: Any) -> None:
+    for key, job in [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1"), ("b", "b2")]:
+        queue.submit("m", key, job)
+    queue.submit("n", "a", "other-model")
+    assert list(queue.positions("m")) == ["a1", "b1", "c1", "a2", "b2", "a3"]
+    assert queue.depth("m") == 6 and queue.queued_by("a") == 4
+    assert queue.next("m", timeout=1) == "a1"
+    queue.submit("m", "d", "d1")  # a new key joins at the back of the line
+    assert queue.cancel("m", "c1") and not queue.cancel("m", "c1")
+    taken = [queue.next("m", timeout=1) for _ in range(5)]
+    assert taken == ["b1", "a2", "d1", "b2", "a3"]
+    assert queue.next("m", timeout=0.2) is None
+    assert queue.next("n", timeout=1) == "other-model"
+
+
+def test_queue_shares_only_matching_jobs(queue: Any) -> None:
+    for i, share in enumerate(["x", "y", "x", "x", None]):
+        queue.submit("m", f"k{i % 2}", f"j{i}", share=share)
+    assert queue.next("m", timeout=1) == "j0"
+    assert queue.take_sharing("m", "j0", limit=1) == ["j2"]
+    assert queue.take_sharing("m", "j4", limit=5) == []
+    assert list(queue.positions("m")) == ["j1", "j4", "j3"]  # k0 served twice: to the back
+
+
+def test_two_frontends_never_take_one_job(pg_clean: Database) -> None:
+    a, la = _pg_queue(pg_clean, ["m"])
+    b, lb = _pg_queue(pg_clean, ["m"])
+    try:
+        jobs = [f"job{i:03d}" for i in range(60)]
+        for i, job in enumerate(jobs):
+            (a if i % 2 else b).submit("m", f"key{i % 5}", job)
+        taken: list[str] = []
+        lock = threading.Lock()
+
+        def drain(q: PgQueue) -> None:
+            while (job := q.next("m", timeout=0.3)) is not None:
+                with lock:
+                    taken.append(job)
+
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(drain, [a, b, a, b, a, b]))
+        assert sorted(taken) == jobs  # each exactly once
+    finally:
+        for x in (a, la, b, lb):
+            x.close()
+
+
+def test_a_dead_frontends_jobs_are_orphans_once(pg_clean: Database) -> None:
+    jobs = PgJobStore(pg_clean)
+    dead, ld = _pg_queue(pg_clean, ["m"])
+    alive, la = _pg_queue(pg_clean, ["m"])
+    try:
+        running = jobs.create(Job(key_id="k", model="m", status=JobStatus.RUNNING, attempts=1))
+        waiting = jobs.create(Job(key_id="k", model="m", status=JobStatus.QUEUED))
+        mine = jobs.create(Job(key_id="k", model="m", status=JobStatus.RUNNING))
+        for job in (running, waiting, mine):
+            dead.submit("m", "k", job.id)
+        assert dead.next("m", timeout=1) == running.id
+        alive_job = alive.next("m", timeout=1)
+        assert alive_job == waiting.id
+        assert alive.orphans(jobs.unfinished) == []  # both frontends live: nothing is an orphan
+        with pg_clean.tx() as conn:  # the dead one stops renewing its lease
+            stale = "UPDATE frontends SET heartbeat = now() - interval '1 hour' WHERE id = %s"
+            conn.execute(stale, (dead.id,))
+        orphans = alive.orphans(jobs.unfinished)
+        assert [j.id for j in orphans] == [running.id]
+        assert orphans[0].attempts == 1
+        assert alive.orphans(jobs.unfinished) == []  # handed out once; the service re-queues it
+        assert list(alive.positions("m")) == [mine.id]
+    finally:
+        for x in (dead, ld, alive, la):
+            x.close()
+
+
+def test_quota_hold_is_one_step_across_frontends(pg_clean: Database) -> None:
+    a, la = _pg_queue(pg_clean, ["m"])
+    b, lb = _pg_queue(pg_clean, ["m"])
+    limit, admitted = 3, []
+
+    def submit(i: int) -> None:
+        q = a if i % 2 else b
+        with q.hold("k"):
+            if q.queued_by("k") < limit:
+                q.submit("m", "k", f"j{i}")
+                admitted.append(i)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(submit, range(16)))
+        assert len(admitted) == limit and a.queued_by("k") == limit
+    finally:
+        for x in (a, la, b, lb):
+            x.close()
