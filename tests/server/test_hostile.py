@@ -63,7 +63,7 @@ def listing(base: Path, skip: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def site(start_server: Callable[..., Any], tiny_config: Callable[..., str],
-         tmp_path_factory: pytest.TempPathFactory, stores: dict[str, str] | None) -> Iterator[Site]:  # fmt: skip
+         tmp_path_factory: pytest.TempPathFactory, stores: Any) -> Iterator[Site]:  # fmt: skip
     """The server under attack, once per store combination (conftest.stores)."""
     tiny_config()  # the tiny model is on disk before the listing below
     home = tmp_path_factory.mktemp("hostile-home")
