@@ -4,9 +4,10 @@ Invariants:
 - The endpoint and credentials come from the usual AWS variables (AWS_ENDPOINT_URL,
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, profiles...), read by
   boto3 itself; nothing here holds a secret. The bucket is created on open if missing.
-- Each job is `prefix/<job_id>/` with the same three objects as `results.DirResultStore`.
-  Every method checks the job id first (`check_job_id`): a key is never built from an
-  unchecked string.
+- Each job is `prefix/<job_id>/` with two objects: `graph` (the graph JSON and its
+  tensors in one object, `_pack`: one request to store or load a job, since each
+  request costs a round trip) and `result.safetensors`. Every method checks the job id
+  first (`check_job_id`): a key is never built from an unchecked string.
 - A PUT is atomic in S3: a reader sees the old object, the new one, or none.
 - Results leave only through the API after the key check (`open` streams the object);
   no presigned URL is ever made: a link would be a bearer token that outlives the key.
@@ -31,6 +32,21 @@ from ..errors import UnavailableError
 from .results import GRAPH_FILE, RESULT_FILE, TENSORS_FILE, LocalFiles, check_job_id
 
 __all__ = ["S3ResultStore"]
+
+GRAPH_OBJECT = "graph"
+_MAGIC = b"NNG1"  # then the JSON's length (8 bytes, big-endian), 1 if tensors follow, JSON, tensors
+
+
+def _pack(json_bytes: bytes, tensor_bytes: bytes | None) -> bytes:
+    head = _MAGIC + len(json_bytes).to_bytes(8, "big") + (b"\x01" if tensor_bytes is not None else b"\x00")
+    return head + json_bytes + (tensor_bytes or b"")
+
+
+def _unpack(data: bytes) -> tuple[bytes, bytes | None]:
+    if data[:4] != _MAGIC or len(data) < 13:
+        raise ValueError("not a stored graph (bad header)")
+    n, has_tensors = int.from_bytes(data[4:12], "big"), data[12] == 1
+    return data[13 : 13 + n], (data[13 + n :] if has_tensors else None)
 
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
@@ -103,20 +119,13 @@ class S3ResultStore:
         return int(head["ContentLength"])
 
     def save_graph(self, job_id: str, json_bytes: bytes, tensor_bytes: bytes | None = None) -> None:
-        if tensor_bytes is not None:
-            self._put(job_id, TENSORS_FILE, tensor_bytes)
-        self._put(job_id, GRAPH_FILE, json_bytes)  # last, as in the folder store: its presence means whole
+        self._put(job_id, GRAPH_OBJECT, _pack(json_bytes, tensor_bytes))
 
     def has_graph(self, job_id: str) -> bool:
-        return self._size(job_id, GRAPH_FILE) is not None
+        return self._size(job_id, GRAPH_OBJECT) is not None
 
     def load_graph(self, job_id: str) -> tuple[bytes, bytes | None]:
-        graph = self._get(job_id, GRAPH_FILE)
-        try:
-            tensors: bytes | None = self._get(job_id, TENSORS_FILE)
-        except FileNotFoundError:
-            tensors = None
-        return graph, tensors
+        return _unpack(self._get(job_id, GRAPH_OBJECT))
 
     def local_files(self, job_id: str) -> LocalFiles:
         """The graph copied into a private temporary folder; `commit` uploads the result
@@ -130,8 +139,8 @@ class S3ResultStore:
 
         def commit() -> None:
             if result.is_file():
-                with _reachable():
-                    self.s3.upload_file(str(result), self.bucket, self._key(job_id, RESULT_FILE))
+                with _reachable(), result.open("rb") as body:
+                    self.s3.put_object(Bucket=self.bucket, Key=self._key(job_id, RESULT_FILE), Body=body)
 
         return LocalFiles(
             graph=folder / GRAPH_FILE,

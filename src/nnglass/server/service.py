@@ -227,7 +227,7 @@ class Service:
     def open_result(self, key_id: str, job_id: str) -> tuple[BinaryIO, int]:
         """The caller's job's result, as a stream, and its size in bytes."""
         job = self.get(key_id, job_id)
-        size = self.results.result_size(job.id) if job.status == JobStatus.COMPLETED else None
+        size = job.result_bytes if job.status == JobStatus.COMPLETED else None  # the worker's count
         if size is None:
             raise NotFoundError(f"job {job_id} has no result ({job.status.value.lower()})")
         try:
