@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ..errors import UnavailableError
 from .jobs import _TERMINAL_SQL, Job
 from .pg import Database
 from .pg_events import QUEUE_CHANNEL, Listener
@@ -110,7 +111,10 @@ class PgQueue:
     def next(self, model: str, timeout: float | None = None) -> str | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._closed:
-            job_id = self._claim(model)
+            try:
+                job_id = self._claim(model)
+            except UnavailableError:  # the replica waits it out, like an empty queue
+                job_id = None
             if job_id is not None:
                 return job_id
             left = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
@@ -123,6 +127,12 @@ class PgQueue:
     def take_sharing(self, model: str, job_id: str, limit: int) -> list[str]:
         if limit <= 0:
             return []
+        try:
+            return self._take_sharing(model, job_id, limit)
+        except UnavailableError:  # nothing taken (rolled back): the job runs alone
+            return []
+
+    def _take_sharing(self, model: str, job_id: str, limit: int) -> list[str]:
         with self.db.tx() as conn:
             row = conn.execute("SELECT share FROM queue WHERE job_id = %s", (job_id,)).fetchone()
             if row is None or row["share"] is None:

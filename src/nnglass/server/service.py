@@ -118,6 +118,7 @@ class Service:
                 state.workers.append(worker)
                 self._spawn(Replica(self, state, worker).serve)
         self._spawn(self._upkeep_loop)
+        self._spawn(self._lease_loop)
 
     def stop(self) -> None:
         self._stop.set()
@@ -320,15 +321,26 @@ class Service:
                     raise
 
     def publish_queue(self, model: str) -> None:
-        for job_id in self.scheduler.positions(model):
+        try:
+            waiting = self.scheduler.positions(model)
+        except UnavailableError:  # the waiters re-read on their own timeout
+            return
+        for job_id in waiting:
             self.hub.publish(job_id)
 
-    def _upkeep_loop(self) -> None:
-        """The lease, orphaned jobs (every _TICK_S), expired results (less often)."""
-        every, last = min(60.0, max(1.0, self.config.result_ttl_s / 4)), time.monotonic()
+    def _lease_loop(self) -> None:
+        """The queue's lease, renewed in a thread of its own: slow upkeep never lets it lapse."""
         while not self._stop.wait(_TICK_S):
             try:
                 self.scheduler.tick()
+            except UnavailableError as e:
+                log.warning("cannot renew this frontend's lease: %s", e.message)
+
+    def _upkeep_loop(self) -> None:
+        """Orphaned jobs (every _TICK_S), expired results (less often)."""
+        every, last = min(60.0, max(1.0, self.config.result_ttl_s / 4)), time.monotonic()
+        while not self._stop.wait(_TICK_S):
+            try:
                 self._recover()
                 if time.monotonic() - last >= every:
                     last = time.monotonic()
