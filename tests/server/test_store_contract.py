@@ -264,3 +264,47 @@ def test_quota_hold_is_one_step_across_frontends(pg_clean: Database) -> None:
     finally:
         for x in (a, la, b, lb):
             x.close()
+
+
+# --- configuration and the CLI ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value", "named"), [
+    ("database", "mysql://x/y", "server.database"), ("database", "/var/nnglass.db", "server.database"),
+    ("results", "gs://bucket/x", "server.results")])  # fmt: skip
+def test_config_refuses_stores_it_does_not_know(key: str, value: str, named: str) -> None:
+    from nnglass.errors import ConfigError
+    from nnglass.server.config import parse_config
+
+    models = [{"name": "m", "source": "m"}]
+    with pytest.raises(ConfigError, match=named):
+        parse_config({"server": {key: value}, "models": models})
+
+
+def test_cli_keys_reach_the_configured_database(postgres: Any, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    url = postgres.fresh_database()
+    config = tmp_path / "server.toml"
+    models = '[[models]]\nname = "m"\nsource = "m"\n'
+    config.write_text(f'[server]\nhome = "{tmp_path}"\ndatabase = "{url}"\n{models}')
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "nnglass", "keys", *args, "--config", str(config)],
+                              capture_output=True, text=True, env=os.environ, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    key = cli("create", "carol").split()[-1]
+    db = Database(url)
+    try:
+        keys = PgKeyStore(db)
+        assert keys.verify(key) is not None
+        assert "carol" in cli("list") and key not in cli("list")
+        cli("revoke", "carol")
+        assert keys.verify(key) is None
+    finally:
+        db.close()
+    assert not (tmp_path / "nnglass.db").exists()  # nothing went to SQLite
