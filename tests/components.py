@@ -26,7 +26,15 @@ from pathlib import Path
 
 import pytest
 
-PG_BIN = Path(os.environ.get("NNGLASS_PG_BIN", "/usr/local/bin"))
+def _pg_bin() -> Path:
+    """Where initdb and pg_ctl are: $NNGLASS_PG_BIN, else on PATH, else Debian's place."""
+    if os.environ.get("NNGLASS_PG_BIN"):
+        return Path(os.environ["NNGLASS_PG_BIN"])
+    found = shutil.which("initdb")
+    return Path(found).parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 
 
 def free_port() -> int:
