@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+
 def _pg_bin() -> Path:
     """Where initdb and pg_ctl are: $NNGLASS_PG_BIN, else on PATH, else Debian's place."""
     if os.environ.get("NNGLASS_PG_BIN"):

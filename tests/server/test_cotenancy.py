@@ -155,9 +155,10 @@ def _line(marker: str) -> int:
     return next(i for i, text in enumerate(lines, 1) if marker in text and "save()" in text)
 
 
-def test_server_shares_a_forward_pass_between_queued_jobs(start_server: Any, tiny_config: Any,
-                                                           lm: LanguageModel) -> None:  # fmt: skip
-    server = start_server("cotenancy", tiny_config())
+def test_server_shares_a_forward_pass_between_queued_jobs(
+    start_server: Any, tiny_config: Any, lm: LanguageModel, stores: Any
+) -> None:
+    server = start_server("cotenancy", tiny_config(), stores=stores)  # each store combination (conftest)
     try:
         _, key = server.keys.create("alice")
         nnglass.configure(host=server.url, api_key=key)
