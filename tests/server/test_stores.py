@@ -135,6 +135,7 @@ def test_job_create_get_roundtrip(jobs: SQLiteJobStore) -> None:
     assert got == created
     assert got.status is JobStatus.RECEIVED and got.error is None and got.attempts == 0
     assert jobs.get("no-such-job-id-000") is None
+    assert jobs.get("a" * 20 + "\x00") is None  # PostgreSQL text cannot hold it: still just no job
     with pytest.raises(ValueError):
         jobs.create(job)
 

@@ -5,7 +5,8 @@ tests/server/test_store_contract.py run against both): each write is one stateme
 so atomic across threads, processes and frontends; a terminal status is final (the
 guard is in the UPDATE's WHERE); keys are stored as SHA-256 hashes only and `list()`
 never returns a key or a hash; an unreachable database is UnavailableError from any
-method, and then nothing was written.
+method, and then nothing was written. PostgreSQL text cannot hold a NUL character: an
+id with one names no job (as in SQLite), a key name with one is a ValueError.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class PgJobStore:
         return dataclasses.replace(job, seq=seq)
 
     def get(self, job_id: str) -> Job | None:
+        if "\x00" in job_id:
+            return None  # no id has one; PostgreSQL would refuse the query
         with self.db.tx() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id = %s", (job_id,)).fetchone()
         return None if row is None else _job(row)
@@ -107,6 +110,8 @@ class PgKeyStore:
         if not isinstance(name, str) or not name.strip():
             raise ValueError("a key needs a non-empty name, e.g. `nnglass keys create alice`")
         name = name.strip()
+        if "\x00" in name:
+            raise ValueError("a key name cannot contain a NUL character")
         key, key_id = KEY_PREFIX + secrets.token_urlsafe(32), "key_" + secrets.token_hex(8)
         try:
             with self.db.tx() as conn:
@@ -141,6 +146,8 @@ class PgKeyStore:
         return [dict(r) for r in rows]
 
     def revoke(self, name_or_id: str) -> bool:
+        if "\x00" in name_or_id:
+            return False  # no key has it
         now = time.time()
         with self.db.tx() as conn:
             for column in ("id", "name"):  # an id match wins, as in auth.KeyStore
