@@ -195,7 +195,11 @@ def _answer(service: Service, frontend: Frontend, req: CompletionRequest, key_id
         raise RemoteError(f"job {job_id} was cancelled")
     if job.status == JobStatus.ERROR:
         raise _job_error(job.error)
-    values = decode_results(service.result_path(key_id, job_id).read_bytes())
+    stream, _ = service.open_result(key_id, job_id)  # from whichever result store holds it
+    try:
+        values = decode_results(stream.read())
+    finally:
+        stream.close()
     return make_answer(req, plan, values, frontend.tokenizer, frontend.eos)
 
 
