@@ -50,6 +50,7 @@ from .values import (
     without_state,
     zip_batch,
 )
+from .window import Window
 
 _UNSET: Any = object()
 
@@ -61,7 +62,7 @@ class EarlyStop(BaseException):
 class Interpreter:
     """Runs one graph against one model. Create one per run."""
 
-    def __init__(self, plan: Plan, graph: Graph, model: torch.nn.Module, rows: list[tuple[int, int]],
+    def __init__(self, plan: Plan, graph: Graph, model: torch.nn.Module, rows: list[tuple[int, ...]],
                  batch_size: int, can_stop: bool = True,
                  imports: dict[tuple[int, int], Any] | None = None) -> None:  # fmt: skip
         self.plan = plan
@@ -69,7 +70,7 @@ class Interpreter:
         self.nodes = graph.nodes
         self.model = model
         self.tensors = graph.tensors
-        self.rows = rows  # invoke index -> (start, stop)
+        self.rows = [Window(*r) for r in rows]  # invoke index -> its rows (and positions: window.py)
         self.batch_size = batch_size
         self.can_stop = can_stop
         self.imports = imports or {}
@@ -353,20 +354,12 @@ class Interpreter:
     def _slice(self, value: Any, invoke: int | None) -> Any:
         if invoke is None or len(self.rows) == 1:
             return value
-        start, stop = self.rows[invoke]
-        return map_batch(value, self.batch_size, lambda t: t[start:stop])
+        return map_batch(value, self.batch_size, self.rows[invoke].view)
 
     def _replace(self, value: Any, new: Any, invoke: int | None) -> Any:
         if invoke is None or len(self.rows) == 1:
             return new
-        start, stop = self.rows[invoke]
-
-        def put(full: torch.Tensor, part: Any) -> torch.Tensor:
-            out = full.clone()
-            out[start:stop] = part
-            return out
-
-        return zip_batch(value, new, self.batch_size, put)
+        return zip_batch(value, new, self.batch_size, self.rows[invoke].put)
 
     # --- errors --------------------------------------------------------------------------
     def _node_error(self, node: Node, e: Exception) -> ExecutionError:

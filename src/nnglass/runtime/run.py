@@ -28,7 +28,7 @@ def execute(
     graph: Graph,
     model: torch.nn.Module,
     forward: Callable[[Interpreter], Any],
-    rows: list[tuple[int, int]],
+    rows: list[tuple[int, ...]],  # per invoke: (start, stop) or a runtime.window.Window
     batch_size: int,
     *,
     registry: OpRegistry = REGISTRY,
