@@ -150,6 +150,27 @@ def test_one_failing_user_does_not_fail_the_others(worker: WorkerHandle, lm: Lan
         _same(value, decode_results((tmp_path / "r0.safetensors").read_bytes())[node_id])
 
 
+def test_a_job_failing_a_shared_pass_leaves_it_and_the_others_share_again(
+        worker: WorkerHandle, lm: LanguageModel, tmp_path: Path) -> None:  # fmt: skip
+    """Mixed widths: the failing job (the middle one) is found by its node and runs alone
+    (its own error, its own line); the two others run shared again, as they are alone."""
+    def bad_body(t: Any) -> None:
+        with t.invoke("hey"):
+            lm.model.layers[1].output[:, 50].save()  # past its own width: its error only
+
+    good = [_record(lm, lambda t, p=p: _save_logits(lm, t, p)) for p in ("a rather long prompt", "hi")]
+    graphs = [good[0], _record(lm, bad_body), good[1]]
+    reply = worker.run({"batch": [_job(tmp_path, g, i) for i, g in enumerate(graphs)]}, timeout=60)
+    answers = reply["batch"]
+    assert [a["status"] for a in answers] == ["COMPLETED", "ERROR", "COMPLETED"]
+    assert [a.get("shared") for a in answers] == [2, None, 2]
+    assert answers[1]["error"]["where"].endswith(f"{Path(__file__).name}:{_line('[:, 50]')}")
+    for i in (0, 2):
+        remote = decode_results((tmp_path / f"r{i}.safetensors").read_bytes())
+        for node_id, value in lm.run_graph(graphs[i]).items():
+            _same(value, remote[node_id])
+
+
 def _line(marker: str) -> int:
     lines = Path(__file__).read_text().splitlines()
     return next(i for i, text in enumerate(lines, 1) if marker in text and "save()" in text)

@@ -89,6 +89,7 @@ class Interpreter:
         self._in_backward = False
         self._deferred: list[int] = []
         self.last_edit = -1  # the last set/in-place node that ran (for model errors)
+        self.current = -1  # the node running now (-1: none): whose failure a run's error is
         self.deadline: float | None = None  # time.monotonic() after which every hook stops the run
         self.seconds: float | None = None  # the time limit, for the message
         self.hide_weights = False  # weights hidden: `.inputs` shows only `.input` (see hooks)
@@ -159,6 +160,7 @@ class Interpreter:
         whole = len(self.rows) == 1
         watched = ()
         for i in task.ids:
+            self.current = i
             if remaining[i]:
                 self._out_of_order(nodes[i])
             node = nodes[i]
@@ -175,6 +177,7 @@ class Interpreter:
                 self.complete(i, None)
             if self._ready:
                 self.drain()
+        self.current = -1
         values = self.values
         for i in task.inplace:
             if values[i] is _UNSET:
@@ -252,6 +255,7 @@ class Interpreter:
             if node.op == BACKWARD and self._in_backward:
                 self._deferred.append(i)  # one backward at a time; runs when this one ends
                 continue
+            self.current = i
             try:
                 value = self.run_node(node)
             except (NNglassError, EarlyStop):
@@ -259,6 +263,7 @@ class Interpreter:
             except Exception as e:
                 raise self._node_error(node, e) from e
             self.complete(i, value)
+        self.current = -1
 
     def run_node(self, node: Node) -> Any:
         op = node.op
