@@ -162,3 +162,13 @@ def test_a_co_tenant_cannot_reach_outside_its_window(lm: LanguageModel) -> None:
         assert mine.keys() == shared.keys()
         for node_id in mine:
             same(mine[node_id], shared[node_id])
+
+
+def test_a_tensor_forward_option_is_never_shared(lm: LanguageModel) -> None:
+    """A tensor among the forward options (`labels=`, as a graph may carry it) is one user's
+    data: such a graph never merges, whatever its keys are called."""
+    graph = users(lm)[3]
+    ids = graph.invokes[0].kwargs["input_ids"]
+    assert share_key(graph) is not None
+    graph.options["forward"] = {"labels": ids}
+    assert share_key(graph) is None

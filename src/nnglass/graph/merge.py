@@ -3,7 +3,8 @@
 Invariants:
 - Only graphs that cannot see each other's rows are merged: plain traces (no generate,
   no session), no gradients (a backward would cross rows), same model and same forward
-  options. `share_key` says which graphs may be merged: equal keys, and not None.
+  options, none of them a tensor (a tensor option is one graph's data, not shared).
+  `share_key` says which graphs may be merged: equal keys, and not None.
   Prompt widths may differ: the batch is left-padded to one width, and each graph sees
   its own width (below).
 - Every node of a merged graph addresses one window (runtime/window.py): its invokes are
@@ -24,7 +25,7 @@ import json
 from typing import Any
 
 from ..runtime.window import Window
-from .ir import BACKWARD, GRAD, IMPORT, SET_GRAD, Graph, Invoke, Node, Ref, TensorRef
+from .ir import BACKWARD, GRAD, IMPORT, SET_GRAD, Graph, Invoke, Node, Ref, TensorRef, find
 from .wire import encode_value
 
 _NOT_SHARED = frozenset({BACKWARD, GRAD, SET_GRAD, IMPORT})
@@ -36,6 +37,8 @@ def share_key(graph: Graph) -> str | None:
         return None
     if any(node.op in _NOT_SHARED for node in graph.nodes):
         return None
+    if find(graph.options.get("forward", {}), TensorRef) is not None:
+        return None  # a tensor argument (labels=...) is this graph's own data: never merged
     forward = encode_value(graph.options.get("forward", {}))
     return f"{graph.model}\n{json.dumps(forward, sort_keys=True)}"
 
