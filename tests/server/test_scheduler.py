@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 
-from nnglass.server.scheduler import Scheduler, Share
+from nnglass.server.scheduler import WAIT_ROUNDS, Scheduler, Share
 
 
 def test_keys_take_turns_so_a_heavy_user_cannot_starve_others() -> None:
@@ -105,3 +106,27 @@ def test_a_pass_that_is_not_full_waits_its_window_for_more() -> None:
     late.join()
     s.submit("m", "a", "a2", share=Share("k", 1, 4))
     assert s.take_sharing("m", s.next("m", timeout=0), limit=5, wait=0) == []
+
+
+def test_the_wait_goes_on_while_jobs_keep_arriving_and_is_bounded() -> None:
+    s = Scheduler(["m"])
+    s.submit("m", "a", "first", share=Share("k", 1, 4))
+    first = s.next("m", timeout=0)
+    stop = threading.Event()
+
+    def trickle() -> None:  # one job every 10 ms, for longer than the bound
+        for i in range(200):
+            if stop.wait(0.01):
+                return
+            s.submit("m", f"k{i}", f"j{i}", share=Share("k", 1, 4))
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    began = time.monotonic()
+    taken = s.take_sharing("m", first, limit=1000, wait=0.1)  # each gap (10 ms) < the window
+    waited = time.monotonic() - began
+    stop.set()
+    t.join()
+    assert len(taken) >= 2  # it kept waiting past the first window
+    assert waited < 0.1 * WAIT_ROUNDS + 1.0  # and not forever
+    assert taken == [f"j{i}" for i in range(len(taken))]

@@ -11,8 +11,8 @@ Invariants:
 - Positions are what a job's owner sees: how many jobs will start before it, by the
   same rule. The scheduler holds ids only; the job store holds the truth.
 - `take_sharing` takes the jobs that can share a forward pass with the one just taken,
-  in start order, within a job count and a padded-token budget, waiting at most a short
-  window for more to arrive.
+  in start order, within a job count and a padded-token budget, waiting for more while
+  they keep arriving (a short gap ends the wait, and the wait is bounded).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+
+WAIT_ROUNDS = 20  # a pass waits for more jobs at most this many wait windows in all
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,9 @@ class Scheduler:
         """Queued jobs that can share `job_id`'s forward pass (same share key), taken in
         the order they would have started (they only start earlier): at most `limit`,
         and while the pass stays within `tokens` padded tokens (rows x widest width; a
-        job that does not fit is left for a later pass). Waits up to `wait` seconds for
-        more to arrive while the pass is not full."""
+        job that does not fit is left for a later pass). While the pass is not full it
+        waits for more: until none has arrived for `wait` seconds (jobs sent at once
+        arrive one by one), at most `WAIT_ROUNDS` times that in all."""
         with self._ready:
             first = self._share.pop(job_id, None)
             if first is None or limit <= 0:
@@ -132,7 +135,8 @@ class Scheduler:
             queue = self._queues[model]
             taken: list[str] = []
             rows, width = first.rows, first.width
-            deadline = time.monotonic() + wait
+            now = time.monotonic()
+            deadline, last_call = now + wait, now + wait * WAIT_ROUNDS
             while True:
                 full = False
                 for j in queue.order():
@@ -147,6 +151,7 @@ class Scheduler:
                     del self._share[j]
                     taken.append(j)
                     rows, width = r, w
+                    deadline = min(time.monotonic() + wait, last_call)  # one arrived: wait again
                     if len(taken) >= limit:
                         return taken
                 left = deadline - time.monotonic()
