@@ -215,7 +215,8 @@ def main() -> None:
                     got = work[name]()
                     took = got["seconds"] if isinstance(got, dict) else time.perf_counter() - t
                     rows[kind].setdefault(name, []).append(len(ps) / took)
-                    print(f"round {r} {kind} {name}: {len(ps) / took:.2f} prompts/s", file=sys.stderr, flush=True)
+                    print(f"round {r} {kind} {name}: {len(ps) / took:.2f} prompts/s", file=sys.stderr,
+                          flush=True)  # fmt: skip
                     if isinstance(got, dict):
                         phases.setdefault(kind, {}).setdefault(name, []).append(got["phases_ms_median"])
         batching = {name: s.batching() for name, s in servers.items()}
