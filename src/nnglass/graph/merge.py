@@ -25,7 +25,22 @@ import json
 from typing import Any
 
 from ..runtime.window import Window
-from .ir import BACKWARD, GRAD, IMPORT, SET_GRAD, Graph, Invoke, Node, Ref, TensorRef, find
+from .ir import (
+    BACKWARD,
+    FORWARD_KWARGS,
+    GRAD,
+    GROUPS,
+    IMPORT,
+    SET_GRAD,
+    TRACE,
+    VALIDATE,
+    Graph,
+    Invoke,
+    Node,
+    Ref,
+    TensorRef,
+    find,
+)
 from .wire import encode_value
 
 _NOT_SHARED = frozenset({BACKWARD, GRAD, SET_GRAD, IMPORT})
@@ -33,13 +48,13 @@ _NOT_SHARED = frozenset({BACKWARD, GRAD, SET_GRAD, IMPORT})
 
 def share_key(graph: Graph) -> str | None:
     """Graphs with the same key can run merged; None: this graph runs alone."""
-    if graph.mode != "trace" or graph.children or graph.options.get("validate"):
+    if graph.mode != TRACE or graph.children or graph.options.get(VALIDATE):
         return None
     if any(node.op in _NOT_SHARED for node in graph.nodes):
         return None
-    if find(graph.options.get("forward", {}), TensorRef) is not None:
+    if find(graph.options.get(FORWARD_KWARGS, {}), TensorRef) is not None:
         return None  # a tensor argument (labels=...) is this graph's own data: never merged
-    forward = encode_value(graph.options.get("forward", {}))
+    forward = encode_value(graph.options.get(FORWARD_KWARGS, {}))
     return f"{graph.model}\n{json.dumps(forward, sort_keys=True)}"
 
 
@@ -53,8 +68,8 @@ def width(graph: Graph) -> int:
 def merge(graphs: list[Graph]) -> tuple[Graph, list[int]]:
     """One graph running all of `graphs`; and each one's node-id offset in it."""
     total_invokes = sum(len(g.invokes) for g in graphs)
-    merged = Graph(model=graphs[0].model, mode="trace", options={
-        "forward": graphs[0].options.get("forward", {}), "groups": []})  # fmt: skip
+    merged = Graph(model=graphs[0].model, mode=TRACE, options={
+        FORWARD_KWARGS: graphs[0].options.get(FORWARD_KWARGS, {}), GROUPS: []})  # fmt: skip
     offsets: list[int] = []
     for k, g in enumerate(graphs):
         node_offset, invoke_offset = len(merged.nodes), len(merged.invokes)
@@ -64,7 +79,7 @@ def merge(graphs: list[Graph]) -> tuple[Graph, list[int]]:
             merged.tensors[prefix + key] = tensor
         for inv in g.invokes:
             merged.invokes.append(Invoke(_shift(inv.args, 0, prefix), _shift(inv.kwargs, 0, prefix)))
-        merged.options["groups"].append([invoke_offset, len(merged.invokes) - 1, width(g)])
+        merged.options[GROUPS].append([invoke_offset, len(merged.invokes) - 1, width(g)])
         group = total_invokes + k
         for n in g.nodes:
             merged.nodes.append(Node(
@@ -86,7 +101,7 @@ def split(saved: dict[int, Any], graphs: list[Graph], offsets: list[int]) -> lis
 def group_rows(graph: Graph, rows: list[tuple[int, int]], full: int) -> list[tuple[int, ...]]:
     """Each invoke's window, then each merged graph's whole-batch window (if merged);
     `full`: the batch's padded width. Unmerged, `rows` as they are."""
-    groups = graph.options.get("groups")
+    groups = graph.options.get(GROUPS)
     if not groups:
         return rows
     invokes: list[tuple[int, ...]] = list(rows)
@@ -101,7 +116,7 @@ def group_rows(graph: Graph, rows: list[tuple[int, int]], full: int) -> list[tup
 
 def widths_differ(graph: Graph) -> bool:
     """Whether some merged graph is narrower than the batch (its windows hide positions)."""
-    owns = {own for *_, own in graph.options.get("groups", ())}
+    owns = {own for *_, own in graph.options.get(GROUPS, ())}
     return len(owns) > 1
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ..graph.ir import Graph, TensorRef
+from ..graph.ir import GENERATE, GENERATE_KWARGS, Graph, TensorRef
 from ..graph.merge import share_key, width
 from .scheduler import Share
 
@@ -38,8 +38,8 @@ def cost_of(graph: Graph) -> int:
     total = 0
     for g in graph.children or [graph]:
         rows, new = rows_of(g), 0
-        if g.mode == "generate":
-            new = int(g.options.get("generate", {}).get("max_new_tokens", 1) or 1)
+        if g.mode == GENERATE:
+            new = int(g.options.get(GENERATE_KWARGS, {}).get("max_new_tokens", 1) or 1)
         total += rows * (max(width(g), 0) + new)
     return max(total, 1)
 
