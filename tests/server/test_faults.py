@@ -250,8 +250,9 @@ def test_two_jobs_that_crash_a_shared_pass_fail_alone(site: Faulty, lm: Language
 
 
 def test_a_job_cancelled_in_a_shared_pass_stays_cancelled(site: Faulty, lm: LanguageModel) -> None:
-    """A cancel in a hanging shared pass stops the worker for the cancelled job: it stays
-    CANCELLED (no result, never rerun), the innocent completes, the culprit still fails."""
+    """A cancel in a hanging shared pass drops only the cancelled job (the pass goes on,
+    until the time limit stops it): it stays CANCELLED (no result, never rerun), the
+    innocent completes, the culprit still fails."""
     ids, innocents = shared_pass(site, lm, {"mallory": site.hang}, innocents=2)
     (bob, cancelled, _), (carol, job, graph) = innocents
     assert wait_for(bob, cancelled, ("RUNNING", *TERMINAL))["status"] == "RUNNING"

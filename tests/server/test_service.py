@@ -400,6 +400,38 @@ def test_queue_is_fair_across_keys(server: Any, http: httpx.Client, lm: Language
     assert starts[0] < done["started_at"] < starts[1] < starts[2]
 
 
+def test_a_cancel_in_a_shared_pass_removes_only_that_job(server: Any, key: str, http: httpx.Client,
+                                                         lm: LanguageModel) -> None:  # fmt: skip
+    """Four queued jobs of three widths share one pass (a slow one keeps it running); one of
+    them is cancelled mid-pass: it ends CANCELLED with no result, the pass goes on (no
+    worker restart), the others complete as they are alone (float tolerance: the batch's
+    width differs). /v1/models and /metrics show the passes."""
+    restarts = server.metric(key, "nnglass_worker_restarts_total")
+    busy = submit(http, slow_graph(lm))  # the worker is busy: the jobs below queue
+    wait_for(http, busy, ("RUNNING", *TERMINAL))
+    slow = submit(http, slow_graph(lm))  # first of the next pass: keeps it running
+    graphs = [small_graph(lm, p) for p in ("a longer prompt here", "yo")]
+    ids = [submit(http, g) for g in graphs]
+    doomed = submit(http, small_graph(lm, "cancel me"))
+    assert wait_for(http, doomed, ("RUNNING", *TERMINAL))["status"] == "RUNNING"
+    assert http.get(f"/v1/jobs/{slow}").json()["status"] == "RUNNING"  # the same pass
+    r = http.delete(f"/v1/jobs/{doomed}")
+    assert r.status_code == 200 and r.json()["status"] == "CANCELLED"
+    for job, graph in zip(ids, graphs):
+        assert wait_for(http, job)["status"] == "COMPLETED"
+        remote = decode_results(http.get(f"/v1/jobs/{job}/result").content)
+        for node_id, value in lm.run_graph(graph).items():
+            torch.testing.assert_close(remote[node_id], value, atol=1e-4, rtol=1e-4)
+    assert wait_for(http, slow)["status"] == "COMPLETED"
+    assert wait_for(http, doomed)["status"] == "CANCELLED"
+    assert http.get(f"/v1/jobs/{doomed}/result").status_code == 404
+    assert server.metric(key, "nnglass_worker_restarts_total") == restarts
+    batching = {m["name"]: m for m in http.get("/v1/models").json()}[NAME]["batching"]
+    assert batching["share_jobs"] >= 4 and batching["share_tokens"] > 0 and batching["passes"] >= 2
+    assert server.metric(key, f'nnglass_pass_jobs_bucket{{model="{NAME}",le="2"}}') < \
+        server.metric(key, f'nnglass_pass_jobs_bucket{{model="{NAME}",le="4"}}')  # the pass of four
+
+
 def test_error_status_names_the_line(http: httpx.Client, lm: LanguageModel) -> None:
     with lm.trace("hi", remote=True, blocking=False) as tracer:
         where = line(1)

@@ -19,7 +19,7 @@ from nnglass.server.pg_queue import PgQueue
 from nnglass.server.pg_stores import PgJobStore, PgKeyStore
 from nnglass.server.results import DirResultStore
 from nnglass.server.s3 import S3ResultStore
-from nnglass.server.scheduler import Scheduler
+from nnglass.server.scheduler import Scheduler, Share
 
 # --- result stores --------------------------------------------------------------------
 
@@ -178,21 +178,24 @@ def test_queue_is_fair_across_keys_and_in_order_within_one(queue: Any) -> None:
     assert list(queue.positions("m")) == ["a1", "b1", "c1", "a2", "b2", "a3"]
     assert queue.depth("m") == 6 and queue.queued_by("a") == 4
     assert queue.next("m", timeout=1) == "a1"
-    queue.submit("m", "d", "d1")  # a new key joins at the back of the line
+    queue.submit("m", "d", "d1")  # a new key gets its turn in this round
     assert queue.cancel("m", "c1") and not queue.cancel("m", "c1")
     taken = [queue.next("m", timeout=1) for _ in range(5)]
-    assert taken == ["b1", "a2", "d1", "b2", "a3"]
+    # Where exactly a newcomer lands differs: the in-memory queue (fair in tokens) puts it
+    # before the key just served, the PostgreSQL one (fair in turns) after it.
+    assert taken[0] == "b1" and set(taken[1:3]) == {"a2", "d1"} and taken[3:] == ["b2", "a3"]
     assert queue.next("m", timeout=0.2) is None
     assert queue.next("n", timeout=1) == "other-model"
 
 
 def test_queue_shares_only_matching_jobs(queue: Any) -> None:
-    for i, share in enumerate(["x", "y", "x", "x", None]):
-        queue.submit("m", f"k{i % 2}", f"j{i}", share=share)
+    for i, key in enumerate(["x", "y", "x", "x", None]):
+        queue.submit("m", f"k{i % 2}", f"j{i}", share=None if key is None else Share(key, 1, 4))
     assert queue.next("m", timeout=1) == "j0"
     assert queue.take_sharing("m", "j0", limit=1) == ["j2"]
     assert queue.take_sharing("m", "j4", limit=5) == []
-    assert list(queue.positions("m")) == ["j1", "j4", "j3"]  # k0 served twice: to the back
+    order = list(queue.positions("m"))  # k0 was served twice: k1 goes first (and, counted in
+    assert order[0] == "j1" and sorted(order) == ["j1", "j3", "j4"]  # tokens, again next)
 
 
 def test_two_frontends_never_take_one_job(pg_clean: Database) -> None:

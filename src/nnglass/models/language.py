@@ -21,11 +21,12 @@ import torch
 
 from ..errors import TraceError
 from ..graph.ir import GET, Graph, Invoke
-from ..graph.merge import group_rows
+from ..graph.merge import group_rows, widths_differ
 from ..runtime.backend import Backend
 from ..runtime.interpreter import Interpreter
 from ..runtime.run import execute, run_session
 from ..runtime.values import resolve
+from ..runtime.window import model_sizes, safe_width
 from ..tracing.proxy import Proxy
 from ..tracing.tracer import Tracer, user_where
 from . import fake, metaforward
@@ -83,6 +84,7 @@ class LanguageModel(NNModel):
         object.__setattr__(self, "_fake", None)  # (FakeTensorMode, model), built by the first scan
         object.__setattr__(self, "_meta", None)  # metadata's meta-device copy (False: none can be made)
         object.__setattr__(self, "_remote_only", remote_only)  # from a server: no weights
+        object.__setattr__(self, "_sizes", None)  # the model's own sizes (runtime.window.model_sizes)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -226,8 +228,8 @@ class LanguageModel(NNModel):
     def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:
         if graph.mode == "session":
             return run_session(self, graph)
-        ids, mask, rows = batch_prompts(graph, self.tokenizer.pad_token_id)
-        rows = group_rows(graph, rows)  # co-tenancy: each merged user's rows
+        ids, mask, rows = batch_prompts(graph, self.tokenizer.pad_token_id, self._batch_width(graph))
+        rows = group_rows(graph, rows, ids.shape[1])  # co-tenancy: each merged user's window
         if graph.mode == "scan" or graph.options.get("validate"):
             saved = fake.scan(self, graph, ids, mask, rows, imports)
             if graph.mode == "scan":
@@ -243,6 +245,15 @@ class LanguageModel(NNModel):
             return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **forward_kwargs)
 
         return execute(graph, model, forward, rows, ids.shape[0], imports=imports, order=self._order)
+
+    def _batch_width(self, graph: Graph) -> int | None:
+        """Co-tenants of different widths: a batch width that is none of the model's own
+        sizes, so each one's window finds the position axes (runtime/window.py)."""
+        if not widths_differ(graph):
+            return None
+        if self._sizes is None:
+            object.__setattr__(self, "_sizes", model_sizes(self.module))
+        return safe_width(batch_prompts_width(graph), self._sizes)
 
     def _run_generate(self, graph: Graph, model: torch.nn.Module, ids: torch.Tensor,
                       mask: torch.Tensor, rows: list[tuple[int, int]], imports: dict | None,
@@ -311,11 +322,13 @@ def _private_rng(seed: int | None) -> Iterator[None]:
         yield
 
 
-def batch_prompts(graph: Graph, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-    """Left-pad every invoke's ids to the longest; return ids, mask and each invoke's rows."""
+def batch_prompts(graph: Graph, pad_id: int, width: int | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:  # fmt: skip
+    """Left-pad every invoke's ids to the longest (or `width`, if wider); return ids, mask
+    and each invoke's rows."""
     parts = [(graph.tensors[inv.kwargs["input_ids"].key], graph.tensors[inv.kwargs["attention_mask"].key])
              for inv in graph.invokes]  # fmt: skip
-    width = max(ids.shape[1] for ids, _ in parts)
+    width = max(width or 0, *(ids.shape[1] for ids, _ in parts))
     all_ids, all_mask, rows, start = [], [], [], 0
     for ids, mask in parts:
         pad = width - ids.shape[1]
@@ -324,6 +337,10 @@ def batch_prompts(graph: Graph, pad_id: int) -> tuple[torch.Tensor, torch.Tensor
         rows.append((start, start + ids.shape[0]))
         start += ids.shape[0]
     return torch.cat(all_ids), torch.cat(all_mask), rows
+
+
+def batch_prompts_width(graph: Graph) -> int:
+    return max(graph.tensors[inv.kwargs["input_ids"].key].shape[1] for inv in graph.invokes)
 
 
 def _2d(t: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ from .values import (
     without_state,
     zip_batch,
 )
+from .window import Window
 
 _UNSET: Any = object()
 
@@ -61,7 +62,7 @@ class EarlyStop(BaseException):
 class Interpreter:
     """Runs one graph against one model. Create one per run."""
 
-    def __init__(self, plan: Plan, graph: Graph, model: torch.nn.Module, rows: list[tuple[int, int]],
+    def __init__(self, plan: Plan, graph: Graph, model: torch.nn.Module, rows: list[tuple[int, ...]],
                  batch_size: int, can_stop: bool = True,
                  imports: dict[tuple[int, int], Any] | None = None) -> None:  # fmt: skip
         self.plan = plan
@@ -69,7 +70,7 @@ class Interpreter:
         self.nodes = graph.nodes
         self.model = model
         self.tensors = graph.tensors
-        self.rows = rows  # invoke index -> (start, stop)
+        self.rows = [Window(*r) for r in rows]  # invoke index -> its rows (and positions: window.py)
         self.batch_size = batch_size
         self.can_stop = can_stop
         self.imports = imports or {}
@@ -88,6 +89,7 @@ class Interpreter:
         self._in_backward = False
         self._deferred: list[int] = []
         self.last_edit = -1  # the last set/in-place node that ran (for model errors)
+        self.current = -1  # the node running now (-1: none): whose failure a run's error is
         self.deadline: float | None = None  # time.monotonic() after which every hook stops the run
         self.seconds: float | None = None  # the time limit, for the message
         self.hide_weights = False  # weights hidden: `.inputs` shows only `.input` (see hooks)
@@ -158,6 +160,7 @@ class Interpreter:
         whole = len(self.rows) == 1
         watched = ()
         for i in task.ids:
+            self.current = i
             if remaining[i]:
                 self._out_of_order(nodes[i])
             node = nodes[i]
@@ -174,6 +177,7 @@ class Interpreter:
                 self.complete(i, None)
             if self._ready:
                 self.drain()
+        self.current = -1
         values = self.values
         for i in task.inplace:
             if values[i] is _UNSET:
@@ -251,6 +255,7 @@ class Interpreter:
             if node.op == BACKWARD and self._in_backward:
                 self._deferred.append(i)  # one backward at a time; runs when this one ends
                 continue
+            self.current = i
             try:
                 value = self.run_node(node)
             except (NNglassError, EarlyStop):
@@ -258,6 +263,7 @@ class Interpreter:
             except Exception as e:
                 raise self._node_error(node, e) from e
             self.complete(i, value)
+        self.current = -1
 
     def run_node(self, node: Node) -> Any:
         op = node.op
@@ -353,20 +359,12 @@ class Interpreter:
     def _slice(self, value: Any, invoke: int | None) -> Any:
         if invoke is None or len(self.rows) == 1:
             return value
-        start, stop = self.rows[invoke]
-        return map_batch(value, self.batch_size, lambda t: t[start:stop])
+        return map_batch(value, self.batch_size, self.rows[invoke].view)
 
     def _replace(self, value: Any, new: Any, invoke: int | None) -> Any:
         if invoke is None or len(self.rows) == 1:
             return new
-        start, stop = self.rows[invoke]
-
-        def put(full: torch.Tensor, part: Any) -> torch.Tensor:
-            out = full.clone()
-            out[start:stop] = part
-            return out
-
-        return zip_batch(value, new, self.batch_size, put)
+        return zip_batch(value, new, self.batch_size, self.rows[invoke].put)
 
     # --- errors --------------------------------------------------------------------------
     def _node_error(self, node: Node, e: Exception) -> ExecutionError:

@@ -28,7 +28,7 @@ def execute(
     graph: Graph,
     model: torch.nn.Module,
     forward: Callable[[Interpreter], Any],
-    rows: list[tuple[int, int]],
+    rows: list[tuple[int, ...]],  # per invoke: (start, stop) or a runtime.window.Window
     batch_size: int,
     *,
     registry: OpRegistry = REGISTRY,
@@ -86,8 +86,25 @@ def execute(
                            can_stop=can_stop, interpreter=interpreter, imports=imports, order=order,
                            copy_saves=True)  # fmt: skip
         return interp.saved
+    except BaseException as e:
+        e.node_id = culprit(interp, e)  # type: ignore[attr-defined]  # co-tenancy: whose error
+        raise
     finally:
         interp.close()
+
+
+def culprit(interp: Interpreter, e: BaseException) -> int | None:
+    """The node a run's failure belongs to: the one running when it failed, else the last
+    edit before the model failed, else the first node that never ran (None: unknown)."""
+    known = getattr(e, "node_id", None)
+    if known is not None:
+        return known
+    if interp.current >= 0:
+        return interp.current
+    if isinstance(e, ExecutionError) and interp.last_edit >= 0:
+        return interp.last_edit
+    unfinished = interp.unfinished() if isinstance(e, OutOfOrderError) else []
+    return unfinished[0].id if unfinished else None
 
 
 def check_finished(interp: Interpreter, missing_steps_ok: bool = False) -> None:

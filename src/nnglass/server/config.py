@@ -83,7 +83,9 @@ class ModelConfig:
     dtype: str = "float32"
     replicas: int = 1
     threads: int = 2  # torch threads per replica, always set explicitly
-    share_jobs: int = 8  # co-tenancy: most queued jobs merged into one forward pass (1: never)
+    share_jobs: int = 32  # co-tenancy: most queued jobs merged into one forward pass (1: never)
+    share_tokens: int = 4096  # most padded tokens (rows x widest prompt) in one shared pass
+    share_wait_s: float = 0.005  # how long a pass that is not full waits for more jobs to arrive
     policy: Policy = field(default_factory=Policy)
     # engine = "ray": what each replica's actor asks of its node (num_cpus, num_gpus, memory,
     # or any custom resource of `ray start --resources`); num_cpus defaults to `threads`.
@@ -198,7 +200,9 @@ def _model(raw: object, where: str) -> ModelConfig:
     policy = _policy(table.get("policy", {}), f"{where}.policy")
     resources = _resources(table.get("resources", {}), f"{where}.resources")
     cfg = ModelConfig(policy=policy, resources=resources, **kw)
-    _positive(cfg, where, ("replicas", "threads", "share_jobs"))
+    _positive(cfg, where, ("replicas", "threads", "share_jobs", "share_tokens"))
+    if not 0 <= cfg.share_wait_s <= 1:
+        raise ConfigError(f"{where}.share_wait_s: must be 0..1 seconds, got {cfg.share_wait_s}")
     return cfg
 
 

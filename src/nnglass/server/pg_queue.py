@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -35,6 +36,7 @@ from .jobs import _TERMINAL_SQL, Job
 from .pg import Database
 from .pg_events import QUEUE_CHANNEL, Listener
 from .pg_stores import _job
+from .scheduler import Share
 
 __all__ = ["PgQueue"]
 
@@ -90,12 +92,15 @@ class PgQueue:
         with self._wake:
             self._wake.notify_all()
 
-    def submit(self, model: str, key_id: str, job_id: str, share: str | None = None) -> None:
+    def submit(self, model: str, key_id: str, job_id: str, share: Share | None = None,
+               cost: int = 1) -> None:  # fmt: skip
+        """`cost` is not used here yet: across frontends keys take turns by jobs."""
+        shared = None if share is None else json.dumps([share.key, share.rows, share.width])
         with self.db.tx() as conn:
             conn.execute(
                 "INSERT INTO queue (job_id, model, key_id, share) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (job_id) DO NOTHING",
-                (job_id, model, key_id, share),
+                (job_id, model, key_id, shared),
             )
             conn.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, model))  # sent at commit
 
@@ -124,23 +129,32 @@ class PgQueue:
                 self._wake.wait(left)
         return None
 
-    def take_sharing(self, model: str, job_id: str, limit: int) -> list[str]:
+    def take_sharing(self, model: str, job_id: str, limit: int, tokens: int | None = None,
+                     wait: float = 0.0) -> list[str]:  # fmt: skip
+        """As `Scheduler.take_sharing`, within `limit` jobs and `tokens` padded tokens, from
+        the jobs queued now (no wait window across frontends yet)."""
         if limit <= 0:
             return []
         try:
-            return self._take_sharing(model, job_id, limit)
+            return self._take_sharing(model, job_id, limit, tokens)
         except UnavailableError:  # nothing taken (rolled back): the job runs alone
             return []
 
-    def _take_sharing(self, model: str, job_id: str, limit: int) -> list[str]:
+    def _take_sharing(self, model: str, job_id: str, limit: int, tokens: int | None) -> list[str]:
         with self.db.tx() as conn:
             row = conn.execute("SELECT share FROM queue WHERE job_id = %s", (job_id,)).fetchone()
             if row is None or row["share"] is None:
                 return []
-            order = [
-                r for r in conn.execute(_ORDER, {"model": model}).fetchall() if r["share"] == row["share"]
-            ]
-            wanted = [r["job_id"] for r in order[:limit]]
+            key, rows, width = json.loads(row["share"])
+            order = []
+            for r in conn.execute(_ORDER, {"model": model}).fetchall():
+                if r["share"] is None or len(order) >= limit:
+                    continue
+                k, n, w = json.loads(r["share"])
+                if k == key and (tokens is None or (rows + n) * max(width, w) <= tokens):
+                    order.append(r)
+                    rows, width = rows + n, max(width, w)
+            wanted = [r["job_id"] for r in order]
             got = {
                 r["job_id"]
                 for r in conn.execute(
@@ -149,7 +163,7 @@ class PgQueue:
                     (self.id, wanted),
                 ).fetchall()
             }
-            for r in order[:limit]:
+            for r in order:
                 if r["job_id"] in got:
                     conn.execute(_SERVED, (model, r["key_id"]))
         return [j for j in wanted if j in got]

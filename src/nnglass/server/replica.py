@@ -81,7 +81,8 @@ class Replica:
             if not self.worker.alive and not self._restart():
                 return  # stopping: a job taken is still QUEUED in the store, for the next start
             if job_id is not None:
-                others = service.scheduler.take_sharing(cfg.name, job_id, cfg.share_jobs - 1)
+                others = service.scheduler.take_sharing(
+                    cfg.name, job_id, cfg.share_jobs - 1, tokens=cfg.share_tokens, wait=cfg.share_wait_s)
                 self.run_jobs([job_id, *others])
 
     def _restart(self) -> bool:
@@ -124,6 +125,14 @@ class Replica:
         service = self.service
         service.publish_queue(self.state.config.name)
         seconds = self.state.config.policy.limits.run_seconds
+        tokens, began = service.pass_tokens([r["job"] for r in requests]), time.monotonic()
+        try:
+            self._run_pass(requests, seconds)
+        finally:
+            self.state.passes.ran(len(requests), tokens, time.monotonic() - began)
+
+    def _run_pass(self, requests: list[dict[str, Any]], seconds: float) -> None:
+        service = self.service
         if len(requests) == 1:
             self._record(requests[0]["job"], self._run(requests, seconds + GRACE_SECONDS))
             return
@@ -166,6 +175,7 @@ class Replica:
                                started_at=time.time(), attempts=job.attempts + 1):  # fmt: skip
             return None
         service.hub.publish(job_id)
+        self.state.passes.waited(time.time() - (job.queued_at or job.created_at))
         try:
             files = self._files[job_id] = service.durably(service.results.local_files, job_id)
         except FileNotFoundError:
@@ -184,6 +194,8 @@ class Replica:
         state = self.state
         for request in requests:
             state.running[request["job"]] = self.worker  # where a cancel finds it
+            if len(requests) > 1:
+                state.sharing.add(request["job"])  # a cancel drops its answer, never stops the pass
         state.last_pass = len(requests)
         request = requests[0] if len(requests) == 1 else {"batch": requests}
         try:
@@ -191,6 +203,7 @@ class Replica:
         finally:
             for request in requests:
                 state.running.pop(request["job"], None)
+                state.sharing.discard(request["job"])
 
     def _record(self, job_id: str, answer: dict[str, Any]) -> None:
         state, service = self.state, self.service

@@ -1,34 +1,60 @@
-"""The scheduler: one queue per model, fair across API keys.
+"""The scheduler: one queue per model, fair across API keys, counted in tokens.
 
-Invariant: within a model, keys take turns (round robin over the keys that have
-queued jobs), so one heavy user cannot starve the others; within a key, jobs run in
-submission order. Positions are what a job's owner sees: how many jobs will start
-before it. The scheduler holds ids only; the job store holds the truth.
+Invariants:
+- Within a model, the next job is the oldest of the key that has been served the fewest
+  tokens (a job's cost: its padded prompt tokens, and its new tokens in generation; 1
+  when unknown), ties going to the key served longest ago. Equal jobs take turns round
+  robin; a key with 100 long jobs queued delays another key's single job by at most
+  the pass that runs now. A key that starts queueing again starts where the job taken
+  last started (start-time fair queueing: no credit is banked while idle, and a
+  newcomer goes before the key just served). Within a key, jobs run in submission order.
+- Positions are what a job's owner sees: how many jobs will start before it, by the
+  same rule. The scheduler holds ids only; the job store holds the truth.
+- `take_sharing` takes the jobs that can share a forward pass with the one just taken,
+  in start order, within a job count and a padded-token budget, waiting for more while
+  they keep arriving (a short gap ends the wait, and the wait is bounded).
 
 `Queue` is the seam: `Scheduler` (in this process's memory) is the embedded default;
-`pg_queue.PgQueue` keeps the same queue in PostgreSQL, shared by several frontends.
-The service never asks which one it has. `hold(key_id)` makes a key's quota check and
-its queueing one step (here a lock; there an advisory lock every frontend sees).
-`orphans(unfinished)` answers the unfinished jobs no live process holds: for a
-process-local queue, every unfinished job the first time (the process that held them
-is gone), none after.
+`pg_queue.PgQueue` keeps a queue in PostgreSQL, shared by several frontends (fair by
+jobs, round robin across keys, not yet by tokens). The service never asks which one it
+has. `hold(key_id)` makes a key's quota check and its queueing one step (here a lock;
+there an advisory lock every frontend sees). `orphans(unfinished)` answers the
+unfinished jobs no live process holds: for a process-local queue, every unfinished job
+the first time (the process that held them is gone), none after.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .jobs import Job
 
+WAIT_ROUNDS = 20  # a pass waits for more jobs at most this many wait windows in all
+
+
+@dataclass(frozen=True)
+class Share:
+    """How a job may share a pass: its co-tenancy key (graph.merge.share_key), its rows
+    and its padded width (a merged pass costs all rows times the widest width)."""
+
+    key: str
+    rows: int
+    width: int
+
 
 class Queue(Protocol):
-    def submit(self, model: str, key_id: str, job_id: str, share: str | None = None) -> None: ...
-    def take_sharing(self, model: str, job_id: str, limit: int) -> list[str]: ...
+    def submit(self, model: str, key_id: str, job_id: str, share: Share | None = None,
+               cost: int = 1) -> None: ...  # fmt: skip
+    def take_sharing(self, model: str, job_id: str, limit: int, tokens: int | None = None,
+                     wait: float = 0.0) -> list[str]: ...  # fmt: skip
     def next(self, model: str, timeout: float | None = None) -> str | None: ...
     def cancel(self, model: str, job_id: str) -> bool: ...
     def positions(self, model: str) -> dict[str, int]: ...
@@ -41,29 +67,43 @@ class Queue(Protocol):
 
 
 class ModelQueue:
-    """Jobs waiting for one model, grouped by key, served round robin."""
+    """Jobs waiting for one model, grouped by key, the least-served key first."""
 
     def __init__(self) -> None:
         self.by_key: OrderedDict[str, deque[str]] = OrderedDict()
+        self.served: dict[str, int] = {}  # tokens served per key (active keys, and idle ones until all idle)
+        self.cost: dict[str, int] = {}  # job id -> tokens it costs
+        self.clock = 0  # what the key of the job taken last had been served before it
 
-    def push(self, key_id: str, job_id: str) -> None:
+    def push(self, key_id: str, job_id: str, cost: int = 1) -> None:
+        if not self.by_key:
+            self.served.clear()  # nobody waits: everyone starts level
+            self.clock = 0
+        elif key_id not in self.by_key:
+            self.served[key_id] = max(self.served.get(key_id, 0), self.clock)
         self.by_key.setdefault(key_id, deque()).append(job_id)
+        self.cost[job_id] = max(int(cost), 1)
+
+    def _next_key(self) -> str:
+        return min(self.by_key, key=lambda k: self.served.get(k, 0))  # first of equals: served longest ago
 
     def pop(self) -> str | None:
         if not self.by_key:
             return None
-        key_id, jobs = next(iter(self.by_key.items()))
-        job_id = jobs.popleft()
-        del self.by_key[key_id]
-        if jobs:
-            self.by_key[key_id] = jobs  # this key goes to the back of the line
+        job_id = self.by_key[self._next_key()][0]
+        self.remove(job_id, served=True)
         return job_id
 
     def remove(self, job_id: str, served: bool = False) -> bool:
-        """Drop a queued job; `served`: it runs now, so its key goes to the back of the line."""
+        """Drop a queued job; `served`: it runs now, so its key is charged its tokens and
+        goes behind the keys it is level with."""
         for key_id, jobs in self.by_key.items():
             if job_id in jobs:
                 jobs.remove(job_id)
+                cost = self.cost.pop(job_id, 1)
+                if served:
+                    self.clock = self.served.get(key_id, 0)
+                    self.served[key_id] = self.clock + cost
                 if not jobs:
                     del self.by_key[key_id]
                 elif served:
@@ -72,12 +112,19 @@ class ModelQueue:
         return False
 
     def order(self) -> list[str]:
-        """Every queued job in the order it will start."""
-        lanes = [list(jobs) for jobs in self.by_key.values()]
+        """Every queued job in the order it will start (`pop` over a copy, by a heap)."""
+        heap = [(self.served.get(k, 0), rank, k) for rank, k in enumerate(self.by_key)]
+        heapq.heapify(heap)
+        lanes = {k: deque(jobs) for k, jobs in self.by_key.items()}
+        rank = len(heap)
         out: list[str] = []
-        depth = max((len(lane) for lane in lanes), default=0)
-        for i in range(depth):
-            out.extend(lane[i] for lane in lanes if i < len(lane))
+        while heap:
+            served, _, k = heapq.heappop(heap)
+            job_id = lanes[k].popleft()
+            out.append(job_id)
+            if lanes[k]:
+                heapq.heappush(heap, (served + self.cost.get(job_id, 1), rank, k))
+                rank += 1
         return out
 
     def count(self, key_id: str) -> int:
@@ -92,7 +139,7 @@ class Scheduler:
 
     def __init__(self, models: list[str]) -> None:
         self._queues = {name: ModelQueue() for name in models}
-        self._share: dict[str, str] = {}  # job id -> co-tenancy key (graph.merge.share_key)
+        self._share: dict[str, Share] = {}  # job id -> how it may share a pass
         self._ready = threading.Condition()
         self._closed = False
         self._key_locks: dict[str, threading.Lock] = {}
@@ -115,26 +162,50 @@ class Scheduler:
     def tick(self) -> None:
         pass  # nothing is shared: no lease to renew
 
-    def submit(self, model: str, key_id: str, job_id: str, share: str | None = None) -> None:
+    def submit(self, model: str, key_id: str, job_id: str, share: Share | None = None, cost: int = 1) -> None:
         with self._ready:
-            self._queues[model].push(key_id, job_id)
+            self._queues[model].push(key_id, job_id, cost)
             if share is not None:
                 self._share[job_id] = share
             self._ready.notify_all()
 
-    def take_sharing(self, model: str, job_id: str, limit: int) -> list[str]:
-        """Queued jobs that can share `job_id`'s forward pass (same share key), up to
-        `limit`, taken in the order they would have started: they only start earlier."""
+    def take_sharing(self, model: str, job_id: str, limit: int, tokens: int | None = None,
+                     wait: float = 0.0) -> list[str]:  # fmt: skip
+        """Queued jobs that can share `job_id`'s forward pass (same share key), taken in
+        the order they would have started (they only start earlier): at most `limit`,
+        and while the pass stays within `tokens` padded tokens (rows x widest width; a
+        job that does not fit is left for a later pass). While the pass is not full it
+        waits for more: until none has arrived for `wait` seconds (jobs sent at once
+        arrive one by one), at most `WAIT_ROUNDS` times that in all."""
         with self._ready:
-            share = self._share.pop(job_id, None)
-            if share is None or limit <= 0:
+            first = self._share.pop(job_id, None)
+            if first is None or limit <= 0:
                 return []
             queue = self._queues[model]
-            taken = [j for j in queue.order() if self._share.get(j) == share][:limit]
-            for j in taken:
-                queue.remove(j, served=True)
-                del self._share[j]
-            return taken
+            taken: list[str] = []
+            rows, width = first.rows, first.width
+            now = time.monotonic()
+            deadline, last_call = now + wait, now + wait * WAIT_ROUNDS
+            while True:
+                full = False
+                for j in queue.order():
+                    share = self._share.get(j)
+                    if share is None or share.key != first.key:
+                        continue
+                    w, r = max(width, share.width), rows + share.rows
+                    if tokens is not None and r * w > tokens:
+                        full = True
+                        continue
+                    queue.remove(j, served=True)
+                    del self._share[j]
+                    taken.append(j)
+                    rows, width = r, w
+                    deadline = min(time.monotonic() + wait, last_call)  # one arrived: wait again
+                    if len(taken) >= limit:
+                        return taken
+                left = deadline - time.monotonic()
+                if full or left <= 0 or self._closed or not self._ready.wait(left):
+                    return taken
 
     def next(self, model: str, timeout: float | None = None) -> str | None:
         """The next job for `model`, waiting up to `timeout`; None when closed or timed out."""

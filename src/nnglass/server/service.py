@@ -37,7 +37,7 @@ from ..errors import NotFoundError, QuotaError, UnavailableError
 from ..graph import wire
 from ..graph.check import Limits as WireLimits
 from ..graph.ir import Graph, TensorRef
-from ..graph.merge import share_key
+from .batching import PassStats, cost_of, share_of
 from .config import ModelConfig, ServerConfig
 from .exposure import describe
 from .handle import WorkerHandle
@@ -59,11 +59,13 @@ class ModelState:
     state: str = "loading"  # loading | ready | failed
     error: str = ""
     running: dict[str, Worker] = field(default_factory=dict)  # job id -> the worker running it
+    sharing: set[str] = field(default_factory=set)  # running jobs in a pass with others
     checksums: set[str] = field(default_factory=set)  # debug: weights after each job and at start
     grad_seen: bool = False  # debug: a parameter had a .grad after a job (must never happen)
     workers: list[Worker] = field(default_factory=list)  # one per replica
     last_pass: int = 0  # jobs in the last request a replica ran (1: alone, more: one shared pass)
     ended: deque[tuple[float, int]] = field(default_factory=deque)  # (when, prompt tokens): last minute
+    passes: PassStats = field(default_factory=PassStats)  # jobs and tokens per pass, times, queue waits
 
 
 WorkerFactory = Callable[[ModelConfig, ServerConfig], Worker]
@@ -108,6 +110,7 @@ class Service:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._prompt_tokens: dict[str, int] = {}  # job id -> its prompts' real tokens, until it ends
+        self._padded: dict[str, tuple[int, int]] = {}  # job id -> (rows, padded width), until it ends
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -185,9 +188,12 @@ class Service:
             except UnavailableError:
                 self.results.delete(job.id)  # not accepted: leave nothing behind
                 raise
-            self.scheduler.submit(graph.model, key_id, job.id, share=share_key(graph))
+            share = share_of(graph)
+            self.scheduler.submit(graph.model, key_id, job.id, share=share, cost=cost_of(graph))
             with self._lock:
                 self._prompt_tokens[job.id] = prompt_tokens(graph)
+                if share is not None:
+                    self._padded[job.id] = (share.rows, share.width)
         self.count("jobs_submitted_total")
         self.hub.publish(job.id)  # a live view of all this key's jobs learns of it now
         return job  # not read back: once the row exists the job is accepted, locked database or not
@@ -219,9 +225,12 @@ class Service:
         self.scheduler.cancel(job.model, job.id)
         with self._lock:
             self._prompt_tokens.pop(job.id, None)
-        worker = self.models[job.model].running.get(job.id)
-        if worker is not None:
+            self._padded.pop(job.id, None)
+        state = self.models[job.model]
+        worker = state.running.get(job.id)
+        if worker is not None and job.id not in state.sharing:
             worker.stop_job(job.id)  # its thread sees the worker die, restarts it; CANCELLED stays
+        # In a shared pass the others go on: the job's answer is dropped (CANCELLED stays).
         self.publish_queue(job.model)
         return self.get(key_id, job_id)
 
@@ -287,11 +296,20 @@ class Service:
             "last_pass_jobs": s.last_pass,
             "jobs_last_minute": ended,
             "prompt_tokens_per_s": round(tokens / 60, 2),  # of the jobs that ended in the last minute
+            "batching": {"share_jobs": s.config.share_jobs, "share_tokens": s.config.share_tokens,
+                         "share_wait_s": s.config.share_wait_s, **s.passes.summary()},
         }
+
+    def pass_tokens(self, job_ids: list[str]) -> int:
+        """Padded tokens of a pass of these jobs: all rows times the widest width."""
+        with self._lock:
+            shapes = [self._padded.get(j, (1, 1)) for j in job_ids]
+        return sum(r for r, _ in shapes) * max(w for _, w in shapes)
 
     def job_ended(self, state: ModelState, job_id: str) -> None:
         """A worker finished a job (for `jobs_last_minute`, `prompt_tokens_per_s`)."""
         with self._lock:
+            self._padded.pop(job_id, None)
             tokens = self._prompt_tokens.pop(job_id, 0)  # 0: queued before a restart
             state.ended.append((time.time(), tokens))
             self.counters["prompt_tokens_total"] = self.counters.get("prompt_tokens_total", 0) + tokens
@@ -362,6 +380,7 @@ class Service:
             lines.append(f'nnglass_queue_depth{{model="{name}"}} {self.scheduler.depth(name)}')
             lines.append(f'nnglass_running_jobs{{model="{name}"}} {len(s.running)}')
             lines.append(f'nnglass_model_ready{{model="{name}"}} {int(s.state == "ready")}')
+            lines.extend(s.passes.lines(name))
         return "\n".join(lines) + "\n"
 
     def _wire_limits(self) -> WireLimits:

@@ -39,6 +39,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -136,21 +137,38 @@ class LoadedModel:
         return {**answer, **self.debug_info()}
 
     def batch(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
-        """Co-tenancy: several jobs' graphs merged into one forward pass. If they cannot
-        share one, or the shared run fails, each job runs alone: one job's failure is
-        never another's."""
+        """Co-tenancy: several jobs' graphs merged into one forward pass. A job whose node
+        fails the shared run is taken out and runs alone (its own error, or its result if
+        only the batch made it fail: the strictest limits, the sum of everyone's bytes);
+        the others run again, shared. When the failing job is unknown (or the graphs
+        cannot share a pass), each job runs alone: one job's failure is never another's."""
+        return {"batch": self._shared(requests), **self.debug_info()}
+
+    def _shared(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if len(requests) == 1:
+            return [self.job(requests[0])]
         try:
             graphs = [self._load(r) for r in requests]
             keys = {share_key(g) for g in graphs}
             if len(keys) != 1 or None in keys:
                 raise ValueError("these graphs cannot share a forward pass")
             merged, offsets = merge(graphs)
+        except Exception as e:
+            logger.info("batch of %d runs job by job: %s: %s", len(requests), type(e).__name__, e)
+            return [self.job(r) for r in requests]
+        try:
             with run_limits(_limits(*requests)), torch.no_grad():
                 parts = split(self.lm.run_graph(merged), graphs, offsets)
         except Exception as e:
-            logger.info("batch of %d runs job by job: %s: %s", len(requests), type(e).__name__, e)
-            answers = [self.job(r) for r in requests]
-            return {"batch": answers, **self.debug_info()}
+            node = getattr(e, "node_id", None)
+            if node is None:
+                logger.info("batch of %d runs job by job: %s: %s", len(requests), type(e).__name__, e)
+                return [self.job(r) for r in requests]
+            k = bisect.bisect_right(offsets, node) - 1  # the job whose node failed
+            logger.info("job %s fails the shared pass (%s): alone, the others shared again",
+                        requests[k].get("job"), type(e).__name__)  # fmt: skip
+            rest = self._shared(requests[:k] + requests[k + 1:])
+            return [*rest[:k], self.job(requests[k]), *rest[k:]]
         answers = []
         for request, graph, values in zip(requests, graphs, parts):
             job = request.get("job")
@@ -159,7 +177,7 @@ class LoadedModel:
                                 "bytes": self._store(request, graph, values)})  # fmt: skip
             except Exception as e:
                 answers.append(_error(job, e))
-        return {"batch": answers, **self.debug_info()}
+        return answers
 
     def _run(self, job: Any, request: dict[str, Any]) -> int:
         graph = self._load(request)
