@@ -16,8 +16,9 @@ import lm_fixtures as lmf
 import pytest
 import torch
 
-from nnglass import ExecutionError
-from nnglass.runtime.limits import RunLimits, run_limits
+from nnglass import ExecutionError, LanguageModel
+from nnglass.runtime.backend import LocalBackend
+from nnglass.runtime.limits import RunLimits
 
 # Ways to take a value apart: each is one registry op applied to it (what a hostile
 # client can send whatever its proxies allow).
@@ -127,14 +128,16 @@ def test_hidden_weights_show_only_the_input(tiny: Any, pair: Any) -> None:
     places = [(0, i) for i, v in enumerate(args[1:], 1) if isinstance(v, (torch.Tensor, tuple))] + [
         (1, k) for k, v in sorted(kwargs.items()) if isinstance(v, (torch.Tensor, tuple))]
     assert places, "the layer got no other tensors: the test would prove nothing"
+    # remote=True runs here, on pair.local, as a server hiding the weights runs it
+    hidden = LocalBackend(pair.local, limits=RunLimits(hide_weights=True))
+    lm = LanguageModel(tiny.hf, tokenizer=lmf.char_tokenizer(), name=pair.local.name, backend=hidden)
+    with lm.trace("hello", remote=True):
+        first = last_layer(tiny, lm).inputs[0][0].save()
+    for part, key in places:
+        with pytest.raises(ExecutionError, match="keeps opaque while the model's weights are hidden"):
+            with lm.trace("hello", remote=True):
+                last_layer(tiny, lm).inputs[part][key][0].sum().save()
     lm = pair.local
-    with run_limits(RunLimits(hide_weights=True)):
-        with lm.trace("hello"):
-            first = last_layer(tiny, lm).inputs[0][0].save()
-        for part, key in places:
-            with pytest.raises(ExecutionError, match="keeps opaque while the model's weights are hidden"):
-                with lm.trace("hello"):
-                    last_layer(tiny, lm).inputs[part][key][0].sum().save()
     assert torch.equal(first.value, args[0])
     with lm.trace("hello"):
         inputs = last_layer(tiny, lm).inputs

@@ -21,9 +21,9 @@ from torch import nn
 from nnglass.errors import ExecutionError, ResourceLimitError, TimeLimitError
 from nnglass.graph.ir import GET, Graph, Invoke, Ref, Site, TensorRef
 from nnglass.graph.ops import REGISTRY, OpRegistry
-from nnglass.runtime.interpreter import Interpreter
+from nnglass.runtime.interpreter import Interpreter, RunConfig
 from nnglass.runtime.limited import LimitedInterpreter
-from nnglass.runtime.limits import RunLimits, run_limits
+from nnglass.runtime.limits import RunLimits
 from nnglass.runtime.python_sizes import TENSOR_OBJECT
 from nnglass.runtime.run import execute
 from nnglass.runtime.sizes import made_bytes, small_bound
@@ -73,9 +73,8 @@ class Build:
 
     def run(self, registry: OpRegistry = REGISTRY, **limits: Any) -> dict[int, Any]:
         n = len(self.x)
-        with run_limits(RunLimits(**limits)):
-            return execute(self.graph, self.model, lambda interp: self.model(self.x), [(0, n)], n,
-                           registry=registry)  # fmt: skip
+        return execute(self.graph, self.model, lambda interp: self.model(self.x), [(0, n)], n,
+                       RunConfig(RunLimits(**limits)), registry=registry)
 
 
 def refused(build: Build, ref: Ref, spied: Spied | None = None, **limits: Any) -> ResourceLimitError:

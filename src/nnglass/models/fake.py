@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..graph.ir import GENERATE, SCAN, Graph, Site
 from ..runtime.interpreter import Interpreter
+from ..runtime.limits import NO_LIMITS, RunConfig, RunLimits
 from ..runtime.run import execute
 from ..runtime.values import Opaque, graph_view, map_batch, without_state
 from ..tracing.meta import Unknown
@@ -53,7 +54,8 @@ def _fake_model(lm: LanguageModel) -> tuple[FakeTensorMode, torch.nn.Module]:
 
 
 def scan(lm: LanguageModel, graph: Graph, ids: torch.Tensor, mask: torch.Tensor,
-         rows: list[tuple[int, int]], imports: dict | None = None) -> dict[int, Any]:  # fmt: skip
+         rows: list[tuple[int, int]], imports: dict | None = None,
+         limits: RunLimits = NO_LIMITS) -> dict[int, Any]:  # fmt: skip
     """Run `graph`'s first step on fake tensors; return its saved (fake) values."""
     mode, model = _fake_model(lm)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -64,7 +66,8 @@ def scan(lm: LanguageModel, graph: Graph, ids: torch.Tensor, mask: torch.Tensor,
     with _quiet(), mode:
         scan_graph = Graph(graph.model, graph.nodes, graph.invokes, graph.tensors,
                            GENERATE if graph.mode == GENERATE else SCAN, graph.options)
-        return execute(scan_graph, model, forward, rows, ids.shape[0], imports=imports, order=lm._order)
+        return execute(scan_graph, model, forward, rows, ids.shape[0], RunConfig(limits), imports=imports,
+                       order=lm._order)
 
 
 class _quiet:

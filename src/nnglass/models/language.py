@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from ..errors import TraceError
-from ..graph.ir import GET, Graph, Invoke
+from ..graph.ir import GET, SESSION, Graph, Invoke
 from ..graph.merge import group_rows, widths_differ
 from ..runtime.backend import Backend
 from ..runtime.interpreter import Interpreter
+from ..runtime.limits import NO_LIMITS, RunConfig, RunLimits
 from ..runtime.run import execute, run_session
 from ..runtime.values import resolve
 from ..runtime.window import model_sizes, safe_width
@@ -225,26 +226,28 @@ class LanguageModel(NNModel):
             return shared_backend()
         return super()._backend(remote)
 
-    def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:
-        if graph.mode == "session":
-            return run_session(self, graph)
+    def run_graph(self, graph: Graph, imports: dict | None = None,
+                  limits: RunLimits = NO_LIMITS) -> dict[int, Any]:  # fmt: skip
+        if graph.mode == SESSION:
+            return run_session(self, graph, limits)
         ids, mask, rows = batch_prompts(graph, self.tokenizer.pad_token_id, self._batch_width(graph))
         rows = group_rows(graph, rows, ids.shape[1])  # co-tenancy: each merged user's window
         if graph.mode == "scan" or graph.options.get("validate"):
-            saved = fake.scan(self, graph, ids, mask, rows, imports)
+            saved = fake.scan(self, graph, ids, mask, rows, imports, limits)
             if graph.mode == "scan":
                 return saved
         model = self.module
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         if graph.mode == "generate":
-            return self._run_generate(graph, model, ids, mask, rows, imports)
+            return self._run_generate(graph, model, ids, mask, rows, imports, limits)
         forward_kwargs = resolve(graph.options.get("forward", {}), [], graph.tensors)
         forward_kwargs.setdefault("use_cache", False)
 
         def forward(interp: Interpreter) -> Any:
             return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **forward_kwargs)
 
-        return execute(graph, model, forward, rows, ids.shape[0], imports=imports, order=self._order)
+        return execute(graph, model, forward, rows, ids.shape[0], RunConfig(limits), imports=imports,
+                       order=self._order)
 
     def _batch_width(self, graph: Graph) -> int | None:
         """Co-tenants of different widths: a batch width that is none of the model's own
@@ -257,7 +260,7 @@ class LanguageModel(NNModel):
 
     def _run_generate(self, graph: Graph, model: torch.nn.Module, ids: torch.Tensor,
                       mask: torch.Tensor, rows: list[tuple[int, int]], imports: dict | None,
-                      ) -> dict[int, Any]:  # fmt: skip
+                      limits: RunLimits) -> dict[int, Any]:  # fmt: skip
         kwargs = dict(resolve(graph.options.get("generate", {}), [], graph.tensors))
         check_generate_kwargs({k: v for k, v in kwargs.items() if k != "max_new_tokens"}, "")
         seed = graph.options.get("seed")
@@ -281,8 +284,8 @@ class LanguageModel(NNModel):
             interp.fire_result(out)
             return out
 
-        return execute(graph, model, forward, rows, ids.shape[0], can_stop=False, imports=imports,
-                       order=self._order)  # fmt: skip
+        return execute(graph, model, forward, rows, ids.shape[0], RunConfig(limits, can_stop=False),
+                       imports=imports, order=self._order)
 
 
 class LMTracer(Tracer):

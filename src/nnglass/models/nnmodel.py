@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from ..errors import TraceError
-from ..graph.ir import Graph, Invoke, TensorRef
+from ..graph.ir import SESSION, Graph, Invoke, TensorRef
 from ..runtime.backend import Backend, LocalBackend
 from ..runtime.interpreter import Interpreter
+from ..runtime.limits import NO_LIMITS, RunConfig, RunLimits
 from ..runtime.order import OrderLog
 from ..runtime.run import execute, run_session
 from ..runtime.values import resolve
@@ -108,16 +109,18 @@ class NNModel:
         return self._fake_mode
 
     # --- running (also what a server calls) ---------------------------------------------
-    def run_graph(self, graph: Graph, imports: dict | None = None) -> dict[int, Any]:
-        if graph.mode == "session":
-            return run_session(self, graph)
+    def run_graph(self, graph: Graph, imports: dict | None = None,
+                  limits: RunLimits = NO_LIMITS) -> dict[int, Any]:  # fmt: skip
+        if graph.mode == SESSION:
+            return run_session(self, graph, limits)
         args, kwargs, rows, batch = batch_invokes(graph)
         module = self._module
 
         def forward(interp: Interpreter) -> Any:
             return module(*args, **kwargs)
 
-        return execute(graph, module, forward, rows, batch, imports=imports, order=self._order)
+        return execute(graph, module, forward, rows, batch, RunConfig(limits), imports=imports,
+                       order=self._order)
 
     # --- the module tree ------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

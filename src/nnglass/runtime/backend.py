@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from .. import _config
 from ..errors import NNglassError
 from ..graph.ir import Graph
+from .limits import NO_LIMITS, RunLimits
 
 Values = dict[int, Any]  # saved values by node id (a session: by trace index, then node id)
 
@@ -46,7 +47,8 @@ class Backend(Protocol):
 class Runnable(Protocol):
     """A model that can run a graph in-process (NNModel, LanguageModel)."""
 
-    def run_graph(self, graph: Graph) -> Values: ...
+    def run_graph(self, graph: Graph, imports: dict | None = None, limits: RunLimits = NO_LIMITS) -> Values:
+        """Run `graph` here (`imports`: a session's earlier values; `limits`: a server's)."""
 
 
 _IDS = itertools.count()
@@ -80,18 +82,20 @@ class DoneJob:
 
 class LocalBackend:
     """Runs the in-memory graph; with NNGLASS_ROUNDTRIP=1, after a JSON round trip.
-    A failure raises from `submit`, at once, like the run itself would."""
+    A failure raises from `submit`, at once, like the run itself would. `limits`: run
+    as a server would (time, sizes, hidden weights), e.g. as a model's `backend=` in tests."""
 
-    def __init__(self, model: Runnable, roundtrip: bool | None = None) -> None:
+    def __init__(self, model: Runnable, roundtrip: bool | None = None, limits: RunLimits = NO_LIMITS) -> None:
         self.model = model
         self.roundtrip = _config.roundtrip() if roundtrip is None else roundtrip
+        self.limits = limits
 
     def submit(self, graph: Graph) -> DoneJob:
         if self.roundtrip:
             from ..graph import wire
 
             graph = wire.roundtrip(graph)
-        return DoneJob(self.model.run_graph(graph))
+        return DoneJob(self.model.run_graph(graph, limits=self.limits))
 
 
 class RecordedJob:

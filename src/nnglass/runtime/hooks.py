@@ -18,13 +18,15 @@ import inspect
 import itertools
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import GraphError
-from .interpreter import Interpreter
 from .values import SKIPPED, only_input, unwrap
+
+if TYPE_CHECKING:
+    from .interpreter import Interpreter
 
 ACTIVE: contextvars.ContextVar[Interpreter | None] = contextvars.ContextVar("nnglass_run", default=None)
 

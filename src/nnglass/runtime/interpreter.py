@@ -3,9 +3,11 @@
 Execution is dataflow, driven by the model: a hook `fire`s a site, the site's get/set
 nodes run in program order, and every node whose inputs are ready runs at once (lowest
 id first), so each value is computed as early as the forward pass allows and dropped
-when nothing needs it. Subclasses override the per-node methods (`call_op`,
-`call_module`, `read_param`, `backward`) to scan with fake tensors or check a policy
-without a second walk.
+when nothing needs it. `run` is one whole run: hooks on, the model's forward, hooks
+off, every node checked. Subclasses override the per-node methods (`run_node`, `call_op`,
+`call_module`, `read_param`, `backward`, `complete`): `runtime.limited.LimitedInterpreter`
+is the one that checks sizes and time. One `RunConfig`, given at construction, is all
+that configures a run.
 
 Invariants:
 - Hooks see the model's tensors; setters never mutate a tensor held elsewhere (a site
@@ -19,23 +21,33 @@ from __future__ import annotations
 
 import heapq
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ExecutionError, NNglassError, OutOfOrderError, TimeLimitError
+from ..errors import ExecutionError, NNglassError, TimeLimitError
 from ..graph.ir import (
     ALL_STEPS,
     BACKWARD,
+    GENERATE,
     GET,
     GRAD,
     IMPORT,
     MODULE,
     PARAM,
+    TRACE,
     Graph,
     Node,
 )
+from .finish import check_finished, culprit, model_error, out_of_order
+from .hooks import install, uninstall
+from .limits import PLAIN_RUN, RunConfig
 from .plan import Plan, SiteKey, SiteTask
+from .values import (
+    UNSET as _UNSET,
+)
 from .values import (
     copy_tensors,
     graph_view,
@@ -52,7 +64,11 @@ from .values import (
 )
 from .window import Window
 
-_UNSET: Any = object()
+if TYPE_CHECKING:
+    from .order import OrderLog
+
+
+
 
 
 class EarlyStop(BaseException):
@@ -63,8 +79,9 @@ class Interpreter:
     """Runs one graph against one model. Create one per run."""
 
     def __init__(self, plan: Plan, graph: Graph, model: torch.nn.Module, rows: list[tuple[int, ...]],
-                 batch_size: int, can_stop: bool = True,
+                 batch_size: int, config: RunConfig = PLAIN_RUN,
                  imports: dict[tuple[int, int], Any] | None = None) -> None:  # fmt: skip
+        self.config = config
         self.plan = plan
         self.graph = graph
         self.nodes = graph.nodes
@@ -72,7 +89,7 @@ class Interpreter:
         self.tensors = graph.tensors
         self.rows = [Window(*r) for r in rows]  # invoke index -> its rows (and positions: window.py)
         self.batch_size = batch_size
-        self.can_stop = can_stop
+        self.can_stop = config.can_stop
         self.imports = imports or {}
         n = len(self.nodes)
         self.values: list[Any] = [_UNSET] * n
@@ -90,16 +107,57 @@ class Interpreter:
         self._deferred: list[int] = []
         self.last_edit = -1  # the last set/in-place node that ran (for model errors)
         self.current = -1  # the node running now (-1: none): whose failure a run's error is
-        self.deadline: float | None = None  # time.monotonic() after which every hook stops the run
-        self.seconds: float | None = None  # the time limit, for the message
-        self.hide_weights = False  # weights hidden: `.inputs` shows only `.input` (see hooks)
+        self.deadline = config.limits.deadline()  # time.monotonic() after which every hook stops the run
+        self.seconds = config.limits.seconds  # the time limit, for the message
+        self.hide_weights = config.limits.hide_weights  # `.inputs` shows only `.input` (see hooks)
         self.active_token: Any = None  # set by hooks.install: this run is active in its context
         self._merged: dict[SiteKey, SiteTask] = {}  # step-k + every-step tasks, merged once
         # Saved values are snapshots. Copying each costs time and memory, so a plain trace
         # saves references and watches their version counters: if anything (the model's own
         # in-place ops, a later edit) changed one, the run is repeated with copies.
-        self.copy_saves = plan.max_step > 0 or bool(plan.all_steps) or graph.mode != "trace"
+        self.copy_saves = (config.copy_saves or plan.max_step > 0 or bool(plan.all_steps)
+                           or graph.mode != TRACE)  # fmt: skip
         self._watched: list[tuple[torch.Tensor, int]] = []
+
+    # --- one run ---------------------------------------------------------------------------
+    def run(self, forward: Callable[[Interpreter], Any], order: OrderLog | None = None) -> dict[int, Any]:
+        """Hooks on, `forward(self)` (the model's forward or generate), hooks off, every node
+        checked; the saved values by node id. If a saved tensor changed after it was saved
+        (a ReLU(inplace=True) after the hooked module), the run is repeated on a fresh
+        interpreter that copies each save, and `order` remembers that this model does that.
+        A failure names its node (`e.node_id`: in a shared pass, whose job it is)."""
+        try:
+            installed = install(self.model, self)
+            try:
+                self.start()
+                try:
+                    # Without a backward nothing can use the autograd graph (saved values are
+                    # detached): don't build it. Same numbers, less time and memory.
+                    with torch.enable_grad() if self.plan.has_backward else torch.no_grad():
+                        forward(self)
+                except EarlyStop:
+                    pass
+                except NNglassError:
+                    raise
+                except Exception as e:
+                    raise model_error(self, e) from e
+            finally:
+                uninstall(self, installed)
+            if order is not None:
+                order.record(self.fired)
+            check_finished(self, missing_steps_ok=self.graph.mode == GENERATE)
+            if not self.copy_saves and self.saves_changed():
+                if order is not None:
+                    order.edits_outputs = True
+                again = replace(self.config, copy_saves=True)
+                return type(self)(self.plan, self.graph, self.model, self.rows, self.batch_size, again,
+                                  self.imports).run(forward, order)  # fmt: skip
+            return self.saved
+        except BaseException as e:
+            e.node_id = culprit(self, e)  # type: ignore[attr-defined]
+            raise
+        finally:
+            self.close()
 
     # --- driving ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -162,7 +220,7 @@ class Interpreter:
         for i in task.ids:
             self.current = i
             if remaining[i]:
-                self._out_of_order(nodes[i])
+                out_of_order(self, nodes[i])
             node = nodes[i]
             if node.op == GET:
                 if task.grads and i in task.grads and i > task.last_set and not task.inplace:
@@ -181,7 +239,7 @@ class Interpreter:
         values = self.values
         for i in task.inplace:
             if values[i] is _UNSET:
-                self._out_of_order(nodes[i])
+                out_of_order(self, nodes[i])
             self.last_edit = i
         if task.last_set >= 0:
             self.last_edit = task.last_set
@@ -210,12 +268,7 @@ class Interpreter:
             return every
         merged = self._merged.get(key)
         if merged is None:
-            merged = self._merged[key] = SiteTask(
-                sorted(task.ids + every.ids), task.copy or every.copy, task.inplace + every.inplace,
-                task.grads + every.grads, min(task.first_get, every.first_get),
-                task.rooted + every.rooted, task.escapes + every.escapes, max(task.last_set, every.last_set),
-                task.skips + every.skips,
-            )  # fmt: skip
+            merged = self._merged[key] = task.merged(every)
         return merged
 
     def values_of(self, arg: Any) -> Any:
@@ -335,7 +388,7 @@ class Interpreter:
                 if self.values[i] is not _UNSET:
                     continue
                 if self.remaining[i]:
-                    self._out_of_order(node)
+                    out_of_order(self, node)
                 if node.op == GRAD:
                     self.complete(i, self._slice(grad, invoke))
                 else:
@@ -375,30 +428,6 @@ class Interpreter:
                 "it (read tensors, e.g. a module's `.output`)",
                 node.where)
         return ExecutionError(f"{type(e).__name__}: {e}", node.where)
-
-    def _out_of_order(self, node: Node) -> None:
-        blocker = self._blocker(node)
-        b = self.nodes[blocker]
-        what = f"`{b.site.path or '<root>'}.{b.site.kind}`" if b.site else f"%{b.id} ({b.op})"
-        raise OutOfOrderError(
-            f"this needs a value from {what} (line {b.where}), which the model has not "
-            "computed yet here: values can only flow forward through the model",
-            node.where,
-        )
-
-    def _blocker(self, node: Node) -> int:
-        """The earliest unfinished node this one waits on (follows the chain down)."""
-        stack, seen = [node.id], set()
-        best = node.id
-        while stack:
-            i = stack.pop()
-            for d in self.plan.deps[i]:
-                if self.values[d] is _UNSET and d not in seen:
-                    seen.add(d)
-                    stack.append(d)
-                    if self.nodes[d].op in (GET, GRAD) or d < best:
-                        best = d
-        return best
 
     def saves_changed(self) -> bool:
         """Whether a saved value (kept by reference) was edited in place after it was saved."""

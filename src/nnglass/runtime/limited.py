@@ -37,12 +37,12 @@ _NO_LIMIT = 1 << 62
 
 
 class LimitedInterpreter(Interpreter):
-    """An Interpreter that refuses work over its limits (set by `runtime.run.execute`)."""
+    """An Interpreter that refuses work over the limits of its `RunConfig`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.op_bytes: int | None = None  # the most bytes one op may make
-        self.live_bytes: int | None = None  # the most bytes the run may hold
+        self.op_bytes = self.config.limits.op_bytes  # the most bytes one op may make
+        self.live_bytes = self.config.limits.live_bytes  # the most bytes the run may hold
         self.live = 0  # bytes held now (see the module docstring)
         self._held = [0] * len(self.nodes)  # what each node's current value made
         self._made = (-1, 0)  # (node id, bytes) of the op that just ran, for `complete`

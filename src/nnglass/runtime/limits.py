@@ -1,15 +1,13 @@
-"""Limits on one run: wall time, the bytes one op may make, the bytes a run may hold.
+"""What configures one run (`RunConfig`), and its limits: wall time, the bytes one op may
+make, the bytes a run may hold.
 
-A server sets them around each job (`with run_limits(RunLimits(...))`); a local run has
-none. The interpreter reads the active limits once, when a run starts.
+A server passes them with each job (`model.run_graph(graph, limits=RunLimits(...))`, which
+hands them to the interpreter in its `RunConfig`); a local run has none.
 """
 
 from __future__ import annotations
 
-import contextvars
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -29,18 +27,17 @@ class RunLimits:
 
 
 NO_LIMITS = RunLimits()
-_ACTIVE: contextvars.ContextVar[RunLimits] = contextvars.ContextVar("nnglass_limits", default=NO_LIMITS)
 
 
-@contextmanager
-def run_limits(limits: RunLimits) -> Iterator[None]:
-    """Runs started inside this block obey `limits`."""
-    token = _ACTIVE.set(limits)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+@dataclass(frozen=True)
+class RunConfig:
+    """What configures one run. `can_stop`: the forward may stop once nothing more is
+    needed (not in generation); `copy_saves`: saves are copies from the start (a model
+    known to edit its outputs in place)."""
+
+    limits: RunLimits = NO_LIMITS
+    can_stop: bool = True
+    copy_saves: bool = False
 
 
-def active_limits() -> RunLimits:
-    return _ACTIVE.get()
+PLAIN_RUN = RunConfig()  # a local run: no limits

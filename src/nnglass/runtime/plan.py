@@ -55,6 +55,13 @@ class SiteTask:
     last_set: int = -1  # the last `set` among ids (model errors point at it)
     skips: list[int] = field(default_factory=list)  # `module.skip(v)` sets: the forward need not run
 
+    def merged(self, every: SiteTask) -> SiteTask:
+        """This step's task and the site's every-step (`tracer.all()`) task, as one."""
+        return SiteTask(
+            sorted(self.ids + every.ids), self.copy or every.copy, self.inplace + every.inplace,
+            self.grads + every.grads, min(self.first_get, every.first_get), self.rooted + every.rooted,
+            self.escapes + every.escapes, max(self.last_set, every.last_set), self.skips + every.skips)
+
 
 @dataclass
 class Plan:

@@ -13,6 +13,8 @@ import torch
 
 from ..graph.ir import Ref, TensorRef, find
 
+UNSET: Any = object()  # a node's value before the node ran
+
 
 def resolve(x: Any, values: list[Any], tensors: dict[str, Any]) -> Any:
     t = type(x)

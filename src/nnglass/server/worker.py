@@ -60,7 +60,7 @@ from ..graph.ir import BACKWARD, Graph
 from ..graph.merge import merge, share_key, split
 from ..graph.ops import REGISTRY
 from ..graph.results import encode_results
-from ..runtime.limits import RunLimits, run_limits
+from ..runtime.limits import RunLimits
 from .exposure import lookup_sites
 from .handle import GRACE_SECONDS as GRACE_SECONDS
 from .handle import WorkerHandle as WorkerHandle
@@ -157,8 +157,8 @@ class LoadedModel:
             logger.info("batch of %d runs job by job: %s: %s", len(requests), type(e).__name__, e)
             return [self.job(r) for r in requests]
         try:
-            with run_limits(_limits(*requests)), torch.no_grad():
-                parts = split(self.lm.run_graph(merged), graphs, offsets)
+            with torch.no_grad():
+                parts = split(self.lm.run_graph(merged, limits=_limits(*requests)), graphs, offsets)
         except Exception as e:
             node = getattr(e, "node_id", None)
             if node is None:
@@ -182,8 +182,8 @@ class LoadedModel:
     def _run(self, job: Any, request: dict[str, Any]) -> int:
         graph = self._load(request)
         grad = contextlib.nullcontext() if has_backward(graph) else torch.no_grad()
-        with run_limits(_limits(request)), grad:
-            values = self.lm.run_graph(graph)
+        with grad:
+            values = self.lm.run_graph(graph, limits=_limits(request))
         return self._store(request, graph, values)
 
     def _load(self, request: dict[str, Any]) -> Graph:
