@@ -30,7 +30,9 @@ SCHEMA_PATH = Path(__file__).with_name("schema.json")
 
 _DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:[0-9]{1,4})?", re.ASCII)
+# A device index as torch parses it back unchanged: no leading zero (torch refuses "cpu:00"),
+# at most 127 (torch keeps the index in 8 bits: "cuda:9999" would name cuda:15).
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:([0-9]|[1-9][0-9]|1[01][0-9]|12[0-7]))?", re.ASCII)
 _TAGS: dict[str, frozenset[str]] = {
     tag: frozenset({"$", *fields.split()})
     for tag, fields in [
