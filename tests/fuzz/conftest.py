@@ -14,7 +14,9 @@ from nnglass import LanguageModel
 from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from service_fixtures import recording
-from service_fixtures import tiny_dir as tiny_dir  # the fixture, by name
+from service_fixtures import start_server as start_server  # the fixtures, by name
+from service_fixtures import tiny_config as tiny_config
+from service_fixtures import tiny_dir as tiny_dir
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ from ..tracing.proxy import Proxy
 from ..tracing.tracer import Tracer, user_where
 from . import fake, metaforward
 from .nnmodel import NNModel
+from .prompts import check_prompts
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ def _private_rng(seed: int | None) -> Iterator[None]:
 
 def batch_prompts(graph: Graph, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """Left-pad every invoke's ids to the longest; return ids, mask and each invoke's rows."""
+    check_prompts(graph)
     parts = [(graph.tensors[inv.kwargs["input_ids"].key], graph.tensors[inv.kwargs["attention_mask"].key])
              for inv in graph.invokes]  # fmt: skip
     width = max(ids.shape[1] for ids, _ in parts)
