@@ -2,15 +2,17 @@
 
 The ops are not hand-picked: the tests iterate `REGISTRY`, so an op added there is
 covered (or makes `test_every_op_has_a_call` fail until CALLS says how to call it).
-For each op and each generated input (1 to 3 dims of 1 to 4, six dtypes):
+For each op and each generated input (1 to 3 dims of 1 to 4, six dtypes; two per op
+in CI):
 - `op_size` (computed before the op runs, never allocating its result) is at least what
   the op really makes (`made_bytes` of its real output): the pre-check never lets an
   op make more than it was told;
-- in a graph run with limits (LimitedInterpreter): `op_bytes` one byte under that size
-  refuses it before it runs, at its line; a live-memory budget one byte under refuses it
-  too; a run past its deadline stops before it runs (TimeLimitError). Each refusal
-  leaves the interpreter usable: the same graph then runs with no limits and gives what
-  the plain call gives (in the worker, the same process serves the next job).
+- in a graph run with limits (LimitedInterpreter; on the first input that makes
+  bytes): `op_bytes` one byte under that size refuses it before it runs, at its line;
+  a live-memory budget one byte under refuses it too; a run past its deadline stops
+  before it runs (TimeLimitError). Each refusal leaves the interpreter usable: the same
+  graph then runs with no limits and gives what the plain call gives (in the worker,
+  the same process serves the next job).
 `result_bytes` is the worker's check on the encoded result (tests/server/test_worker.py).
 """
 
@@ -151,8 +153,9 @@ def _clone(x: Any) -> Any:
 @pytest.mark.parametrize("name", [n for n in NAMES if CALLS[n] is not None])
 def test_sized_before_it_runs_and_refused_over_each_limit(name: str) -> None:
     fn, template = REGISTRY[name], TEMPLATES[CALLS[name]]  # type: ignore[index]
+    limited: list[str] = []
 
-    @settings(max_examples=4, derandomize=True, deadline=None, database=None,
+    @settings(max_examples=2, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(shapes, st.sampled_from(DTYPES), st.integers(0, 2**31))
     def prop(shape: list[int], dtype: torch.dtype, seed: int) -> None:
@@ -160,15 +163,17 @@ def test_sized_before_it_runs_and_refused_over_each_limit(name: str) -> None:
         x = (torch.randn(shape) * 3).to(dtype)
         try:
             args, kwargs = template(x)
-            out = fn(*_clone(args), **_clone(kwargs))
+            given_args, given_kwargs = _clone(args), _clone(kwargs)  # in-place ops edit these
+            out = fn(*given_args, **given_kwargs)
         except Exception:
             assume(False)  # not a valid call on this shape or dtype
             return
-        made = made_bytes(out, (args, kwargs))
+        made = made_bytes(out, (given_args, given_kwargs))
         size = op_size(name, fn, _clone(args), _clone(kwargs), 1 << 62)
         assert size is not None and size >= made, (size, made)
-        if made == 0 or name.startswith("builtins.getattr"):
-            return
+        if made == 0 or name.startswith("builtins.getattr") or limited:
+            return  # the graph runs below: once per op (they cost a few meta runs each)
+        limited.append(name)
         b, ref = _build(name, args, kwargs)
         spied = Spy.registry
         Spy.calls.clear()
@@ -180,6 +185,10 @@ def test_sized_before_it_runs_and_refused_over_each_limit(name: str) -> None:
             b.run(registry=spied, seconds=-1.0)
         assert name not in Spy.calls
         # The same graph then runs, and gives what the plain call gives.
-        assert_bitwise_equal(b.run()[ref.id], out)
+        again = b.run()[ref.id]
+        if isinstance(out, torch.Tensor):  # NaN where the op's domain ends (acos(3)) is NaN again
+            torch.testing.assert_close(again, out, rtol=0, atol=0, equal_nan=True)
+        else:
+            assert_bitwise_equal(again, out)
 
     prop()
