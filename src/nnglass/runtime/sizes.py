@@ -298,7 +298,8 @@ def _first(args: tuple) -> torch.Tensor:
 
 def _indices(args: tuple, kwargs: dict) -> int:  # nonzero, argwhere, where(cond): int64 per dim
     t = _first(args)
-    return t.numel() * max(t.dim(), 1) * 8 + TENSOR_OBJECT * max(t.dim(), 1)
+    dims = max(t.dim(), 1)  # where(cond) gives a tuple of one index tensor per dim
+    return t.numel() * dims * 8 + TENSOR_OBJECT * dims + 56 + POINTER * dims
 
 
 def _selected(args: tuple, kwargs: dict) -> int:  # a mask selects at most every element
@@ -354,13 +355,14 @@ def _copy(args: tuple, kwargs: dict) -> int:  # a copy to another device
 
 
 DATA_DEPENDENT: dict[str, Callable[[tuple, dict], int]] = {
-    **dict.fromkeys(["torch.nonzero", "Tensor.nonzero", "torch.argwhere", "torch.where"], _indices),
-    **dict.fromkeys(["torch.masked_select", "operator.getitem"], _selected),
+    **dict.fromkeys(["torch.nonzero", "Tensor.nonzero", "torch.argwhere", "Tensor.argwhere", "torch.where"],
+                    _indices),
+    **dict.fromkeys(["torch.masked_select", "Tensor.masked_select", "operator.getitem"], _selected),
     **dict.fromkeys(["torch.unique", "Tensor.unique"], _unique),
     **dict.fromkeys(["torch.repeat_interleave", "Tensor.repeat_interleave"], _repeat_interleave),
     "torch.nn.functional.one_hot": _one_hot,
-    **dict.fromkeys("Tensor.item torch.equal torch.allclose builtins.float builtins.int builtins.bool "
-                    "builtins.round".split(), _number),
+    **dict.fromkeys("Tensor.item torch.equal Tensor.equal torch.allclose Tensor.allclose builtins.float "
+                    "builtins.int builtins.bool builtins.round operator.contains".split(), _number),
     "Tensor.tolist": _tolist,
     "Tensor.cpu": _copy,
 }
