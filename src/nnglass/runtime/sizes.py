@@ -344,10 +344,13 @@ def _number(args: tuple, kwargs: dict) -> int:
     return PY_NUMBER
 
 
-def _tolist(args: tuple, kwargs: dict) -> int:
+def _tolist(args: tuple, kwargs: dict) -> int:  # nested lists: one per row at every level
     t = _first(args)
-    rows = t.numel() // max(t.shape[-1], 1) if t.dim() else 0
-    return t.numel() * (POINTER + PY_NUMBER) + rows * 56
+    total, lists = t.numel() * PY_NUMBER, 1
+    for n in t.shape:
+        total += lists * 56 + lists * n * POINTER  # the lists of this level and their slots
+        lists *= n
+    return total
 
 
 def _copy(args: tuple, kwargs: dict) -> int:  # a copy to another device
