@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench fuzz clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
+
+# The long fuzzing run (docs/security.md): 20x the CI cases of tests/fuzz, random seeds.
+fuzz: $(STAMP)
+	NNGLASS_FUZZ=long OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/fuzz
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import pytest
 from nnglass import LanguageModel
 from nnglass.graph import wire
 from nnglass.graph.ir import Graph
+from service_fixtures import recording, slow_graph, small_graph  # tests/service_fixtures.py, shared
 
 NAME = "tiny"
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
@@ -49,32 +50,6 @@ def server(start_server: Callable[..., Any], tiny_config: Callable[..., str]) ->
 def lm(tiny_dir: Path) -> LanguageModel:
     """The tiny model, only to record graphs (they run on the server)."""
     return LanguageModel(str(tiny_dir), name=NAME)
-
-
-@contextmanager
-def recording(block: Any) -> Iterator[Any]:
-    """Enter a trace block and leave it without running it (its graph stays recorded)."""
-    block.__enter__()
-    try:
-        yield block
-    finally:
-        block.__exit__(KeyError, KeyError(), None)
-
-
-def small_graph(lm: LanguageModel) -> Graph:
-    with recording(lm.trace("hi")) as tracer:
-        lm.model.layers[0].output.save()
-    return tracer.graph
-
-
-def slow_graph(lm: LanguageModel, k: int = 10) -> Graph:
-    """A job that keeps the worker busy for seconds (k products of 2000 x 2000 matrices)."""
-    with recording(lm.trace("hi")) as tracer:
-        m = lm.model.layers[0].output.sum().expand(2000, 2000).contiguous()
-        for _ in range(k):
-            m = m @ m
-        m.sum().save()
-    return tracer.graph
 
 
 def failing_graph(lm: LanguageModel) -> Graph:
@@ -292,8 +267,8 @@ def test_dashboard_in_a_browser(
         def status(job_id: str) -> Any:
             return page.locator(f'tr[data-job="{job_id}"] td.status')
 
-        blocker = submit(a, slow_graph(lm))
-        watched = submit(a, slow_graph(lm))
+        blocker = submit(a, slow_graph(lm, k=10))
+        watched = submit(a, slow_graph(lm, k=10))
         expect(status(watched)).to_have_text("QUEUED")
         row = page.locator(f'tr[data-job="{watched}"]')
         expect(row.locator("td.queue")).to_have_text(re.compile(r"^(next|\d+ ahead)$"))
@@ -311,7 +286,7 @@ def test_dashboard_in_a_browser(
         assert saved == a.get(f"/v1/jobs/{watched}/result").content
 
         # Cancel a queued job with the page's button.
-        submit(a, slow_graph(lm))
+        submit(a, slow_graph(lm, k=10))
         doomed = submit(a, small_graph(lm))
         expect(status(doomed)).to_have_text("QUEUED")
         page.locator(f'tr[data-job="{doomed}"] button.cancel').click()

@@ -19,7 +19,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,9 @@ import torch
 
 from nnglass import LanguageModel
 from nnglass.graph import wire
-from nnglass.graph.ir import WIRE_VERSION, Graph
+from nnglass.graph.ir import WIRE_VERSION
 from nnglass.graph.results import decode_results
+from service_fixtures import slow_graph, small_graph  # tests/service_fixtures.py, shared
 
 NAME = "tiny"
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
@@ -88,32 +88,6 @@ def http(site: Site) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def lm(tiny_dir: Path) -> LanguageModel:
     return LanguageModel(str(tiny_dir), name=NAME)
-
-
-@contextmanager
-def recording(block: Any) -> Iterator[Any]:
-    """Enter a trace block and leave it without running it (its graph stays recorded)."""
-    block.__enter__()
-    try:
-        yield block
-    finally:
-        block.__exit__(KeyError, KeyError(), None)
-
-
-def small_graph(lm: LanguageModel) -> Graph:
-    with recording(lm.trace("hi")) as tracer:
-        lm.model.layers[0].output.save()
-    return tracer.graph
-
-
-def slow_graph(lm: LanguageModel, n: int = 2000, k: int = 8) -> Graph:
-    """A job that keeps the worker busy for a second or two."""
-    with recording(lm.trace("hi")) as tracer:
-        m = lm.model.layers[0].output.sum().expand(n, n).contiguous()
-        for _ in range(k):
-            m = m @ m
-        m.sum().save()
-    return tracer.graph
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from nnglass import (
 from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
+from service_fixtures import recording, slow_graph, small_graph  # tests/service_fixtures.py, shared
 
 NAME, LOCKED = "tiny", "locked"
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
@@ -142,32 +142,6 @@ def line(offset: int = 0) -> str:
     """file:line of the caller's line plus `offset` (what a node made there records)."""
     frame = sys._getframe(1)
     return f"{frame.f_code.co_filename}:{frame.f_lineno + offset}"
-
-
-@contextmanager
-def recording(block: Any) -> Iterator[Any]:
-    """Enter a trace block and leave it without running it (its graph stays recorded)."""
-    block.__enter__()
-    try:
-        yield block
-    finally:
-        block.__exit__(KeyError, KeyError(), None)
-
-
-def small_graph(lm: LanguageModel, prompt: str = "hi") -> Graph:
-    with recording(lm.trace(prompt)) as tracer:
-        lm.model.layers[0].output.save()
-    return tracer.graph
-
-
-def slow_graph(lm: LanguageModel, n: int = 2000, k: int = 8) -> Graph:
-    """A job that keeps the worker busy for a second or two (k products of n x n matrices)."""
-    with recording(lm.trace("hi")) as tracer:
-        m = lm.model.layers[0].output.sum().expand(n, n).contiguous()
-        for _ in range(k):
-            m = m @ m
-        m.sum().save()
-    return tracer.graph
 
 
 def post(http: httpx.Client, graph: Graph) -> httpx.Response:

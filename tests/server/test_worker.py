@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
 from nnglass.server.worker import TEST_HANG, WorkerHandle, weights_checksum
+from service_fixtures import recording, small_graph  # tests/service_fixtures.py, shared
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -59,16 +59,6 @@ def worker(shared_worker: WorkerHandle) -> WorkerHandle:
     if not shared_worker.alive:
         shared_worker.restart(timeout=120)
     return shared_worker
-
-
-@contextmanager
-def recording(block: Any) -> Iterator[Any]:
-    """Enter a trace (or session) block and leave it without running it."""
-    block.__enter__()
-    try:
-        yield block
-    finally:
-        block.__exit__(KeyError, KeyError(), None)
 
 
 def submit(worker: WorkerHandle, graph: Graph, folder: Path, job: str = "j", *,
@@ -102,12 +92,6 @@ def assert_same(a: Any, b: Any) -> None:
             assert_same(x, y)
     else:
         assert a == b
-
-
-def small_graph(lm: LanguageModel, prompt: str = "hi") -> Graph:
-    with recording(lm.trace(prompt)) as tracer:
-        lm.model.layers[0].output.save()
-    return tracer.graph
 
 
 def assert_serves(worker: WorkerHandle, lm: LanguageModel, folder: Path) -> None:

@@ -7,7 +7,6 @@ backstop that these never reach: the pid stays the same).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from nnglass import LanguageModel
 from nnglass.graph import wire
 from nnglass.graph.ir import Graph, Ref
 from nnglass.server.worker import WorkerHandle
+from service_fixtures import recording  # tests/service_fixtures.py, shared
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -37,15 +37,6 @@ def worker(tiny_dir: Path) -> Iterator[WorkerHandle]:
     handle.start(timeout=120)
     yield handle
     handle.kill()
-
-
-@contextmanager
-def recording(block: Any) -> Iterator[Any]:
-    block.__enter__()
-    try:
-        yield block
-    finally:
-        block.__exit__(KeyError, KeyError(), None)
 
 
 def graph_with(lm: LanguageModel, build: Any) -> Graph:

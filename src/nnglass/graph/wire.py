@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 from ..errors import GraphError
-from .check import DEFAULT_LIMITS, DTYPES, TENSOR_DTYPES, Limits, check, check_version
+from .check import DEFAULT_LIMITS, DTYPES, INT_MAX, TENSOR_DTYPES, Limits, check, check_version
 from .document import check_document, load_json
 from .ir import Graph, Invoke, Node, Ref, Site, TensorRef
 from .ops import REGISTRY, OpRegistry
@@ -30,7 +30,9 @@ SCHEMA_PATH = Path(__file__).with_name("schema.json")
 
 _DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:[0-9]{1,4})?", re.ASCII)
+# A device index as torch parses it back unchanged: no leading zero (torch refuses "cpu:00"),
+# at most 127 (torch keeps the index in 8 bits: "cuda:9999" would name cuda:15).
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:([0-9]|[1-9][0-9]|1[01][0-9]|12[0-7]))?", re.ASCII)
 _TAGS: dict[str, frozenset[str]] = {
     tag: frozenset({"$", *fields.split()})
     for tag, fields in [
@@ -204,7 +206,7 @@ def _decode_tagged(x: dict[str, Any], into: Any, key: Any, d: int, stack: list,
         return DTYPES[v]
     if tag == "device" and type(v) is str and _DEVICE.fullmatch(v):
         return torch.device(v)
-    if tag == "size" and type(v) is list and all(type(n) is int and n >= 0 for n in v):
+    if tag == "size" and type(v) is list and all(type(n) is int and 0 <= n <= INT_MAX for n in v):
         return torch.Size(v)
     raise GraphError(f"bad tagged {tag}: {_PAYLOAD[tag]} {_short(v)} is not valid")
 

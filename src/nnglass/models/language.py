@@ -32,6 +32,7 @@ from ..tracing.proxy import Proxy
 from ..tracing.tracer import Tracer, user_where
 from . import fake, metaforward
 from .nnmodel import NNModel
+from .prompts import check_prompts
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +330,7 @@ def batch_prompts(graph: Graph, pad_id: int, width: int | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:  # fmt: skip
     """Left-pad every invoke's ids to the longest (or `width`, if wider); return ids, mask
     and each invoke's rows."""
+    check_prompts(graph)
     parts = [(graph.tensors[inv.kwargs["input_ids"].key], graph.tensors[inv.kwargs["attention_mask"].key])
              for inv in graph.invokes]  # fmt: skip
     width = max(width or 0, *(ids.shape[1] for ids, _ in parts))

@@ -298,7 +298,8 @@ def _first(args: tuple) -> torch.Tensor:
 
 def _indices(args: tuple, kwargs: dict) -> int:  # nonzero, argwhere, where(cond): int64 per dim
     t = _first(args)
-    return t.numel() * max(t.dim(), 1) * 8 + TENSOR_OBJECT * max(t.dim(), 1)
+    dims = max(t.dim(), 1)  # where(cond) gives a tuple of one index tensor per dim
+    return t.numel() * dims * 8 + TENSOR_OBJECT * dims + 56 + POINTER * dims
 
 
 def _selected(args: tuple, kwargs: dict) -> int:  # a mask selects at most every element
@@ -343,10 +344,13 @@ def _number(args: tuple, kwargs: dict) -> int:
     return PY_NUMBER
 
 
-def _tolist(args: tuple, kwargs: dict) -> int:
+def _tolist(args: tuple, kwargs: dict) -> int:  # nested lists: one per row at every level
     t = _first(args)
-    rows = t.numel() // max(t.shape[-1], 1) if t.dim() else 0
-    return t.numel() * (POINTER + PY_NUMBER) + rows * 56
+    total, lists = t.numel() * PY_NUMBER, 1
+    for n in t.shape:
+        total += lists * 56 + lists * n * POINTER  # the lists of this level and their slots
+        lists *= n
+    return total
 
 
 def _copy(args: tuple, kwargs: dict) -> int:  # a copy to another device
@@ -354,13 +358,14 @@ def _copy(args: tuple, kwargs: dict) -> int:  # a copy to another device
 
 
 DATA_DEPENDENT: dict[str, Callable[[tuple, dict], int]] = {
-    **dict.fromkeys(["torch.nonzero", "Tensor.nonzero", "torch.argwhere", "torch.where"], _indices),
-    **dict.fromkeys(["torch.masked_select", "operator.getitem"], _selected),
+    **dict.fromkeys(["torch.nonzero", "Tensor.nonzero", "torch.argwhere", "Tensor.argwhere", "torch.where"],
+                    _indices),
+    **dict.fromkeys(["torch.masked_select", "Tensor.masked_select", "operator.getitem"], _selected),
     **dict.fromkeys(["torch.unique", "Tensor.unique"], _unique),
     **dict.fromkeys(["torch.repeat_interleave", "Tensor.repeat_interleave"], _repeat_interleave),
     "torch.nn.functional.one_hot": _one_hot,
-    **dict.fromkeys("Tensor.item torch.equal torch.allclose builtins.float builtins.int builtins.bool "
-                    "builtins.round".split(), _number),
+    **dict.fromkeys("Tensor.item torch.equal Tensor.equal torch.allclose Tensor.allclose builtins.float "
+                    "builtins.int builtins.bool builtins.round operator.contains".split(), _number),
     "Tensor.tolist": _tolist,
     "Tensor.cpu": _copy,
 }

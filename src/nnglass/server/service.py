@@ -37,6 +37,7 @@ from ..errors import NotFoundError, QuotaError, UnavailableError
 from ..graph import wire
 from ..graph.check import Limits as WireLimits
 from ..graph.ir import Graph, TensorRef
+from ..models.prompts import check_prompts
 from .batching import PassStats, cost_of, share_of
 from .config import ModelConfig, ServerConfig
 from .exposure import describe
@@ -175,6 +176,8 @@ class Service:
         if state.lookups is None and not (policy.weights_visible or policy.expose_embeddings):
             # Which sites reveal the weights is known once a replica has loaded them.
             raise UnavailableError(f"model {graph.model!r} is still loading; try again in a few seconds")
+        for trace in graph.children if graph.mode == "session" else [graph]:
+            check_prompts(trace)  # the layout every later check and the worker rely on (422)
         check_policy(graph, policy, state.paths or _paths_of(state), state.lookups)
         with self.scheduler.hold(key_id):  # the quota check and the queueing are one step per key
             if self.scheduler.queued_by(key_id) >= self.config.max_queued_per_key:

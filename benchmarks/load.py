@@ -1,0 +1,281 @@
+"""A bounded loopback load generator against the embedded server (issue 16, item 3).
+
+    python benchmarks/load.py                      # 200 clients x 10 jobs, sharing on and off
+    python benchmarks/load.py --clients 20 --jobs 5 --share 8
+
+Each client is a thread with its own API key and HTTP connection. Its jobs cycle through
+five kinds: a trace saving a hidden state, a generation (3 new tokens), a session of two
+traces (the second patched with the first's value), an error (an index past the prompt),
+and a cancel (a slow job cancelled once it is queued or running). Every prompt is unique
+to its client and job, and each result is compared with the same graph run locally
+(`lm.run_graph`, computed in the client before it submits), so a result delivered to the
+wrong key, or another job's result, shows as a mismatch.
+
+Checks: 0 lost (every accepted job ends COMPLETED, ERROR or CANCELLED and is listed under
+its key), 0 wrong (values allclose to the local run; an error job ends ERROR at its line;
+a cancel ends CANCELLED, or COMPLETED when it finished first), 0 stuck (every job ends
+within `--timeout`). Reports p50/p99 of submit-to-terminal latency and jobs/s, prints a
+table and writes JSON (`--out`). `main` returns a nonzero exit status when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _service_server import save_tiny
+from nnglass import LanguageModel
+from nnglass.graph import wire
+from nnglass.graph.ir import Graph
+from nnglass.graph.results import decode_results
+from nnglass.server.auth import KeyStore
+
+TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
+RECORDING = threading.Lock()
+KINDS = ("trace", "generate", "session", "error", "cancel")
+TOML = """[server]
+host = "127.0.0.1"
+port = {port}
+home = "{home}"
+max_queued_per_key = 64
+
+[[models]]
+name = "tiny"
+source = "{model}"
+threads = 1
+share_jobs = {share}
+
+[models.policy.limits]
+run_seconds = 60
+new_tokens = 8
+"""
+
+
+def _recording(block: Any) -> Any:
+    block.__enter__()
+    return block
+
+
+def _leave(block: Any) -> None:
+    block.__exit__(KeyError, KeyError(), None)  # leave without running: the graph stays recorded
+
+
+def build(lm: LanguageModel, kind: str, prompt: str) -> Graph:
+    """The graph of one job of `kind` on `prompt` (recorded, not run)."""
+    if kind == "session":
+        session = _recording(lm.session())
+        with lm.trace(prompt):
+            h = lm.model.layers[0].output[:, -1]
+        with lm.trace(prompt[::-1]):
+            lm.model.layers[0].output[:, -1] = h
+            lm.output.logits[:, -1].save()
+        _leave(session)
+        return Graph(model="tiny", mode="session", children=[t.graph for t in session.tracers])
+    block = _recording(lm.generate(prompt, max_new_tokens=3) if kind == "generate" else lm.trace(prompt))
+    if kind == "generate":
+        lm.lm_head.output[:, -1].argmax(-1).save()
+        block.result.save()
+    elif kind == "error":
+        lm.model.layers[0].output[0, 999].save()  # the prompt is shorter: fails at this line
+    elif kind == "cancel":
+        m = lm.model.layers[0].output.sum().expand(600, 600).contiguous()
+        for _ in range(4):
+            m = m @ m
+        m.sum().save()
+    else:
+        lm.model.layers[1].output[:, -1] += 1.0
+        lm.model.norm.output.save()
+    _leave(block)
+    return block.graph
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return type(b) is torch.Tensor and a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@dataclass
+class Tally:
+    latencies: list[float] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    wrong: list[str] = field(default_factory=list)
+    stuck: list[str] = field(default_factory=list)
+    by_kind: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def note(self, what: str, job: str) -> None:
+        with self.lock:
+            getattr(self, what).append(job)
+
+
+def client(url: str, key: str, lm: LanguageModel, index: int, jobs: int, tally: Tally,
+           timeout: float) -> None:  # fmt: skip
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        mine = []
+        for k in range(jobs):
+            kind = KINDS[(index + k) % len(KINDS)]
+            prompt = f"c{index:04d}j{k:03d}"  # one width for all: jobs may share a pass
+            with RECORDING:  # one model object records for every client thread
+                graph = build(lm, kind, prompt)
+                checked = kind in ("trace", "generate", "session")
+                expected = lm.run_graph(wire.roundtrip(graph)) if checked else None
+            graph_json, tensors = wire.encode(graph)
+            files = {"graph": ("g.json", graph_json, "application/json")}
+            if tensors is not None:
+                files["tensors"] = ("t.safetensors", tensors, "application/octet-stream")
+            start = time.monotonic()
+            r = http.post("/v1/jobs", files=files)
+            if r.status_code != 202:
+                tally.note("wrong", f"{index}/{k} {kind}: submit answered {r.status_code} {r.text[:200]}")
+                continue
+            job = r.json()["id"]
+            mine.append(job)
+            if kind == "cancel":
+                http.delete(f"/v1/jobs/{job}")
+            while (info := http.get(f"/v1/jobs/{job}").json())["status"] not in TERMINAL:
+                if time.monotonic() - start > timeout:
+                    tally.note("stuck", f"{job} {kind} {info['status']}")
+                    break
+                time.sleep(0.05)
+            else:
+                with tally.lock:
+                    tally.latencies.append(time.monotonic() - start)
+                    outcome = f"{kind}:{info['status']}"
+                    tally.by_kind[outcome] = tally.by_kind.get(outcome, 0) + 1
+                if not _as_expected(http, job, kind, info, expected, graph):
+                    tally.note("wrong", f"{job} {kind} {info['status']} {str(info.get('error'))[:200]}")
+        listed = {j["id"] for j in http.get("/v1/jobs", params={"limit": 200}).json()["jobs"]}
+        for job in mine:
+            if job not in listed:
+                tally.note("lost", job)
+
+
+def _as_expected(http: httpx.Client, job: str, kind: str, info: dict, expected: Any, graph: Graph) -> bool:
+    status = info["status"]
+    if kind == "cancel":
+        return status in ("CANCELLED", "COMPLETED")
+    if kind == "error":
+        error = info.get("error") or {}
+        return status == "ERROR" and error.get("where") == graph.nodes[-1].where
+    if status != "COMPLETED":
+        return False
+    r = http.get(f"/v1/jobs/{job}/result")
+    return r.status_code == 200 and same(decode_results(r.content), expected)
+
+
+def start_server(home: Path, model: Path, share: int) -> tuple[subprocess.Popen, str, KeyStore]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (home / "server.toml").write_text(TOML.format(port=port, home=home, model=model, share=share))
+    log = open(home / "server.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "nnglass", "serve", "--config", str(home / "server.toml")],
+                            stdout=log, stderr=log)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).json()["models"].get("tiny") == "ready":
+                return proc, url, KeyStore(home / "nnglass.db")
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server not ready: " + (home / "server.log").read_text()[-2000:])
+
+
+def run(clients: int, jobs: int, share: int, timeout: float, model: Path, workdir: Path) -> dict[str, Any]:
+    """One load run against a fresh server; the measurements and the checks' findings."""
+    home = Path(tempfile.mkdtemp(prefix=f"load-share{share}-", dir=workdir))
+    proc, url, keys = start_server(home, model, share)
+    try:
+        lm = LanguageModel(str(model), name="tiny")
+        tally, threads = Tally(), []
+        ids = [keys.create(f"client{i}")[1] for i in range(clients)]
+        start = time.monotonic()
+        for i in range(clients):
+            t = threading.Thread(target=client, args=(url, ids[i], lm, i, jobs, tally, timeout), daemon=True)
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join(timeout + 600)
+        wall = time.monotonic() - start
+        shared = _metric(url, ids[0], "nnglass_shared_jobs_total")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    lat = sorted(tally.latencies)
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+
+    return {"clients": clients, "jobs_per_client": jobs, "share_jobs": share, "jobs": clients * jobs,
+            "ended": len(lat), "lost": tally.lost, "wrong": tally.wrong, "stuck": tally.stuck,
+            "p50_s": pct(0.50), "p99_s": pct(0.99), "wall_s": wall, "jobs_per_s": len(lat) / wall,
+            "shared_jobs": shared, "outcomes": dict(sorted(tally.by_kind.items()))}  # fmt: skip
+
+
+def _metric(url: str, key: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        metric, _, value = line.rpartition(" ")
+        if metric.split("{")[0] == name:
+            total += float(value)
+    return total
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    out = ["| share_jobs | clients x jobs | ended | lost | wrong | stuck | p50 s | p99 s | jobs/s | shared |",
+           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r['share_jobs']} | {r['clients']} x {r['jobs_per_client']} | {r['ended']} | "
+                   f"{len(r['lost'])} | "
+                   f"{len(r['wrong'])} | {len(r['stuck'])} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
+                   f"{r['jobs_per_s']:.1f} | {r['shared_jobs']:.0f} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--jobs", type=int, default=10)
+    parser.add_argument("--share", type=int, nargs="+", default=[8, 1], help="share_jobs values to run")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds before a job counts as stuck")
+    parser.add_argument("--out", type=Path, default=Path(".bench/load.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="nnglass-load-") as tmp:
+        model = Path(tmp) / "tiny"
+        save_tiny(model)
+        rows = [run(args.clients, args.jobs, share, args.timeout, model, Path(tmp)) for share in args.share]
+    print(table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+    for r in rows:
+        for what in ("lost", "wrong", "stuck"):
+            for line in r[what][:5]:
+                print(f"{what}: {line}", file=sys.stderr)
+    return 1 if any(r["lost"] or r["wrong"] or r["stuck"] or r["ended"] < r["jobs"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The prompt layout of a language model's graph, checked before anything reads it.
+
+Invariant: a trace or generation graph for a `LanguageModel` that `check_prompts`
+accepts has at least one invoke; each invoke has no positional arguments and exactly the
+keyword arguments `input_ids` and `attention_mask`, both attached tensors of one 2-D
+shape (at least one row and one token), the ids integers, the mask integers or booleans;
+and its `forward`/`generate` options, when present, are dicts. `batch_prompts` (local
+runs and the worker) and the server's `Service.submit` (a 422, not a failed job) both
+call it, so no code past it meets a missing key or a wrong type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import GraphError
+from ..graph.ir import Graph, TensorRef
+
+PROMPT_KEYS = ("input_ids", "attention_mask")
+_IDS = (torch.int64, torch.int32)
+_MASK = (torch.int64, torch.int32, torch.bool)
+
+
+def _tensor(graph: Graph, value: Any, what: str) -> torch.Tensor:
+    if type(value) is not TensorRef or value.key not in graph.tensors:
+        raise GraphError(f"{what} must be an attached tensor, got {type(value).__name__}")
+    return graph.tensors[value.key]
+
+
+def check_prompts(graph: Graph) -> None:
+    """Raise GraphError naming the invoke and the problem unless the layout above holds."""
+    for table in ("forward", "generate"):
+        if type(graph.options.get(table, {})) is not dict:
+            raise GraphError(f"option {table!r} must be a dict of keyword arguments, "
+                             f"got {type(graph.options[table]).__name__}")  # fmt: skip
+    if not graph.invokes:
+        raise GraphError("a language model's graph needs at least one invoke (a prompt)")
+    for i, inv in enumerate(graph.invokes):
+        if inv.args or sorted(inv.kwargs) != sorted(PROMPT_KEYS):
+            raise GraphError(f"invoke {i}: a prompt is exactly the keyword arguments input_ids and "
+                             f"attention_mask, got {len(inv.args)} positional and {sorted(inv.kwargs)[:4]}")
+        ids = _tensor(graph, inv.kwargs["input_ids"], f"invoke {i}: input_ids")
+        mask = _tensor(graph, inv.kwargs["attention_mask"], f"invoke {i}: attention_mask")
+        if ids.dim() != 2 or 0 in ids.shape or ids.dtype not in _IDS:
+            raise GraphError(f"invoke {i}: input_ids must be a 2-D integer tensor with at least one "
+                             f"token, got {ids.dtype} {list(ids.shape)}")  # fmt: skip
+        if mask.shape != ids.shape or mask.dtype not in _MASK:
+            raise GraphError(f"invoke {i}: attention_mask must be integers or booleans of the ids' shape "
+                             f"{list(ids.shape)}, got {mask.dtype} {list(mask.shape)}")  # fmt: skip

@@ -1,0 +1,273 @@
+"""Shared fixtures for the service tests (tests/server, tests/fuzz): a tiny model on disk,
+a real server on loopback (on either store combination). Each conftest that needs them
+imports the fixtures by name."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import transformers
+
+from nnglass.server.auth import KeyStore
+from nnglass.server.config import load_config
+from nnglass.server.pg import Database
+from nnglass.server.stores import open_keys
+
+TINY = "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama (hidden 32, vocab 100) and a char-level tokenizer, saved."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<pad>", "<eos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+    ).save_pretrained(folder)  # fmt: skip
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+@pytest.fixture(scope="session")
+def pg_database(postgres: Any) -> Iterator[Database]:
+    """One pool on one database of the session's PostgreSQL (tests/components.py)."""
+    db = Database(postgres.fresh_database())
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def pg_clean(pg_database: Database) -> Database:
+    """`pg_database` with every table emptied: each test starts from nothing."""
+    with pg_database.tx() as conn:
+        conn.execute("TRUNCATE jobs, api_keys, queue, queue_turns, frontends")
+    return pg_database
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_stores(config_text: str, stores: dict[str, str] | None) -> str:
+    """The config with `[server] database` and `results` set (None: the embedded default)."""
+    if not stores:
+        return config_text
+    lines = "".join(f'{k} = "{v}"\n' for k, v in stores.items() if v)
+    assert "[server]\n" in config_text
+    return config_text.replace("[server]\n", "[server]\n" + lines, 1)
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgresql+s3"])
+def stores(request: pytest.FixtureRequest) -> dict[str, str] | None:
+    """Which stores a module's server uses: the embedded default (SQLite and a folder in
+    its home), then a fresh PostgreSQL database and S3 bucket. A module whose server
+    fixture asks for this runs twice, once per combination."""
+    if request.param == "embedded":
+        return None
+    return {"database": request.getfixturevalue("postgres").fresh_database(),
+            "results": request.getfixturevalue("s3").url()}  # fmt: skip
+
+
+class Server:
+    """`nnglass serve --config` in a subprocess on a random loopback port. `stores`: the
+    `[server] database` and `results` it uses (None: SQLite and a folder in `home`)."""
+
+    def __init__(self, home: Path, config_text: str, cwd: Path | None = None,
+                 env: dict[str, str] | None = None, stores: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.cwd = cwd  # the server's working directory (default: this process's)
+        self.env = dict(env or {})  # added to this process's environment
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = home / "server.toml"
+        text = with_stores(config_text, stores).replace("PORT", str(self.port)).replace("HOME", str(home))
+        self.config.write_text(text)
+        self.stores = stores
+        self.keys = open_keys(load_config(self.config)) if stores else KeyStore(home / "nnglass.db")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> None:
+        env = {**os.environ, **self.env, "NNGLASS_HOME": str(self.home)}
+        log = open(self.home / "server.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "nnglass", "serve", "--config", str(self.config)],
+                                     env=env, stdout=log, stderr=log, cwd=self.cwd)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log()
+            try:
+                models = httpx.get(f"{self.url}/health", timeout=2).json()["models"]
+                if models and all(s == "ready" for s in models.values()):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server not ready:\n" + self.log())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        path = self.home / "server.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def client(self, key: str | None) -> httpx.Client:
+        """An HTTP client for this server, sending `key` as the bearer token (None: no key)."""
+        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def metric(self, key: str, name: str) -> float:
+        """The value of one line of `/metrics` (`name` with its labels), 0 when absent."""
+        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10).text
+        for line in text.splitlines():
+            metric, _, value = line.rpartition(" ")
+            if metric == name:
+                return float(value)
+        return 0.0
+
+    def worker_pid(self, model: str) -> int:
+        """The pid of the worker that serves `model` now (the server logs each start)."""
+        text = (self.home / "server.log").read_text(errors="replace")
+        pids = re.findall(rf"worker for model '{re.escape(model)}' ready \(pid (\d+)\)", text)
+        assert pids, f"no worker for {model!r} in the log:\n{self.log()}"
+        return int(pids[-1])
+
+
+def server_toml(tiny_dir: Path, run_seconds: float = 20, extra_model: str = "") -> str:
+    return f"""
+[server]
+host = "127.0.0.1"
+port = PORT
+home = "HOME"
+result_ttl_s = 3600
+max_request_bytes = 8000000
+debug_checksums = true
+max_queued_per_key = 8
+
+[[models]]
+name = "{TINY}"
+source = "{tiny_dir}"
+threads = {torch.get_num_threads()}  # as this process: bitwise-equal local and remote runs
+
+[models.policy.limits]
+run_seconds = {run_seconds}
+new_tokens = 64
+{extra_model}
+"""
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Where a test server runs its replicas: "subprocess" (the embedded default) or "ray"
+    (the session's two-node cluster, tests/ray_cluster.py)."""
+
+    name: str
+    cluster: Any = None  # ray_cluster.RayCluster for "ray"
+
+    def config(self, text: str) -> str:
+        return text if self.cluster is None else self.cluster.server_toml(text)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {} if self.cluster is None else self.cluster.env
+
+
+SUBPROCESS = Engine("subprocess")
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """`start_server(name, config_text, home=None, cwd=None, engine=SUBPROCESS, stores=None)`:
+    a started Server in a new temporary home (or `home`), its replicas where `engine` runs
+    them, its jobs and results in `stores` (None: the embedded default). Callers stop
+    theirs; whatever is left stops at the end."""
+    started: list[Server] = []
+
+    def start(name: str, config_text: str, home: Path | None = None, cwd: Path | None = None,
+              engine: Engine = SUBPROCESS, stores: dict[str, str] | None = None) -> Server:  # fmt: skip
+        home = home if home is not None else tmp_path_factory.mktemp(name)
+        server = Server(home, engine.config(config_text), cwd=cwd, env=engine.env, stores=stores)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_dir: Path) -> Callable[..., str]:
+    """`server_toml` for the tiny model: `tiny_config(run_seconds=20, extra_model="")`."""
+
+    def text(run_seconds: float = 20, extra_model: str = "") -> str:
+        return server_toml(tiny_dir, run_seconds, extra_model)
+
+    return text
+
+
+# --- graphs the service tests submit ------------------------------------------------------
+
+
+@contextmanager
+def recording(block: Any) -> Iterator[Any]:
+    """Enter a trace (or session) block and leave it without running it (its graph stays
+    recorded)."""
+    block.__enter__()
+    try:
+        yield block
+    finally:
+        block.__exit__(KeyError, KeyError(), None)
+
+
+def small_graph(lm: Any, prompt: str = "hi") -> Any:
+    """A trace of `prompt` saving layer 0's output."""
+    with recording(lm.trace(prompt)) as tracer:
+        lm.model.layers[0].output.save()
+    return tracer.graph
+
+
+def slow_graph(lm: Any, n: int = 2000, k: int = 8) -> Any:
+    """A job that keeps the worker busy for a second or two (k products of n x n matrices)."""
+    with recording(lm.trace("hi")) as tracer:
+        m = lm.model.layers[0].output.sum().expand(n, n).contiguous()
+        for _ in range(k):
+            m = m @ m
+        m.sum().save()
+    return tracer.graph
