@@ -165,7 +165,7 @@ def gpt2() -> nn.Module:
     config = transformers.GPT2Config(
         n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
         bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
+    )
     return _watch(_build(lambda: transformers.GPT2LMHeadModel(config)))
 
 
@@ -175,7 +175,7 @@ def llama() -> nn.Module:
     config = transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=100,
-    )  # fmt: skip
+    )
     return _watch(_build(lambda: transformers.LlamaForCausalLM(config)))
 
 
@@ -187,20 +187,20 @@ def hooks_left(module: nn.Module) -> list[str]:
     left = []
     for path, sub in module.named_modules():
         for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks"):  # fmt: skip
+                     "_backward_pre_hooks"):
             if getattr(sub, kind):
                 left.append(f"{path or '<root>'}: {kind}")
     from torch.nn.modules import module as torch_module
 
     for kind in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                 "_global_backward_hooks", "_global_backward_pre_hooks"):  # fmt: skip
+                 "_global_backward_hooks", "_global_backward_pre_hooks"):
         if getattr(torch_module, kind, None):
             left.append(f"global: {kind}")
     return left
 
 
 def assert_untouched(module: nn.Module, params: dict[str, torch.Tensor],
-                     flags: dict[str, bool]) -> None:  # fmt: skip
+                     flags: dict[str, bool]) -> None:
     assert hooks_left(module) == [], "hooks left on the model"
     now = _tensors(module)
     assert set(now) == set(params)
@@ -330,7 +330,7 @@ def hook_inputs(model: nn.Module, sub: nn.Module, *args: Any, **kwargs: Any) -> 
 
 @torch.no_grad()
 def edit_output(model: nn.Module, sub: nn.Module, edit: Callable[[Any], Any], *args: Any,
-                call: int | None = None, **kwargs: Any) -> Any:  # fmt: skip
+                call: int | None = None, **kwargs: Any) -> Any:
     """Model output when a forward hook on `sub` returns `edit(clone of its output)`
     (only at call number `call` when given)."""
     calls = [0]
@@ -348,7 +348,7 @@ def edit_output(model: nn.Module, sub: nn.Module, edit: Callable[[Any], Any], *a
 
 @torch.no_grad()
 def edit_inputs(model: nn.Module, sub: nn.Module, edit: Callable[[tuple, dict], tuple],
-                *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+                *args: Any, **kwargs: Any) -> Any:
     """Model output when a pre-hook on `sub` returns `edit(args, kwargs)` (cloned first)."""
 
     def hook(m: nn.Module, a: tuple, kw: dict) -> Any:

@@ -88,9 +88,9 @@ class RayCluster:
         self.port = _free_port(HEAD_IP)
         ray = str(Path(sys.executable).with_name("ray"))
         common = ["--block", "--num-cpus", str(self.cpus_per_node), "--object-store-memory", str(80 * 2**20),
-                  "--disable-usage-stats", "--temp-dir", str(self.root / "ray")]  # fmt: skip
+                  "--disable-usage-stats", "--temp-dir", str(self.root / "ray")]
         self.nodes["node_a"] = Node("node_a", HEAD_IP, [ray, "start", "--head", "--port", str(self.port),
-                                                       "--include-dashboard=false", *common])  # fmt: skip
+                                                       "--include-dashboard=false", *common])
         self.nodes["node_b"] = Node("node_b", WORKER_IP, [ray, "start", "--address", self.address, *common])
         try:
             self.start_node("node_a")
@@ -105,7 +105,7 @@ class RayCluster:
         resources = json.dumps({name: self.cpus_per_node})
         node.proc = subprocess.Popen([*node.args, "--node-ip-address", node.ip, "--resources", resources],
                                      env=self._node_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=_end_with_parent)  # fmt: skip
+                                     start_new_session=True, preexec_fn=_end_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while "block forever" not in self.log(name):
@@ -156,7 +156,7 @@ class RayCluster:
         env.update(self.env if token else {})
         env["PYTHONPATH"] = self._node_env()["PYTHONPATH"]
         join = (f"import ray\nray.init(address={self.address!r}, _node_ip_address={HEAD_IP!r}, "
-                "namespace='nnglass')\n")  # fmt: skip
+                "namespace='nnglass')\n")
         return [sys.executable, "-c", join + code], {"env": env, "cwd": self.root}
 
     def server_toml(self, text: str) -> str:

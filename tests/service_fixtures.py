@@ -21,6 +21,7 @@ import pytest
 import torch
 import transformers
 
+import nnglass
 from nnglass.server.auth import KeyStore
 from nnglass.server.config import load_config
 from nnglass.server.pg import Database
@@ -42,12 +43,12 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     backend.decoder = decoders.Fuse()
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-    ).save_pretrained(folder)  # fmt: skip
+    ).save_pretrained(folder)
     config = transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
         bos_token_id=1, eos_token_id=1, pad_token_id=0,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -91,7 +92,7 @@ def stores(request: pytest.FixtureRequest) -> dict[str, str] | None:
     if request.param == "embedded":
         return None
     return {"database": request.getfixturevalue("postgres").fresh_database(),
-            "results": request.getfixturevalue("s3").url()}  # fmt: skip
+            "results": request.getfixturevalue("s3").url()}
 
 
 class Server:
@@ -116,7 +117,7 @@ class Server:
         env = {**os.environ, **self.env, "NNGLASS_HOME": str(self.home)}
         log = open(self.home / "server.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "nnglass", "serve", "--config", str(self.config)],
-                                     env=env, stdout=log, stderr=log, cwd=self.cwd)  # fmt: skip
+                                     env=env, stdout=log, stderr=log, cwd=self.cwd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log()
@@ -220,7 +221,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     started: list[Server] = []
 
     def start(name: str, config_text: str, home: Path | None = None, cwd: Path | None = None,
-              engine: Engine = SUBPROCESS, stores: dict[str, str] | None = None) -> Server:  # fmt: skip
+              engine: Engine = SUBPROCESS, stores: dict[str, str] | None = None) -> Server:
         home = home if home is not None else tmp_path_factory.mktemp(name)
         server = Server(home, engine.config(config_text), cwd=cwd, env=engine.env, stores=stores)
         started.append(server)
@@ -247,13 +248,11 @@ def tiny_config(tiny_dir: Path) -> Callable[..., str]:
 
 @contextmanager
 def recording(block: Any) -> Iterator[Any]:
-    """Enter a trace (or session) block and leave it without running it (its graph stays
-    recorded)."""
-    block.__enter__()
-    try:
+    """A trace (or session) block whose graph is kept, never run: it goes to a
+    `nnglass.Recorder` instead of the model's backend."""
+    block.backend = nnglass.Recorder()
+    with block:
         yield block
-    finally:
-        block.__exit__(KeyError, KeyError(), None)
 
 
 def small_graph(lm: Any, prompt: str = "hi") -> Any:

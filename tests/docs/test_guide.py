@@ -43,7 +43,7 @@ def test_blocks_are_found() -> None:
 
 
 def test_guide_runs(smol: ModuleType, tmp_path_factory: pytest.TempPathFactory,
-                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NNGLASS_CACHE", str(smol.CACHE))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     namespace: dict[str, object] = {"__name__": "guide"}
@@ -59,4 +59,4 @@ def test_guide_runs(smol: ModuleType, tmp_path_factory: pytest.TempPathFactory,
                 exec(compile(padded, str(GUIDE), "exec"), namespace)
             except Exception as e:
                 raise AssertionError(f"the guide's block at docs/guide.md:{line} failed: "
-                                     f"{type(e).__name__}: {e}") from e  # fmt: skip
+                                     f"{type(e).__name__}: {e}") from e

@@ -52,7 +52,7 @@ class Running:
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of a client of this server (as `make demo` gives its client)."""
         return {**os.environ, "NNGLASS_CACHE": str(CACHE), "NNGLASS_HOME": str(self.home),
-                "NNGLASS_HOST": self.url, "NNGLASS_API_KEY": self.key, **extra}  # fmt: skip
+                "NNGLASS_HOST": self.url, "NNGLASS_API_KEY": self.key, **extra}
 
 
 @contextmanager

@@ -17,7 +17,7 @@ def run_example(name: str, server: Running, out: Path, remote: bool) -> list[str
     last ("wrote ..."), after checking it exited 0 and wrote `out/<name>.png`."""
     args = [sys.executable, str(REPO / "examples" / f"{name}.py"), "--out", str(out)]
     done = subprocess.run([*args, "--remote"] if remote else args, cwd=REPO, env=server.env(),
-                          capture_output=True, text=True, timeout=1200)  # fmt: skip
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stdout}\n{done.stderr[-4000:]}"
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("running " + ("remotely" if remote else "locally")), lines[0]
@@ -39,7 +39,7 @@ def test_logit_lens(server: Running, tmp_path: Path) -> None:
 def test_activation_patching(server: Running, tmp_path: Path) -> None:
     lines = run_example("activation_patching", server, tmp_path, remote=True)
     rows = {int(line.split(":")[0].split()[1]): [float(v) for v in line.split(":")[1].split()]
-            for line in lines if line.startswith("layer ")}  # fmt: skip
+            for line in lines if line.startswith("layer ")}
     assert sorted(rows) == [0, 5, 10, 15, 20, 25, 29]
     assert rows[0][0] == 0.0, "the first token is the same in both prompts: patching it changes nothing"
     assert rows[29][-1] == 1.0, "the last layer's last position is the whole answer"

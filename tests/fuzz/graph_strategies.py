@@ -38,13 +38,13 @@ FORBIDDEN = ["os.system", "builtins.eval", "builtins.__import__", "torch.load", 
 PROFILE = os.environ.get("NNGLASS_FUZZ", "ci")
 FACTOR = {"ci": 1, "long": 20}[PROFILE]
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
-          HealthCheck.function_scoped_fixture]  # fmt: skip
+          HealthCheck.function_scoped_fixture]
 
 
 def cases(n: int, deadline_s: float = 10.0) -> settings:
     """Settings for a property with `n` cases at the CI size."""
     return settings(max_examples=n * FACTOR, derandomize=PROFILE == "ci", deadline=deadline_s * 1000,
-                    suppress_health_check=_QUIET, database=None, print_blob=True)  # fmt: skip
+                    suppress_health_check=_QUIET, database=None, print_blob=True)
 
 
 Recorded = list[tuple[Doc, bytes | None]]  # (graph JSON data, safetensors bytes)
@@ -54,7 +54,7 @@ EDGE_INTS = [0, 1, -1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, -(2**63) - 1, 10**30]
 scalars = st.one_of(
     st.none(), st.booleans(), st.sampled_from(EDGE_INTS), st.integers(-(2**70), 2**70),
     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12),
-)  # fmt: skip
+)
 
 
 def _resolve(ref: str) -> Any:
@@ -78,7 +78,7 @@ def from_schema(node: Any = SCHEMA, budget: int = 6) -> st.SearchStrategy[Any]:
         if key in node:
             base = {k: v for k, v in node.items() if k != key}
             merged = [{**base, **alt, "required": base.get("required", []) + alt.get("required", [])}
-                      for alt in node[key]]  # fmt: skip
+                      for alt in node[key]]
             return st.one_of([from_schema(m, budget) for m in merged])
     kind = node.get("type")
     if isinstance(kind, list):
@@ -181,7 +181,7 @@ replacements = st.one_of(
     st.builds(lambda k: {"$": "tensor", "key": k}, st.sampled_from(["t0", "t1", "nope", "../x", ""])),
     st.builds(nested, st.integers(20, 80)), st.just({}), st.just([]),
     st.builds(lambda n: "x" * n, st.sampled_from([4096, 4097, 70_000])),
-)  # fmt: skip
+)
 
 
 def _nodes(doc: Any) -> list:
@@ -222,7 +222,7 @@ def mutated_tensors(draw: st.DrawFn, recorded: list[tuple[Doc, bytes | None]]) -
     header = json.loads(blob[8 : 8 + n])
     data = blob[8 + n :]
     action = draw(st.sampled_from(["shape", "dtype", "offsets", "length", "truncate", "junk", "manifest",
-                                   "none", "extra"]))  # fmt: skip
+                                   "none", "extra"]))
     key = draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
     if action == "shape":
         header[key]["shape"] = draw(st.lists(st.sampled_from([0, 1, 3, 2**31, 2**62, -1]), max_size=4))

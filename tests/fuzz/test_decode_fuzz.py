@@ -88,7 +88,7 @@ def test_decoding_holds_no_memory(recorded: Recorded) -> None:
     batch: list[tuple[dict, bytes | None]] = []
 
     @settings(max_examples=1000, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+              suppress_health_check=list(HealthCheck))
     @given(mutated_json(recorded))
     def collect(case: tuple[dict, bytes | None]) -> None:
         batch.append(case)

@@ -55,7 +55,7 @@ def rss(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def live(start_server: Callable[..., Any], tiny_config: Callable[..., str],
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:  # fmt: skip
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     cwd = tmp_path_factory.mktemp("fuzz-cwd")
     server = start_server("fuzz", tiny_config(run_seconds=5), cwd=cwd)
     key = server.keys.create("fuzzer")[1]
@@ -109,7 +109,7 @@ def framings(draw: st.DrawFn, recorded: Recorded) -> tuple[bytes, str]:
     ctype = MULTIPART
     if kind == "names":
         parts = [(draw(st.sampled_from(["graph", "tensors", "", "graph\"", "x" * 300, "../graph"])), d)
-                 for _, d in parts]  # fmt: skip
+                 for _, d in parts]
     body = multipart(parts, headers=draw(st.sampled_from(HEADERS)) if kind == "headers" else "")
     if kind == "ctype":
         ctype = draw(st.sampled_from(CTYPES))

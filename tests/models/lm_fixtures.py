@@ -41,7 +41,7 @@ def char_tokenizer() -> Any:
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
         padding_side="left",
-    )  # fmt: skip
+    )
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
@@ -51,7 +51,7 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     config = transformers.GPT2Config(
         n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(config).float().eval()
 
@@ -64,7 +64,7 @@ def tiny_llama(seed: int = 0) -> nn.Module:
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).float().eval()
 
@@ -89,7 +89,7 @@ def left_pad(ids: torch.Tensor, width: int, pad: int = PAD) -> tuple[torch.Tenso
     n = width - ids.shape[1]
     mask = torch.ones_like(ids)
     return (torch.nn.functional.pad(ids, (n, 0), value=pad),
-            torch.nn.functional.pad(mask, (n, 0), value=0))  # fmt: skip
+            torch.nn.functional.pad(mask, (n, 0), value=0))
 
 
 # --- plain references -----------------------------------------------------------------
@@ -123,7 +123,7 @@ def forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = Non
 
 @torch.no_grad()
 def hook_view(model: nn.Module, sub: nn.Module, ids: torch.Tensor,
-              mask: torch.Tensor | None = None) -> tuple[Any, torch.Tensor]:  # fmt: skip
+              mask: torch.Tensor | None = None) -> tuple[Any, torch.Tensor]:
     """(what a forward hook on `sub` saw at its first call, cloned; logits)."""
     seen: list[Any] = []
     with hooks(sub.register_forward_hook(lambda m, a, out: seen.append(clone_tree(out)))):
@@ -143,7 +143,7 @@ def input_editor(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., 
 
 @torch.no_grad()
 def edited_forward(model: nn.Module, sub: nn.Module, edit: Callable[[Any], Any], ids: torch.Tensor,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits when a forward hook on `sub` returns `edit(clone of its output)`."""
     with hooks(sub.register_forward_hook(output_editor(edit))):
         return forward(model, ids, mask)

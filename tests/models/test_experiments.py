@@ -172,7 +172,7 @@ def test_gradient_attribution(smol: lmf.Pair, hf: torch.nn.Module, both: Any) ->
     seen: list[torch.Tensor] = []
     with lmf.hooks(hf.model.layers[10].register_forward_hook(lambda m, a, out: seen.append(out))):
         logits = hf(input_ids=ids, attention_mask=mask, position_ids=lmf.positions(mask),
-                    use_cache=False).logits  # fmt: skip
+                    use_cache=False).logits
     (ref,) = torch.autograd.grad(logits[0, -1].max(), seen[0])
     assert grad.shape == (1, ids.shape[1], 576)
     lmf.assert_close(grad, ref, atol=1e-6, rtol=1e-5)

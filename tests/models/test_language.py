@@ -93,7 +93,7 @@ def test_prompt_forms_give_identical_results(tiny: Any, pair: Any, both: Any) ->
     forms = [
         text, [text], ids, [ids], torch.tensor(ids), torch.tensor([ids]),
         tok(text, return_tensors="pt"), tok(text),
-    ]  # fmt: skip
+    ]
     results = [both(pair, lambda lm, f=f: logits_of(lm, f)) for f in forms]
     for form, result in zip(forms, results):
         assert torch.equal(result, results[0]), f"prompt given as {type(form).__name__}"
@@ -101,7 +101,7 @@ def test_prompt_forms_give_identical_results(tiny: Any, pair: Any, both: Any) ->
     texts = ["hi", "hello there"]
     batch = [
         texts, tok(texts, return_tensors="pt", padding=True, padding_side="left"),
-    ]  # fmt: skip
+    ]
     results = [both(pair, lambda lm, f=f: logits_of(lm, f)) for f in batch]
     assert torch.equal(results[0], results[1])
     ids, mask = lmf.padded(tok, texts)

@@ -13,16 +13,13 @@ import torch
 from nnglass import LanguageModel
 from nnglass.graph.ir import Graph
 from nnglass.graph.merge import merge, share_key, split
+from service_fixtures import recording
 
 
 def record(lm: LanguageModel, body: Any) -> Graph:
     """The graph of `with lm.trace() as t: body(t)`, recorded without running it."""
-    tracer = lm.trace()
-    t = tracer.__enter__()
-    try:
-        body(t)
-    finally:
-        tracer.__exit__(KeyError, KeyError(), None)
+    with recording(lm.trace()) as tracer:
+        body(tracer)
     return tracer.graph
 
 

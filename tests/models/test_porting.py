@@ -239,7 +239,7 @@ def test_attribution_patching_over_every_layer(tiny: Any, pair: Any, both: Any) 
     handles = [layer.register_forward_hook(keep) for layer in layers(tiny, tiny.hf)]
     with lmf.hooks(*handles), torch.enable_grad():
         logits = tiny.hf(input_ids=ids, attention_mask=mask, position_ids=lmf.positions(mask),
-                         use_cache=False).logits  # fmt: skip
+                         use_cache=False).logits
         ref = torch.autograd.grad(logits[0, -1, a] - logits[0, -1, b], seen)
     for got_a, got_g, h, g in zip(acts, grads, seen, ref):
         assert torch.equal(got_a, h.detach())

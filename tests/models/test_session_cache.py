@@ -80,7 +80,7 @@ def test_cache_saves_matching_modules_only(tiny: Any, pair: Any, both: Any) -> N
         seen, _ = lmf.hook_view(tiny.hf, layer, ids, mask)
         output, (args, _kwargs) = cached[f"{prefix}.{i}"]
         assert torch.equal(output if isinstance(output, torch.Tensor) else output[0],
-                           seen if isinstance(seen, torch.Tensor) else seen[0])  # fmt: skip
+                           seen if isinstance(seen, torch.Tensor) else seen[0])
         assert args[0].shape == (*ids.shape, tiny.hf.config.hidden_size)
 
 

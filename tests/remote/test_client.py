@@ -29,7 +29,7 @@ from nnglass.remote.status import StatusLine, bar, describe
 KEY = "secret-key"
 HOST = "http://fake.nnglass:8321"
 DONE = [{"status": "QUEUED", "position": 2}, {"status": "QUEUED", "position": 1},
-        {"status": "RUNNING"}, {"status": "COMPLETED"}]  # fmt: skip
+        {"status": "RUNNING"}, {"status": "COMPLETED"}]
 
 
 class Net(nn.Module):
@@ -92,7 +92,7 @@ class FakeServer:
             return self.stream(job)
         if what == "result":
             return httpx.Response(200, content=job["result"],
-                                  headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+                                  headers={"Content-Type": "application/octet-stream"})
         if self.outage:
             if self.outage.pop(0) == "refused":
                 raise httpx.ConnectError("connection refused")
@@ -133,7 +133,7 @@ class FakeServer:
             rest = rest[:1]
         job["at"] += len(rest)
         body = "".join(f": keepalive\nevent: status\ndata: {json.dumps({'id': job['id'], **s})}\n\n"
-                       for s in rest)  # fmt: skip
+                       for s in rest)
         return httpx.Response(200, text=body, headers={"Content-Type": "text/event-stream"})
 
 
@@ -182,7 +182,7 @@ def test_submit_sends_graph_and_tensors_as_multipart_with_bearer_key(net: nn.Mod
 def test_a_graph_without_tensors_travels_as_plain_json() -> None:
     server = FakeServer(script=[{"status": "COMPLETED"}])
     graph = Graph(model="Net", invokes=[Invoke((3,))],
-                  nodes=[Node(0, "get", site=Site("", "output"), save=True, where="exp.py:1")])  # fmt: skip
+                  nodes=[Node(0, "get", site=Site("", "output"), save=True, where="exp.py:1")])
     job = backend(server).submit(graph)
     assert isinstance(job, Job) and job.id == "job0"
     assert server.submitted[0] == ("application/json", {"graph": ("application/json", wire.encode(graph)[0])})
@@ -256,11 +256,11 @@ def test_polling_gives_up_after_its_patience() -> None:
 
 @pytest.mark.parametrize("type_name", ["TraceError", "GraphError", "VersionError", "ExecutionError",
                                        "OutOfOrderError", "TimeLimitError", "PolicyError",
-                                       "RemoteError", "KeyError"])  # fmt: skip
+                                       "RemoteError", "KeyError"])
 def test_a_failed_job_raises_the_matching_class_at_the_users_line(net: nn.Module, type_name: str) -> None:
     server = FakeServer(net)
     server.error = lambda g: {"message": "shape mismatch in add", "where": g.nodes[-1].where,
-                              "type": type_name}  # fmt: skip
+                              "type": type_name}
     model = remote_model(net, backend(server))
     with pytest.raises(errors.NNglassError) as info:
         with model.trace(torch.randn(1, 4), remote=True):
@@ -297,7 +297,7 @@ def test_a_422_at_submit_raises_the_policy_error_with_its_line(net: nn.Module) -
     (413, errors.RemoteError, ["413", "too large"]),
     (429, errors.RemoteError, ["429", "wait 30 s"]),
     (500, errors.RemoteError, ["500", "server failed"]),
-])  # fmt: skip
+])
 def test_refusals_name_the_status_and_what_to_do(net: nn.Module, code: int, cls: type, words: list) -> None:
     server = FakeServer(net)
     detail = {"message": "wire version 2.0 is not 1.0", "type": "VersionError"} if code == 409 else "no"
@@ -403,7 +403,7 @@ def test_ctrl_c_while_waiting_cancels_the_job(net: nn.Module) -> None:
 
 
 def test_progress_forced_shows_queue_running_and_download_then_clears(
-        net: nn.Module, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+        net: nn.Module, capsys: pytest.CaptureFixture[str]) -> None:
     model = remote_model(net, backend(FakeServer(net), progress=True))
     with model.trace(torch.randn(1, 4), remote=True):
         model.output.save()
@@ -415,7 +415,7 @@ def test_progress_forced_shows_queue_running_and_download_then_clears(
 
 @pytest.mark.parametrize("progress", [False, None])  # None: only on a terminal; captured stderr is not
 def test_no_progress_unless_asked_or_on_a_terminal(net: nn.Module, progress: bool | None,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     model = remote_model(net, backend(FakeServer(net), progress=progress))
     with model.trace(torch.randn(1, 4), remote=True):
         model.output.save()
@@ -437,7 +437,7 @@ def test_status_line_texts() -> None:
 
 
 def test_in_a_notebook_progress_renders_in_one_output_area(
-        net: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+        net: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     """In a Jupyter kernel the status is one display area updated in place: queued at N,
     running, downloading with a bar, then emptied; `progress=False` shows nothing."""
     import sys

@@ -46,7 +46,7 @@ def test_keyword_only_input_getter_equals_pre_hook(run, kwonly, plain):
 def test_keyword_only_input_setter_equals_pre_hook(run, kwonly, plain):
     x = plain.randn(4, 5)
     ref = plain.edit_inputs(kwonly, kwonly.inner, lambda a, kw: (a, {**kw, "x": kw["x"] * 3}),
-                      x=x, scale=0.5)  # fmt: skip
+                      x=x, scale=0.5)
 
     def experiment(net):
         with net.trace(x=x, scale=0.5):
@@ -104,7 +104,7 @@ def test_keyword_only_inputs_getter(run, kwonly, plain):
 def test_keyword_only_inputs_setter_equals_pre_hook(run, kwonly, plain):
     x = plain.randn(4, 5)
     ref = plain.edit_inputs(kwonly, kwonly.inner, lambda a, kw: (a, {"x": kw["x"] + 1, "scale": 3.0}),
-                      x=x, scale=0.5)  # fmt: skip
+                      x=x, scale=0.5)
 
     def experiment(net):
         with net.trace(x=x, scale=0.5):

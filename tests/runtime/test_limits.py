@@ -149,7 +149,7 @@ def test_a_big_op_is_refused_before_it_runs(name: str, make: Callable[[Build], R
 
 
 DTYPES = [torch.bool, torch.int8, torch.float16, torch.bfloat16, torch.float32, torch.int64, torch.float64,
-          torch.complex64]  # fmt: skip
+          torch.complex64]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -187,7 +187,7 @@ def test_bytes_are_counted_by_dtype(dtype: torch.dtype, op: str) -> None:
     ("mul of ints", ("operator.mul", 2**40, 2**40), {}),
     ("format width", ("operator.mod", "%01000000000d", 1), {}),
     ("sum of lists", ("builtins.sum", [[0] * 2000] * 2000, []), {}),
-], ids=lambda v: v if isinstance(v, str) else "")  # fmt: skip
+], ids=lambda v: v if isinstance(v, str) else "")
 def test_python_values_are_sized_from_their_arguments(name: str, args: tuple, kwargs: dict) -> None:
     b = Build()
     ref = b.add(*args, save=True, **kwargs)
@@ -212,7 +212,7 @@ def test_big_python_ints_are_refused_even_when_cheap() -> None:
     (lambda b: b.add("builtins.list", range(5), save=True), [0, 1, 2, 3, 4]),
     (lambda b: b.add("builtins.sum", [[1], [2]], [], save=True), [1, 2]),
     (lambda b: b.add("operator.mod", "%5.2f", 1.5, save=True), " 1.50"),
-])  # fmt: skip
+])
 def test_small_python_values_still_work(make: Callable[[Build], Ref], expected: Any) -> None:
     b = Build()
     ref = make(b)
@@ -278,7 +278,7 @@ def test_ordinary_ops_give_the_same_values_under_limits(make: Callable[[Build], 
     lambda x: ("torch.nn.functional.one_hot", (x.flatten().long() % 7, 7), {}),
     lambda x: ("torch.cat", ([x, x, x],), {}),
     lambda x: ("Tensor.to", (x, torch.complex128), {}),
-])  # fmt: skip
+])
 def test_the_small_bound_holds(shape: tuple[int, ...], make: Callable[[torch.Tensor], tuple]) -> None:
     """The bound that lets tiny ops skip the meta run is never below what they make."""
     x = torch.arange(float(torch.Size(shape).numel())).reshape(shape)
@@ -303,7 +303,7 @@ def test_saves_count_against_live_bytes_before_they_are_taken() -> None:
 
 
 @pytest.mark.parametrize("op,made", [("Tensor.clone", 4), ("torch.exp", 4), ("Tensor.double", 8),
-                                     ("Tensor.half", 2), ("operator.mul", 4)])  # fmt: skip
+                                     ("Tensor.half", 2), ("operator.mul", 4)])
 def test_values_ops_make_count_against_live_bytes(op: str, made: int) -> None:
     """20 values of `made` MiB each against 40 MiB: refused at the one that crosses."""
     b = Build(torch.randn(1024, 1024), width=1024)  # the model's own 4 MiB: free

@@ -163,7 +163,7 @@ def test_sized_before_it_runs_and_refused_over_each_limit(name: str) -> None:
     limited: list[str] = []
 
     @settings(max_examples=2, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+              suppress_health_check=list(HealthCheck))
     @given(shapes, st.sampled_from(DTYPES), st.integers(0, 2**31))
     def prop(shape: list[int], dtype: torch.dtype, seed: int) -> None:
         torch.manual_seed(seed)

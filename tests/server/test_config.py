@@ -72,7 +72,7 @@ def test_example_file_loads_as_documented() -> None:
     assert p.read == ["", "model.layers.*"] and p.write == ["model.layers.*"]
     assert not (p.weights_visible or p.gradients or p.module_calls)
     assert p.limits == Limits(prompt_tokens=2048, new_tokens=64, graph_nodes=5000, result_bytes=64 * 2**20,
-                              run_seconds=30.0)  # fmt: skip
+                              run_seconds=30.0)
     assert cfg.model("provider-135m") is provider and cfg.model("nope") is None
 
 
@@ -128,7 +128,7 @@ def test_relative_home_is_relative_to_the_file(tmp_path: Path) -> None:
     (MINIMAL + '[models.policy]\nreads = ["x"]\n', "models[0].policy.reads"),
     (MINIMAL + '[models.policy.limits]\nprompt_tokns = 9\n', "models[0].policy.limits.prompt_tokns"),
     (MINIMAL + MINIMAL.replace('"m"', '"n"') + 'polcy = 1\n', "models[1].polcy"),
-])  # fmt: skip
+])
 def test_unknown_keys_are_refused(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match="unknown key") as err:
         load_config(write(tmp_path, text))
@@ -150,7 +150,7 @@ def test_unknown_keys_are_refused(tmp_path: Path, text: str, key: str) -> None:
     (MINIMAL + 'policy = 3\n', "models[0].policy"),
     ('server = 1\n' + MINIMAL, "server"),
     ('models = 1\n', "declare at least one model"),
-])  # fmt: skip
+])
 def test_wrong_types_are_refused(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text))
@@ -180,7 +180,7 @@ def test_wrong_types_are_refused(tmp_path: Path, text: str, key: str) -> None:
     ('[server]\nengine = "ray"\n' + MINIMAL + 'resources = {gpu = "one"}\n',
      "models[0].resources.gpu: must be a number"),
     ('[server]\nengine = "ray"\n' + MINIMAL + "resources = 2\n", "models[0].resources: must be a table"),
-])  # fmt: skip
+])
 def test_bad_values_are_refused(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text))
@@ -189,7 +189,7 @@ def test_bad_values_are_refused(tmp_path: Path, text: str, message: str) -> None
 
 def test_ray_engine_and_resources(tmp_path: Path) -> None:
     text = ('[server]\nengine = "ray"\nray_address = "127.0.0.2:6379"\nray_node_ip = "127.0.0.2"\n'
-            + MINIMAL + "threads = 3\nresources = {num_gpus = 1, node_a = 0.5}\n")  # fmt: skip
+            + MINIMAL + "threads = 3\nresources = {num_gpus = 1, node_a = 0.5}\n")
     cfg = load_config(write(tmp_path, text))
     assert (cfg.engine, cfg.ray_address, cfg.ray_node_ip) == ("ray", "127.0.0.2:6379", "127.0.0.2")
     assert cfg.models[0].resources == {"num_gpus": 1.0, "node_a": 0.5}

@@ -20,18 +20,15 @@ from nnglass.graph.ir import Graph
 from nnglass.graph.merge import merge, share_key, split
 from nnglass.graph.results import decode_results
 from nnglass.server.worker import WorkerHandle
+from service_fixtures import recording
 
 TINY = "tiny"  # the model name tests/server/conftest.py serves the tiny model under
 
 
 def _record(lm: LanguageModel, body: Any) -> Graph:
     """The graph of `with lm.trace() as t: body(t)`, recorded without running it."""
-    tracer = lm.trace()
-    t = tracer.__enter__()
-    try:
-        body(t)
-    finally:
-        tracer.__exit__(KeyError, KeyError(), None)
+    with recording(lm.trace()) as tracer:
+        body(tracer)
     return tracer.graph
 
 
@@ -114,7 +111,7 @@ def _job(tmp: Path, graph: Graph, i: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def worker(tiny_dir: Path) -> Iterator[WorkerHandle]:
     handle = WorkerHandle({"name": TINY, "source": str(tiny_dir), "dtype": "float32",
-                           "threads": torch.get_num_threads()})  # fmt: skip
+                           "threads": torch.get_num_threads()})
     handle.start(timeout=120)
     yield handle
     handle.kill()
@@ -133,7 +130,7 @@ def test_worker_runs_a_batch_in_one_pass(worker: WorkerHandle, lm: LanguageModel
 
 
 def test_one_failing_user_does_not_fail_the_others(worker: WorkerHandle, lm: LanguageModel,
-                                                   tmp_path: Path) -> None:  # fmt: skip
+                                                   tmp_path: Path) -> None:
     good = three_users(lm)[0]
 
     def bad_body(t: Any) -> None:
@@ -151,7 +148,7 @@ def test_one_failing_user_does_not_fail_the_others(worker: WorkerHandle, lm: Lan
 
 
 def test_a_job_failing_a_shared_pass_leaves_it_and_the_others_share_again(
-        worker: WorkerHandle, lm: LanguageModel, tmp_path: Path) -> None:  # fmt: skip
+        worker: WorkerHandle, lm: LanguageModel, tmp_path: Path) -> None:
     """Mixed widths: the failing job (the middle one) is found by its node and runs alone
     (its own error, its own line); the two others run shared again, as they are alone."""
     def bad_body(t: Any) -> None:

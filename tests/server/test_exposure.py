@@ -54,7 +54,7 @@ def model_toml(name: str, source: Path, policy: Policy) -> str:
 
 @pytest.fixture(scope="module")
 def server(start_server: Callable[..., Any], tiny_config: Callable[..., str],
-           tiny_dir: Path) -> Iterator[Any]:  # fmt: skip
+           tiny_dir: Path) -> Iterator[Any]:
     extra = "".join(model_toml(name, tiny_dir, policy) for name, policy in MODELS.items())
     server = start_server("exposure", tiny_config(extra_model=extra))
     yield server
@@ -125,10 +125,10 @@ def test_models_say_which_sites_reveal_what(server: Any, key: str) -> None:
     ("hidden", "model.embed_tokens.output"), ("hidden", "model.layers.0.input"),
     ("hidden", "model.layers.0.input_layernorm.output"), ("hidden", "model.layers.0.self_attn.q_proj.output"),
     ("hidden", "model.layers.0.self_attn.v_proj.input"), ("hidden", "model.rotary_emb.output"),
-])  # fmt: skip
+])
 @pytest.mark.parametrize("mode", ["trace", "generate step 1"])
 def test_lookups_of_the_weights_are_refused(lms: dict[str, LanguageModel], model: str, site: str,
-                                            mode: str) -> None:  # fmt: skip
+                                            mode: str) -> None:
     lm = lms[model]
     path, kind = site.rsplit(".", 1)
     with pytest.raises(PolicyError, match="lookup") as info:
@@ -152,7 +152,7 @@ def _envoy(lm: LanguageModel, path: str) -> Any:
 
 
 def test_later_sites_stay_readable_and_match_a_local_run(lms: dict[str, LanguageModel],
-                                                         tiny_dir: Path) -> None:  # fmt: skip
+                                                         tiny_dir: Path) -> None:
     local = LanguageModel(str(tiny_dir), name="local")
     for name in ("provider", "hidden"):
         lm = lms[name]
@@ -182,9 +182,9 @@ def test_expose_embeddings_opts_in(lms: dict[str, LanguageModel], tiny_dir: Path
     ("builtins.list", ()), ("builtins.tuple", ()), ("operator.getitem", (0,)), ("builtins.len", ()),
     ("builtins.dict", ()), ("builtins.sum", ()), ("Tensor.size", ()), ("builtins.getattr", ("shape",)),
     (None, ()),  # saved as it is
-])  # fmt: skip
+])
 def test_inputs_give_away_nothing_but_the_input(lms: dict[str, LanguageModel], name: str, op: str | None,
-                                                extra: tuple) -> None:  # fmt: skip
+                                                extra: tuple) -> None:
     """The KV cache (under transformers' current key, and every other keyword argument:
     rotary tables, positions, flags) cannot be read through `.inputs` of a readable block."""
     lm = lms["provider"]
@@ -197,7 +197,7 @@ def test_inputs_give_away_nothing_but_the_input(lms: dict[str, LanguageModel], n
 
 
 def test_inputs_show_the_input_of_a_block_and_of_a_keyword_called_module(
-        lms: dict[str, LanguageModel], tiny_dir: Path) -> None:  # fmt: skip
+        lms: dict[str, LanguageModel], tiny_dir: Path) -> None:
     local = LanguageModel(str(tiny_dir), name="local")
     lm = lms["hidden"]
     with lm.trace("abcd", remote=True):

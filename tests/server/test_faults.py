@@ -45,6 +45,7 @@ from nnglass.server.config import ServerConfig
 from nnglass.server.jobs import SQLiteJobStore
 from nnglass.server.worker import TEST_CRASH, TEST_HANG
 from saved_values import assert_bitwise_equal  # tests/saved_values.py
+from service_fixtures import recording, slow_graph
 
 NAME = "tiny"
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
@@ -65,29 +66,16 @@ def lm(tiny_dir: Path) -> LanguageModel:
 
 def record(lm: LanguageModel, prompt: str) -> Graph:
     """A forward-only graph that reads and writes (so a wrong row or a lost setter shows)."""
-    tracer = lm.trace(prompt)
-    tracer.__enter__()
-    try:
+    with recording(lm.trace(prompt)) as tracer:
         lm.model.layers[0].output[:, -1] = 0
         lm.model.layers[1].output.save()
         lm.output.logits[:, -1].save()
-    finally:
-        tracer.__exit__(KeyError, KeyError(), None)  # leave the block without running it
     return tracer.graph
 
 
 def slow(lm: LanguageModel, n: int = 2000, k: int = 8) -> Graph:
     """A job that keeps the worker busy for a second or two."""
-    tracer = lm.trace("hi")
-    tracer.__enter__()
-    try:
-        m = lm.model.layers[0].output.sum().expand(n, n).contiguous()
-        for _ in range(k):
-            m = m @ m
-        m.sum().save()
-    finally:
-        tracer.__exit__(KeyError, KeyError(), None)
-    return tracer.graph
+    return slow_graph(lm, n, k)
 
 
 def post(http: httpx.Client, graph: Graph) -> httpx.Response:

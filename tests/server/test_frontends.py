@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,9 @@ from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
 from saved_values import assert_bitwise_equal
+from service_fixtures import recording
 
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
-
-
-@contextmanager
-def recording(block: Any) -> Iterator[Any]:
-    """Enter a trace block and leave it without running it (its graph stays recorded)."""
-    block.__enter__()
-    try:
-        yield block
-    finally:
-        block.__exit__(KeyError, KeyError(), None)
 
 
 def small_graph(lm: LanguageModel, prompt: str) -> Graph:
@@ -68,7 +58,7 @@ def submit(http: httpx.Client, graph: Graph) -> str:
 
 
 def wait_for(http: httpx.Client, job_id: str, statuses: tuple[str, ...] = TERMINAL,
-             timeout: float = 90.0) -> dict[str, Any]:  # fmt: skip
+             timeout: float = 90.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         info = http.get(f"/v1/jobs/{job_id}").json()
@@ -85,7 +75,7 @@ def running_on(server: Any, key: str) -> int:
 
 @pytest.fixture(scope="module")
 def pair(start_server: Callable[..., Any], tiny_config: Callable[..., str], postgres: Any,
-         s3: Any) -> Iterator[tuple[Any, Any]]:  # fmt: skip
+         s3: Any) -> Iterator[tuple[Any, Any]]:
     stores = {"database": postgres.fresh_database(), "results": s3.url()}
     a = start_server("frontend-a", tiny_config(run_seconds=60), stores=stores)
     b = start_server("frontend-b", tiny_config(run_seconds=60), stores=stores)
@@ -133,7 +123,7 @@ def test_every_job_runs_once_across_frontends(pair: tuple[Any, Any], lm: Languag
         with b.client(key) as http:
             assert wait_for(http, job)["status"] == "COMPLETED"
             assert_bitwise_equal(decode_results(http.get(f"/v1/jobs/{job}/result").content),
-                                 lm.run_graph(graphs[prompt]))  # fmt: skip
+                                 lm.run_graph(graphs[prompt]))
     with psycopg.connect(a.stores["database"]) as conn:
         rows = conn.execute("SELECT id, attempts FROM jobs WHERE id = ANY(%s)", (list(jobs),)).fetchall()
     attempts = dict(rows)

@@ -63,7 +63,7 @@ def listing(base: Path, skip: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def site(start_server: Callable[..., Any], tiny_config: Callable[..., str],
-         tmp_path_factory: pytest.TempPathFactory, stores: Any) -> Iterator[Site]:  # fmt: skip
+         tmp_path_factory: pytest.TempPathFactory, stores: Any) -> Iterator[Site]:
     """The server under attack, once per store combination (conftest.stores)."""
     tiny_config()  # the tiny model is on disk before the listing below
     home = tmp_path_factory.mktemp("hostile-home")
@@ -117,7 +117,7 @@ def with_node(valid: Valid, op: str, *args: Any) -> dict[str, Any]:
     """The valid graph plus one saved node applying `op` to node 0 and `args`."""
     graph = edited(valid)
     node = {"id": len(graph["nodes"]), "op": op, "args": [{"$": "ref", "id": 0}, *args], "save": True,
-            "where": "evil.py:1"}  # fmt: skip
+            "where": "evil.py:1"}
     graph["nodes"].append(node)
     return graph
 
@@ -169,7 +169,7 @@ def http_request(method: str, path: str, key: str | None, body: bytes = b"", **h
 @pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe\x00garbage", b"", b"[]", b'"a string"', b"null",
                                   b'{"version": "1.0"}', b'{"version": "1.0", "model": "tiny", "nodes": 5}'],
                          ids=["syntax", "not-utf8", "empty", "array", "string", "null", "no-model",
-                              "nodes-not-a-list"])  # fmt: skip
+                              "nodes-not-a-list"])
 def test_malformed_json(http: httpx.Client, body: bytes) -> None:
     r = post(http, body, None)
     assert r.status_code in (400, 422), r.text
@@ -196,9 +196,9 @@ def test_deep_nesting(http: httpx.Client, valid: Valid) -> None:
                                 "torch.set_num_threads", "torch.as_strided", "Tensor.set_",
                                 "Tensor.untyped_storage", "Tensor.data_ptr", "Tensor.__reduce_ex__",
                                 "builtins.getattr.__globals__", "operator.attrgetter", "sys.exit",
-                                "Tensor.numpy", ""])  # fmt: skip
+                                "Tensor.numpy", ""])
 def test_ops_outside_the_registry(site: Site, http: httpx.Client, valid: Valid,
-                                  op: str) -> None:  # fmt: skip
+                                  op: str) -> None:
     graph = with_node(valid, op, f"touch {site.touched}")
     detail = refused(post(http, graph, valid[1]), 422, "GraphError")
     assert op in detail["message"]
@@ -206,9 +206,9 @@ def test_ops_outside_the_registry(site: Site, http: httpx.Client, valid: Valid,
 
 
 @pytest.mark.parametrize("name", ["__class__", "__dict__", "__globals__", "_modules", "grad_fn", "data",
-                                  "storage", "__reduce__"])  # fmt: skip
+                                  "storage", "__reduce__"])
 def test_attribute_reads_outside_the_list(http: httpx.Client, valid: Valid,
-                                          name: str) -> None:  # fmt: skip
+                                          name: str) -> None:
     detail = refused(post(http, with_node(valid, "builtins.getattr", name), valid[1]), 422, "GraphError")
     assert name in detail["message"]
 
@@ -218,7 +218,7 @@ def test_attribute_reads_outside_the_list(http: httpx.Client, valid: Valid,
                                    {"$": "ref", "id": -1}, {"$": "tensor", "key": "../../etc/passwd"},
                                    {"$": "device", "name": "cuda:99; rm -rf /"}],
                          ids=["dtype-os", "dtype-attr", "pickle", "ref-later", "ref-negative",
-                              "tensor-path", "device"])  # fmt: skip
+                              "tensor-path", "device"])
 def test_bad_values(http: httpx.Client, valid: Valid, value: dict[str, Any]) -> None:
     refused(post(http, with_node(valid, "torch.add", value), valid[1]), 422)
 
@@ -258,7 +258,7 @@ def test_too_large(site: Site, http: httpx.Client, valid: Valid) -> None:
     # A Content-Length that claims a huge body is refused before any of it is read.
     status, answer = raw(site.server, http_request("POST", "/v1/jobs", site.key, b"{}",
                                                    Content_Type="application/json",
-                                                   Content_Length=str(10**12)))  # fmt: skip
+                                                   Content_Length=str(10**12)))
     assert status == 413, answer
 
 
@@ -274,12 +274,12 @@ def test_tensor_header_lies(http: httpx.Client, valid: Valid) -> None:
 
 
 def test_a_huge_allocation_fails_only_its_job(site: Site, http: httpx.Client,
-                                              valid: Valid) -> None:  # fmt: skip
+                                              valid: Valid) -> None:
     """A graph asking for a 4 TB tensor is refused or fails as its own ERROR; the worker lives."""
     restarts = site.server.metric(site.key, "nnglass_worker_restarts_total")
     graph = edited(valid)
     graph["nodes"].append({"id": 1, "op": "torch.ones", "args": [10**6, 10**6], "save": True,
-                           "where": "x.py:1"})  # fmt: skip
+                           "where": "x.py:1"})
     r = post(http, graph, valid[1])
     if r.status_code == 202:
         info = wait_for(http, r.json()["id"])
@@ -301,10 +301,10 @@ def test_content_length_lies(site: Site) -> None:
     assert status == 400, answer
     for length in ("abc", "-1", "1e3", "0x10"):  # not a length at all
         status, answer = raw(server, http_request("POST", "/v1/jobs", key, body, Content_Length=length,
-                                                  **json_type))  # fmt: skip
+                                                  **json_type))
         assert status is not None and 400 <= status < 500, answer
     two = http_request("POST", "/v1/jobs", key, body, **json_type).replace(
-        b"\r\n\r\n", f"\r\nContent-Length: {len(body) - 3}\r\n\r\n".encode(), 1)  # fmt: skip
+        b"\r\n\r\n", f"\r\nContent-Length: {len(body) - 3}\r\n\r\n".encode(), 1)
     status, answer = raw(server, two)
     assert status is not None and 400 <= status < 500, answer
     # Longer than the body, then the client hangs up: no answer is owed, no job is made.
@@ -330,7 +330,7 @@ def test_multipart_without_graph(http: httpx.Client, valid: Valid) -> None:
 
 
 JOB_PATHS = [("GET", "/v1/jobs/{}"), ("GET", "/v1/jobs/{}/events"), ("GET", "/v1/jobs/{}/result"),
-             ("DELETE", "/v1/jobs/{}")]  # fmt: skip
+             ("DELETE", "/v1/jobs/{}")]
 
 
 def test_other_users_jobs(site: Site, http: httpx.Client, valid: Valid) -> None:
@@ -348,7 +348,7 @@ def test_other_users_jobs(site: Site, http: httpx.Client, valid: Valid) -> None:
 
 
 @pytest.mark.parametrize("job", [secrets.token_urlsafe(24), "a" * 5000, "%00", "job%0Aid", "%E2%80%AE"],
-                         ids=["random", "long", "nul", "newline", "unicode"])  # fmt: skip
+                         ids=["random", "long", "nul", "newline", "unicode"])
 def test_unknown_job_ids(http: httpx.Client, job: str) -> None:
     for method, path in JOB_PATHS:
         r = http.request(method, path.format(job))
@@ -360,7 +360,7 @@ TRAVERSALS = ["/v1/jobs/../../etc/passwd", "/v1/jobs/../../../../etc/passwd/resu
               "/v1/jobs/%2e%2e/result", "/v1/jobs/../nnglass.db", "/v1/jobs/%2e%2e%2fnnglass.db/result",
               "/v1/jobs/..", "/v1/jobs/./result",
               "/v1/jobs/%2e%2e%2f..%2fhostile-outside0%2fsecret.txt/result",
-              "/v1/jobs/%2e%2e%5c%2e%2e%5cetc%5cpasswd/events", "/v1/jobs/..;/..;/etc/passwd"]  # fmt: skip
+              "/v1/jobs/%2e%2e%5c%2e%2e%5cetc%5cpasswd/events", "/v1/jobs/..;/..;/etc/passwd"]
 
 
 def test_path_traversal(site: Site) -> None:
@@ -377,7 +377,7 @@ def test_path_traversal(site: Site) -> None:
 
 ENDPOINTS = [("POST", "/v1/jobs"), *((m, p.format("no-such-job-0123456789")) for m, p in JOB_PATHS),
              ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json"),
-             ("GET", "/v1/nothing-here")]  # fmt: skip
+             ("GET", "/v1/nothing-here")]
 
 
 def test_keys_are_checked_first(site: Site, http: httpx.Client, valid: Valid) -> None:
@@ -391,7 +391,7 @@ def test_keys_are_checked_first(site: Site, http: httpx.Client, valid: Valid) ->
         {"Authorization": f"Bearer {revoked}"}, {"Authorization": f"Basic {site.key}"},
         {"Authorization": site.key}, {"Authorization": "Bearer nng_" + "a" * 10_000},
         {"X-Api-Key": site.key},
-    ]  # fmt: skip
+    ]
     for headers in bad_headers:
         with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
             for method, path in [*ENDPOINTS, *((m, p.format(job)) for m, p in JOB_PATHS)]:
@@ -432,7 +432,7 @@ def test_quota(site: Site, http: httpx.Client, lm: LanguageModel, valid: Valid) 
 
 
 def test_still_serving_and_nothing_written_outside_home(site: Site, http: httpx.Client, lm: LanguageModel,
-                                                        valid: Valid) -> None:  # fmt: skip
+                                                        valid: Valid) -> None:
     assert httpx.get(f"{site.server.url}/health").json()["status"] == "ok"
     r = post(http, valid[0], valid[1])
     assert r.status_code == 202
@@ -453,7 +453,7 @@ def test_still_serving_and_nothing_written_outside_home(site: Site, http: httpx.
 
 
 def test_quota_holds_under_concurrent_submissions(site: Site, http: httpx.Client, lm: LanguageModel,
-                                                  valid: Valid) -> None:  # fmt: skip
+                                                  valid: Valid) -> None:
     """Many submissions at once from one key: still at most `max_queued_per_key` wait."""
     slow_json, slow_tensors = wire.encode(slow_graph(lm))
     busy = post(http, slow_json, slow_tensors).json()["id"]

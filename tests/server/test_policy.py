@@ -60,7 +60,7 @@ def x() -> torch.Tensor:
     ("*.*.mlp", "layers.3.mlp", True), ("layers.*.mlp", "layers.3.attn", False), ("head", "head", True),
     ("head", "heads", False), ("a.**.b.**.c", "a.x.b.y.z.c", True), ("a.**.b.**.c", "a.b.c", True),
     ("a.**.b.**.c", "a.c", False), ("**.**", "a", True),
-])  # fmt: skip
+])
 def test_glob_matches_per_component(pattern: str, path: str, hit: bool) -> None:
     assert match(pattern, path) is hit
 
@@ -125,7 +125,7 @@ def test_input_and_inputs_need_a_read_match(mlp: nn.Module, x: torch.Tensor) -> 
 
 @pytest.mark.parametrize(("read", "ok"), [([""], True), (["**"], True), (["*"], False), (["*.**"], False)])
 def test_root_is_matched_only_by_empty_or_doublestar(mlp: nn.Module, x: torch.Tensor, read: list[str],
-                                                      ok: bool) -> None:  # fmt: skip
+                                                      ok: bool) -> None:
     net = nnglass.NNModel(mlp, backend=nnglass.Recorder())
     with recorded(net, x) as tracer:
         net.output.save()

@@ -42,7 +42,7 @@ max_queued_per_key = 8
 
 """
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +88,7 @@ def greedy(hf: Any, ids: list[int], n: int, hooks: dict[str, Any] | None = None)
     try:
         with torch.no_grad():
             out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              max_new_tokens=n, do_sample=False, pad_token_id=0)  # fmt: skip
+                              max_new_tokens=n, do_sample=False, pad_token_id=0)
     finally:
         for h in handles:
             h.remove()
@@ -104,7 +104,7 @@ def array(entry: dict[str, Any]) -> torch.Tensor:
 def test_chat_equals_generate_token_for_token(client: openai.OpenAI, hf: Any, chat_dir: Path) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     r = client.chat.completions.create(model="provider", messages=messages, max_tokens=12, temperature=0,
-                                       logprobs=True, top_logprobs=3)  # fmt: skip
+                                       logprobs=True, top_logprobs=3)
     tok = transformers.AutoTokenizer.from_pretrained(chat_dir)
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -133,7 +133,7 @@ def test_streaming_reassembles_to_the_whole_answer(client: openai.OpenAI) -> Non
     messages = [{"role": "user", "content": "hi"}]
     chat = client.chat.completions.create(model="provider", messages=messages, max_tokens=6, temperature=0)
     parts = client.chat.completions.create(model="provider", messages=messages, max_tokens=6, temperature=0,
-                                           stream=True)  # fmt: skip
+                                           stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in parts) == chat.choices[0].message.content
 
 
@@ -164,7 +164,7 @@ def test_seeded_sampling_is_the_local_seeded_generate(client: openai.OpenAI, tin
 
 
 def test_steering_equals_the_same_trace_and_a_plain_hook(client: openai.OpenAI, tiny_dir: Path, hf: Any,
-                                                         tok: Any) -> None:  # fmt: skip
+                                                         tok: Any) -> None:
     v = torch.randn(32, generator=torch.Generator().manual_seed(3))
     steer = {"site": "model.layers.0", "vector": v.tolist(), "scale": 4.0, "positions": "all"}
     kw: dict[str, Any] = {"model": "provider", "prompt": "steer me", "max_tokens": 12, "temperature": 0}
@@ -196,7 +196,7 @@ def test_steering_equals_the_same_trace_and_a_plain_hook(client: openai.OpenAI, 
 
 def test_read_equals_a_saved_trace_streamed_or_not(client: openai.OpenAI, tiny_dir: Path) -> None:
     kw: dict[str, Any] = {"model": "provider", "prompt": "read me", "max_tokens": 6, "temperature": 0,
-                          "extra_body": {"nnglass": {"read": ["model.layers.*"]}}}  # fmt: skip
+                          "extra_body": {"nnglass": {"read": ["model.layers.*"]}}}
     r = client.completions.create(**kw)
     acts = r.nnglass["activations"]  # type: ignore[attr-defined]
     assert set(acts) == {"model.layers.0", "model.layers.1"}
@@ -228,7 +228,7 @@ def test_graph_extension_runs_a_full_graph(client: openai.OpenAI, tiny_dir: Path
     doc, tensors = wire.encode(tr.job.graph)  # type: ignore[union-attr]
     ext = {"graph": json.loads(doc), "graph_tensors": base64.b64encode(tensors or b"").decode()}
     r = client.completions.create(model="provider", prompt="g", max_tokens=4, temperature=0,
-                                  extra_body={"nnglass": ext})  # fmt: skip
+                                  extra_body={"nnglass": ext})
     local = LanguageModel(tiny_dir)
     with local.generate("g", max_new_tokens=4) as tr:
         with tr.step(1):
@@ -239,13 +239,13 @@ def test_graph_extension_runs_a_full_graph(client: openai.OpenAI, tiny_dir: Path
     torch.testing.assert_close(array(saved), want.value, rtol=0, atol=1e-6)
     new = out.value[0, 1:].tolist()
     assert r.choices[0].text == local.tokenizer.decode(new[: new.index(1)] if 1 in new else new,
-                                                       skip_special_tokens=True)  # fmt: skip
+                                                       skip_special_tokens=True)
 
 
 def test_provider_policy_holds_through_this_endpoint(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "hi"}]
     ok = client.chat.completions.create(model="provider", messages=messages, max_tokens=3, temperature=0,
-                                        extra_body={"nnglass": {"read": ["model.layers.1"]}})  # fmt: skip
+                                        extra_body={"nnglass": {"read": ["model.layers.1"]}})
     assert ok.nnglass["activations"]["model.layers.1"]["shape"][1] == 32  # type: ignore[attr-defined]
     refusals = [
         ({"read": ["model.embed_tokens"]}, "model.embed_tokens"),
@@ -255,7 +255,7 @@ def test_provider_policy_holds_through_this_endpoint(client: openai.OpenAI) -> N
     for ext, site in refusals:
         with pytest.raises(openai.PermissionDeniedError) as e:
             client.chat.completions.create(model="provider", messages=messages, max_tokens=3,
-                                           extra_body={"nnglass": ext})  # fmt: skip
+                                           extra_body={"nnglass": ext})
         error = e.value.body
         assert (
             site in error["message"] and "policy" in error["message"] and error["code"] == "policy_forbidden"
@@ -320,7 +320,7 @@ def test_models_list_for_both_clients_and_jobs_are_ordinary(
 
 
 def test_remote_only_client_needs_nothing_local(server: Any, key: str, chat_dir: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NNGLASS_CACHE", str(tmp_path / "cache"))
     backend = RemoteBackend(server.url, key, progress=False)
     lm = LanguageModel("provider", remote=True, backend=backend)

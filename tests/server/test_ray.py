@@ -30,6 +30,7 @@ from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
 from saved_values import assert_bitwise_equal  # tests/saved_values.py
+from service_fixtures import recording
 
 TINY, SIDE = "tiny", "side"
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
@@ -73,9 +74,7 @@ def lms(tiny_dir: Path) -> dict[str, LanguageModel]:
 def record(lm: LanguageModel, prompt: str, size: int = 0) -> Graph:
     """The graph of a trace (not run here): a block's output and the last logits; `size`
     adds a chain of matrix products that keeps a worker busy for a few seconds."""
-    tracer = lm.trace(prompt)
-    tracer.__enter__()
-    try:
+    with recording(lm.trace(prompt)) as tracer:
         lm.model.layers[0].output.save()
         if size:
             m = lm.model.layers[0].output.sum().expand(size, size).contiguous()
@@ -83,8 +82,6 @@ def record(lm: LanguageModel, prompt: str, size: int = 0) -> Graph:
                 m = m @ m
             m.sum().save()
         lm.output.logits[:, -1].save()
-    finally:
-        tracer.__exit__(KeyError, KeyError(), None)  # leave the block without running it
     return tracer.graph
 
 
@@ -99,7 +96,7 @@ def submit(http: httpx.Client, graph: Graph) -> str:
 
 
 def wait_for(http: httpx.Client, job: str, statuses: tuple[str, ...] = TERMINAL,
-             timeout: float = 120.0) -> dict[str, Any]:  # fmt: skip
+             timeout: float = 120.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while (info := http.get(f"/v1/jobs/{job}").json())["status"] not in statuses:
         assert time.monotonic() < deadline, f"job still {info} after {timeout} s"
@@ -149,7 +146,7 @@ def test_replicas_on_both_nodes_give_the_local_results(site: Any, lms: dict[str,
     assert replica_nodes(site, SIDE) == ["127.0.0.2"]
     with site.client(key) as http:
         jobs = [(lm, graph, submit(http, graph)) for lm in lms.values()
-                for graph in (record(lm, p) for p in ("hello there", "a", "what now?", "xyz"))]  # fmt: skip
+                for graph in (record(lm, p) for p in ("hello there", "a", "what now?", "xyz"))]
         for lm, graph, job in jobs:
             assert_as_local(http, job, lm, graph)
     assert not list((site.home / "jobs").glob("*/result.safetensors.tmp*"))

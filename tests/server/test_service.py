@@ -80,7 +80,7 @@ run_seconds = 20
 
 @pytest.fixture(scope="module")
 def server(start_server: Callable[..., Any], tiny_config: Callable[..., str],
-           tiny_dir: Path) -> Iterator[Any]:  # fmt: skip
+           tiny_dir: Path) -> Iterator[Any]:
     text = tiny_config(extra_model=locked_model(tiny_dir, config_threads(tiny_config())))
     server = start_server("service", text)
     yield server
@@ -161,7 +161,7 @@ def submit(http: httpx.Client, graph: Graph) -> str:
 
 
 def wait_for(http: httpx.Client, job_id: str, statuses: tuple[str, ...] = TERMINAL,
-             timeout: float = 60.0) -> dict[str, Any]:  # fmt: skip
+             timeout: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         r = http.get(f"/v1/jobs/{job_id}")
@@ -252,7 +252,7 @@ def cache(lm: LanguageModel, remote: bool) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("experiment", [getter_save, inplace_setter, invokes, gradient, generation, cache],
-                         ids=lambda f: f.__name__)  # fmt: skip
+                         ids=lambda f: f.__name__)
 def test_remote_equals_local(lm: LanguageModel, experiment: Callable[..., dict[str, Any]]) -> None:
     remote = experiment(lm, True)
     local = experiment(lm, False)
@@ -285,7 +285,7 @@ def test_session_is_one_request(server: Any, key: str, lm: LanguageModel) -> Non
 
 
 def test_models_count_the_real_prompt_tokens_they_ran(server: Any, key: str, http: httpx.Client,
-                                                      lm: LanguageModel) -> None:  # fmt: skip
+                                                      lm: LanguageModel) -> None:
     """Padding is not counted: two invokes of 2 and 11 tokens are 13, however padded."""
     before = server.metric(key, "nnglass_prompt_tokens_total")
     with lm.trace(remote=True) as tracer:
@@ -350,7 +350,7 @@ def test_events_positions_and_cancel(server: Any, key: str, http: httpx.Client, 
                 events.append((time.time(), json.loads(text[5:])))
     statuses = [e["status"] for _, e in events]
     assert [s for i, s in enumerate(statuses) if i == 0 or s != statuses[i - 1]] == \
-        ["QUEUED", "RUNNING", "COMPLETED"]  # fmt: skip
+        ["QUEUED", "RUNNING", "COMPLETED"]
     assert events[0][1]["position"] == 0
     received, final = events[-1]
     assert received - final["finished_at"] < 2.0  # pushed (a poll would wait up to 15 s)
@@ -375,7 +375,7 @@ def test_queue_is_fair_across_keys(server: Any, http: httpx.Client, lm: Language
 
 
 def test_a_cancel_in_a_shared_pass_removes_only_that_job(server: Any, key: str, http: httpx.Client,
-                                                         lm: LanguageModel) -> None:  # fmt: skip
+                                                         lm: LanguageModel) -> None:
     """Four queued jobs of three widths share one pass (a slow one keeps it running); one of
     them is cancelled mid-pass: it ends CANCELLED with no result, the pass goes on (no
     worker restart), the others complete as they are alone (float tolerance: the batch's
@@ -419,7 +419,7 @@ def test_error_status_names_the_line(http: httpx.Client, lm: LanguageModel) -> N
 
 _LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"'
 PROMETHEUS = re.compile(rf"[a-zA-Z_:][a-zA-Z0-9_:]*(\{{{_LABEL}(,{_LABEL})*\}})? "
-                        r"[-+]?([0-9.]+([eE][-+]?[0-9]+)?|NaN|[-+]Inf)")  # fmt: skip
+                        r"[-+]?([0-9.]+([eE][-+]?[0-9]+)?|NaN|[-+]Inf)")
 
 
 def test_models_health_metrics_docs(server: Any, http: httpx.Client) -> None:
@@ -445,7 +445,7 @@ def test_models_health_metrics_docs(server: Any, http: httpx.Client) -> None:
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     paths = http.get("/openapi.json").json()["paths"]
     for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/result",
-                 "/v1/models", "/health", "/metrics"):  # fmt: skip
+                 "/v1/models", "/health", "/metrics"):
         assert path in paths
     assert "delete" in paths["/v1/jobs/{job_id}"] and "post" in paths["/v1/jobs"]
 
@@ -455,7 +455,7 @@ def test_models_health_metrics_docs(server: Any, http: httpx.Client) -> None:
 
 def test_restart_keeps_every_job(start_server: Callable[..., Any], tiny_config: Callable[..., str],
                                  tmp_path_factory: pytest.TempPathFactory,
-                                 lm: LanguageModel) -> None:  # fmt: skip
+                                 lm: LanguageModel) -> None:
     home = tmp_path_factory.mktemp("restart")
     first = start_server("restart", tiny_config(), home=home)
     key = first.keys.create("r")[1]
@@ -559,12 +559,12 @@ def call_module(lm: LanguageModel) -> str:
 
 
 VIOLATIONS = [read_root_output, read_embeddings, edit_in_place, replace_output, read_weight, read_buffer,
-              take_gradient, backward, call_module]  # fmt: skip
+              take_gradient, backward, call_module]
 
 
 @pytest.mark.parametrize("violation", VIOLATIONS, ids=lambda f: f.__name__)
 def test_policy_refuses_before_running(server: Any, key: str, locked: LanguageModel,
-                                       violation: Callable[[LanguageModel], str]) -> None:  # fmt: skip
+                                       violation: Callable[[LanguageModel], str]) -> None:
     before = server.metric(key, "nnglass_jobs_submitted_total")
     wheres = []
     with pytest.raises(PolicyError) as e:
@@ -672,7 +672,7 @@ def test_time_limit_stops_the_run(short: Any, lm: LanguageModel) -> None:
 
 
 def test_worker_crash_fails_only_its_job(server: Any, key: str, http: httpx.Client,
-                                         lm: LanguageModel) -> None:  # fmt: skip
+                                         lm: LanguageModel) -> None:
     restarts = server.metric(key, "nnglass_worker_restarts_total")
     pid = server.worker_pid(NAME)
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -736,7 +736,7 @@ def test_server_errors_point_at_the_users_line(lm: LanguageModel) -> None:
 def cli(home: Path, *args: str) -> str:
     env = {**os.environ, "NNGLASS_HOME": str(home)}
     done = subprocess.run([sys.executable, "-m", "nnglass", *args], env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+                          timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

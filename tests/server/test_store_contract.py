@@ -83,7 +83,7 @@ def test_results_refuse_bad_ids(results: Any, bad: object) -> None:
     for call in (lambda: results.save_graph(bad, b"{}"), lambda: results.load_graph(bad),
                  lambda: results.local_files(bad), lambda: results.write_result(bad, b"x"),
                  lambda: results.has_result(bad), lambda: results.open(bad),
-                 lambda: results.delete(bad), lambda: results.has_graph(bad)):  # fmt: skip
+                 lambda: results.delete(bad), lambda: results.has_graph(bad)):
         with pytest.raises(ValueError):
             call()
 
@@ -274,7 +274,7 @@ def test_quota_hold_is_one_step_across_frontends(pg_clean: Database) -> None:
 
 @pytest.mark.parametrize(("key", "value", "named"), [
     ("database", "mysql://x/y", "server.database"), ("database", "/var/nnglass.db", "server.database"),
-    ("results", "gs://bucket/x", "server.results")])  # fmt: skip
+    ("results", "gs://bucket/x", "server.results")])
 def test_config_refuses_stores_it_does_not_know(key: str, value: str, named: str) -> None:
     from nnglass.errors import ConfigError
     from nnglass.server.config import parse_config
@@ -296,7 +296,7 @@ def test_cli_keys_reach_the_configured_database(postgres: Any, tmp_path: Path) -
 
     def cli(*args: str) -> str:
         done = subprocess.run([sys.executable, "-m", "nnglass", "keys", *args, "--config", str(config)],
-                              capture_output=True, text=True, env=os.environ, timeout=60)  # fmt: skip
+                              capture_output=True, text=True, env=os.environ, timeout=60)
         assert done.returncode == 0, done.stderr
         return done.stdout
 

@@ -128,7 +128,7 @@ def test_job_ids_unguessable() -> None:
 
 
 def test_job_create_get_roundtrip(jobs: SQLiteJobStore) -> None:
-    job = Job(key_id="k1", model="gpt", mode="generate", priority=2.5)
+    job = Job(key_id="k1", model="gpt", mode="generate")
     created = jobs.create(job)
     assert created.seq is not None
     got = jobs.get(job.id)

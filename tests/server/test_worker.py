@@ -46,7 +46,7 @@ def lm(tiny_dir: Path) -> LanguageModel:
 @pytest.fixture(scope="module")
 def shared_worker(tiny_dir: Path) -> Iterator[WorkerHandle]:
     config = {"name": NAME, "source": str(tiny_dir), "dtype": "float32", "threads": torch.get_num_threads(),
-              "debug_checksums": True}  # fmt: skip
+              "debug_checksums": True}
     handle = WorkerHandle(config, env={TEST_HANG: HANG})
     handle.start(timeout=120)
     yield handle
@@ -63,7 +63,7 @@ def worker(shared_worker: WorkerHandle) -> WorkerHandle:
 
 def submit(worker: WorkerHandle, graph: Graph, folder: Path, job: str = "j", *,
            run_seconds: float = 60.0, result_bytes: int = 2**30,
-           timeout: float | None = None) -> tuple[dict[str, Any], Path]:  # fmt: skip
+           timeout: float | None = None) -> tuple[dict[str, Any], Path]:
     """Write the graph as the server would, run it in the worker; (answer, result path)."""
     graph_json, tensor_bytes = wire.encode(graph)
     (folder / f"{job}.json").write_bytes(graph_json)
@@ -74,7 +74,7 @@ def submit(worker: WorkerHandle, graph: Graph, folder: Path, job: str = "j", *,
     result = folder / f"{job}.result"
     request = {"job": job, "graph": str(folder / f"{job}.json"),
                "tensors": None if tensors is None else str(tensors), "result": str(result),
-               "limits": {"run_seconds": run_seconds, "result_bytes": result_bytes}}  # fmt: skip
+               "limits": {"run_seconds": run_seconds, "result_bytes": result_bytes}}
     return worker.run(request, timeout=timeout), result
 
 
@@ -112,7 +112,7 @@ def test_ready_reports_module_paths_and_weights(worker: WorkerHandle, lm: Langua
 
 @pytest.mark.parametrize("kind", ["trace", "generate", "session"])
 def test_job_round_trip_is_bitwise(worker: WorkerHandle, lm: LanguageModel, tmp_path: Path,
-                                   kind: str) -> None:  # fmt: skip
+                                   kind: str) -> None:
     if kind == "trace":
         with recording(lm.trace(["hello", "hi"])) as tracer:
             lm.model.layers[0].output.save()
@@ -178,7 +178,7 @@ def test_bad_requests_are_error_answers(worker: WorkerHandle, lm: LanguageModel,
 
 
 def test_time_limit_stops_the_run_inside_a_hook(worker: WorkerHandle, lm: LanguageModel,
-                                                tmp_path: Path) -> None:  # fmt: skip
+                                                tmp_path: Path) -> None:
     pid = worker.pid
     answer, result = submit(worker, small_graph(lm), tmp_path, run_seconds=0.0)
     assert answer["status"] == "ERROR" and answer["error"]["type"] == "TimeLimitError"

@@ -61,7 +61,7 @@ def submit(worker: WorkerHandle, graph: Graph, folder: Path, job: str, **limits:
     table |= limits
     request = {"job": job, "graph": str(folder / f"{job}.json"),
                "tensors": None if tensors is None else str(tensors), "result": str(folder / f"{job}.result"),
-               "limits": table}  # fmt: skip
+               "limits": table}
     return worker.run(request, timeout=table["run_seconds"] + 30)
 
 
@@ -99,7 +99,7 @@ def _zeros(graph: Graph, h: Ref) -> None:
     (_matmuls, "TimeLimitError", {"run_seconds": 1.0, "live_bytes": 2**40}),
     (_saves, "ResourceLimitError", {}),
     (_zeros, "ResourceLimitError", {}),
-], ids=["pow", "lshift", "matmul-chain", "saves", "zeros(size=)"])  # fmt: skip
+], ids=["pow", "lshift", "matmul-chain", "saves", "zeros(size=)"])
 def test_a_bomb_ends_its_job_and_the_worker_lives_on(
     worker: WorkerHandle, lm: LanguageModel, tmp_path: Path, build: Any, error: str, limits: dict
 ) -> None:

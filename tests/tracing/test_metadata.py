@@ -25,7 +25,7 @@ def test_shape_dtype_device_and_type_are_real_while_recording(run, mlp, plain):
             seen.update(shape=h.shape, dtype=h.dtype, device=h.device, ndim=h.ndim, len=len(h),
                         size=h.size(), last=h.size(-1), numel=h.numel(), dim=h.dim(),
                         tensor=isinstance(h, torch.Tensor), tuple=isinstance(h, tuple),
-                        floating=h.is_floating_point(), type=type(h))  # fmt: skip
+                        floating=h.is_floating_point(), type=type(h))
             assert h.shape[-1] == 16 and tuple(h.shape) == (3, 16)
             out = net.output.save()
         return out
@@ -33,7 +33,7 @@ def test_shape_dtype_device_and_type_are_real_while_recording(run, mlp, plain):
     run(mlp, experiment)
     assert seen == dict(shape=torch.Size([3, 16]), dtype=torch.float32, device=torch.device("cpu"), ndim=2,
                         len=3, size=torch.Size([3, 16]), last=16, numel=48, dim=2, tensor=True, tuple=False,
-                        floating=True, type=Proxy)  # fmt: skip
+                        floating=True, type=Proxy)
 
 
 def test_loop_over_positions_and_rows(run, mlp, plain):
@@ -119,7 +119,7 @@ def test_mixed_real_and_proxy_arithmetic(run, mlp, plain):
                 "dot": v.dot(h[0]), "mv": W.mv(h[0]), "lerp": v.lerp(h[0], 0.25), "max": v.maximum(h[1]),
                 "outer": v.outer(h[1]), "stack": torch.stack([h[0], v, h[1]]), "linear": F.linear(h, W),
                 "scaled": 0.5 * h * v, "rsub": v - h, "cat": torch.cat((h, v[None])),
-            }  # fmt: skip
+            }
             saved = nnglass.save(out)
         return saved
 
@@ -129,7 +129,7 @@ def test_mixed_real_and_proxy_arithmetic(run, mlp, plain):
         "dot": vec.dot(h[0]), "mv": W.mv(h[0]), "lerp": vec.lerp(h[0], 0.25), "max": vec.maximum(h[1]),
         "outer": vec.outer(h[1]), "stack": torch.stack([h[0], vec, h[1]]), "linear": F.linear(h, W),
         "scaled": 0.5 * h * vec, "rsub": vec - h, "cat": torch.cat((h, vec[None])),
-    }  # fmt: skip
+    }
     assert set(got) == set(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
