@@ -75,7 +75,6 @@ class Job:
     error: dict[str, Any] | None = None  # {"message", "where", "type"}
     result_bytes: int | None = None  # size of the stored result
     attempts: int = 0  # times a worker started it (a crash re-queues it)
-    priority: float = 0.0  # the scheduler's fair-share key (lower runs first); free for it to set
     mode: str = "trace"  # trace | generate | scan | session: what the scheduler may batch
     seq: int | None = None  # creation order, assigned by the store
 
@@ -112,7 +111,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     error        TEXT,
     result_bytes INTEGER,
     attempts     INTEGER NOT NULL DEFAULT 0,
-    priority     REAL NOT NULL DEFAULT 0,
     mode         TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_status_model ON jobs(status, model, seq);
@@ -120,6 +118,7 @@ CREATE INDEX IF NOT EXISTS jobs_expires ON jobs(expires_at);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs(key_id, seq);
 """
 _COLUMNS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Job))  # a table may hold more (a dropped field)
 _TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in JobStatus if s.terminal)
 
 
@@ -132,7 +131,7 @@ def _to_sql(name: str, value: Any) -> Any:
 
 
 def _from_row(row: sqlite3.Row) -> Job:
-    d = dict(row)
+    d = {k: v for k, v in dict(row).items() if k in _FIELDS}
     d["status"] = JobStatus(d["status"])
     d["error"] = None if d["error"] is None else json.loads(d["error"])
     return Job(**d)

@@ -48,7 +48,6 @@ MIGRATIONS: list[str] = [
         error        TEXT,
         result_bytes BIGINT,
         attempts     INTEGER NOT NULL DEFAULT 0,
-        priority     DOUBLE PRECISION NOT NULL DEFAULT 0,
         mode         TEXT NOT NULL
     );
     CREATE INDEX jobs_status_model ON jobs(status, model, seq);

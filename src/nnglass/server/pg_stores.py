@@ -21,13 +21,14 @@ from typing import Any
 import psycopg
 
 from .auth import _MAX_KEY_CHARS, KEY_PREFIX, _hash
-from .jobs import _COLUMNS, _TERMINAL_SQL, _UPDATABLE, Job, JobStatus, _to_sql
+from .jobs import _COLUMNS, _FIELDS, _TERMINAL_SQL, _UPDATABLE, Job, JobStatus, _to_sql
 from .pg import Database
 
 __all__ = ["PgJobStore", "PgKeyStore"]
 
 
 def _job(row: dict[str, Any]) -> Job:
+    row = {k: v for k, v in row.items() if k in _FIELDS}
     row["status"] = JobStatus(row["status"])
     row["error"] = None if row["error"] is None else json.loads(row["error"])
     return Job(**row)
