@@ -23,7 +23,7 @@ import torch
 from ..errors import GraphError
 from .check import DEFAULT_LIMITS, DTYPES, INT_MAX, TENSOR_DTYPES, Limits, check, check_version
 from .document import check_document, load_json
-from .ir import Graph, Invoke, Node, Ref, Site, TensorRef
+from .ir import TRACE, Graph, Invoke, Node, Ref, Site, TensorRef
 from .ops import REGISTRY, OpRegistry
 
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
@@ -339,7 +339,7 @@ def _trace(doc: dict[str, Any], tensors: dict[str, Any], version: str, depth: in
     def kwargs(obj: Any, what: str, where: str = "") -> Any:
         return values({"$": "dict", "items": obj}, what, where)
 
-    graph = Graph(model=doc["model"], mode=doc.get("mode", "trace"), version=version,
+    graph = Graph(model=doc["model"], mode=doc.get("mode", TRACE), version=version,
                   tensors=tensors, options=kwargs(doc.get("options", {}), "options"))
     for i, inv in enumerate(doc.get("invokes", [])):
         args = tuple(values(inv.get("args", []), f"invoke {i}"))

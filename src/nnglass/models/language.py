@@ -20,7 +20,18 @@ from typing import Any
 import torch
 
 from ..errors import TraceError
-from ..graph.ir import GET, SESSION, Graph, Invoke
+from ..graph.ir import (
+    FORWARD_KWARGS,
+    GENERATE,
+    GENERATE_KWARGS,
+    GET,
+    SCAN,
+    SEED,
+    SESSION,
+    VALIDATE,
+    Graph,
+    Invoke,
+)
 from ..graph.merge import group_rows, widths_differ
 from ..runtime.backend import Backend
 from ..runtime.interpreter import Interpreter
@@ -45,7 +56,7 @@ class LanguageModel(NNModel):
     def __init__(self, model: Any, *, tokenizer: Any = None, dtype: torch.dtype | None = None,
                  name: str | None = None, backend: Backend | None = None,
                  rename: dict[str, str] | None = None, remote: bool = False,
-                 **load_kwargs: Any) -> None:  # fmt: skip
+                 **load_kwargs: Any) -> None:
         """remote=True: the model lives on a server (`backend`, else NNGLASS_HOST); a name
         that is no local folder is looked up there (its config and tokenizer, never its
         weights; models/remote_source.py), and traces run there unless asked otherwise."""
@@ -105,7 +116,7 @@ class LanguageModel(NNModel):
 
     # --- entry points ------------------------------------------------------------------
     def trace(self, *inputs: Any, remote: bool = False, blocking: bool = True, validate: bool = False,
-              **kwargs: Any) -> Tracer:  # fmt: skip
+              **kwargs: Any) -> Tracer:
         """One forward pass over the prompts; extra kwargs go to the model's forward.
 
         remote: run on the server (NNGLASS_HOST); blocking=False returns at once with
@@ -114,7 +125,7 @@ class LanguageModel(NNModel):
         return self._tracer(inputs, "trace", {"forward": kwargs, "validate": validate}, remote, blocking)
 
     def generate(self, *inputs: Any, max_new_tokens: int = 1, remote: bool = False, blocking: bool = True,
-                 seed: int | None = None, **generate_kwargs: Any) -> Tracer:  # fmt: skip
+                 seed: int | None = None, **generate_kwargs: Any) -> Tracer:
         """Generation: step 0 is the prompt's forward pass, step k the k-th new token's."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise TraceError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}", user_where())
@@ -130,7 +141,7 @@ class LanguageModel(NNModel):
         return self._tracer(inputs, "scan", {"forward": kwargs}, remote=False)
 
     def _tracer(self, inputs: tuple, mode: str, options: dict, remote: bool, blocking: bool = True) -> Tracer:
-        backend = self._backend(remote or (self._remote_only and mode != "scan"))
+        backend = self._backend(remote or (self._remote_only and mode != SCAN))
         return LMTracer(self, inputs, {}, backend, mode=mode, options=options, blocking=blocking)
 
     # --- what Tracer needs -------------------------------------------------------------
@@ -154,7 +165,7 @@ class LanguageModel(NNModel):
                 raise TraceError(f"token ids must be integers, got {ids.dtype}", user_where())
             return ids.long(), torch.ones_like(ids)
         raise TraceError(f"cannot use {type(prompt).__name__} as a prompt: pass a string, a "
-                         "list of strings, token ids or a tokenizer's output", user_where())  # fmt: skip
+                         "list of strings, token ids or a tokenizer's output", user_where())
 
     def _fake_world(self, graph: Graph) -> fake.FakeWorld:
         """Site values of a fake forward on the recorded prompts (record-time metadata).
@@ -168,12 +179,12 @@ class LanguageModel(NNModel):
         loaded = self._loaded
         device = next((p.device for p in loaded.parameters()), torch.device("cpu")) if loaded else None
         device = device or torch.device("cpu")
-        forward = dict(resolve(graph.options.get("forward", {}), [], graph.tensors))
+        forward = dict(resolve(graph.options.get(FORWARD_KWARGS, {}), [], graph.tensors))
         forward["use_cache"] = False
-        meta = self._meta_copy() if graph.mode != "scan" else None
+        meta = self._meta_copy() if graph.mode != SCAN else None
 
         def fallback() -> tuple[torch.nn.Module, Any]:
-            if loaded is not None and self._fake is None and graph.mode != "scan":
+            if loaded is not None and self._fake is None and graph.mode != SCAN:
                 return loaded, mode
             return fake._fake_model(self)[1], mode
 
@@ -202,13 +213,13 @@ class LanguageModel(NNModel):
                 input_ids=x(ids), attention_mask=x(mask), position_ids=x(positions), **forward))
 
         result = None
-        if graph.mode == "generate":
+        if graph.mode == GENERATE:
             with mode:
-                new = int(graph.options.get("generate", {}).get("max_new_tokens", 1))
+                new = int(graph.options.get(GENERATE_KWARGS, {}).get("max_new_tokens", 1))
                 result = torch.zeros(ids.shape[0], ids.shape[1] + new, dtype=ids.dtype, device=device)
         convert = metaforward.to_fake(mode, device)
         return fake.FakeWorld(mode, self._module, sites, rows, ids.shape[0], result, convert=convert,
-                              runner=lambda: fallback()[0])  # fmt: skip
+                              runner=lambda: fallback()[0])
 
     def _meta_copy(self) -> metaforward.MetaCopy | None:
         """The private meta-device copy metadata runs on (built once; None: cannot be)."""
@@ -228,20 +239,20 @@ class LanguageModel(NNModel):
         return super()._backend(remote)
 
     def run_graph(self, graph: Graph, imports: dict | None = None,
-                  limits: RunLimits = NO_LIMITS) -> dict[int, Any]:  # fmt: skip
+                  limits: RunLimits = NO_LIMITS) -> dict[int, Any]:
         if graph.mode == SESSION:
             return run_session(self, graph, limits)
         ids, mask, rows = batch_prompts(graph, self.tokenizer.pad_token_id, self._batch_width(graph))
         rows = group_rows(graph, rows, ids.shape[1])  # co-tenancy: each merged user's window
-        if graph.mode == "scan" or graph.options.get("validate"):
+        if graph.mode == SCAN or graph.options.get(VALIDATE):
             saved = fake.scan(self, graph, ids, mask, rows, imports, limits)
-            if graph.mode == "scan":
+            if graph.mode == SCAN:
                 return saved
         model = self.module
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        if graph.mode == "generate":
+        if graph.mode == GENERATE:
             return self._run_generate(graph, model, ids, mask, rows, imports, limits)
-        forward_kwargs = resolve(graph.options.get("forward", {}), [], graph.tensors)
+        forward_kwargs = resolve(graph.options.get(FORWARD_KWARGS, {}), [], graph.tensors)
         forward_kwargs.setdefault("use_cache", False)
 
         def forward(interp: Interpreter) -> Any:
@@ -261,10 +272,10 @@ class LanguageModel(NNModel):
 
     def _run_generate(self, graph: Graph, model: torch.nn.Module, ids: torch.Tensor,
                       mask: torch.Tensor, rows: list[tuple[int, int]], imports: dict | None,
-                      limits: RunLimits) -> dict[int, Any]:  # fmt: skip
-        kwargs = dict(resolve(graph.options.get("generate", {}), [], graph.tensors))
+                      limits: RunLimits) -> dict[int, Any]:
+        kwargs = dict(resolve(graph.options.get(GENERATE_KWARGS, {}), [], graph.tensors))
         check_generate_kwargs({k: v for k, v in kwargs.items() if k != "max_new_tokens"}, "")
-        seed = graph.options.get("seed")
+        seed = graph.options.get(SEED)
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
 
         def forward(interp: Interpreter) -> Any:
@@ -295,7 +306,7 @@ class LMTracer(Tracer):
     @property
     def result(self) -> Proxy:
         """The generated ids for this invoke's rows: left-padded prompt + new tokens."""
-        if self.graph.mode != "generate":
+        if self.graph.mode != GENERATE:
             raise TraceError("`tracer.result` exists only in lm.generate(...)", user_where())
         with self._step_scope(0):
             return self.record_site(GET, "", "result", 0)
@@ -313,7 +324,7 @@ def check_generate_kwargs(kwargs: dict[str, Any], where: str) -> None:
     unknown = sorted(set(kwargs) - GENERATE_OPTIONS)
     if unknown:
         raise TraceError(f"generate option(s) {', '.join(unknown)} are not supported; use "
-                         f"{', '.join(sorted(GENERATE_OPTIONS))}", where)  # fmt: skip
+                         f"{', '.join(sorted(GENERATE_OPTIONS))}", where)
 
 
 @contextmanager
@@ -327,12 +338,12 @@ def _private_rng(seed: int | None) -> Iterator[None]:
 
 
 def batch_prompts(graph: Graph, pad_id: int, width: int | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:  # fmt: skip
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """Left-pad every invoke's ids to the longest (or `width`, if wider); return ids, mask
     and each invoke's rows."""
     check_prompts(graph)
     parts = [(graph.tensors[inv.kwargs["input_ids"].key], graph.tensors[inv.kwargs["attention_mask"].key])
-             for inv in graph.invokes]  # fmt: skip
+             for inv in graph.invokes]
     width = max(width or 0, *(ids.shape[1] for ids, _ in parts))
     all_ids, all_mask, rows, start = [], [], [], 0
     for ids, mask in parts:

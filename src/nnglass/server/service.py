@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 from ..errors import NotFoundError, QuotaError, UnavailableError
 from ..graph import wire
 from ..graph.check import Limits as WireLimits
-from ..graph.ir import Graph, TensorRef
+from ..graph.ir import SESSION, Graph, TensorRef
 from ..models.prompts import check_prompts
 from .batching import PassStats, cost_of, share_of
 from .config import ModelConfig, ServerConfig
@@ -155,12 +155,12 @@ class Service:
             if job.model not in self.models or not self.results.has_graph(job.id):
                 self.finish(job.id, JobStatus.ERROR, error={
                     "type": "RemoteError", "where": "",
-                    "message": "the server restarted and this job's model or graph is gone"})  # fmt: skip
+                    "message": "the server restarted and this job's model or graph is gone"})
             elif job.status == JobStatus.RUNNING and job.attempts >= 2:
                 self.finish(job.id, JobStatus.ERROR, error={
                     "type": "RemoteError", "where": "",
                     "message": "this job was started twice and the server or its worker stopped "
-                               "both times before it finished"})  # fmt: skip
+                               "both times before it finished"})
             else:
                 self.durably(self.jobs.update, job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
                 self.scheduler.submit(job.model, job.key_id, job.id)
@@ -171,18 +171,18 @@ class Service:
         state = self.models.get(graph.model)
         if state is None:
             raise NotFoundError(f"no model {graph.model!r} on this server; it serves "
-                                f"{', '.join(sorted(self.models)) or 'none'}")  # fmt: skip
+                                f"{', '.join(sorted(self.models)) or 'none'}")
         policy = state.config.policy
         if state.lookups is None and not (policy.weights_visible or policy.expose_embeddings):
             # Which sites reveal the weights is known once a replica has loaded them.
             raise UnavailableError(f"model {graph.model!r} is still loading; try again in a few seconds")
-        for trace in graph.children if graph.mode == "session" else [graph]:
+        for trace in graph.children if graph.mode == SESSION else [graph]:
             check_prompts(trace)  # the layout every later check and the worker rely on (422)
         check_policy(graph, policy, state.paths or _paths_of(state), state.lookups)
         with self.scheduler.hold(key_id):  # the quota check and the queueing are one step per key
             if self.scheduler.queued_by(key_id) >= self.config.max_queued_per_key:
                 raise QuotaError(f"this key already has {self.config.max_queued_per_key} jobs waiting; "
-                                 "wait for some to finish")  # fmt: skip
+                                 "wait for some to finish")
             job = Job(key_id=key_id, model=graph.model, mode=graph.mode, status=JobStatus.QUEUED)
             job.queued_at = job.created_at
             self.results.save_graph(job.id, graph_json, tensors)  # the graph first, then the row:
@@ -266,7 +266,7 @@ class Service:
             "id": job.id, "model": job.model, "status": job.status.value, "created_at": job.created_at,
             "queued_at": job.queued_at, "started_at": job.started_at, "finished_at": job.finished_at,
             "expires_at": job.expires_at, "result_bytes": job.result_bytes,
-        }  # fmt: skip
+        }
         if job.status == JobStatus.QUEUED:
             out["position"] = self.scheduler.positions(job.model).get(job.id, 0)
         if job.error:
@@ -279,7 +279,7 @@ class Service:
             info = {"name": name, "state": s.state, "error": s.error or None, "source": s.config.source,
                     "replicas": s.config.replicas, "queue_depth": self.scheduler.depth(name),
                     "running": len(s.running), "policy": s.config.policy.summary(),
-                    "exposure": describe(s.config.policy, s.lookups)}  # fmt: skip
+                    "exposure": describe(s.config.policy, s.lookups)}
             info.update(self._activity(s))
             if self.config.debug_checksums:  # one checksum seen across all jobs: weights never changed
                 info["weight_checksums"] = sorted(s.checksums)
@@ -388,7 +388,7 @@ class Service:
 
     def _wire_limits(self) -> WireLimits:
         return WireLimits(max_json_bytes=self.config.max_request_bytes,
-                          max_tensor_bytes=self.config.max_request_bytes)  # fmt: skip
+                          max_tensor_bytes=self.config.max_request_bytes)
 
 
 def prompt_tokens(graph: Graph) -> int:

@@ -56,7 +56,7 @@ import torch
 from ..errors import GraphError, NNglassError, PolicyError
 from ..graph import wire
 from ..graph.check import DTYPES, Limits
-from ..graph.ir import BACKWARD, Graph
+from ..graph.ir import BACKWARD, SESSION, Graph
 from ..graph.merge import merge, share_key, split
 from ..graph.ops import REGISTRY
 from ..graph.results import encode_results
@@ -166,7 +166,7 @@ class LoadedModel:
                 return [self.job(r) for r in requests]
             k = bisect.bisect_right(offsets, node) - 1  # the job whose node failed
             logger.info("job %s fails the shared pass (%s): alone, the others shared again",
-                        requests[k].get("job"), type(e).__name__)  # fmt: skip
+                        requests[k].get("job"), type(e).__name__)
             rest = self._shared(requests[:k] + requests[k + 1:])
             return [*rest[:k], self.job(requests[k]), *rest[k:]]
         answers = []
@@ -174,7 +174,7 @@ class LoadedModel:
             job = request.get("job")
             try:
                 answers.append({"job": job, "status": "COMPLETED", "shared": len(requests),
-                                "bytes": self._store(request, graph, values)})  # fmt: skip
+                                "bytes": self._store(request, graph, values)})
             except Exception as e:
                 answers.append(_error(job, e))
         return answers
@@ -191,15 +191,15 @@ class LoadedModel:
         graph = wire.decode(graph_bytes, tensor_bytes, registry=REGISTRY, limits=self.limits)
         if graph.model != self.name:
             raise GraphError(f"this worker serves model {self.name!r}, but the graph is for "
-                             f"{graph.model!r}")  # fmt: skip
+                             f"{graph.model!r}")
         return graph
 
     def _store(self, request: dict[str, Any], graph: Graph, values: dict[int, Any]) -> int:
-        data = encode_results(values, session=graph.mode == "session")
+        data = encode_results(values, session=graph.mode == SESSION)
         limit = int(request.get("limits", {}).get("result_bytes") or 2**62)
         if len(data) > limit:
             raise PolicyError(f"the result is {len(data)} bytes, over this model's limit of {limit} "
-                              "bytes: save less (slice before .save(), or save fewer values)")  # fmt: skip
+                              "bytes: save less (slice before .save(), or save fewer values)")
         if isinstance(request.get("result"), str):
             _write_atomic(Path(request["result"]), data)
         else:  # a host whose server has no shared disk: the bytes go back with the answer
