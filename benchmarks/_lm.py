@@ -190,7 +190,7 @@ def _time(args: argparse.Namespace, b: LMBench, scenarios: dict[str, Scenario]) 
 
 
 def run_lm_worker(framework: str, version: str, args: argparse.Namespace,
-                  make: Callable[[LMBench], dict[str, Scenario]]) -> None:  # fmt: skip
+                  make: Callable[[LMBench], dict[str, Scenario]]) -> None:
     """Load the pristine copy, build ``make(bench)``'s scenarios, time them, print one JSON line."""
     setup_process(args.threads)
     import transformers

@@ -25,7 +25,7 @@ MODELS = ("mlp", "gpt2")
 SCENARIOS = (
     "null", "empty", "save1", "save1_out", "save_all", "get_set_save", "grad", "grad_full", "early3",
     "wrapped_forward",
-)  # fmt: skip
+)
 EARLY_TARGET = {"mlp": 0.40}  # issue 3: reading layer 3 of 12 <= 0.40x a full-forward trace
 
 
@@ -120,7 +120,7 @@ def verdict(met: bool, ci_a: Sequence[float], ci_b: Sequence[float]) -> str:
 def targets_table(rows: list[dict]) -> list[str]:
     """Issue 3's benchmark targets, judged on this run's medians."""
     lines = ["Issue 3's targets (medians of this run):", "", "| model | target | measured | met |",
-             "|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|"]
     ok = {(r["model"], r["framework"], r["scenario"]): r for r in rows if "error" not in r}
     find = lambda model, fw, scenario: ok.get((model, fw, scenario))
     for model in MODELS:

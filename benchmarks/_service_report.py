@@ -52,7 +52,7 @@ def render(res: dict[str, Any]) -> str:
     for name in PHASES:
         row(f"raw job: {name}", pair(lambda h, name=name: h["phases"][name]))
     row(f"event stream stalls > {lat['disk']['stall_s']:g} s (real client / raw)",
-        lambda h: f"{h['stalled']} / {h['raw_stalled']} of {gap['n']} | ")  # fmt: skip
+        lambda h: f"{h['stalled']} / {h['raw_stalled']} of {gap['n']} | ")
     for probe in FLUSHES:
         name = f"one {probe.replace('_', ' ')} alone in the home"
         row(name, pair(lambda h, p=probe: h["durability_ms"][p]))
@@ -104,14 +104,14 @@ def diagnosis(res: dict[str, Any]) -> list[str]:
     if "tmpfs" in lat:
         t = lat["tmpfs"]
         moved = ", ".join(f"{k} {disk['phases'][k]['p50']:.1f} → {t['phases'][k]['p50']:.1f}"
-                          for k in ("submit", "queue", "run"))  # fmt: skip
+                          for k in ("submit", "queue", "run"))
         out.append(
             f"With the home on tmpfs (flushes free): remote - local p50 "
             f"{disk['remote_minus_local_ms']['p50']:.1f} → {t['remote_minus_local_ms']['p50']:.1f} ms; raw "
             f"job {raw:.1f} → {t['phases']['total']['p50']:.1f} ms ({moved} ms)."
         )
     stalls = ", ".join(f"{h['stalled']} real-client and {h['raw_stalled']} raw of {h['remote_ms']['n']} "
-                       f"({name})" for name, h in lat.items())  # fmt: skip
+                       f"({name})" for name, h in lat.items())
     if any(h["stalled"] or h["raw_stalled"] for h in lat.values()):
         out.append(
             f"Event stream stalls (a finished job's COMPLETED event not sent within {disk['stall_s']:g} s): "
@@ -153,7 +153,7 @@ def write_docs(md: str, env: dict[str, Any], res: dict[str, Any], path: Path = D
         "",
         md,
         END,
-    ])  # fmt: skip
+    ])
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if START in text and END in text:
         text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]

@@ -53,12 +53,12 @@ def save_tiny(folder: Path) -> None:
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     backend.decoder = decoders.Fuse()
     transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                         unk_token="<unk>").save_pretrained(folder)  # fmt: skip
+                                         unk_token="<unk>").save_pretrained(folder)
     config = transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
         bos_token_id=1, eos_token_id=1, pad_token_id=0,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
 
@@ -78,9 +78,9 @@ class Server:
             _, self.key = keys.create("bench")
         with open(home / "server.log", "ab") as log:
             self.proc = subprocess.Popen([sys.executable, __file__, str(toml)], stdout=log, stderr=log,
-                                         env={**os.environ, "NNGLASS_HOME": str(home)})  # fmt: skip
+                                         env={**os.environ, "NNGLASS_HOME": str(home)})
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
-                                 timeout=60.0)  # fmt: skip
+                                 timeout=60.0)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
@@ -131,7 +131,7 @@ def serve(path: str) -> None:
 
     plain = Starlette(routes=[Route("/static/{job_id}", static)])
     wrapped = Starlette(routes=[Route("/static-mw/{job_id}", static)],
-                        middleware=[Middleware(BaseHTTPMiddleware, dispatch=passthrough)])  # fmt: skip
+                        middleware=[Middleware(BaseHTTPMiddleware, dispatch=passthrough)])
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         first = scope["path"].split("/")[1] if scope["type"] == "http" else ""

@@ -82,7 +82,7 @@ class Server:
         env = {**os.environ, "NNGLASS_HOME": str(home), "NNGLASS_CACHE": str(ROOT / ".nnglass-cache")}
         with open(home / "server.log", "ab") as log:
             self.proc = subprocess.Popen([sys.executable, str(HERE / "_service_server.py"), str(toml)],
-                                         stdout=log, stderr=log, env=env)  # fmt: skip
+                                         stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
@@ -127,13 +127,13 @@ def batched(model: torch.nn.Module, batch: list[torch.Tensor], pad: int) -> torc
     mask = torch.cat([torch.nn.functional.pad(torch.ones_like(p), (width - p.shape[1], 0)) for p in batch])
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                     use_cache=False).logits[:, -1]  # fmt: skip
+                     use_cache=False).logits[:, -1]
 
 
 def job(url: str, key: str, graph: Graph, start: threading.Barrier) -> dict[str, Any]:
     json_bytes, tensors = wire.encode(graph)
     files = {"graph": ("graph.json", json_bytes, "application/json"),
-             "tensors": ("t.safetensors", tensors, "application/octet-stream")}  # fmt: skip
+             "tensors": ("t.safetensors", tensors, "application/octet-stream")}
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
         start.wait()
         t0 = time.time()
@@ -152,7 +152,7 @@ def job(url: str, key: str, graph: Graph, start: threading.Barrier) -> dict[str,
     return {"t0": t0, "t3": t3, "saved": saved, "submit": t1 - t0,
             "queue": info["started_at"] - info["queued_at"], "run": info["finished_at"] - info["started_at"],
             "notify": t2 - info["finished_at"],
-            "download": t3 - t2}  # fmt: skip
+            "download": t3 - t2}
 
 
 def serve_round(server: Server, graphs: list[Graph], refs: list[torch.Tensor]) -> dict[str, Any]:
@@ -193,7 +193,7 @@ def main() -> None:
     record_ms = (time.perf_counter() - t) * 1e3 / (2 * args.clients)
     homes = [Path(tempfile.mkdtemp(prefix=f"cobatch-{n}-")) for n in ("off", "on")]
     servers = {"sharing off": Server(homes[0], args.threads, "share_jobs = 1", args.clients),
-               "sharing on": Server(homes[1], args.threads, "", args.clients)}  # fmt: skip
+               "sharing on": Server(homes[1], args.threads, "", args.clients)}
     rows: dict[str, dict[str, list[float]]] = {kind: {} for kind in sets}
     phases: dict[str, Any] = {}
     try:
@@ -208,7 +208,7 @@ def main() -> None:
                     "plain forwards one at a time": lambda ps=ps: [batched(model, [p], pad) for p in ps],
                     **{f"server, {name}": (lambda s=s, kind=kind: serve_round(s, graphs[kind], refs[kind]))
                        for name, s in servers.items()},
-                }  # fmt: skip
+                }
                 names = list(work)
                 for name in names[r % len(names):] + names[: r % len(names)]:
                     t = time.perf_counter()
@@ -216,7 +216,7 @@ def main() -> None:
                     took = got["seconds"] if isinstance(got, dict) else time.perf_counter() - t
                     rows[kind].setdefault(name, []).append(len(ps) / took)
                     print(f"round {r} {kind} {name}: {len(ps) / took:.2f} prompts/s", file=sys.stderr,
-                          flush=True)  # fmt: skip
+                          flush=True)
                     if isinstance(got, dict):
                         phases.setdefault(kind, {}).setdefault(name, []).append(got["phases_ms_median"])
         batching = {name: s.batching() for name, s in servers.items()}
@@ -226,7 +226,7 @@ def main() -> None:
     result = {"model": MODEL, "clients": args.clients, "threads": args.threads, "rounds": args.rounds,
               "record_ms_per_trace": record_ms, "prompts_per_s": rows, "phases_ms": phases,
               "batching": batching, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     print(render(result))
@@ -234,13 +234,13 @@ def main() -> None:
 
 def render(result: dict[str, Any]) -> str:
     lines = [f"| {result['clients']} prompts, prompts/s (median of {result['rounds']}) | mixed 4-24 tokens | "
-             "x limit | same 16 tokens | x limit |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+             "x limit | same 16 tokens | x limit |", "|---|---:|---:|---:|---:|"]
     med = {k: {n: float(np.median(v)) for n, v in rows.items()}
-           for k, rows in result["prompts_per_s"].items()}  # fmt: skip
+           for k, rows in result["prompts_per_s"].items()}
     limit = {k: med[k]["limit: one padded batched forward"] for k in med}
     for name in med["mixed"]:
         lines.append(f"| {name} | {med['mixed'][name]:.1f} | {med['mixed'][name] / limit['mixed']:.2f} | "
-                     f"{med['same'][name]:.1f} | {med['same'][name] / limit['same']:.2f} |")  # fmt: skip
+                     f"{med['same'][name]:.1f} | {med['same'][name] / limit['same']:.2f} |")
     for k in med:
         on, off = med[k]["server, sharing on"], med[k]["server, sharing off"]
         lines.append(f"\n{k}: sharing on / off = {on / off:.2f}x")

@@ -107,7 +107,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
             scen = rec.get("scenarios") or {}
             if not scen:
                 out["rows"].append({"threads": threads, "framework": fw, "scenario": "*",
-                                    "error": rec.get("error", "no scenarios")})  # fmt: skip
+                                    "error": rec.get("error", "no scenarios")})
             for name, entry in scen.items():
                 row = {"threads": threads, "framework": fw, "scenario": name}
                 out["rows"].append({**row, **stats.summarize(entry, scale=1e6)})  # ms
@@ -131,13 +131,13 @@ def targets(rows: list[dict], threads: int) -> list[dict]:
             value = ng["overhead"] / ns["overhead"] if ns["overhead"] > 0 else float("nan")
             out.append({"threads": threads, "target": f"{what}: overhead ≤ 1/4 of nnsight's",
                         "measured": f"{ng['overhead']:.2f} ms vs {ns['overhead']:.2f} ms (ratio {value:.2f})",
-                        "met": ok})  # fmt: skip
+                        "met": ok})
     ng = _row(rows, threads, "nnglass", "early3")
     if ng:
         lo, hi = ng["ratio_ci95"]
         out.append({"threads": threads, "target": f"read layer 3 of 30: ≤ {EARLY_TARGET}x a forward",
                     "measured": f"{ng['ratio']:.3f}x [{lo:.3f}, {hi:.3f}]",
-                    "met": ng["ratio"] <= EARLY_TARGET})  # fmt: skip
+                    "met": ng["ratio"] <= EARLY_TARGET})
     meta_targets = [("meta_first", META_FIRST_TARGET, "new"), ("meta_again", META_AGAIN_TARGET, "known")]
     for scen, limit, what in meta_targets:  # paired with nnglass's own save_all trace
         ng = _row(rows, threads, "nnglass", scen)
@@ -155,7 +155,7 @@ def targets(rows: list[dict], threads: int) -> list[dict]:
                     "measured": f"{ng['overhead']:.1f} ms [{a:.1f}, {b:.1f}] vs {ns['overhead']:.1f} ms "
                                 f"[{c:.1f}, {d:.1f}]",
                     "met": ng["overhead"] <= ns["overhead"],
-                    "overlap": verdict(True, (a, b), (c, d)) != "yes"})  # fmt: skip
+                    "overlap": verdict(True, (a, b), (c, d)) != "yes"})
     return out
 
 
@@ -186,7 +186,7 @@ def tables(res: dict[str, Any]) -> str:
 
 def write_docs(md: str, env: dict[str, Any], res: dict[str, Any]) -> None:
     versions = sorted({f"{w['framework']} {w['version']}" for w in res["workers"]
-                       if "version" in w and w["framework"] in ("nnsight", "nnglass")})  # fmt: skip
+                       if "version" in w and w["framework"] in ("nnsight", "nnglass")})
     w0 = next((w for w in res["workers"] if "torch" in w), {})
     section = "\n".join([
         START,
@@ -212,7 +212,7 @@ def write_docs(md: str, env: dict[str, Any], res: dict[str, Any]) -> None:
         "",
         md,
         END,
-    ])  # fmt: skip
+    ])
     replace_section(DOCS, START, END, section, "Language model (SmolLM2-135M)")
 
 
@@ -242,7 +242,7 @@ def main() -> None:
     res = collect(args)
     env = environment(argparse.Namespace(pairs=args.pairs, cold_runs=0))
     env.update(threads=args.threads, gen_pairs=args.gen_pairs,
-               command=" ".join(["python benchmarks/language.py", *sys.argv[1:]]))  # fmt: skip
+               command=" ".join(["python benchmarks/language.py", *sys.argv[1:]]))
     md = tables(res)
     print(md)
     if not args.no_write:

@@ -127,7 +127,7 @@ class Tally:
 
 
 def client(url: str, key: str, lm: LanguageModel, index: int, jobs: int, tally: Tally,
-           timeout: float) -> None:  # fmt: skip
+           timeout: float) -> None:
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
         mine = []
         for k in range(jobs):
@@ -188,7 +188,7 @@ def start_server(home: Path, model: Path, share: int) -> tuple[subprocess.Popen,
     (home / "server.toml").write_text(TOML.format(port=port, home=home, model=model, share=share))
     log = open(home / "server.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "nnglass", "serve", "--config", str(home / "server.toml")],
-                            stdout=log, stderr=log)  # fmt: skip
+                            stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -230,7 +230,7 @@ def run(clients: int, jobs: int, share: int, timeout: float, model: Path, workdi
     return {"clients": clients, "jobs_per_client": jobs, "share_jobs": share, "jobs": clients * jobs,
             "ended": len(lat), "lost": tally.lost, "wrong": tally.wrong, "stuck": tally.stuck,
             "p50_s": pct(0.50), "p99_s": pct(0.99), "wall_s": wall, "jobs_per_s": len(lat) / wall,
-            "shared_jobs": shared, "outcomes": dict(sorted(tally.by_kind.items()))}  # fmt: skip
+            "shared_jobs": shared, "outcomes": dict(sorted(tally.by_kind.items()))}
 
 
 def _metric(url: str, key: str, name: str) -> float:
@@ -245,12 +245,12 @@ def _metric(url: str, key: str, name: str) -> float:
 
 def table(rows: list[dict[str, Any]]) -> str:
     out = ["| share_jobs | clients x jobs | ended | lost | wrong | stuck | p50 s | p99 s | jobs/s | shared |",
-           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['share_jobs']} | {r['clients']} x {r['jobs_per_client']} | {r['ended']} | "
                    f"{len(r['lost'])} | "
                    f"{len(r['wrong'])} | {len(r['stuck'])} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
-                   f"{r['jobs_per_s']:.1f} | {r['shared_jobs']:.0f} |")  # fmt: skip
+                   f"{r['jobs_per_s']:.1f} | {r['shared_jobs']:.0f} |")
     return "\n".join(out)
 
 

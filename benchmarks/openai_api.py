@@ -112,22 +112,22 @@ def main() -> None:
             order = (False, True) if i % 2 == 0 else (True, False)
             got = {s: one(s) for s in order}
             rows.append({"plain_s": got[False][0], "steered_s": got[True][0],
-                         "plain_tokens": got[False][1], "steered_tokens": got[True][1]})  # fmt: skip
+                         "plain_tokens": got[False][1], "steered_tokens": got[True][1]})
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     ratio = statistics.median(r["steered_s"] / r["plain_s"] for r in rows)
     per_token = statistics.median((r["steered_s"] / r["steered_tokens"]) / (r["plain_s"] / r["plain_tokens"])
-                                  for r in rows)  # fmt: skip
+                                  for r in rows)
     result = {"model": args.model, "tokens": args.tokens, "site": args.site, "threads": args.threads,
               "rounds": rows, "median_ratio": ratio, "median_ratio_per_token": per_token,
               "plain_p50_s": statistics.median(r["plain_s"] for r in rows),
-              "steered_p50_s": statistics.median(r["steered_s"] for r in rows)}  # fmt: skip
+              "steered_p50_s": statistics.median(r["steered_s"] for r in rows)}
     print("| model | tokens (plain / steered) | plain p50 s | steered p50 s | ratio | per token |")
     print("|---|---|---:|---:|---:|---:|")
     tokens = f"{rows[0]['plain_tokens']} / {rows[0]['steered_tokens']}"
     print(f"| {args.model} | {tokens} | {result['plain_p50_s']:.3f} | {result['steered_p50_s']:.3f} | "
-          f"{ratio:.3f} | {per_token:.3f} |")  # fmt: skip
+          f"{ratio:.3f} | {per_token:.3f} |")
     if not args.no_write:
         (HERE / "results").mkdir(exist_ok=True)
         (HERE / "results" / "openai_api.json").write_text(json.dumps(result, indent=2))

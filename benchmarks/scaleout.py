@@ -67,7 +67,7 @@ def server_toml(port: int, home: Path, model: Path, ray: str) -> str:
 
     models = block("one", 1, 2) + block("two", 2, 4) if ray else block("tiny", 1, 1)
     return (f'[server]\nhost = "127.0.0.1"\nport = {port}\nhome = "{home}"\nmax_queued_per_key = 1000\n'
-            f"{ray}\n{models}")  # fmt: skip
+            f"{ray}\n{models}")
 
 
 class Served:
@@ -190,7 +190,7 @@ def render(res: dict[str, Any]) -> str:
               f"rounds: {rounds}", "", "| remote - local, one-save trace | p50 ms | p95 ms |",
               "|---|---|---|"]
     for kind, label in (("embedded_minus_local_ms", "embedded default (subprocess worker)"),
-                        ("ray_minus_local_ms", "Ray worker (actor on the cluster)")):  # fmt: skip
+                        ("ray_minus_local_ms", "Ray worker (actor on the cluster)")):
         lines.append(f"| {label} | {lat[kind]['p50']:.1f} | {lat[kind]['p95']:.1f} |")
     ray50, emb50 = lat["ray_minus_local_ms"]["p50"], lat["embedded_minus_local_ms"]["p50"]
     lines += ["", f"Ray ÷ embedded (p50): {ray50 / emb50:.2f}x; remote values vs local: {lat['check']}."]
@@ -231,14 +231,14 @@ def main() -> None:
                 t[name].append(jobs_per_s(ray, graphs[name], args.jobs))
             t["ratios"].append(t["two"][-1] / t["one"][-1])
         res = {"throughput": t, "ratio_median": float(np.median(t["ratios"])),
-               "latency": latency(lms, ray, embedded, args.runs)}  # fmt: skip
+               "latency": latency(lms, ray, embedded, args.runs)}
     finally:
         for s in servers:
             s.stop()
         cluster.stop()
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     res["env"] = {"when": when, "cores": os.cpu_count(), "load_average_at_start": load,
-                  "torch": torch.__version__, "args": vars(args)}  # fmt: skip
+                  "torch": torch.__version__, "args": vars(args)}
     print(render(res))
     if not args.no_write:
         RESULTS.write_text(json.dumps(res, indent=2) + "\n")

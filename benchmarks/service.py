@@ -109,7 +109,7 @@ def phases(http: httpx.Client, graph: Graph) -> dict[str, float]:
     t3 = time.time()
     return {"submit": t1 - t0, "queue": info["started_at"] - info["queued_at"],
             "run": info["finished_at"] - info["started_at"], "notify": t2 - info["finished_at"],
-            "download": t3 - t2, "total": t3 - t0, "stalled": float(stalled)}  # fmt: skip
+            "download": t3 - t2, "total": t3 - t0, "stalled": float(stalled)}
 
 
 # --- measures ---------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def latency(lm: LanguageModel, server: Server, args: argparse.Namespace) -> dict
     kinds: dict[str, Callable[[], Any]] = {
         "local": lambda: run(False), "remote": lambda: run(True),
         "raw": lambda: phases(server.http, tracer.graph),
-    }  # fmt: skip
+    }
     for _ in range(args.warmup):
         for fn in kinds.values():
             fn()
@@ -164,7 +164,7 @@ def latency(lm: LanguageModel, server: Server, args: argparse.Namespace) -> dict
         "durability_ms": {k: stats([p[k] for p in probes]) for k in probes[0]},
         "backend_ms": stats([elapsed_ms(lambda: RemoteBackend(server.url, api_key=server.key).close())[0]
                              for _ in range(20)]),
-    }  # fmt: skip
+    }
 
 
 class Probes:
@@ -239,7 +239,7 @@ def big_download(lm: LanguageModel, server: Server, args: argparse.Namespace) ->
     assert info["status"] == "COMPLETED", info
     size = int(info["result_bytes"])
     routes = {"result": f"/v1/jobs/{job_id}/result", "static": f"/static/{job_id}",
-              "static_mw": f"/static-mw/{job_id}"}  # fmt: skip
+              "static_mw": f"/static-mw/{job_id}"}
     names = list(routes)
     got: dict[str, list[dict[str, float]]] = {k: [] for k in routes}
     download(server.http, routes["static"], server.proc.pid)  # warm: page cache, connection
@@ -251,7 +251,7 @@ def big_download(lm: LanguageModel, server: Server, args: argparse.Namespace) ->
         mbps = [size / 1e6 / d["s"] for d in runs]
         out[name] = {"mb_s": float(np.median(mbps)), "mb_s_all": mbps,
                      "rss_growth_mb": max(d["rss"] for d in runs) / 2**20,
-                     "cpu_ms": float(np.median([d["cpu"] for d in runs])) * 1e3}  # fmt: skip
+                     "cpu_ms": float(np.median([d["cpu"] for d in runs])) * 1e3}
 
     def paired(a: str, b: str, key: str) -> float:  # median over rounds of b's key / a's key
         return float(np.median([rb[key] / ra[key] for ra, rb in zip(got[a], got[b])]))
@@ -301,7 +301,7 @@ def main() -> None:
                     server.stop()
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(), "load": load,
            "torch": torch.__version__, "nnglass": nnglass.__version__, "stall_s": STALL_S,
-           "command": " ".join(["python benchmarks/service.py", *sys.argv[1:]])}  # fmt: skip
+           "command": " ".join(["python benchmarks/service.py", *sys.argv[1:]])}
     md = render(res)
     print(md)
     if not args.no_write:

@@ -66,7 +66,7 @@ class Frontend:
         keys.close()
         log = open(home / "server.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "nnglass", "serve", "--config", str(config)],
-                                     stdout=log, stderr=log)  # fmt: skip
+                                     stdout=log, stderr=log)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
@@ -139,7 +139,7 @@ def main() -> None:
         pg.stop()
         s3.stop()
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(),
-           "runs": args.runs, "warmup": args.warmup, "threads": 1}  # fmt: skip
+           "runs": args.runs, "warmup": args.warmup, "threads": 1}
     save_json(RESULTS, env, res)
     local = res["local_ms"]["p50"]
     print(f"{'stores':<16} {'remote-local p50':>17} {'p95':>8}   (ms; local p50 {local:.1f})")

@@ -52,11 +52,11 @@ def main(remote: bool, out: Path) -> None:
 
     low, high = logit_diff(corrupt), logit_diff(clean)
     effect = torch.tensor([[(logit_diff(patched[layer, pos]) - low) / (high - low)
-                            for pos in range(n_positions)] for layer in range(n_layers)])  # fmt: skip
+                            for pos in range(n_positions)] for layer in range(n_layers)])
     print(f"logit(' Paris') - logit(' Rome'): Eiffel {high:.3f}, Colosseum {low:.3f}")
     tokens = [lm.tokenizer.decode(t) for t in lm.tokenizer(CORRUPT)["input_ids"]]
     print("share restored by patching one position of one layer (every 5th layer and the last; positions:",
-          " | ".join(repr(t) for t in tokens) + ")")  # fmt: skip
+          " | ".join(repr(t) for t in tokens) + ")")
     for layer in [*range(0, n_layers - 1, 5), n_layers - 1]:
         print(f"layer {layer:>2}: " + " ".join(f"{v:6.3f}" for v in effect[layer].tolist()))
     best = divmod(int(effect[:, :-1].argmax()), n_positions - 1)
@@ -66,7 +66,7 @@ def main(remote: bool, out: Path) -> None:
     eiffel = [lm.tokenizer.decode(t) for t in lm.tokenizer(CLEAN)["input_ids"]]
     labels = [a if a == b else f"{a.strip()} / {b.strip()}" for a, b in zip(eiffel, tokens)]
     fig = patching_heatmap(effect, tokens=labels, title="patching Eiffel Tower into Colosseum runs",
-                           metric="share of logit(Paris) - logit(Rome) restored")  # fmt: skip
+                           metric="share of logit(Paris) - logit(Rome) restored")
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "activation_patching.png", dpi=80)
     print(f"wrote {out / 'activation_patching.png'}")

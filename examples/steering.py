@@ -61,7 +61,7 @@ def main(remote: bool, out: Path) -> None:
     per_step = [torch.cat(logits.value) for logits, _ in runs]  # [steps, vocab] per scale
     fig = logit_lens(per_step, lm.tokenizer, tokens=[str(k) for k in range(NEW_TOKENS)],
                      layers=[f"{s:+.1f}" for s in SCALES],
-                     title=f"steering layer {LAYER}: {PROMPT!r} ...")  # fmt: skip
+                     title=f"steering layer {LAYER}: {PROMPT!r} ...")
     ax = fig.axes[0]
     ax.set_xlabel("generation step (the token chosen, greedy)")
     ax.set_ylabel("multiple of the steering vector")

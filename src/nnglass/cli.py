@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--ray", metavar="ADDRESS", default=None,
-                       help='replicas as actors on this Ray cluster ("auto" or HOST:PORT)')  # fmt: skip
+                       help='replicas as actors on this Ray cluster ("auto" or HOST:PORT)')
 
     keys = sub.add_parser("keys", help="manage API keys (in NNGLASS_HOME, or the --config server's database)")
     keys.add_argument("action", choices=["create", "list", "revoke"])
@@ -71,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _server_config(args)
     names = ", ".join(m.name for m in config.models)
     print(f"nnglass: serving {names} on http://{config.host}:{config.port} (state in {config.home})",
-          flush=True)  # fmt: skip
+          flush=True)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
     return 0
 
@@ -117,7 +117,7 @@ def _models(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else quick_config(DEMO_MODEL)
     for m in config.models:
         print(f"{m.name}  source={m.source} dtype={m.dtype} replicas={m.replicas}  "
-              f"policy={json.dumps(m.policy.summary())}")  # fmt: skip
+              f"policy={json.dumps(m.policy.summary())}")
     return 0
 
 
@@ -128,11 +128,11 @@ def _demo(args: argparse.Namespace) -> int:
         port = _free_port()
         host = f"http://127.0.0.1:{port}"
         made = subprocess.run([sys.executable, "-m", "nnglass", "keys", "create", "demo"], env=env,
-                              check=True, capture_output=True, text=True)  # fmt: skip
+                              check=True, capture_output=True, text=True)
         key = made.stdout.strip().splitlines()[-1]
         print(f"starting a server on {host} (embedded default: SQLite + results in {home}) ...", flush=True)
         server = subprocess.Popen([sys.executable, "-m", "nnglass", "serve", "--model", DEMO_MODEL,
-                                   "--host", "127.0.0.1", "--port", str(port)], env=env)  # fmt: skip
+                                   "--host", "127.0.0.1", "--port", str(port)], env=env)
         try:
             _wait_ready(host, key, server)
             example = Path(__file__).resolve().parents[2] / "examples" / "seed_experiment.py"

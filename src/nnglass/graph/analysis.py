@@ -33,10 +33,10 @@ _F = "torch.nn.functional."
 ALIASING = VIEW_OPS | {
     f"Tensor.{m}" for m in "cpu type_as double half bfloat16 bool int long float contiguous".split()
 } | {"builtins.tuple", "builtins.list", "builtins.dict", "builtins.min", "builtins.max", "operator.pos",
-     _F + "dropout"}  # fmt: skip
+     _F + "dropout"}
 # torch.nn.functional ops with an `inplace` parameter, and its position.
 INPLACE_ARG = {_F + "relu": 1, _F + "selu": 1, _F + "silu": 1, _F + "elu": 2, _F + "leaky_relu": 2,
-               _F + "hardtanh": 3, _F + "dropout": 3}  # fmt: skip
+               _F + "hardtanh": 3, _F + "dropout": 3}
 
 Roots = frozenset[int]
 GradTarget = tuple[int, tuple[int, ...]]
@@ -61,7 +61,7 @@ def writes_in_place(node: Node) -> bool:
     op, args, kwargs = node.op, node.args, node.kwargs
     pos = INPLACE_ARG.get(op)
     return (is_inplace(op) or bool(kwargs.get("inplace"))
-            or (pos is not None and pos < len(args) and bool(args[pos])))  # fmt: skip
+            or (pos is not None and pos < len(args) and bool(args[pos])))
 
 
 def analyze(graph: Graph) -> Analysis:

@@ -61,7 +61,7 @@ def share_key(graph: Graph) -> str | None:
 def width(graph: Graph) -> int:
     """The graph's padded prompt width when it runs alone (-1: no prompt tensors)."""
     widths = [graph.tensors[ref.key].shape[-1] for inv in graph.invokes
-              for ref in inv.kwargs.values() if type(ref) is TensorRef]  # fmt: skip
+              for ref in inv.kwargs.values() if type(ref) is TensorRef]
     return max(widths, default=-1)
 
 
@@ -69,7 +69,7 @@ def merge(graphs: list[Graph]) -> tuple[Graph, list[int]]:
     """One graph running all of `graphs`; and each one's node-id offset in it."""
     total_invokes = sum(len(g.invokes) for g in graphs)
     merged = Graph(model=graphs[0].model, mode=TRACE, options={
-        FORWARD_KWARGS: graphs[0].options.get(FORWARD_KWARGS, {}), GROUPS: []})  # fmt: skip
+        FORWARD_KWARGS: graphs[0].options.get(FORWARD_KWARGS, {}), GROUPS: []})
     offsets: list[int] = []
     for k, g in enumerate(graphs):
         node_offset, invoke_offset = len(merged.nodes), len(merged.invokes)
@@ -86,7 +86,7 @@ def merge(graphs: list[Graph]) -> tuple[Graph, list[int]]:
                 n.id + node_offset, n.op, _shift(n.args, node_offset, prefix),
                 _shift(n.kwargs, node_offset, prefix), n.site,
                 group if n.invoke is None else n.invoke + invoke_offset, n.step, n.save, n.where,
-            ))  # fmt: skip
+            ))
     return merged, offsets
 
 
@@ -132,5 +132,5 @@ def _shift(x: Any, offset: int, prefix: str) -> Any:
         return {k: _shift(v, offset, prefix) for k, v in x.items()}
     if t is slice:
         return slice(_shift(x.start, offset, prefix), _shift(x.stop, offset, prefix),
-                     _shift(x.step, offset, prefix))  # fmt: skip
+                     _shift(x.step, offset, prefix))
     return x

@@ -202,7 +202,7 @@ def default_registry() -> OpRegistry:
         ("floordiv", "floordiv"), ("mod", "mod"), ("pow", "pow"), ("matmul", "matmul"),
         ("eq", "eq"), ("ne", "ne"), ("lt", "lt"), ("le", "le"), ("gt", "gt"), ("ge", "ge"),
         ("and", "and_"), ("or", "or_"), ("xor", "xor"), ("neg", "neg"), ("getitem", "getitem"),
-    ]:  # fmt: skip
+    ]:
         reg.alias(getattr(torch.Tensor, f"__{dunder}__"), f"operator.{op}")
     return reg
 

@@ -55,7 +55,7 @@ def _fake_model(lm: LanguageModel) -> tuple[FakeTensorMode, torch.nn.Module]:
 
 def scan(lm: LanguageModel, graph: Graph, ids: torch.Tensor, mask: torch.Tensor,
          rows: list[tuple[int, int]], imports: dict | None = None,
-         limits: RunLimits = NO_LIMITS) -> dict[int, Any]:  # fmt: skip
+         limits: RunLimits = NO_LIMITS) -> dict[int, Any]:
     """Run `graph`'s first step on fake tensors; return its saved (fake) values."""
     mode, model = _fake_model(lm)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -133,7 +133,7 @@ class FakeWorld:
     def __init__(self, mode: FakeTensorMode, model: torch.nn.Module, sites: Callable[[bool], SiteValues],
                  rows: list[tuple[int, int]], batch: int, result: Any = None, *,
                  convert: Callable[[Any], Any] | None = None,
-                 runner: Callable[[], torch.nn.Module] | None = None) -> None:  # fmt: skip
+                 runner: Callable[[], torch.nn.Module] | None = None) -> None:
         """`model`: the module tree (forward signatures); `convert`: a captured value as
         fake tensors of `mode` (a meta capture, models/metaforward.py); `runner`: the
         model whose modules run for `module(...)` calls on fake values (default: `model`)."""

@@ -29,7 +29,7 @@ class NNModel:
     """Wraps (does not copy) a module. `with net.trace(x): net.layer.output.save()`."""
 
     def __init__(self, module: torch.nn.Module, name: str | None = None, *,
-                 backend: Backend | None = None, rename: dict[str, str] | None = None) -> None:  # fmt: skip
+                 backend: Backend | None = None, rename: dict[str, str] | None = None) -> None:
         """`backend`: where `remote=True` runs (default: none for a plain module; a
         LanguageModel uses the configured server). `rename`: aliases for module paths or
         names, e.g. `{"transformer.h": "layers", "attn": "attention"}` (tracing/envoy.py)."""
@@ -75,7 +75,7 @@ class NNModel:
             return self._local
         if self._remote is None:
             raise TraceError("remote=True is for models a server hosts: use LanguageModel(name)",
-                             user_where())  # fmt: skip
+                             user_where())
         return self._remote
 
     # --- what Tracer needs ---------------------------------------------------------------
@@ -110,7 +110,7 @@ class NNModel:
 
     # --- running (also what a server calls) ---------------------------------------------
     def run_graph(self, graph: Graph, imports: dict | None = None,
-                  limits: RunLimits = NO_LIMITS) -> dict[int, Any]:  # fmt: skip
+                  limits: RunLimits = NO_LIMITS) -> dict[int, Any]:
         if graph.mode == SESSION:
             return run_session(self, graph, limits)
         args, kwargs, rows, batch = batch_invokes(graph)
@@ -176,12 +176,12 @@ def _check_batchable(first: Invoke, new: Invoke) -> None:
     if len(first.args) != len(new.args) or set(first.kwargs) != set(new.kwargs):
         raise TraceError("every invoke must pass the same arguments (tensors are batched on dim 0): "
                          f"first invoke {len(first.args)} positional + {sorted(first.kwargs)}, this one "
-                         f"{len(new.args)} positional + {sorted(new.kwargs)}", user_where())  # fmt: skip
+                         f"{len(new.args)} positional + {sorted(new.kwargs)}", user_where())
     pairs = [*zip(first.args, new.args), *((first.kwargs[k], new.kwargs[k]) for k in new.kwargs)]
     for a, b in pairs:
         if (type(a) is TensorRef) != (type(b) is TensorRef) or (type(a) is not TensorRef and a != b):
             raise TraceError(f"non-tensor arguments must be equal across invokes: {a!r} vs {b!r}",
-                             user_where())  # fmt: skip
+                             user_where())
 
 
 def _merge(values: list[Any]) -> Any:

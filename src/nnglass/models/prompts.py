@@ -34,7 +34,7 @@ def check_prompts(graph: Graph) -> None:
     for table in ("forward", "generate"):
         if type(graph.options.get(table, {})) is not dict:
             raise GraphError(f"option {table!r} must be a dict of keyword arguments, "
-                             f"got {type(graph.options[table]).__name__}")  # fmt: skip
+                             f"got {type(graph.options[table]).__name__}")
     if not graph.invokes:
         raise GraphError("a language model's graph needs at least one invoke (a prompt)")
     for i, inv in enumerate(graph.invokes):
@@ -45,7 +45,7 @@ def check_prompts(graph: Graph) -> None:
         mask = _tensor(graph, inv.kwargs["attention_mask"], f"invoke {i}: attention_mask")
         if ids.dim() != 2 or 0 in ids.shape or ids.dtype not in _IDS:
             raise GraphError(f"invoke {i}: input_ids must be a 2-D integer tensor with at least one "
-                             f"token, got {ids.dtype} {list(ids.shape)}")  # fmt: skip
+                             f"token, got {ids.dtype} {list(ids.shape)}")
         if mask.shape != ids.shape or mask.dtype not in _MASK:
             raise GraphError(f"invoke {i}: attention_mask must be integers or booleans of the ids' shape "
-                             f"{list(ids.shape)}, got {mask.dtype} {list(mask.shape)}")  # fmt: skip
+                             f"{list(ids.shape)}, got {mask.dtype} {list(mask.shape)}")

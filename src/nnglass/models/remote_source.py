@@ -36,4 +36,4 @@ def remote_source(name: str, backend: Any) -> tuple[Path, bool, Any]:
         return Path(loading.resolve_model_source(name)), False, backend
     raise NNglassError(f"model {name!r} was found neither locally nor on the server: no local folder "
                        f"{str(folder)!r} and no built-in model of that name "
-                       f"({', '.join(sorted(loading._BUILTINS))}); the server said: {said}")  # fmt: skip
+                       f"({', '.join(sorted(loading._BUILTINS))}); the server said: {said}")

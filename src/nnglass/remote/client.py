@@ -83,7 +83,7 @@ class RemoteBackend:
     def __init__(self, host: str | None = None, api_key: str | None = None,
                  progress: bool | None = None, timeout: float = 30.0, *,
                  transport: httpx.BaseTransport | None = None,
-                 poll: tuple[float, float] = (0.1, 2.0)) -> None:  # fmt: skip
+                 poll: tuple[float, float] = (0.1, 2.0)) -> None:
         host = (host or _config.host()).rstrip("/")
         self.host = host if "://" in host else f"http://{host}"
         self.api_key = api_key if api_key is not None else _config.api_key()
@@ -92,7 +92,7 @@ class RemoteBackend:
         self.poll = poll
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self.client = httpx.Client(base_url=self.host, headers=headers, timeout=timeout,
-                                   transport=transport)  # fmt: skip
+                                   transport=transport)
 
     def submit(self, graph: Graph) -> Job:
         """Send the graph; return its Job as soon as the server has accepted it."""
@@ -152,7 +152,7 @@ class RemoteBackend:
     def unreachable(self, e: Exception) -> RemoteError:
         error = RemoteError(f"cannot reach the nnglass server at {self.host} ({type(e).__name__}: {e}); "
                             "start one with `nnglass serve --model NAME`, or set NNGLASS_HOST or "
-                            "nnglass.configure(host=...)")  # fmt: skip
+                            "nnglass.configure(host=...)")
         error.transient = True  # type: ignore[attr-defined]
         return error
 
@@ -239,7 +239,7 @@ class Job:
         read = 60.0 if deadline is None else max(0.01, min(60.0, deadline - time.monotonic()))
         try:
             with b.client.stream("GET", f"/v1/jobs/{self.id}/events",
-                                 timeout=httpx.Timeout(b.timeout, read=read)) as r:  # fmt: skip
+                                 timeout=httpx.Timeout(b.timeout, read=read)) as r:
                 if r.status_code in (401, 404):
                     b.check(r, f"job {self.id}")
                 if r.status_code != 200 or "text/event-stream" not in r.headers.get("content-type", ""):
@@ -272,7 +272,7 @@ class Job:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise RemoteError(f"job {self.id} is still {info.get('status')} after {timeout} s; "
-                                  "call job.wait() again, or job.cancel()")  # fmt: skip
+                                  "call job.wait() again, or job.cancel()")
             time.sleep(delay if deadline is None else min(delay, deadline - now))
             delay = min(largest, delay * 1.5)
 
@@ -290,10 +290,10 @@ class Job:
                 got = r.num_bytes_downloaded or len(buf)
         except httpx.TransportError as e:
             raise RemoteError(f"downloading {what} from {b.host} broke off ({type(e).__name__}: {e}); "
-                              "call job.result() to try again") from None  # fmt: skip
+                              "call job.result() to try again") from None
         if length and got != int(length):
             raise RemoteError(f"{what} arrived truncated ({got} of {length} bytes); "
-                              "call job.result() to try again")  # fmt: skip
+                              "call job.result() to try again")
         return decode_results(bytes(buf))
 
 

@@ -63,4 +63,4 @@ def check_tree(folder: Path, module: Any, name: str) -> None:
         raise NNglassError(f"model {name!r}: the module tree built from the server's config differs from the "
                            f"server's (server {differ[0]}, here {differ[1]}); this model needs code "
                            "transformers "
-                           "does not have, so it cannot be traced from its config alone")  # fmt: skip
+                           "does not have, so it cannot be traced from its config alone")

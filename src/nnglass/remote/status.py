@@ -39,7 +39,7 @@ class StatusLine:
     """One rewritable line. `enabled=None`: on when the stream is a terminal."""
 
     def __init__(self, enabled: bool | None = None, stream: TextIO | None = None,
-                 prefix: str = "nnglass") -> None:  # fmt: skip
+                 prefix: str = "nnglass") -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = _isatty(self.stream) if enabled is None else enabled
         self.prefix = prefix

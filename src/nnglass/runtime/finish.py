@@ -84,7 +84,7 @@ def model_error(interp: Interpreter, e: Exception) -> ExecutionError:
     what = f"the model's forward failed: {type(e).__name__}: {e}"
     if interp.last_edit >= 0:
         return ExecutionError(f"{what}\n  (the last value set before the failure is here)",
-                              interp.nodes[interp.last_edit].where)  # fmt: skip
+                              interp.nodes[interp.last_edit].where)
     first = interp.nodes[0].where if interp.nodes else ""
     return ExecutionError(f"{what}\n  (no intervention had changed the forward yet)", first)
 

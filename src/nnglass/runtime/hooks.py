@@ -149,7 +149,7 @@ _SKIP_LOCK = threading.Lock()
 _NO_FORWARD = object()
 # module -> (the runs that may skip it, by path; its own instance-level forward, if any)
 _SKIPPING: weakref.WeakKeyDictionary[torch.nn.Module, tuple[dict[Interpreter, str], Any]] = \
-    weakref.WeakKeyDictionary()  # fmt: skip
+    weakref.WeakKeyDictionary()
 _SKIPPED_BY: weakref.WeakKeyDictionary[Interpreter, list[torch.nn.Module]] = weakref.WeakKeyDictionary()
 
 

@@ -80,7 +80,7 @@ class Interpreter:
 
     def __init__(self, plan: Plan, graph: Graph, model: torch.nn.Module, rows: list[tuple[int, ...]],
                  batch_size: int, config: RunConfig = PLAIN_RUN,
-                 imports: dict[tuple[int, int], Any] | None = None) -> None:  # fmt: skip
+                 imports: dict[tuple[int, int], Any] | None = None) -> None:
         self.config = config
         self.plan = plan
         self.graph = graph
@@ -116,7 +116,7 @@ class Interpreter:
         # saves references and watches their version counters: if anything (the model's own
         # in-place ops, a later edit) changed one, the run is repeated with copies.
         self.copy_saves = (config.copy_saves or plan.max_step > 0 or bool(plan.all_steps)
-                           or graph.mode != TRACE)  # fmt: skip
+                           or graph.mode != TRACE)
         self._watched: list[tuple[torch.Tensor, int]] = []
 
     # --- one run ---------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class Interpreter:
                     order.edits_outputs = True
                 again = replace(self.config, copy_saves=True)
                 return type(self)(self.plan, self.graph, self.model, self.rows, self.batch_size, again,
-                                  self.imports).run(forward, order)  # fmt: skip
+                                  self.imports).run(forward, order)
             return self.saved
         except BaseException as e:
             e.node_id = culprit(self, e)  # type: ignore[attr-defined]
@@ -196,7 +196,7 @@ class Interpreter:
         only lets the forward run and replaces those rows, like any setter."""
         key = (path, "output", self.calls.get((path, "output"), 0), self.step)
         task = self._with_every_step(key, self.plan.tasks.get(key)) if self.plan.all_steps else \
-            self.plan.tasks.get(key)  # fmt: skip
+            self.plan.tasks.get(key)
         if task is None or not task.skips:
             return False
         return len(self.rows) == 1 or any(self.nodes[i].invoke is None for i in task.skips)
@@ -360,7 +360,7 @@ class Interpreter:
         try:
             with torch.enable_grad():
                 torch.autograd.grad([tensor], inputs, grad_outputs=[gradient], retain_graph=True,
-                                    allow_unused=True)  # fmt: skip
+                                    allow_unused=True)
         finally:
             self._in_backward = False
             for i in self._deferred:

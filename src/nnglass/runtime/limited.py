@@ -51,7 +51,7 @@ class LimitedInterpreter(Interpreter):
     def run_node(self, node: Node) -> Any:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise TimeLimitError(f"the run went past its time limit of {self.seconds:g} s before this "
-                                 "line ran: do less in one request", node.where)  # fmt: skip
+                                 "line ran: do less in one request", node.where)
         value = super().run_node(node)
         if node.op == MODULE:
             made = made_bytes(value, ())
@@ -103,7 +103,7 @@ class LimitedInterpreter(Interpreter):
     def _check_op(self, node: Node, name: str, size: int) -> None:
         if self.op_bytes is not None and size > self.op_bytes:
             raise ResourceLimitError(f"`{name}` made {size:,} bytes, over this server's limit of "
-                                     f"{self.op_bytes:,} bytes for one op", node.where)  # fmt: skip
+                                     f"{self.op_bytes:,} bytes for one op", node.where)
 
     def _check_live(self, node: Node, more: int) -> None:
         if self.live_bytes is not None and self.live + more > self.live_bytes:

@@ -185,18 +185,18 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
         g = nodes[get_id]
         tasks[site_key(g)].grads.append(get_id)
     hook_specs = [(path, frozenset(kinds & {"input", "inputs"}), "output" in kinds)
-                  for path, kinds in hooked.items()]  # fmt: skip
+                  for path, kinds in hooked.items()]
     skipped = {key[0] for key, t in tasks.items() if t.skips}
     return Plan(
         [tuple(sorted(d)) for d in deps], consumers, fns, tasks, hooked, site_where, hook_specs,
         grad_groups, grad_path, starters, runnable, all_steps, final,
         {i for i in range(n) if memory.shares_weights(i)},
         has_backward, max_step, skipped,
-    )  # fmt: skip
+    )
 
 
 def _order_inplace(nodes: list[Node], node: Node, memory: Analysis, readers: dict[int, list[int]],
-                   deps: list[set[int]], tasks: dict[SiteKey, SiteTask]) -> None:  # fmt: skip
+                   deps: list[set[int]], tasks: dict[SiteKey, SiteTask]) -> None:
     """An in-place edit runs after every earlier reader of the memory it edits; an edit
     of a site's value makes that site copy its value first and finish in its hook."""
     i = node.id
@@ -204,7 +204,7 @@ def _order_inplace(nodes: list[Node], node: Node, memory: Analysis, readers: dic
         target = nodes[r]
         if target.op == PARAM:
             raise GraphError("parameters are read-only: clone the weight first (w = ...weight.clone())",
-                             node.where)  # fmt: skip
+                             node.where)
         deps[i].update(j for j in readers.get(r, ()) if j < i)
         if target.op == GET:
             task = tasks[site_key(target)]

@@ -55,7 +55,7 @@ def value_bytes(x: Any) -> int:
 
 
 _ITERATING = frozenset("builtins.list builtins.tuple builtins.dict builtins.sum builtins.min builtins.max "
-                       "operator.contains operator.eq operator.ne".split())  # fmt: skip
+                       "operator.contains operator.eq operator.ne".split())
 _COPYING = ("builtins.list", "builtins.tuple", "builtins.dict")
 _INT_RESULT_BITS: dict[str, Callable[[int, int], int]] = {
     "add": lambda a, b: max(a.bit_length(), b.bit_length()) + 1,
@@ -73,12 +73,12 @@ def python_op_size(name: str, args: tuple, kwargs: dict) -> int:
     for a in (*args, *kwargs.values()):
         if type(a) is int and a.bit_length() > INT_BITS:
             raise refuse(f"`{name}` got a {a.bit_length():,}-bit integer; integers in graphs are limited "
-                         f"to {INT_BITS} bits")  # fmt: skip
+                         f"to {INT_BITS} bits")
     if len(args) == 2 and type(args[0]) is int and type(args[1]) is int and head in _INT_RESULT_BITS:
         bits = _INT_RESULT_BITS[head](*args)
         if bits > INT_BITS:
             raise refuse(f"`{name}` would make a {bits:,}-bit integer; integers in graphs are limited "
-                         f"to {INT_BITS} bits")  # fmt: skip
+                         f"to {INT_BITS} bits")
         return PY_NUMBER
     it = args[0] if args else None
     if isinstance(it, range) and name in _ITERATING:  # a range stands for the list it iterates
@@ -90,7 +90,7 @@ def python_op_size(name: str, args: tuple, kwargs: dict) -> int:
         if isinstance(seq, (list, tuple)) and isinstance(n, int):
             return value_bytes(seq) * max(n, 1)  # counts shared items each time: an upper bound
     if head == "add" and len(args) == 2 and type(args[0]) is type(args[1]) and \
-            isinstance(args[0], (str, bytes, list, tuple)):  # fmt: skip
+            isinstance(args[0], (str, bytes, list, tuple)):
         return value_bytes(args[0]) + value_bytes(args[1])
     if head == "mod" and isinstance(it, (str, bytes)):
         return _formatted(name, it, args[1] if len(args) > 1 else ())
@@ -128,4 +128,4 @@ def check_int_result(name: str, out: Any) -> None:
     """A Python int an op returned (int(t), sum of ints, abs) stays within `INT_BITS`."""
     if type(out) is int and out.bit_length() > INT_BITS:
         raise refuse(f"`{name}` made a {out.bit_length():,}-bit integer; integers in graphs are limited "
-                     f"to {INT_BITS} bits")  # fmt: skip
+                     f"to {INT_BITS} bits")

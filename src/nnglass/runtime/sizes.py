@@ -106,7 +106,7 @@ def op_size(name: str, fn: Callable[..., Any], args: tuple, kwargs: dict, limit:
 def _within(name: str, size: int | None, limit: int) -> int | None:
     if size is not None and size > limit:
         raise refuse(f"`{name}` would make {size:,} bytes, over this server's limit of {limit:,} bytes "
-                     "for one op: work on a slice, or in smaller pieces")  # fmt: skip
+                     "for one op: work on a slice, or in smaller pieces")
     return size
 
 
@@ -151,7 +151,7 @@ def small_bound(args: Any, kwargs: Any, strings_ok: bool = True) -> int | None:
 
 
 def tensor_op_size(name: str, fn: Callable[..., Any], args: tuple, kwargs: dict, limit: int,
-                   values_ok: bool = True) -> int | None:  # fmt: skip
+                   values_ok: bool = True) -> int | None:
     """The bytes a torch op makes, from a run on the meta device (see the module docstring).
 
     `values_ok`: a size given as a one-element tensor (`zeros(t)`, `expand(n, t)`) may be
@@ -189,7 +189,7 @@ def tensor_op_size(name: str, fn: Callable[..., Any], args: tuple, kwargs: dict,
             pass
     if isinstance(error, NotImplementedError) or "meta" in str(error).lower():
         raise refuse(f"`{name}` cannot be sized before it runs on these arguments ({type(error).__name__}: "
-                     f"{str(error)[:200]}), so this server does not run it") from None  # fmt: skip
+                     f"{str(error)[:200]}), so this server does not run it") from None
     return None  # a plain argument error: the real op raises it, with its own message
 
 

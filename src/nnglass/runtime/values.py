@@ -26,7 +26,7 @@ def resolve(x: Any, values: list[Any], tensors: dict[str, Any]) -> Any:
         return {k: resolve(v, values, tensors) for k, v in x.items()}
     if t is slice:
         return slice(resolve(x.start, values, tensors), resolve(x.stop, values, tensors),
-                     resolve(x.step, values, tensors))  # fmt: skip
+                     resolve(x.step, values, tensors))
     if t is TensorRef:
         return tensors[x.key]
     return x
@@ -64,7 +64,7 @@ _PLAIN = frozenset({int, float, bool, complex, str, type(None), torch.dtype, tor
 def _is_container(x: Any) -> bool:
     t = type(x)
     return (t is tuple or t is list or t is dict or (isinstance(x, (list, tuple)) and t is not torch.Size)
-            or (isinstance(x, dict) and t.__module__.startswith("transformers.")))  # fmt: skip
+            or (isinstance(x, dict) and t.__module__.startswith("transformers.")))
 
 
 def map_values(x: Any, fn: Callable[[Any], Any]) -> Any:
@@ -209,7 +209,7 @@ def copy_tensors(x: Any) -> Any:
 def map_batch(x: Any, batch: int, fn: Callable[[torch.Tensor], Any]) -> Any:
     """`fn` of every tensor whose first axis is the batch; other leaves as they are."""
     return map_values(x, lambda v: fn(v) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch
-                      else v)  # fmt: skip
+                      else v)
 
 
 def zip_batch(full: Any, part: Any, batch: int, put: Any) -> Any:

@@ -93,7 +93,7 @@ class Guard:
                 return await refuse(AuthError(
                     "missing or invalid API key: send `Authorization: Bearer <key>` "
                     "(NNGLASS_API_KEY on the client; `nnglass keys create NAME` on the server)",
-                ))(scope, receive, send)  # fmt: skip
+                ))(scope, receive, send)
             scope.setdefault("state", {})["key_id"] = key_id
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
@@ -174,14 +174,14 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
                     await wait(changed, timeout=pause)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store"})  # fmt: skip
+                                 headers={"Cache-Control": "no-store"})
 
     @app.get("/v1/jobs/{job_id}/result")
     async def result(job_id: str, request: Request) -> StreamingResponse:
         # Streamed from whichever store holds it, after the key check; never a link.
         stream, size = await asyncio.to_thread(service.open_result, request.state.key_id, job_id)
         headers = {"Content-Length": str(size),
-                   "Content-Disposition": f'attachment; filename="{job_id}.safetensors"'}  # fmt: skip
+                   "Content-Disposition": f'attachment; filename="{job_id}.safetensors"'}
         return StreamingResponse(_chunks(stream), media_type="application/octet-stream", headers=headers)
 
     @app.delete("/v1/jobs/{job_id}")
@@ -244,7 +244,7 @@ async def _read_graph(request: Request, limit: int) -> tuple[bytes, bytes | None
     if ctype.startswith("multipart/form-data"):
         return await _multipart(request, body)
     raise MalformedError("send the graph as application/json, or multipart/form-data with a "
-                         "`graph` part and a `tensors` part")  # fmt: skip
+                         "`graph` part and a `tensors` part")
 
 
 async def _multipart(request: Request, body: bytes) -> tuple[bytes, bytes | None]:

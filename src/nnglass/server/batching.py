@@ -96,7 +96,7 @@ class PassStats:
         with self._lock:
             return {"passes": self.jobs.n, "mean_jobs_per_pass": self.jobs.mean(),
                     "mean_tokens_per_pass": self.tokens.mean(), "mean_pass_s": self.seconds.mean(),
-                    "mean_queue_wait_s": self.waits.mean()}  # fmt: skip
+                    "mean_queue_wait_s": self.waits.mean()}
 
     def lines(self, model: str) -> list[str]:
         labels = f'model="{model}"'
@@ -104,4 +104,4 @@ class PassStats:
             return [*self.jobs.lines("nnglass_pass_jobs", labels),
                     *self.tokens.lines("nnglass_pass_tokens", labels),
                     *self.seconds.lines("nnglass_pass_seconds", labels),
-                    *self.waits.lines("nnglass_queue_wait_seconds", labels)]  # fmt: skip
+                    *self.waits.lines("nnglass_queue_wait_seconds", labels)]

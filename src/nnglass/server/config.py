@@ -173,7 +173,7 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> ServerConfig
     for i, m in enumerate(models):
         if m.resources and cfg.engine != "ray":
             raise ConfigError(f'models[{i}].resources: only for engine = "ray" (this server runs '
-                              f"{cfg.engine} workers)")  # fmt: skip
+                              f"{cfg.engine} workers)")
     _positive(cfg, "server", ("result_ttl_s", "max_request_bytes", "max_queued_per_key"))
     if cfg.database and not cfg.database.startswith(("postgresql://", "postgres://")):
         scheme = cfg.database.split("://")[0]
@@ -249,7 +249,7 @@ _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bo
 
 
 def _fields(table: dict[str, Any], cls: type, where: str, nested: tuple[str, ...] = (),
-            drop: tuple[str, ...] = (), types: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+            drop: tuple[str, ...] = (), types: dict[str, str] | None = None) -> dict[str, Any]:
     """The table's keys as keyword arguments of `cls`, each checked against its field's type.
 
     nested: keys parsed by the caller (subtables); drop: fields that are no key here.

@@ -61,7 +61,7 @@ class WorkerHandle:
     the child's stderr is inherited, or appended to `log_path` when given."""
 
     def __init__(self, model_config: dict[str, Any], env: dict[str, str] | None = None, *,
-                 log_path: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
+                 log_path: str | os.PathLike[str] | None = None) -> None:
         self.config = dict(model_config)
         self.env = dict(env or {})
         self.log_path = log_path
@@ -99,7 +99,7 @@ class WorkerHandle:
                 log.close()  # the child holds its own copy
         self._proc, self._lines = proc, queue.Queue()
         threading.Thread(target=_read_lines, args=(proc.stdout, self._lines), daemon=True,
-                         name=f"worker-{self.config.get('name')}-{proc.pid}").start()  # fmt: skip
+                         name=f"worker-{self.config.get('name')}-{proc.pid}").start()
         name = self.config.get("name")
         try:
             self._write({**self.config, "source": _absolute_source(self.config.get("source"))})

@@ -50,7 +50,7 @@ def model_meta(frontend: Frontend) -> dict[str, Any]:
     )
     modules = [[path, type(m).__name__] for path, m in frontend.lm._module.named_modules()]
     return {"name": frontend.name, "digest": digest.hexdigest(), "modules": modules,
-            "files": {k: base64.b64encode(v).decode("ascii") for k, v in files.items()}}  # fmt: skip
+            "files": {k: base64.b64encode(v).decode("ascii") for k, v in files.items()}}
 
 
 def _generation_config(frontend: Frontend) -> bytes | None:

@@ -40,7 +40,7 @@ class Answer:
 
 
 def make_answer(req: CompletionRequest, plan: Plan, values: dict[int, Any], tokenizer: Any,
-                eos: set[int]) -> Answer:  # fmt: skip
+                eos: set[int]) -> Answer:
     result = values[plan.result]
     generated = [int(t) for t in result[0, plan.prompt_len :].tolist()]
     finish = "length"
@@ -114,12 +114,12 @@ def logprobs_json(req: CompletionRequest, answer: Answer, tokenizer: Any, start:
         top = torch.topk(lp, k) if k else None
         alternatives = [] if top is None else [(int(j), float(v)) for v, j in zip(top.values, top.indices)]
         entries.append((tokenizer.decode([token]), float(lp[token]),
-                        [(tokenizer.decode([j]), v) for j, v in alternatives]))  # fmt: skip
+                        [(tokenizer.decode([j]), v) for j, v in alternatives]))
     if req.chat:
         return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()),
                              "top_logprobs": [{"token": a, "logprob": w, "bytes": list(a.encode())}
                                               for a, w in alts]}
-                            for t, v, alts in entries], "refusal": None}  # fmt: skip
+                            for t, v, alts in entries], "refusal": None}
     offset = sum(len(p) for p in answer.pieces[:start])
     offsets = []
     for i in range(start, stop):

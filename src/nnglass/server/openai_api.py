@@ -96,7 +96,7 @@ def _job_error(error: dict[str, Any] | None) -> NNglassError:
 
 _JOB_ERRORS: dict[str, type[NNglassError]] = {c.__name__: c for c in (
     PolicyError, GraphError, MalformedError, TraceError, ExecutionError, TimeLimitError, ResourceLimitError,
-    OutOfOrderError)}  # fmt: skip
+    OutOfOrderError)}
 
 
 def models_page(entries: list[dict[str, Any]], request: Request) -> Any:
@@ -148,7 +148,7 @@ async def _complete(request: Request, service: Service, frontends: Frontends, ch
 
 
 def _submit(service: Service, frontends: Frontends, req: CompletionRequest,
-            key_id: str) -> tuple[Frontend, Job, Plan]:  # fmt: skip
+            key_id: str) -> tuple[Frontend, Job, Plan]:
     """In a worker thread: a model's first request loads its tokenizer and config."""
     frontend = frontends.get(req.model)
     limit = service.config.model(req.model).policy.limits.new_tokens  # type: ignore[union-attr]
@@ -189,7 +189,7 @@ async def _follow(request: Request, service: Service, key_id: str, job_id: str) 
 
 
 def _answer(service: Service, frontend: Frontend, req: CompletionRequest, key_id: str, job_id: str,
-            plan: Plan) -> Answer:  # fmt: skip
+            plan: Plan) -> Answer:
     job = service.get(key_id, job_id)
     if job.status == JobStatus.CANCELLED:
         raise RemoteError(f"job {job_id} was cancelled")
@@ -222,7 +222,7 @@ def _whole(req: CompletionRequest, frontend: Frontend, answer: Answer, job_id: s
         }
     return {"id": _id(req, job_id), "object": "chat.completion" if req.chat else "text_completion",
             "created": created, "model": req.model, "system_fingerprint": None, "choices": [choice],
-            "usage": usage(answer), "nnglass": extension_json(answer, job_id, 0, n)}  # fmt: skip
+            "usage": usage(answer), "nnglass": extension_json(answer, job_id, 0, n)}
 
 
 def _id(req: CompletionRequest, job_id: str) -> str:
@@ -230,10 +230,10 @@ def _id(req: CompletionRequest, job_id: str) -> str:
 
 
 async def _stream(request: Request, service: Service, frontend: Frontend, req: CompletionRequest,
-                  job: Job, plan: Plan, created: int) -> AsyncIterator[str]:  # fmt: skip
+                  job: Job, plan: Plan, created: int) -> AsyncIterator[str]:
     key_id = request.state.key_id
     head = {"id": _id(req, job.id), "object": "chat.completion.chunk" if req.chat else "text_completion",
-            "created": created, "model": req.model, "system_fingerprint": None}  # fmt: skip
+            "created": created, "model": req.model, "system_fingerprint": None}
 
     def chunk(choice: dict[str, Any] | None, **extra: Any) -> str:
         data = {**head, "choices": [] if choice is None else [{"index": 0, **choice}], **extra}

@@ -85,7 +85,7 @@ class Frontend:
         if req.chat:
             if not getattr(tok, "chat_template", None):
                 raise MalformedError(f"messages: model {self.name!r} has no chat template; use "
-                                     "POST /v1/completions with a prompt instead")  # fmt: skip
+                                     "POST /v1/completions with a prompt instead")
             ids = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
             if hasattr(ids, "keys"):  # newer tokenizers return a BatchEncoding
                 ids = ids["input_ids"]
@@ -103,7 +103,7 @@ class Frontend:
         with self._lock:
             if self._sites is None:
                 modules = [p for p, m in self.lm._module.named_modules()
-                           if p and not isinstance(m, (nn.ModuleList, nn.ModuleDict))]  # fmt: skip
+                           if p and not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
                 with self.lm.scan("ab") as tracer:
                     cache = tracer.cache(modules)
                 table: dict[str, tuple[int | None, int]] = {}
@@ -132,7 +132,7 @@ class Frontend:
         wheres: list[tuple[int, str]] = []  # (first node id, request field) in recording order
         lm = self.lm
         with lm.generate(torch.tensor([ids]), max_new_tokens=max_tokens, remote=True, seed=req.seed,
-                         **sampling) as tracer:  # fmt: skip
+                         **sampling) as tracer:
             graph = tracer.graph
             if req.graph is not None:
                 wheres.append((len(graph.nodes), "nnglass.graph"))
@@ -162,11 +162,11 @@ class Frontend:
         sites = self.sites()
         if steer.site not in sites:
             raise MalformedError(f"{where}.site: {steer.site!r} is not a module of {self.name!r} whose "
-                                 "output is a [batch, position, features] tensor")  # fmt: skip
+                                 "output is a [batch, position, features] tensor")
         width = sites[steer.site][1]
         if len(steer.vector) != width:
             raise MalformedError(f"{where}.vector: {steer.site}'s output has {width} features, the vector "
-                                 f"{len(steer.vector)}")  # fmt: skip
+                                 f"{len(steer.vector)}")
         vector = torch.tensor(steer.vector, dtype=torch.float32) * steer.scale
 
         def add(columns: Any) -> None:
@@ -204,7 +204,7 @@ class Frontend:
             found = [p for p in sites if match(pattern, p) and p not in out]
             if not found and not any(match(pattern, p) for p in sites):
                 raise MalformedError(f"nnglass.read[{i}]: {pattern!r} names no module of {self.name!r} whose "
-                                     "output is a [batch, position, features] tensor")  # fmt: skip
+                                     "output is a [batch, position, features] tensor")
             out += found
         return out
 
@@ -295,7 +295,7 @@ class Frontends:
     def get(self, name: str) -> Frontend:
         if name not in self.sources:
             raise NotFoundError(f"model: no model {name!r} on this server; it serves "
-                                f"{', '.join(sorted(self.sources)) or 'none'}")  # fmt: skip
+                                f"{', '.join(sorted(self.sources)) or 'none'}")
         with self._lock:
             if name not in self._made:
                 self._made[name] = Frontend(name, self.sources[name])
@@ -307,4 +307,4 @@ def encode_array(t: torch.Tensor) -> dict[str, Any]:
     t = t.detach().to("cpu").contiguous()
     raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
     return {"data": base64.b64encode(raw).decode("ascii"), "shape": list(t.shape),
-            "dtype": str(t.dtype).removeprefix("torch.")}  # fmt: skip
+            "dtype": str(t.dtype).removeprefix("torch.")}

@@ -86,7 +86,7 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     for key in body:
         if key not in known:
             raise MalformedError(f"{key}: unknown or unsupported field; this endpoint takes "
-                                 f"{', '.join(sorted(known))}")  # fmt: skip
+                                 f"{', '.join(sorted(known))}")
     model = _str(body, "model", required=True)
     n = _int(body, "n", 1, 1)
     if n != 1:
@@ -125,7 +125,7 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
         temperature=_float(body, "temperature", 1.0, 0.0, 2.0), top_p=_float(body, "top_p", 1.0, 0.0, 1.0),
         seed=_int(body, "seed", None, -(2**63), 2**63 - 1), stop=_stop(body.get("stop")), stream=stream,
         include_usage=include_usage, top_logprobs=top_logprobs, **ext,
-    )  # fmt: skip
+    )
 
 
 # --- fields -------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def _str(body: dict, key: str, required: bool = False, where: str = "") -> str:
         return ""
     if not isinstance(value, str) or (required and not value):
         raise MalformedError(f"{where}{key}: must be a non-empty string" if required
-                             else f"{where}{key}: must be a string")  # fmt: skip
+                             else f"{where}{key}: must be a string")
     return value
 
 
@@ -151,7 +151,7 @@ def _bool(body: dict, key: str, default: bool, where: str = "") -> bool:
 
 
 def _int(body: dict, key: str, default: int | None, low: int, high: int | None = None,
-         where: str = "") -> int | None:  # fmt: skip
+         where: str = "") -> int | None:
     value = body.get(key)
     if value is None:
         return default
@@ -171,7 +171,7 @@ def _float(body: dict, key: str, default: float, low: float, high: float, where:
     if value is None:
         return default
     if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-            or not low <= value <= high):  # fmt: skip
+            or not low <= value <= high):
         raise MalformedError(f"{where}{key}: must be a number from {low:g} to {high:g}, got {value!r:.40}")
     return float(value)
 
@@ -179,9 +179,9 @@ def _float(body: dict, key: str, default: float, low: float, high: float, where:
 def _stop(value: Any) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value if value is not None else []
     if (not isinstance(stops, list) or len(stops) > MAX_STOP
-            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):  # fmt: skip
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
         raise MalformedError(f"stop: a string or a list of at most {MAX_STOP} non-empty strings "
-                             f"(each at most {MAX_STOP_CHARS} characters)")  # fmt: skip
+                             f"(each at most {MAX_STOP_CHARS} characters)")
     return tuple(stops)
 
 
@@ -191,10 +191,10 @@ def _prompt(value: Any) -> str | list[int]:
     if isinstance(value, str) and value:
         return value
     if (isinstance(value, list) and value
-            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):  # fmt: skip
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):
         return list(value)
     raise MalformedError("prompt: one non-empty string or one list of token ids (several prompts "
-                         "are several requests)")  # fmt: skip
+                         "are several requests)")
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -208,7 +208,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text ones
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):  # fmt: skip
+                       for p in content):
                 raise MalformedError(f'{where}.content: only text parts ({{"type": "text", "text": ...}})')
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
@@ -235,9 +235,9 @@ def _extension(value: Any) -> dict[str, Any]:
     out["steer"] = tuple(_steer(s, f"nnglass.steer[{i}]") for i, s in enumerate(steer))
     read = value.get("read", [])
     if (not isinstance(read, list) or len(read) > MAX_READ
-            or not all(isinstance(r, str) and r and len(r) <= 256 for r in read)):  # fmt: skip
+            or not all(isinstance(r, str) and r and len(r) <= 256 for r in read)):
         raise MalformedError(f"nnglass.read: a list of at most {MAX_READ} module paths or globs "
-                             "(e.g. \"model.layers.*\")")  # fmt: skip
+                             "(e.g. \"model.layers.*\")")
     out["read"] = tuple(read)
     graph = value.get("graph")
     if graph is not None and not isinstance(graph, dict):

@@ -93,7 +93,7 @@ class PgQueue:
             self._wake.notify_all()
 
     def submit(self, model: str, key_id: str, job_id: str, share: Share | None = None,
-               cost: int = 1) -> None:  # fmt: skip
+               cost: int = 1) -> None:
         """`cost` is not used here yet: across frontends keys take turns by jobs."""
         shared = None if share is None else json.dumps([share.key, share.rows, share.width])
         with self.db.tx() as conn:
@@ -130,7 +130,7 @@ class PgQueue:
         return None
 
     def take_sharing(self, model: str, job_id: str, limit: int, tokens: int | None = None,
-                     wait: float = 0.0) -> list[str]:  # fmt: skip
+                     wait: float = 0.0) -> list[str]:
         """As `Scheduler.take_sharing`, within `limit` jobs and `tokens` padded tokens, from
         the jobs queued now (no wait window across frontends yet)."""
         if limit <= 0:

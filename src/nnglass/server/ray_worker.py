@@ -93,7 +93,7 @@ def connect(server: ServerConfig) -> None:
         if ray.is_initialized():
             return
         ray.init(address=server.ray_address, namespace=NAMESPACE, _node_ip_address=server.ray_node_ip or None,
-                 configure_logging=False, log_to_driver=False)  # fmt: skip
+                 configure_logging=False, log_to_driver=False)
         logger.info("joined the Ray cluster at %s", server.ray_address)
 
 
@@ -116,7 +116,7 @@ def ray_worker(model: ModelConfig, server: ServerConfig) -> RayWorker:
     """The `engine = "ray"` worker factory (see service.WorkerFactory)."""
     connect(server)
     config = {"name": model.name, "source": model.source, "dtype": model.dtype, "threads": model.threads,
-              "debug_checksums": server.debug_checksums}  # fmt: skip
+              "debug_checksums": server.debug_checksums}
     return RayWorker(config, actor_options(model))
 
 
@@ -167,7 +167,7 @@ class RayWorker:
         self.ready, self.paths = msg, list(msg["paths"])
         self._watch, self._dead = actor.watch.remote(), False
         logger.info("worker for model %r ready (pid %s) on Ray node %s as %s", name, msg["pid"], msg["node"],
-                    self.options["name"])  # fmt: skip
+                    self.options["name"])
 
     def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send one job (or a {"batch": [...]}); return its answer. Past `timeout` the

@@ -172,7 +172,7 @@ class Replica:
         if job is None or job.status != JobStatus.QUEUED:
             return None  # cancelled meanwhile
         if not service.durably(service.jobs.update, job_id, status=JobStatus.RUNNING.value,
-                               started_at=time.time(), attempts=job.attempts + 1):  # fmt: skip
+                               started_at=time.time(), attempts=job.attempts + 1):
             return None
         service.hub.publish(job_id)
         self.state.passes.waited(time.time() - (job.queued_at or job.created_at))
@@ -187,7 +187,7 @@ class Replica:
             "job": job_id, "graph": str(files.graph), "result": str(files.result),
             "tensors": str(files.tensors) if files.tensors else None, "limits": asdict(policy.limits),
             "hide_weights": not policy.weights_visible,
-        }  # fmt: skip
+        }
 
     def _run(self, requests: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
         """One request to the worker (several jobs: one shared pass); its answer."""
@@ -224,4 +224,4 @@ class Replica:
             service.finish(job_id, JobStatus.COMPLETED, result_bytes=answer.get("bytes"))
         else:
             service.finish(job_id, JobStatus.ERROR, error=answer.get("error") or {
-                "type": "RemoteError", "message": "the worker gave no answer", "where": ""})  # fmt: skip
+                "type": "RemoteError", "message": "the worker gave no answer", "where": ""})

@@ -52,9 +52,9 @@ class Share:
 
 class Queue(Protocol):
     def submit(self, model: str, key_id: str, job_id: str, share: Share | None = None,
-               cost: int = 1) -> None: ...  # fmt: skip
+               cost: int = 1) -> None: ...
     def take_sharing(self, model: str, job_id: str, limit: int, tokens: int | None = None,
-                     wait: float = 0.0) -> list[str]: ...  # fmt: skip
+                     wait: float = 0.0) -> list[str]: ...
     def next(self, model: str, timeout: float | None = None) -> str | None: ...
     def cancel(self, model: str, job_id: str) -> bool: ...
     def positions(self, model: str) -> dict[str, int]: ...
@@ -170,7 +170,7 @@ class Scheduler:
             self._ready.notify_all()
 
     def take_sharing(self, model: str, job_id: str, limit: int, tokens: int | None = None,
-                     wait: float = 0.0) -> list[str]:  # fmt: skip
+                     wait: float = 0.0) -> list[str]:
         """Queued jobs that can share `job_id`'s forward pass (same share key), taken in
         the order they would have started (they only start earlier): at most `limit`,
         and while the pass stays within `tokens` padded tokens (rows x widest width; a

@@ -129,9 +129,9 @@ class Envoy:
         SiteCall(self, 0).output = value
 
     input = property(lambda self: SiteCall(self, 0).input,
-                     lambda self, v: setattr(SiteCall(self, 0), "input", v))  # fmt: skip
+                     lambda self, v: setattr(SiteCall(self, 0), "input", v))
     inputs = property(lambda self: SiteCall(self, 0).inputs,
-                      lambda self, v: setattr(SiteCall(self, 0), "inputs", v))  # fmt: skip
+                      lambda self, v: setattr(SiteCall(self, 0), "inputs", v))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input", "inputs"):
@@ -140,7 +140,7 @@ class Envoy:
             raise TraceError(f"cannot replace submodule {name!r} inside a trace", user_where())
         else:
             raise TraceError(f"cannot set attribute {name!r} of a module inside a trace; set "
-                             "`.output`, `.input` or `.inputs`", user_where())  # fmt: skip
+                             "`.output`, `.input` or `.inputs`", user_where())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
         """Run this module on traced values (e.g. `net.head(h)` for a logit lens)."""

@@ -150,11 +150,11 @@ class Meta:
             if not graph.invokes:
                 raise TraceError("a value's shape, dtype and type come from the trace's inputs: pass "
                                  "inputs to trace(...) or ask inside an invoke that has some",
-                                 self.tracer.where())  # fmt: skip
+                                 self.tracer.where())
             make = getattr(self.tracer.model, "_fake_world", None)
             if make is None:
                 raise TraceError(f"{type(self.tracer.model).__name__} cannot tell shapes while recording",
-                                 self.tracer.where())  # fmt: skip
+                                 self.tracer.where())
             self._world = make(graph)
             self._world_invokes = len(graph.invokes)
         return self._world
@@ -288,7 +288,7 @@ def _one(proxy: Any, what: str, get: Any, noted: bool = True) -> Any:
     for value in values(proxy):
         if type(value) is Unknown:
             raise TraceError(f"the {what} of this value is not known while recording: {value.why}",
-                             proxy._tracer.where())  # fmt: skip
+                             proxy._tracer.where())
         answers.append(get(value))
     if noted:
         note(proxy, what, get, answers[0], proxy._tracer.metadata()._world_invokes)
@@ -306,7 +306,7 @@ def _tensor(proxy: Any, what: str, get: Any, noted: bool = True) -> Any:
     def check(value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             raise TraceError(f"this value is a {type(value).__name__}, not a tensor: it has no {what}",
-                             proxy._tracer.where())  # fmt: skip
+                             proxy._tracer.where())
         return get(value)
 
     return _one(proxy, what, check, noted)
@@ -340,7 +340,7 @@ def length(proxy: Any) -> int:
             return len(value)
         except TypeError:
             raise TraceError(f"this value is a {type(value).__name__}: it has no len()",
-                             proxy._tracer.where()) from None  # fmt: skip
+                             proxy._tracer.where()) from None
 
     return _one(proxy, "length", get)
 

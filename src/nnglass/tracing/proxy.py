@@ -81,7 +81,7 @@ class Proxy(_Slots):
         job = getattr(self._tracer, "job", None)
         if job is not None and id(self) in self._tracer.saved:  # saved, but its job is still out
             raise TraceError(f"job {job.id} has not delivered its values yet: call "
-                             "`tracer.job.wait()` first", self._tracer.where())  # fmt: skip
+                             "`tracer.job.wait()` first", self._tracer.where())
         raise TraceError(
             "`.value` is only available after the trace block has run, and only for values "
             "you called `.save()` on",
@@ -197,7 +197,7 @@ class Proxy(_Slots):
 
     def __index__(self) -> int:
         raise TraceError("a traced value cannot be used as a Python int while recording",
-                         self._tracer.where())  # fmt: skip
+                         self._tracer.where())
 
     def __array__(self, *args: Any, **kwargs: Any) -> Any:
         raise TraceError(
@@ -262,7 +262,7 @@ for _name, _op in [
     ("add", "add"), ("sub", "sub"), ("mul", "mul"), ("truediv", "truediv"),
     ("floordiv", "floordiv"), ("mod", "mod"), ("pow", "pow"), ("matmul", "matmul"),
     ("and", "and_"), ("or", "or_"), ("xor", "xor"), ("lshift", "lshift"), ("rshift", "rshift"),
-]:  # fmt: skip
+]:
     setattr(Proxy, f"__{_name}__", _binary(f"operator.{_op}"))
     setattr(Proxy, f"__r{_name}__", _binary(f"operator.{_op}", reflected=True))
 for _name in ("eq", "ne", "lt", "le", "gt", "ge"):

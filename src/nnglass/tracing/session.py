@@ -42,7 +42,7 @@ class Session:
         if exc_type is not None or not self.tracers:
             return False
         self.graph = Graph(model=self.model.name, mode=SESSION,
-                           children=[t.graph for t in self.tracers])  # fmt: skip
+                           children=[t.graph for t in self.tracers])
         submit(self, self.backend, self.blocking)
         return False
 

@@ -65,7 +65,7 @@ class Tracer:
     """Records one trace. Use via `model.trace(...)`, not directly."""
 
     def __init__(self, model: TracedModel, args: tuple, kwargs: dict, backend: Backend, mode: str = TRACE,
-                 options: dict | None = None, blocking: bool = True) -> None:  # fmt: skip
+                 options: dict | None = None, blocking: bool = True) -> None:
         self.model = model
         self.backend = backend
         self.blocking = blocking
@@ -118,7 +118,7 @@ class Tracer:
             return False
         if not self.graph.invokes:
             raise TraceError("nothing to run: pass inputs to trace(...) or use tracer.invoke(...)",
-                             user_where())  # fmt: skip
+                             user_where())
         self.check()
         if self._meta is not None:
             self._meta.recheck()
@@ -224,7 +224,7 @@ class Tracer:
         return user_where()
 
     def record(self, op: str, args: tuple = (), kwargs: dict | None = None,
-               site: Site | None = None) -> Proxy:  # fmt: skip
+               site: Site | None = None) -> Proxy:
         current = _CURRENT.get()
         if current is not None and current is not self:
             return current.record(op, args, kwargs, site)  # an earlier trace's value, used later
@@ -245,7 +245,7 @@ class Tracer:
         return proxy
 
     def record_site(self, op: str, path: str, kind: str, call: int, value: Any = None,
-                    skip: bool = False) -> Proxy:  # fmt: skip
+                    skip: bool = False) -> Proxy:
         site = Site(path, kind, call, self._step)
         return self.record(op, () if op == GET else (value,), {"skip": True} if skip else None, site)
 

@@ -85,7 +85,7 @@ class Steps:
         else:
             raise TraceError("a `with` block is recorded once, so it stands for one step or for every "
                              "step: loop instead (`for k in tracer.iter[a:b]:`), or use tracer.all()",
-                             user_where())  # fmt: skip
+                             user_where())
         self._scopes.append(scope)
         return scope.__enter__()
 
@@ -95,7 +95,7 @@ class Steps:
     def __iter__(self) -> Iterator[int]:
         if self.stop is None:
             raise TraceError("`for k in tracer.iter[a:]` has no end: give one (tracer.iter[a:b]), or use "
-                             "`with tracer.all():`", user_where())  # fmt: skip
+                             "`with tracer.all():`", user_where())
         for k in range(self.start, self.stop):
             with self.tracer.step(k):
                 yield k
