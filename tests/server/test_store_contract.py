@@ -40,17 +40,17 @@ def test_results_keep_graphs_and_results(results: Any) -> None:
     assert results.load_graph(bare) == (b"{}", None)
     with pytest.raises(FileNotFoundError):
         results.load_graph(new_job_id())
-    assert not results.has_result(jid) and results.result_size(jid) is None
+    assert results.result_size(jid) is None
     with pytest.raises(FileNotFoundError):
         results.open(jid)
     results.write_result(jid, b"x" * 3000)
-    assert results.has_result(jid) and results.result_size(jid) == 3000
+    assert results.result_size(jid) == 3000
     stream = results.open(jid)
     try:
         assert stream.read(1000) + stream.read() == b"x" * 3000
     finally:
         stream.close()
-    assert results.delete(jid) and not results.has_graph(jid) and not results.has_result(jid)
+    assert results.delete(jid) and not results.has_graph(jid) and results.result_size(jid) is None
     assert not results.delete(jid)
     assert results.load_graph(bare) == (b"{}", None)  # another job's files untouched
 
@@ -75,14 +75,14 @@ def test_local_files_carry_what_a_worker_writes(results: Any) -> None:
     assert files.tensors is None
     files.commit()  # no result written: nothing stored
     files.close()
-    assert not results.has_result(bare)
+    assert results.result_size(bare) is None
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "", "short", "x" * 65, "a" * 20 + "\x00", None])
 def test_results_refuse_bad_ids(results: Any, bad: object) -> None:
     for call in (lambda: results.save_graph(bad, b"{}"), lambda: results.load_graph(bad),
                  lambda: results.local_files(bad), lambda: results.write_result(bad, b"x"),
-                 lambda: results.has_result(bad), lambda: results.open(bad),
+                 lambda: results.result_size(bad), lambda: results.open(bad),
                  lambda: results.delete(bad), lambda: results.has_graph(bad)):
         with pytest.raises(ValueError):
             call()
@@ -95,7 +95,7 @@ def test_s3_store_creates_its_bucket_and_keeps_to_its_prefix(s3: Any) -> None:
     a, b = S3ResultStore(url), S3ResultStore(url.replace("/results", "/other"))
     jid = new_job_id()
     a.write_result(jid, b"A")
-    assert not b.has_result(jid)  # same bucket, another prefix
+    assert b.result_size(jid) is None  # same bucket, another prefix
     listed = boto3.client("s3").list_objects_v2(Bucket=a.bucket)["Contents"]
     assert [o["Key"] for o in listed] == [f"results/{jid}/result.safetensors"]
 

@@ -296,9 +296,9 @@ def test_results_graph_and_result(results: DirResultStore) -> None:
     assert tensors2 is not None and tensors2.read_bytes() == b"TENSORS"
     assert graph2.parent == tensors2.parent == results.root / jid2
 
-    assert not results.has_result(jid) and results.result_size(jid) is None
+    assert results.result_size(jid) is None
     results.write_result(jid, b"x" * 1000)
-    assert results.has_result(jid) and results.result_size(jid) == 1000
+    assert results.result_size(jid) == 1000
     assert results.result_path(jid) == results.root / jid / "result.safetensors"
     with results.open(jid) as f:
         assert f.read() == b"x" * 1000
@@ -345,7 +345,6 @@ def test_results_refuse_bad_ids(results: DirResultStore, bad: object) -> None:
         lambda: results.graph_paths(bad),  # type: ignore[arg-type]
         lambda: results.result_path(bad),  # type: ignore[arg-type]
         lambda: results.write_result(bad, b"x"),  # type: ignore[arg-type]
-        lambda: results.has_result(bad),  # type: ignore[arg-type]
         lambda: results.result_size(bad),  # type: ignore[arg-type]
         lambda: results.open(bad),  # type: ignore[arg-type]
         lambda: results.delete(bad),  # type: ignore[arg-type]

@@ -153,9 +153,6 @@ class S3ResultStore:
     def write_result(self, job_id: str, data: bytes) -> None:
         self._put(job_id, RESULT_FILE, data)
 
-    def has_result(self, job_id: str) -> bool:
-        return self.result_size(job_id) is not None
-
     def result_size(self, job_id: str) -> int | None:
         return self._size(job_id, RESULT_FILE)
 
