@@ -1,5 +1,5 @@
 """One embedded server for SmolLM2-135M, for the tests that run examples and docs as a user
-would: `nnglass serve --config` on a random loopback port (tests/server/conftest.py's
+would: `nnglass serve --config` on a random loopback port (tests/service_fixtures.py's
 `Server`), models converted into the repository's `.nnglass-cache`, one API key.
 
 Imported by path (tests/examples and tests/docs each have their own conftest).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,10 +36,11 @@ run_seconds = 600  # a shared 2-core machine can be slow
 
 
 def _server_class() -> type:
-    path = REPO / "tests" / "server" / "conftest.py"
+    path = REPO / "tests" / "service_fixtures.py"
     spec = importlib.util.spec_from_file_location("_nnglass_server_helpers", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.Server
 

@@ -188,6 +188,14 @@ def test_queue_is_fair_across_keys_and_in_order_within_one(queue: Any) -> None:
     assert queue.next("n", timeout=1) == "other-model"
 
 
+def test_a_released_job_is_queued_again_for_anyone(queue: Any) -> None:
+    job = Job(key_id="k", model="m", status=JobStatus.QUEUED)
+    queue.submit("m", "k", job.id)
+    assert queue.next("m", timeout=1) == job.id and queue.next("m", timeout=0.2) is None
+    queue.release(job)  # its replica's worker died meanwhile
+    assert queue.depth("m") == 1 and queue.next("m", timeout=1) == job.id
+
+
 def test_queue_shares_only_matching_jobs(queue: Any) -> None:
     for i, key in enumerate(["x", "y", "x", "x", None]):
         queue.submit("m", f"k{i % 2}", f"j{i}", share=None if key is None else Share(key, 1, 4))

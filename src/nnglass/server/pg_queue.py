@@ -168,6 +168,13 @@ class PgQueue:
                     conn.execute(_SERVED, (model, r["key_id"]))
         return [j for j in wanted if j in got]
 
+    def release(self, job: Job) -> None:
+        """A job this frontend claimed and could not run: unclaimed, for any frontend."""
+        with self.db.tx() as conn:
+            conn.execute("UPDATE queue SET claimed_by = NULL WHERE job_id = %s AND claimed_by = %s",
+                         (job.id, self.id))
+            conn.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, job.model))
+
     def cancel(self, model: str, job_id: str) -> bool:
         with self.db.tx() as conn:
             return (

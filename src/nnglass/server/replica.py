@@ -76,10 +76,14 @@ class Replica:
             if not self.worker.alive and not self._restart():  # before taking a job: a replica
                 return  # whose worker is down (its node lost) leaves the queue to the others
             job_id = service.scheduler.next(cfg.name, timeout=0.5)
-            # Dead since the last job, or while idle (killed from outside): a job must never
-            # meet a dead worker, so it restarts first.
-            if not self.worker.alive and not self._restart():
-                return  # stopping: a job taken is still QUEUED in the store, for the next start
+            # Dead while this replica waited for the job (its node lost, killed from outside):
+            # the job goes back to the queue for the others, and this replica restarts first.
+            if not self.worker.alive:
+                if job_id is not None:
+                    service.release(job_id)
+                    job_id = None
+                if not self._restart():
+                    return
             if job_id is not None:
                 others = service.scheduler.take_sharing(
                     cfg.name, job_id, cfg.share_jobs - 1, tokens=cfg.share_tokens, wait=cfg.share_wait_s)

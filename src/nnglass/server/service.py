@@ -237,6 +237,13 @@ class Service:
         self.publish_queue(job.model)
         return self.get(key_id, job_id)
 
+    def release(self, job_id: str) -> None:
+        """A replica took a job it cannot run now (its worker died meanwhile): back to the
+        queue, for the model's other replicas (it runs alone: its sharing is forgotten)."""
+        job = self.durably(self.jobs.get, job_id)
+        if job is not None and job.status == JobStatus.QUEUED:
+            self.scheduler.release(job)
+
     def open_result(self, key_id: str, job_id: str) -> tuple[BinaryIO, int]:
         """The caller's job's result, as a stream, and its size in bytes."""
         job = self.get(key_id, job_id)
@@ -250,10 +257,10 @@ class Service:
 
     def _changed(self, job_id: str) -> None:
         """A job changed, maybe on another frontend: one cancelled there while it runs
-        here is stopped here."""
+        here alone is stopped here (in a shared pass its answer is dropped instead)."""
         for state in self.models.values():
             worker = state.running.get(job_id)
-            if worker is not None:
+            if worker is not None and job_id not in state.sharing:
                 try:
                     job = self.jobs.get(job_id)
                 except UnavailableError:  # cannot tell now; the cancel's own frontend retries nothing
