@@ -22,15 +22,9 @@ from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
 from saved_values import assert_bitwise_equal
-from service_fixtures import recording
+from service_fixtures import recording, small_graph
 
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
-
-
-def small_graph(lm: LanguageModel, prompt: str) -> Graph:
-    with recording(lm.trace(prompt)) as tracer:
-        lm.model.layers[0].output.save()
-    return tracer.graph
 
 
 def slow_graph(lm: LanguageModel, n: int = 1500, k: int = 10) -> Graph:

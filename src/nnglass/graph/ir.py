@@ -21,6 +21,7 @@ Opcodes (the whole IR; everything else is a registry call):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -123,6 +124,24 @@ def _collect_refs(obj: Any, out: list[int]) -> None:
             stack.extend(x.values())
         elif isinstance(x, slice):
             stack.extend((x.start, x.stop, x.step))
+
+
+def renumber(x: Any, offset: int, tensors: Callable[[TensorRef], TensorRef]) -> Any:
+    """Graph data `x` moved into another graph: every `Ref` shifted by `offset`, every
+    `TensorRef` through `tensors` (containers and slices rebuilt, literals as they are)."""
+    t = type(x)
+    if t is Ref:
+        return Ref(x.id + offset)
+    if t is TensorRef:
+        return tensors(x)
+    if t is tuple or t is list:
+        return t(renumber(y, offset, tensors) for y in x)
+    if t is dict:
+        return {k: renumber(v, offset, tensors) for k, v in x.items()}
+    if t is slice:
+        return slice(renumber(x.start, offset, tensors), renumber(x.stop, offset, tensors),
+                     renumber(x.step, offset, tensors))
+    return x
 
 
 def find(x: Any, kind: type) -> Any:

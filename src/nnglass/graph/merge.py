@@ -37,9 +37,9 @@ from .ir import (
     Graph,
     Invoke,
     Node,
-    Ref,
     TensorRef,
     find,
+    renumber,
 )
 from .wire import encode_value
 
@@ -121,16 +121,4 @@ def widths_differ(graph: Graph) -> bool:
 
 
 def _shift(x: Any, offset: int, prefix: str) -> Any:
-    t = type(x)
-    if t is Ref:
-        return Ref(x.id + offset)
-    if t is TensorRef:
-        return TensorRef(prefix + x.key)
-    if t is tuple or t is list:
-        return t(_shift(y, offset, prefix) for y in x)
-    if t is dict:
-        return {k: _shift(v, offset, prefix) for k, v in x.items()}
-    if t is slice:
-        return slice(_shift(x.start, offset, prefix), _shift(x.stop, offset, prefix),
-                     _shift(x.step, offset, prefix))
-    return x
+    return renumber(x, offset, lambda ref: TensorRef(prefix + ref.key))

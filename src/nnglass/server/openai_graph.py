@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import MalformedError, NotFoundError
 from ..graph import wire
 from ..graph.check import Limits
-from ..graph.ir import Graph, Node, Ref, TensorRef
+from ..graph.ir import Graph, Node, renumber
 from ..runtime.backend import DoneJob
 from .openai_request import CompletionRequest, Steer
 from .policy import match
@@ -250,18 +250,7 @@ def _replay(tracer: Any, user: Graph, model: str) -> dict[int, int]:
     tensors = {key: graph.attach(t) for key, t in user.tensors.items()}
 
     def remap(x: Any) -> Any:
-        t = type(x)
-        if t is Ref:
-            return Ref(x.id + offset)
-        if t is TensorRef:
-            return tensors[x.key]
-        if t is tuple or t is list:
-            return t(remap(y) for y in x)
-        if t is dict:
-            return {k: remap(v) for k, v in x.items()}
-        if t is slice:
-            return slice(remap(x.start), remap(x.stop), remap(x.step))
-        return x
+        return renumber(x, offset, lambda ref: tensors[ref.key])
 
     saved = {}
     for n in user.nodes:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import TraceError
-from ..graph.ir import ALL_STEPS, GENERATE, Graph, Node, Ref, Site, TensorRef
+from ..graph.ir import ALL_STEPS, GENERATE, Graph, Node, Site, renumber
 from .tracer import Stop, Tracer, _shape, user_where
 
 
@@ -71,18 +71,7 @@ def replay(tracer: Tracer, fragment: Graph) -> None:
     every_step = graph.mode == GENERATE
 
     def remap(x: Any) -> Any:
-        t = type(x)
-        if t is Ref:
-            return Ref(x.id + offset)
-        if t is TensorRef:
-            return tensors[x.key]
-        if t is tuple or t is list:
-            return t(remap(y) for y in x)
-        if t is dict:
-            return {k: remap(v) for k, v in x.items()}
-        if t is slice:
-            return slice(remap(x.start), remap(x.stop), remap(x.step))
-        return x
+        return renumber(x, offset, lambda ref: tensors[ref.key])
 
     for n in fragment.nodes:
         site = n.site
