@@ -42,7 +42,7 @@ result_bytes = {result_bytes}
 
 
 def save_tiny(folder: Path) -> None:
-    """tests/server/conftest.py's `tiny_dir`: a random 2-layer Llama and a char-level tokenizer."""
+    """tests/service_fixtures.py's `tiny_dir`: a random 2-layer Llama and a char-level tokenizer."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -63,6 +63,22 @@ def save_tiny(folder: Path) -> None:
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
 
 
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> None:
+    """Return once every model the server at `url` serves is ready; if the server dies or
+    `seconds` pass first, kill it and exit with the tail of its log."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if all(s == "ready" for s in httpx.get(f"{url}/health").json()["models"].values()):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    raise SystemExit("server not ready:\n" + log.read_text(errors="replace")[-3000:])
+
 class Server:
     """This file as a process on a free loopback port with home `home` (its own NNGLASS_HOME);
     `key` is a fresh key made with KeyStore, `http` a client that sends it."""
@@ -81,16 +97,7 @@ class Server:
                                          env={**os.environ, "NNGLASS_HOME": str(home)})
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
                                  timeout=60.0)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if all(s == "ready" for s in httpx.get(f"{self.url}/health").json()["models"].values()):
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise SystemExit("server not ready:\n" + (home / "server.log").read_text()[-3000:])
+        wait_ready(self.url, self.proc, home / "server.log", 300)
 
     def stop(self) -> None:
         self.http.close()

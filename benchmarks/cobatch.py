@@ -42,6 +42,7 @@ import httpx
 import numpy as np
 import torch
 
+from _service_server import wait_ready
 from nnglass import LanguageModel
 from nnglass.graph import wire
 from nnglass.graph.ir import Graph
@@ -83,15 +84,7 @@ class Server:
         with open(home / "server.log", "ab") as log:
             self.proc = subprocess.Popen([sys.executable, str(HERE / "_service_server.py"), str(toml)],
                                          stdout=log, stderr=log, env=env)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if all(s == "ready" for s in httpx.get(f"{self.url}/health").json()["models"].values()):
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit("server not ready:\n" + (home / "server.log").read_text()[-3000:])
+        wait_ready(self.url, self.proc, home / "server.log", 600)
 
     def batching(self) -> dict[str, Any]:
         auth = {"Authorization": f"Bearer {self.keys[0]}"}

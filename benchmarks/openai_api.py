@@ -34,6 +34,7 @@ import httpx
 import openai
 import torch
 
+from _service_server import wait_ready
 from nnglass.server.auth import KeyStore
 
 HERE = Path(__file__).resolve().parent
@@ -64,16 +65,8 @@ def start(home: Path, model: str, threads: int) -> tuple[subprocess.Popen, str, 
     command = [sys.executable, "-m", "nnglass", "serve", "--config", str(home / "server.toml")]
     proc = subprocess.Popen(command, stdout=log, stderr=log, env={**os.environ, "NNGLASS_HOME": str(home)})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if all(s == "ready" for s in httpx.get(f"{url}/health").json()["models"].values()):
-                return proc, url, key
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server not ready:\n" + (home / "server.log").read_text()[-3000:])
+    wait_ready(url, proc, home / "server.log", 600)
+    return proc, url, key
 
 
 def main() -> None:

@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 
 import nnglass
 from _report import save_json
-from _service_server import save_tiny
+from _service_server import save_tiny, wait_ready
 from nnglass import LanguageModel
 from nnglass.server.config import load_config
 from nnglass.server.stores import open_keys
@@ -67,15 +66,7 @@ class Frontend:
         log = open(home / "server.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "nnglass", "serve", "--config", str(config)],
                                      stdout=log, stderr=log)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if all(s == "ready" for s in httpx.get(f"{self.url}/health").json()["models"].values()):
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit("server not ready:\n" + (home / "server.log").read_text()[-3000:])
+        wait_ready(self.url, self.proc, home / "server.log", 300)
 
     def stop(self) -> None:
         self.proc.terminate()
