@@ -105,3 +105,14 @@ class PassStats:
                     *self.tokens.lines("nnglass_pass_tokens", labels),
                     *self.seconds.lines("nnglass_pass_seconds", labels),
                     *self.waits.lines("nnglass_queue_wait_seconds", labels)]
+
+
+def prompt_tokens(graph: Graph) -> int:
+    """The real (unpadded) prompt tokens of a graph's traces: its attention masks' sum."""
+    total = 0
+    for g in graph.children or [graph]:
+        for inv in g.invokes:
+            mask = inv.kwargs.get("attention_mask")
+            if type(mask) is TensorRef and mask.key in g.tensors:
+                total += int(g.tensors[mask.key].sum())
+    return total

@@ -36,12 +36,12 @@ from typing import Any, BinaryIO
 from ..errors import NotFoundError, QuotaError, UnavailableError
 from ..graph import wire
 from ..graph.check import Limits as WireLimits
-from ..graph.ir import SESSION, Graph, TensorRef
+from ..graph.ir import SESSION
 from ..models.prompts import check_prompts
-from .batching import PassStats, cost_of, share_of
+from .batching import PassStats, cost_of, prompt_tokens, share_of
 from .config import ModelConfig, ServerConfig
+from .engines import WorkerFactory, configured_worker
 from .exposure import describe
-from .handle import WorkerHandle
 from .jobs import Job, JobStatus
 from .policy import check_policy
 from .replica import Replica, Worker
@@ -67,30 +67,6 @@ class ModelState:
     last_pass: int = 0  # jobs in the last request a replica ran (1: alone, more: one shared pass)
     ended: deque[tuple[float, int]] = field(default_factory=deque)  # (when, prompt tokens): last minute
     passes: PassStats = field(default_factory=PassStats)  # jobs and tokens per pass, times, queue waits
-
-
-WorkerFactory = Callable[[ModelConfig, ServerConfig], Worker]
-
-
-def subprocess_worker(model: ModelConfig, server: ServerConfig) -> Worker:
-    """The embedded default: each replica in a worker subprocess of this server."""
-    return WorkerHandle({"name": model.name, "source": model.source, "dtype": model.dtype,
-                         "threads": model.threads, "debug_checksums": server.debug_checksums})
-
-
-def ray_worker(model: ModelConfig, server: ServerConfig) -> Worker:
-    """`engine = "ray"`: each replica a Ray actor on the cluster at `server.ray_address`."""
-    from .ray_worker import ray_worker as make  # Ray is an optional dependency (the cluster extra)
-
-    return make(model, server)
-
-
-ENGINES: dict[str, WorkerFactory] = {"subprocess": subprocess_worker, "ray": ray_worker}
-
-
-def configured_worker(model: ModelConfig, server: ServerConfig) -> Worker:
-    """The worker `server.engine` names; the service never asks which one it holds."""
-    return ENGINES[server.engine](model, server)
 
 
 class Service:
@@ -396,17 +372,6 @@ class Service:
     def _wire_limits(self) -> WireLimits:
         return WireLimits(max_json_bytes=self.config.max_request_bytes,
                           max_tensor_bytes=self.config.max_request_bytes)
-
-
-def prompt_tokens(graph: Graph) -> int:
-    """The real (unpadded) prompt tokens of a graph's traces: its attention masks' sum."""
-    total = 0
-    for g in graph.children or [graph]:
-        for inv in g.invokes:
-            mask = inv.kwargs.get("attention_mask")
-            if type(mask) is TensorRef and mask.key in g.tensors:
-                total += int(g.tensors[mask.key].sum())
-    return total
 
 
 def _paths_of(state: ModelState) -> set[str]:
