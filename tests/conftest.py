@@ -385,6 +385,21 @@ def plain() -> type[Plain]:
 # --- a cluster ------------------------------------------------------------------------
 
 
+def _uses_ray(item: pytest.Item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    fixtures = set(getattr(item, "fixturenames", ()))
+    return bool({"ray_cluster", "ray_engine"} & fixtures) or "ray" in params.values()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs on two pytest-xdist workers with `--dist loadgroup`: each file stays on
+    one worker (its module fixtures start once), and every test on the Ray cluster shares one
+    worker, so only one cluster (fixed loopback addresses) runs at a time."""
+    for item in items:
+        group = "ray" if _uses_ray(item) else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
     """One real two-node Ray cluster on loopback for the whole session (tests/ray_cluster.py),
