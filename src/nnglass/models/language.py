@@ -98,6 +98,7 @@ class LanguageModel(NNModel):
         object.__setattr__(self, "_meta", None)  # metadata's meta-device copy (False: none can be made)
         object.__setattr__(self, "_remote_only", remote_only)  # from a server: no weights
         object.__setattr__(self, "_sizes", None)  # the model's own sizes (runtime.window.model_sizes)
+        object.__setattr__(self, "_sites", None)  # a tensor-parallel rank's shard layouts (shards/)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -258,8 +259,8 @@ class LanguageModel(NNModel):
         def forward(interp: Interpreter) -> Any:
             return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **forward_kwargs)
 
-        return execute(graph, model, forward, rows, ids.shape[0], RunConfig(limits), imports=imports,
-                       order=self._order)
+        return execute(graph, model, forward, rows, ids.shape[0], RunConfig(limits, sites=self._sites),
+                       imports=imports, order=self._order)
 
     def _batch_width(self, graph: Graph) -> int | None:
         """Co-tenants of different widths: a batch width that is none of the model's own
@@ -296,8 +297,8 @@ class LanguageModel(NNModel):
             interp.fire_result(out)
             return out
 
-        return execute(graph, model, forward, rows, ids.shape[0], RunConfig(limits, can_stop=False),
-                       imports=imports, order=self._order)
+        config = RunConfig(limits, can_stop=False, sites=self._sites)
+        return execute(graph, model, forward, rows, ids.shape[0], config, imports=imports, order=self._order)
 
 
 class LMTracer(Tracer):

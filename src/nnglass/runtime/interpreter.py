@@ -7,7 +7,8 @@ when nothing needs it. `run` is one whole run: hooks on, the model's forward, ho
 off, every node checked. Subclasses override the per-node methods (`run_node`, `call_op`,
 `call_module`, `read_param`, `backward`, `complete`): `runtime.limited.LimitedInterpreter`
 is the one that checks sizes and time. One `RunConfig`, given at construction, is all
-that configures a run.
+that configures a run; on a tensor-parallel model its `sites` (runtime/shards.py) is the
+one seam where shards become whole tensors (a site's value, a module call, a parameter).
 
 Invariants:
 - Hooks see the model's tensors; setters never mutate a tensor held elsewhere (a site
@@ -66,6 +67,7 @@ from .window import Window
 
 if TYPE_CHECKING:
     from .order import OrderLog
+    from .shards import SiteLayouts
 
 
 
@@ -213,6 +215,23 @@ class Interpreter:
             return value
         if task.copy:
             value = copy_tensors(value)
+        sites = self.config.sites
+        if sites is not None and sites.sharded(key[0], key[1]):
+            return self._fire_shard(sites, key, task, value)
+        return self._fire_task(key, task, value)
+
+    def _fire_shard(self, sites: SiteLayouts, key: SiteKey, task: SiteTask, local: Any) -> Any:
+        """A site where the model holds this rank's shard: the graph sees the whole tensor,
+        and an edit goes back to the model as this rank's slice of the edited whole."""
+        if task.grads:
+            raise sites.grad_error(key[0], key[1], self.nodes[task.grads[0]].where)
+        whole = sites.whole(key[0], key[1], local)
+        value = self._fire_task(key, task, whole)
+        if value is whole and not task.inplace:
+            return local
+        return sites.local(key[0], key[1], value)
+
+    def _fire_task(self, key: SiteKey, task: SiteTask, value: Any) -> Any:
         self.fired.append(key)
         nodes, remaining = self.nodes, self.remaining
         whole = len(self.rows) == 1
@@ -339,7 +358,10 @@ class Interpreter:
     def call_module(self, path: str, args: tuple, kwargs: dict) -> Any:
         self.suspended += 1
         try:
-            return graph_view(self.model.get_submodule(path)(*args, **kwargs))
+            module = self.model.get_submodule(path)
+            if self.config.sites is not None:
+                return graph_view(self.config.sites.call(path, module, args, kwargs))
+            return graph_view(module(*args, **kwargs))
         finally:
             self.suspended -= 1
 
@@ -349,6 +371,8 @@ class Interpreter:
         value = module._parameters.get(name)
         if value is None:
             value = module._buffers[name]
+        if self.config.sites is not None:
+            value = self.config.sites.param(value)
         return value.detach()
 
     def backward(self, node: Node, tensor: Any, gradient: Any = None) -> None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .shards import SiteLayouts
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,13 @@ NO_LIMITS = RunLimits()
 class RunConfig:
     """What configures one run. `can_stop`: the forward may stop once nothing more is
     needed (not in generation); `copy_saves`: saves are copies from the start (a model
-    known to edit its outputs in place)."""
+    known to edit its outputs in place); `sites`: a tensor-parallel model's shard layouts
+    (runtime/shards.py): the graph sees whole tensors where the model holds shards."""
 
     limits: RunLimits = NO_LIMITS
     can_stop: bool = True
     copy_saves: bool = False
+    sites: SiteLayouts | None = None
 
 
 PLAIN_RUN = RunConfig()  # a local run: no limits

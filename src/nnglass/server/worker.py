@@ -4,7 +4,8 @@ really stop the work. `python -m nnglass.server.worker` is the child; `WorkerHan
 and `answer` are the replica itself, whatever hosts it (this child, or a Ray actor).
 
 Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
-  parent → child, once: {"name", "source", "dtype", "threads", "debug_checksums"[, "limits"]}
+  parent → child, once: {"name", "source", "dtype", "threads", "debug_checksums"[, "limits"]
+                          [, "shards": N: this child is rank 0 of N tensor-parallel ranks, shards/]}
   child → parent:       {"ready": true, "paths": [...], "lookups": [[path, kind], ...], "pid": n}
                         or {"ready": false, "error": {...}} (then it exits)
   parent → child, a job: {"job", "graph": path, "tensors": path | null, "result": path,
@@ -80,6 +81,7 @@ def weights_checksum(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in (*module.named_parameters(), *module.named_buffers()):
         h.update(name.encode())
+        t = t.to_local() if hasattr(t, "to_local") else t  # a tensor-parallel rank: its own shard
         h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
@@ -117,7 +119,12 @@ class LoadedModel:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         torch.set_num_threads(int(config["threads"]))
-        self.lm = LanguageModel(config["source"], dtype=DTYPES[dtype], name=self.name)
+        if int(config.get("shards") or 1) > 1:  # tensor-parallel: this process is rank 0 of a group
+            from ..shards.start import start_group
+
+            self.lm = start_group(config)
+        else:
+            self.lm = LanguageModel(config["source"], dtype=DTYPES[dtype], name=self.name)
         self.module = self.lm.module  # load the weights now, not on the first job
         self.outbox: dict[Any, bytes] = {}  # job -> its result, for a request without a result path
 
@@ -282,7 +289,8 @@ def main() -> int:
 def ready_message(replica: LoadedModel) -> dict[str, Any]:
     """What a host tells the server once the model is loaded."""
     paths = [p for p, _ in replica.module.named_modules()]
-    lookups = [list(site) for site in sorted(lookup_sites(replica.module))]
+    found = getattr(replica.lm, "lookups", None)  # a rank group measured them on every rank at load
+    lookups = [list(site) for site in sorted(lookup_sites(replica.module) if found is None else found)]
     return {"ready": True, "paths": paths, "lookups": lookups, "pid": os.getpid(), **replica.debug_info()}
 
 
