@@ -55,11 +55,15 @@ class LanguageModel(NNModel):
 
     def __init__(self, model: Any, *, tokenizer: Any = None, dtype: torch.dtype | None = None,
                  name: str | None = None, backend: Backend | None = None,
-                 rename: dict[str, str] | None = None, remote: bool = False,
+                 rename: dict[str, str] | None = None, remote: bool = False, shards: int = 1,
                  **load_kwargs: Any) -> None:
         """remote=True: the model lives on a server (`backend`, else NNGLASS_HOST); a name
         that is no local folder is looked up there (its config and tokenizer, never its
-        weights; models/remote_source.py), and traces run there unless asked otherwise."""
+        weights; models/remote_source.py), and traces run there unless asked otherwise.
+        shards=N: the model runs tensor-parallel in N rank processes (shards/local.py);
+        every site still shows whole tensors."""
+        if shards > 1 and (isinstance(model, torch.nn.Module) or remote):
+            raise TraceError("shards= needs a model name or folder that each rank loads its own shard of")
         remote_only = False
         if isinstance(model, torch.nn.Module):
             source, loaded, config = None, model, model.config
@@ -99,10 +103,15 @@ class LanguageModel(NNModel):
         object.__setattr__(self, "_remote_only", remote_only)  # from a server: no weights
         object.__setattr__(self, "_sizes", None)  # the model's own sizes (runtime.window.model_sizes)
         object.__setattr__(self, "_sites", None)  # a tensor-parallel rank's shard layouts (shards/)
+        object.__setattr__(self, "_shards", int(shards))
+        object.__setattr__(self, "_group", None)  # shards > 1: the rank group, started on first run
 
     @property
     def module(self) -> torch.nn.Module:
         """The transformers model, loading its weights on first use."""
+        if self._shards > 1:
+            raise TraceError(f"model {self.name!r} runs in {self._shards} rank processes (shards=): its "
+                             "weights are not in this process; read them in a trace", user_where())
         if self._loaded is None and self._remote_only:
             raise TraceError(f"model {self.name!r} lives on the server: its weights are not here; run traces "
                              "there (the default for LanguageModel(name, remote=True))", user_where())
@@ -241,6 +250,8 @@ class LanguageModel(NNModel):
 
     def run_graph(self, graph: Graph, imports: dict | None = None,
                   limits: RunLimits = NO_LIMITS) -> dict[int, Any]:
+        if self._shards > 1 and graph.mode != SCAN:
+            return self._rank_group().run_graph(graph, limits)
         if graph.mode == SESSION:
             return run_session(self, graph, limits)
         ids, mask, rows = batch_prompts(graph, self.tokenizer.pad_token_id, self._batch_width(graph))
@@ -261,6 +272,16 @@ class LanguageModel(NNModel):
 
         return execute(graph, model, forward, rows, ids.shape[0], RunConfig(limits, sites=self._sites),
                        imports=imports, order=self._order)
+
+    def _rank_group(self) -> Any:
+        with self._load_lock:
+            if self._group is None:
+                from ..shards.local import RankGroup
+
+                threads = max(1, torch.get_num_threads() // self._shards)
+                object.__setattr__(self, "_group", RankGroup(self.name, self._source, self._dtype,
+                                                             self._shards, threads))
+        return self._group
 
     def _batch_width(self, graph: Graph) -> int | None:
         """Co-tenants of different widths: a batch width that is none of the model's own

@@ -82,6 +82,7 @@ class ModelConfig:
     source: str  # built-in name, hub id or local directory
     dtype: str = "float32"
     replicas: int = 1
+    shards: int = 1  # > 1: each replica runs tensor-parallel over this many rank processes (shards/)
     threads: int = 2  # torch threads per replica, always set explicitly
     share_jobs: int = 32  # co-tenancy: most queued jobs merged into one forward pass (1: never)
     share_tokens: int = 4096  # most padded tokens (rows x widest prompt) in one shared pass
@@ -200,7 +201,7 @@ def _model(raw: object, where: str) -> ModelConfig:
     policy = _policy(table.get("policy", {}), f"{where}.policy")
     resources = _resources(table.get("resources", {}), f"{where}.resources")
     cfg = ModelConfig(policy=policy, resources=resources, **kw)
-    _positive(cfg, where, ("replicas", "threads", "share_jobs", "share_tokens"))
+    _positive(cfg, where, ("replicas", "shards", "threads", "share_jobs", "share_tokens"))
     if not 0 <= cfg.share_wait_s <= 1:
         raise ConfigError(f"{where}.share_wait_s: must be 0..1 seconds, got {cfg.share_wait_s}")
     return cfg

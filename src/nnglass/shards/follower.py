@@ -15,8 +15,8 @@ Invariants:
   private duplicate of the real stdout.
 - A failed collective leaves this rank out of step with the others: it reports the error
   and exits (rank 0 then ends the group, and its host restarts it).
-- Test hook (tests only): NNGLASS_SHARD_TEST_FAIL=<rank> makes that rank refuse every run
-  whose graph's model name ends in "-fail-on-rank", before it runs (a rank-only failure).
+- Test hook (tests only): NNGLASS_SHARD_TEST_FAIL=<rank>:<absolute path> makes that rank
+  refuse every run while the file exists, before the run starts (a failure on one rank).
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ def serve(lm: Any, rank: int, limits: Any, inp: IO[bytes], out: IO[bytes]) -> No
         try:
             tensors = blobs[1] if len(blobs) > 1 else None
             graph = wire.decode(blobs[0], tensors, registry=REGISTRY, limits=limits)
-            if os.environ.get(TEST_FAIL) == str(rank) and str(graph.model).endswith("-fail-on-rank"):
-                raise RuntimeError(f"test failure on rank {rank} only")
+            _test_hook(rank)
             write_frame(out, {"ok": True})
         except Exception as e:
             write_frame(out, {"error": error_dict(e, rank)})
@@ -79,6 +78,12 @@ def serve(lm: Any, rank: int, limits: Any, inp: IO[bytes], out: IO[bytes]) -> No
             if answer["broken"]:
                 logger.error("rank %d: a collective failed (%s): leaving the group", rank, e)
                 os._exit(1)
+
+
+def _test_hook(rank: int) -> None:
+    who, _, path = os.environ.get(TEST_FAIL, "").partition(":")
+    if who == str(rank) and os.path.isabs(path) and os.path.exists(path):
+        raise RuntimeError(f"test failure on rank {rank} only")
 
 
 def main() -> int:

@@ -1,0 +1,167 @@
+"""A tiny random Llama on 2 tensor-parallel ranks against the same model unsharded:
+every getter sees the whole tensor (colwise outputs, the heads between them, the rowwise
+inputs), every setter's edit is what the unsharded model gets, to 1e-5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from nnglass import ExecutionError
+from nnglass.graph import wire
+from service_fixtures import recording
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+PROMPTS = ["Hello world", "hi"]
+
+
+def _close(a: Any, b: Any, **tol: float) -> None:
+    a, b = getattr(a, "logits", a), getattr(b, "logits", b)
+    if isinstance(a, tuple):
+        for x, y in zip(a, b, strict=True):
+            _close(x, y, **tol)
+        return
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b, **(tol or TOL))
+
+
+def _both(pair: Any, experiment: Any) -> None:
+    for mine, ref in zip(experiment(pair.sharded), experiment(pair.alone), strict=True):
+        _close(mine.value if hasattr(mine, "value") else mine, ref.value if hasattr(ref, "value") else ref)
+
+
+def test_getters_see_whole_tensors(tiny_pair: Any) -> None:
+    def read(lm: Any) -> list[Any]:
+        layer = lm.model.layers[0]
+        with lm.trace(PROMPTS):
+            saved = [layer.self_attn.q_proj.output.save(), layer.self_attn.k_proj.output.save(),
+                     layer.self_attn.o_proj.input.save(), layer.mlp.act_fn.output.save(),
+                     layer.mlp.down_proj.input.save(), layer.mlp.down_proj.output.save(),
+                     layer.self_attn.output[0].save(), layer.mlp.output.save(), layer.output.save(),
+                     lm.model.layers[1].mlp.up_proj.output.save(), lm.output.logits.save()]
+        return saved
+
+    _both(tiny_pair, read)
+    with tiny_pair.sharded.trace("hi"):
+        q = tiny_pair.sharded.model.layers[0].self_attn.q_proj.output.save()
+    assert q.value.shape[-1] == tiny_pair.alone.config.hidden_size  # whole, not one rank's half
+
+
+def test_setters_edit_what_the_unsharded_model_gets(tiny_pair: Any) -> None:
+    def edit(lm: Any) -> list[Any]:
+        layer = lm.model.layers[0]
+        with lm.trace(PROMPTS):
+            layer.self_attn.q_proj.output[:, :, :20] = 0.5 * layer.self_attn.q_proj.output[:, :, :20]
+            layer.mlp.down_proj.input[:, -1] = 3.0  # both ranks' halves of the rowwise input
+            layer.mlp.act_fn.output[:] = layer.mlp.act_fn.output * 2  # in place
+            lm.model.layers[1].output[0][:, 0] = 1.0
+            out = [layer.mlp.down_proj.input.save(), layer.output.save(), lm.output.logits.save()]
+        return out
+
+    _both(tiny_pair, edit)
+
+
+def test_skip_of_a_sharded_module(tiny_pair: Any) -> None:
+    def skip(lm: Any) -> list[Any]:
+        with lm.trace("Hello"):
+            proj = lm.model.layers[0].self_attn.v_proj
+            proj.skip(torch.ones(1, 5, 16))
+            return [lm.output.logits.save()]
+
+    _both(tiny_pair, skip)
+
+
+def test_gradients_at_whole_sites(tiny_pair: Any) -> None:
+    def grads(lm: Any) -> list[Any]:
+        with lm.trace("Hello world"):
+            g0 = lm.model.layers[0].output.grad.save()
+            g1 = lm.model.layers[1].mlp.output.grad.save()
+            lm.output.logits[:, -1].sum().backward()
+        return [g0, g1]
+
+    _both(tiny_pair, grads)
+
+
+def test_a_gradient_at_a_sharded_site_is_refused_with_the_users_line(tiny_pair: Any) -> None:
+    lm = tiny_pair.sharded
+    with pytest.raises(ExecutionError, match="not supported on a tensor-parallel model") as e:
+        with lm.trace("Hello"):
+            lm.model.layers[0].self_attn.q_proj.output.grad.save()  # the line the error names
+            lm.output.logits.sum().backward()
+    assert e.value.where.endswith(f"{Path(__file__).name}:{_line('q_proj.output.grad.save()')}")
+
+
+def test_parameters_read_whole(tiny_pair: Any) -> None:
+    def weights(lm: Any) -> list[Any]:
+        with lm.trace("hi"):
+            layer = lm.model.layers[0]
+            w = [layer.self_attn.q_proj.weight.save(), layer.mlp.down_proj.weight.save(),
+                 lm.model.embed_tokens.weight.save()]
+        return w
+
+    _both(tiny_pair, weights)
+
+
+def test_module_calls_and_logit_lens(tiny_pair: Any) -> None:
+    def lens(lm: Any) -> list[Any]:
+        with lm.trace(PROMPTS):
+            out = [lm.lm_head(lm.model.norm(layer.output)).save() for layer in lm.model.layers]
+            out.append(lm.model.layers[1].mlp.down_proj(lm.model.layers[0].mlp.down_proj.input).save())
+        return out
+
+    _both(tiny_pair, lens)
+
+
+def test_steered_generation_gives_the_same_tokens(tiny_pair: Any) -> None:
+    def steer(lm: Any) -> list[Any]:
+        with lm.generate("Hello", max_new_tokens=6) as tracer:
+            with tracer.all():
+                lm.model.layers[0].mlp.down_proj.input[:, -1, :8] += 2.0
+            out = tracer.result.save()
+        return [out]
+
+    mine, = steer(tiny_pair.sharded)
+    ref, = steer(tiny_pair.alone)
+    assert torch.equal(mine.value, ref.value)
+
+
+def test_a_json_round_trip_gives_bitwise_equal_results(tiny_pair: Any) -> None:
+    lm = tiny_pair.sharded
+    with recording(lm.trace(PROMPTS)) as tracer:
+        lm.model.layers[0].mlp.down_proj.input[:, -1] = 3.0
+        lm.model.layers[1].self_attn.q_proj.output.save()
+        lm.output.logits.save()
+    graph = tracer.graph
+    first, again = lm.run_graph(graph), lm.run_graph(wire.roundtrip(graph))
+    assert first.keys() == again.keys()
+    for k in first:
+        assert torch.equal(getattr(first[k], "logits", first[k]), getattr(again[k], "logits", again[k]))
+
+
+def test_an_error_fails_the_job_with_the_users_line_and_the_ranks_stay_ready(tiny_pair: Any) -> None:
+    lm = tiny_pair.sharded
+    with pytest.raises(ExecutionError) as e:
+        with lm.trace("Hello"):
+            lm.model.layers[0].self_attn.q_proj.output[:, :, 999].save()  # past the whole width
+    assert e.value.where.endswith(f"{Path(__file__).name}:{_line('[:, :, 999]')}")
+    test_getters_see_whole_tensors(tiny_pair)
+
+
+def test_a_failure_on_one_rank_fails_the_job_on_all(tiny_pair: Any, fail_file: Path) -> None:
+    lm = tiny_pair.sharded
+    fail_file.write_text("")
+    try:
+        with pytest.raises(ExecutionError, match=r"on rank 1: .*test failure on rank 1 only"):
+            with lm.trace("Hello"):
+                lm.output.logits.save()
+    finally:
+        fail_file.unlink()
+    test_setters_edit_what_the_unsharded_model_gets(tiny_pair)
+
+
+def _line(marker: str) -> int:
+    lines = Path(__file__).read_text().splitlines()
+    return next(i for i, text in enumerate(lines, 1) if marker in text and "def " not in text)
