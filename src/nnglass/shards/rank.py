@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -64,6 +65,7 @@ def load_rank(config: dict[str, Any], rank: int, world: int, store: Any) -> Any:
     from ..server.exposure import lookup_sites
     from .lockstep import ShardedLanguageModel
 
+    began = time.perf_counter()
     device = str(config.get("device") or "cpu")
     local_rank = int(config.get("local_rank", rank))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
@@ -74,7 +76,9 @@ def load_rank(config: dict[str, Any], rank: int, world: int, store: Any) -> Any:
     source = loading.resolve_model_source(config["source"])
     hf_config, tokenizer = loading.load_config_and_tokenizer(source)
     check_shardable(hf_config, world)
+    joined = time.perf_counter()
     model = loading.load_model(source, dtype=dtype, distributed_config=DistributedConfig(tp_size=world))
+    loaded = time.perf_counter()
     ids = torch.tensor(_PROBE)
     mask = torch.ones_like(ids)
     meta = MetaCopy(loading.meta_model(hf_config, dtype))
@@ -84,7 +88,10 @@ def load_rank(config: dict[str, Any], rank: int, world: int, store: Any) -> Any:
     sites = SiteLayouts.measure(
         model, full, lambda m: m(input_ids=ids.to(here), attention_mask=mask.to(here), use_cache=False),
         rank, world)
+    measured = time.perf_counter()
     lookups = lookup_sites(model)
-    logger.info("rank %d/%d: %s loaded, %d sharded sites", rank, world, config.get("name"), len(sites.cuts))
+    logger.info("rank %d/%d: %s loaded, %d sharded sites (join %.1f s, load %.1f s, layouts %.1f s, "
+                "lookups %.1f s)", rank, world, config.get("name"), len(sites.cuts), joined - began,
+                loaded - joined, measured - loaded, time.perf_counter() - measured)
     return ShardedLanguageModel(model, tokenizer=tokenizer, name=config.get("name"), sites=sites,
                                 lookups=lookups, rank=rank)
