@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from nnglass import LanguageModel
+from service_fixtures import start_server as start_server  # the fixtures, by name
+from service_fixtures import tiny_config as tiny_config
 from service_fixtures import tiny_dir as tiny_dir
 
 REPO = Path(__file__).resolve().parents[2]

@@ -193,6 +193,10 @@ class Graph:
     # Not on the wire: the recording tracer's summary of everything a runtime plan depends
     # on (ops, sites, references, saves), so a graph recorded again can reuse its plan.
     plan_key: Any = field(default=None, compare=False, repr=False)
+    # Not on the wire either: a co-tenants' graph (graph/merge.py) keeps the graphs it was
+    # merged from, so it can be handed on as them (a tensor-parallel group's other ranks
+    # merge them again: options[GROUPS] is server-built and never decoded).
+    merged_from: list[Graph] | None = field(default=None, compare=False, repr=False)
 
     def add(self, op: str, args: tuple = (), kwargs: dict | None = None, **fields: Any) -> Node:
         node = Node(len(self.nodes), op, args, kwargs or {}, **fields)

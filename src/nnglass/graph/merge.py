@@ -69,7 +69,7 @@ def merge(graphs: list[Graph]) -> tuple[Graph, list[int]]:
     """One graph running all of `graphs`; and each one's node-id offset in it."""
     total_invokes = sum(len(g.invokes) for g in graphs)
     merged = Graph(model=graphs[0].model, mode=TRACE, options={
-        FORWARD_KWARGS: graphs[0].options.get(FORWARD_KWARGS, {}), GROUPS: []})
+        FORWARD_KWARGS: graphs[0].options.get(FORWARD_KWARGS, {}), GROUPS: []}, merged_from=list(graphs))
     offsets: list[int] = []
     for k, g in enumerate(graphs):
         node_offset, invoke_offset = len(merged.nodes), len(merged.invokes)

@@ -5,7 +5,7 @@ stdin/stdout.
 Protocol:
   rank 0 → follower, once: {"config": {... "rank", "world", "host", "port"}}
   follower → rank 0:      {"ready": true} once loaded, or {"error": {...}} (then it exits)
-  per run: rank 0 → {"run": {"limits", "grad"}} + graph bytes [+ tensor bytes]
+  per run: rank 0 → {"run": {"limits", "grad", "merged"}} + (graph JSON, tensors or b"") per graph
            follower → {"ok": true} (decoded) or {"error": {...}}
            rank 0 → {"go": bool}; when go, after the run: follower → {"ok": true} or {"error"}
   EOF on stdin, or rank 0 gone: the follower exits.
@@ -48,9 +48,7 @@ def _watch_parent() -> None:
 
 def serve(lm: Any, rank: int, limits: Any, inp: IO[bytes], out: IO[bytes]) -> None:
     """Answer runs until rank 0 closes the pipe."""
-    from ..graph import wire
-    from ..graph.ops import REGISTRY
-    from .lockstep import error_dict, follow_run
+    from .lockstep import error_dict, follow_run, read_run
 
     while True:
         try:
@@ -60,8 +58,7 @@ def serve(lm: Any, rank: int, limits: Any, inp: IO[bytes], out: IO[bytes]) -> No
         run = header.get("run") or {}
         graph = None
         try:
-            tensors = blobs[1] if len(blobs) > 1 else None
-            graph = wire.decode(blobs[0], tensors, registry=REGISTRY, limits=limits)
+            graph = read_run(run, blobs, limits)
             _test_hook(rank)
             write_frame(out, {"ok": True})
         except Exception as e:

@@ -4,7 +4,8 @@ run (the graph as wire bytes, the limits, the grad mode) to the other ranks (`Pe
 and every rank runs the same graph with the same interpreter.
 
 Protocol, per top-level `run_graph` on rank 0:
-  1. `peers.prepare(run)`: each other rank decodes the graph and says ok or its error.
+  1. `peers.prepare(run)`: each other rank decodes the graph and says ok or its error
+     (co-tenants' merged graph goes as the graphs it was merged from, merged again there).
   2. `peers.start(go)`: go only if every rank could decode it; otherwise the job fails
      on all ranks with the first rank's error, and no rank has started a collective.
   3. All ranks run; `peers.outcomes()`: each other rank's ok or error.
@@ -50,8 +51,9 @@ class GroupBroken(NNglassError):
 class Peers(Protocol):
     """Rank 0's side of the other ranks (pipes to subprocesses, or Ray actors)."""
 
-    def prepare(self, run: dict[str, Any], graph: bytes, tensors: bytes | None) -> list[dict | None]:
-        """Each other rank decodes the run: its error (`error_dict`) or None."""
+    def prepare(self, run: dict[str, Any], blobs: list[bytes]) -> list[dict | None]:
+        """Each other rank decodes the run (its graphs: wire JSON, tensors or b"", in turn):
+        its error (`error_dict`) or None."""
 
     def start(self, go: bool) -> None: ...
 
@@ -119,9 +121,11 @@ class ShardedLanguageModel(LanguageModel):
                 os._exit(75)
 
     def _lead(self, graph: Graph, limits: RunLimits) -> dict[int, Any]:
-        data, tensors = wire.encode(graph)
-        run = {"limits": asdict(limits), "grad": torch.is_grad_enabled()}
-        refused = first(self.peers.prepare(run, data, tensors))
+        parts = graph.merged_from or [graph]  # co-tenants: the others merge them again
+        blobs = [b for g in parts for b in _wire(g)]
+        run = {"limits": asdict(limits), "grad": torch.is_grad_enabled(),
+               "merged": graph.merged_from is not None}
+        refused = first(self.peers.prepare(run, blobs))
         self.peers.start(refused is None)
         if refused is not None:
             raise rebuild_error(refused)
@@ -138,6 +142,21 @@ class ShardedLanguageModel(LanguageModel):
                 raise GroupBroken(f"on rank 0: {mine}") from mine
             raise mine
         return values
+
+
+def _wire(graph: Graph) -> tuple[bytes, bytes]:
+    data, tensors = wire.encode(graph)
+    return data, tensors or b""
+
+
+def read_run(run: dict[str, Any], blobs: list[bytes], limits: Any) -> Graph:
+    """A follower's graph of a handed-over run: decoded (and merged again for co-tenants)."""
+    from ..graph.merge import merge
+    from ..graph.ops import REGISTRY
+
+    graphs = [wire.decode(blobs[k], blobs[k + 1] or None, registry=REGISTRY, limits=limits)
+              for k in range(0, len(blobs), 2)]
+    return merge(graphs)[0] if run.get("merged") else graphs[0]
 
 
 def follow_run(lm: ShardedLanguageModel, run: dict[str, Any], graph: Graph) -> None:

@@ -48,8 +48,8 @@ class PipePeers:
             answers.append(header.get("error"))
         return answers
 
-    def prepare(self, run: dict[str, Any], graph: bytes, tensors: bytes | None) -> list[dict | None]:
-        self._send({"run": run}, graph, *([tensors] if tensors is not None else []))
+    def prepare(self, run: dict[str, Any], blobs: list[bytes]) -> list[dict | None]:
+        self._send({"run": run}, *blobs)
         return self._answers()
 
     def start(self, go: bool) -> None:
