@@ -2,7 +2,8 @@
 test session (starting one costs seconds: N processes load transformers), beside the same
 model unsharded, which every test compares against.
 
-- `tiny_pair`: the tiny random Llama (tests/service_fixtures.py) on 2 ranks, and alone.
+- `tiny_pair`: the tiny random Llama (tests/service_fixtures.py) on 2 ranks, and alone
+  (`tiny_alone`, for the tests whose sharded model is a server's).
 - `smol_pair`: SmolLM2-135M (9 heads, 3 KV heads) on 3 ranks, and alone.
 - `fail_file`: a path that, while it exists, makes rank 1 of the tiny group refuse every
   run before it starts (follower.py's test hook): a failure on one rank only.
@@ -37,13 +38,18 @@ def fail_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_pair(tiny_dir: Path, fail_file: Path) -> Iterator[Pair]:
+def tiny_alone(tiny_dir: Path) -> LanguageModel:
+    return LanguageModel(str(tiny_dir), name="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_dir: Path, tiny_alone: LanguageModel, fail_file: Path) -> Iterator[Pair]:
     mp = pytest.MonkeyPatch()
     mp.setenv("NNGLASS_SHARD_TEST_FAIL", f"1:{fail_file}")  # read by the ranks it starts
     sharded = LanguageModel(str(tiny_dir), name="tiny", shards=2)
     sharded._rank_group().handle.start(timeout=180)
     mp.undo()
-    yield Pair(sharded, LanguageModel(str(tiny_dir), name="tiny"))
+    yield Pair(sharded, tiny_alone)
     sharded._rank_group().close()
 
 

@@ -62,12 +62,12 @@ def test_the_subprocess_engine_passes_shards_to_the_worker() -> None:
 
 
 def test_a_server_serves_remote_jobs_from_a_sharded_model(start_server: Any, tiny_config: Any,
-                                                          tiny_pair: Any) -> None:
+                                                          tiny_alone: Any) -> None:
     text = tiny_config().replace("threads =", "shards = 2\nthreads =", 1)
     server = start_server("sharded", text)
     try:
         _, key = server.keys.create("alice")
-        lm = tiny_pair.alone
+        lm = tiny_alone
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(_config, "_overrides", {})
             nnglass.configure(host=server.url, api_key=key)

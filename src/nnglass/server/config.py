@@ -83,6 +83,9 @@ class ModelConfig:
     dtype: str = "float32"
     replicas: int = 1
     shards: int = 1  # > 1: each replica runs tensor-parallel over this many rank processes (shards/)
+    # engine = "ray", shards > 1: how the ranks' placement group spreads them over nodes
+    # (Ray's strategies: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD: one rank per node).
+    shard_placement: str = "PACK"
     threads: int = 2  # torch threads per replica, always set explicitly
     share_jobs: int = 32  # co-tenancy: most queued jobs merged into one forward pass (1: never)
     share_tokens: int = 4096  # most padded tokens (rows x widest prompt) in one shared pass
@@ -202,6 +205,9 @@ def _model(raw: object, where: str) -> ModelConfig:
     resources = _resources(table.get("resources", {}), f"{where}.resources")
     cfg = ModelConfig(policy=policy, resources=resources, **kw)
     _positive(cfg, where, ("replicas", "shards", "threads", "share_jobs", "share_tokens"))
+    if cfg.shard_placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise ConfigError(f"{where}.shard_placement: {cfg.shard_placement!r} is not one of PACK, SPREAD, "
+                          "STRICT_PACK, STRICT_SPREAD")
     if not 0 <= cfg.share_wait_s <= 1:
         raise ConfigError(f"{where}.share_wait_s: must be 0..1 seconds, got {cfg.share_wait_s}")
     return cfg

@@ -65,7 +65,9 @@ class ReplicaHost:
     def ready(self) -> dict[str, Any]:
         from .worker import ready_message
 
-        return {**ready_message(self.model), "node": ray.util.get_node_ip_address()}
+        ranks = getattr(self.model.lm, "nodes", None)  # a rank group: each rank's node
+        return {**ready_message(self.model), "node": ray.util.get_node_ip_address(),
+                **({"rank_nodes": ranks} if ranks else {})}
 
     def run(self, request: dict[str, Any]) -> dict[str, Any]:
         from .worker import answer
@@ -116,15 +118,25 @@ def ray_worker(model: ModelConfig, server: ServerConfig) -> RayWorker:
     """The `engine = "ray"` worker factory (see service.WorkerFactory)."""
     connect(server)
     config = {"name": model.name, "source": model.source, "dtype": model.dtype, "threads": model.threads,
-              "debug_checksums": server.debug_checksums}
-    return RayWorker(config, actor_options(model))
+              "debug_checksums": server.debug_checksums, "shards": model.shards}
+    options = actor_options(model)
+    if model.shards == 1:
+        return RayWorker(config, options)
+    # A rank group: one bundle per rank (rank 0, this replica's actor, in bundle 0).
+    bundle = {"CPU": float(options.get("num_cpus", model.threads))}
+    if options.get("num_gpus"):
+        bundle["GPU"] = float(options["num_gpus"])
+    return RayWorker(config, options, bundles=[bundle] * model.shards, strategy=model.shard_placement)
 
 
 class RayWorker:
     """The server's side of one replica actor (the `Worker` protocol of replica.py)."""
 
-    def __init__(self, model_config: dict[str, Any], options: dict[str, Any]) -> None:
+    def __init__(self, model_config: dict[str, Any], options: dict[str, Any],
+                 bundles: list[dict[str, float]] | None = None, strategy: str = "PACK") -> None:
         self.config, self.options = dict(model_config), dict(options)
+        self.bundles, self.strategy = bundles, strategy  # a rank group's placement group
+        self._group: Any = None
         self.paths: list[str] = []
         self.ready: dict[str, Any] = {}
         self._actor: Any = None
@@ -153,7 +165,16 @@ class RayWorker:
         name = self.config.get("name")
         # Named (in the "nnglass" namespace) so an operator can find and watch each replica.
         self.options["name"] = f"{name}-{uuid.uuid4().hex[:12]}"
-        actor = _Host.options(**self.options).remote(self.config)
+        config = self.config
+        if self.bundles:
+            try:
+                config = {**config, "placement_group": self._place(timeout)}
+            except GetTimeoutError:
+                self.kill()
+                asked = f"{self.strategy}, {self.bundles[0]} each"
+                raise NNglassError(f"no placement for the {len(self.bundles)} ranks of model {name!r} "
+                                   f"({asked}) within {timeout:g} s") from None
+        actor = _Host.options(**self.options).remote(config)
         self._actor = actor
         try:
             msg = ray.get(actor.ready.remote(), timeout=timeout)
@@ -168,6 +189,20 @@ class RayWorker:
         self._watch, self._dead = actor.watch.remote(), False
         logger.info("worker for model %r ready (pid %s) on Ray node %s as %s", name, msg["pid"], msg["node"],
                     self.options["name"])
+        if msg.get("rank_nodes"):
+            logger.info("ranks of model %r on Ray nodes %s", name, " ".join(msg["rank_nodes"]))
+
+    def _place(self, timeout: float) -> Any:
+        """The rank group's placement group, ready; the replica's actor goes in bundle 0."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self._group = placement_group(self.bundles, strategy=self.strategy)
+        ray.get(self._group.ready(), timeout=timeout)
+        self.options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            self._group, placement_group_bundle_index=0)
+        self.options.pop("resources", None)  # the bundle holds what the rank asks for
+        return self._group
 
     def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send one job (or a {"batch": [...]}); return its answer. Past `timeout` the
@@ -214,9 +249,17 @@ class RayWorker:
         actor, self._actor, self._watch = self._actor, None, None
         if actor is not None:
             try:
-                ray.kill(actor, no_restart=True)
+                ray.kill(actor, no_restart=True)  # its other ranks are its own actors: they go too
             except (RayError, ValueError) as e:  # already gone
                 logger.debug("ray.kill: %s", e)
+        group, self._group = self._group, None
+        if group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(group)
+            except (RayError, ValueError) as e:
+                logger.debug("remove_placement_group: %s", e)
 
 
 def _carry(request: dict[str, Any]) -> dict[str, Any]:

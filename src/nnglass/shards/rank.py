@@ -69,6 +69,10 @@ def load_rank(config: dict[str, Any], rank: int, world: int, store: Any) -> Any:
     device = str(config.get("device") or "cpu")
     local_rank = int(config.get("local_rank", rank))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+    if str(config.get("host", "127.0.0.1")).startswith("127.") and backend_for(device) == "gloo":
+        # A group that meets on loopback talks on loopback (gloo would bind the address the
+        # host name resolves to); across machines the operator names the interface.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(int(config.get("threads") or 1))
     dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=COLLECTIVE_SECONDS))

@@ -68,13 +68,20 @@ class PipePeers:
 
 
 def start_group(config: dict[str, Any]) -> ShardedLanguageModel:
-    """Load `config`'s model over `config["shards"]` ranks; this process is rank 0."""
+    """Load `config`'s model over `config["shards"]` ranks; this process is rank 0. With a
+    `placement_group` (a Ray actor's config: server/ray_worker.py) the other ranks are Ray
+    actors in its bundles (ray_group.py); else subprocesses of this one."""
     from ..models import loading
     from .rank import check_shardable, load_rank, open_store
 
     world = int(config["shards"])
     hf_config, _ = loading.load_config_and_tokenizer(loading.resolve_model_source(config["source"]))
     check_shardable(hf_config, world)
+    if config.get("placement_group") is not None:
+        from .ray_group import start_ray_group
+
+        rest = {k: v for k, v in config.items() if k != "placement_group"}
+        return start_ray_group(rest, config["placement_group"])
     store = open_store(HOST, 0, 0, world)
     procs = []
     try:
@@ -84,7 +91,7 @@ def start_group(config: dict[str, Any]) -> ShardedLanguageModel:
             procs.append(proc)
             write_frame(proc.stdin, {"config": {**config, "rank": rank, "world": world, "host": HOST,  # type: ignore[arg-type]
                                                 "port": store.port}})
-        lm = load_rank(config, 0, world, store)
+        lm = load_rank({**config, "host": HOST}, 0, world, store)
         for rank, proc in enumerate(procs, 1):
             header, _ = read_frame(proc.stdout)  # type: ignore[arg-type]
             if not header.get("ready"):
