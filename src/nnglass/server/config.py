@@ -86,6 +86,9 @@ class ModelConfig:
     # engine = "ray", shards > 1: how the ranks' placement group spreads them over nodes
     # (Ray's strategies: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD: one rank per node).
     shard_placement: str = "PACK"
+    # Pipeline placement on a multi-GPU machine: transformers' `device_map` ("auto",
+    # "balanced", "sequential"), the model's layers split across the devices. "": none.
+    device_map: str = ""
     threads: int = 2  # torch threads per replica, always set explicitly
     share_jobs: int = 32  # co-tenancy: most queued jobs merged into one forward pass (1: never)
     share_tokens: int = 4096  # most padded tokens (rows x widest prompt) in one shared pass
@@ -205,6 +208,8 @@ def _model(raw: object, where: str) -> ModelConfig:
     resources = _resources(table.get("resources", {}), f"{where}.resources")
     cfg = ModelConfig(policy=policy, resources=resources, **kw)
     _positive(cfg, where, ("replicas", "shards", "threads", "share_jobs", "share_tokens"))
+    if cfg.device_map and cfg.shards > 1:
+        raise ConfigError(f"{where}: device_map and shards > 1 are two ways to split a model; give one")
     if cfg.shard_placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         raise ConfigError(f"{where}.shard_placement: {cfg.shard_placement!r} is not one of PACK, SPREAD, "
                           "STRICT_PACK, STRICT_SPREAD")

@@ -124,7 +124,8 @@ class LoadedModel:
 
             self.lm = start_group(config)
         else:
-            self.lm = LanguageModel(config["source"], dtype=DTYPES[dtype], name=self.name)
+            placed = {"device_map": config["device_map"]} if config.get("device_map") else {}
+            self.lm = LanguageModel(config["source"], dtype=DTYPES[dtype], name=self.name, **placed)
         self.module = self.lm.module  # load the weights now, not on the first job
         self.outbox: dict[Any, bytes] = {}  # job -> its result, for a request without a result path
 

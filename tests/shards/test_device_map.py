@@ -1,0 +1,45 @@
+"""Pipeline placement (`device_map`): the model's layers split across two GPUs, every site
+read and set as on one device. Needs two CUDA devices; on a machine without them the
+test says so when it skips. The config side runs everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnglass import LanguageModel
+from nnglass.errors import ConfigError
+from nnglass.server.config import load_config
+
+
+def test_a_config_gives_device_map_or_shards_not_both(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('[[models]]\nname = "m"\nsource = "s"\ndevice_map = "auto"\n')
+    assert load_config(toml).models[0].device_map == "auto"
+    toml.write_text('[[models]]\nname = "m"\nsource = "s"\ndevice_map = "auto"\nshards = 2\n')
+    with pytest.raises(ConfigError, match="device_map and shards"):
+        load_config(toml)
+
+
+GPUS = torch.cuda.device_count()
+
+
+@pytest.mark.skipif(GPUS < 2, reason=f"pipeline placement needs 2 CUDA devices; this machine has {GPUS}")
+def test_layers_on_two_gpus_read_and_set_as_on_one_device(tiny_dir: Path) -> None:
+    placement = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+                 "model.norm": 1, "lm_head": 1}
+    split = LanguageModel(str(tiny_dir), device_map=placement)
+    alone = LanguageModel(str(tiny_dir))
+    assert {p.device.index for p in split.module.parameters()} == {0, 1}
+
+    def run(lm: LanguageModel) -> list[torch.Tensor]:
+        with lm.trace("Hello world"):
+            lm.model.layers[0].mlp.output[:, -1] = 1.0
+            saved = [lm.model.layers[0].output.save(), lm.model.layers[1].self_attn.q_proj.output.save(),
+                     lm.output.logits.save()]
+        return [s.value.cpu() for s in saved]
+
+    for a, b in zip(run(split), run(alone), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
