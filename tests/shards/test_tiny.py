@@ -128,6 +128,19 @@ def test_steered_generation_gives_the_same_tokens(tiny_pair: Any) -> None:
     assert torch.equal(mine.value, ref.value)
 
 
+def test_a_session_patches_one_trace_with_another(tiny_pair: Any) -> None:
+    def patch(lm: Any) -> list[Any]:
+        with lm.session():
+            with lm.trace("Paris is"):
+                h = lm.model.layers[0].self_attn.q_proj.output[:, -1]
+            with lm.trace("Rome is!"):
+                lm.model.layers[0].self_attn.q_proj.output[:, -1] = h
+                logits = lm.output.logits.save()
+        return [logits]
+
+    _both(tiny_pair, patch)
+
+
 def test_a_json_round_trip_gives_bitwise_equal_results(tiny_pair: Any) -> None:
     lm = tiny_pair.sharded
     with recording(lm.trace(PROMPTS)) as tracer:
