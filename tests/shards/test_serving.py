@@ -1,10 +1,9 @@
-"""A sharded model behind the worker protocol: co-tenant jobs share one pass on a rank
-group, and a server whose model says `shards = 2` serves remote jobs from one; both give
-what the unsharded model gives (1e-5)."""
+"""A server whose model says `shards = 2` serves remote jobs from a rank group, giving what
+the unsharded model gives (1e-5). (Co-tenant jobs on a rank group: test_tiny.py, whose
+session group they share.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,48 +11,10 @@ import torch
 
 import nnglass
 from nnglass import _config
-from nnglass.graph import wire
-from nnglass.graph.results import decode_results
 from nnglass.server.config import ModelConfig, ServerConfig
 from nnglass.server.engines import subprocess_worker
-from service_fixtures import recording
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def _graphs(lm: Any) -> list[Any]:
-    graphs = []
-    for prompt, edit in (("hello there", 0.0), ("hi", 2.0), ("good day!!!", -1.0)):
-        with recording(lm.trace(prompt)) as tracer:
-            lm.model.layers[0].mlp.down_proj.input[:, -1, :8] = edit
-            lm.model.layers[1].self_attn.q_proj.output.save()
-            lm.output.logits.save()
-        graphs.append(tracer.graph)
-    return graphs
-
-
-def _job(tmp: Path, graph: Any, i: int) -> dict[str, Any]:
-    data, tensors = wire.encode(graph)
-    (tmp / f"g{i}.json").write_bytes(data)
-    if tensors:
-        (tmp / f"t{i}.safetensors").write_bytes(tensors)
-    return {"job": f"job{i}", "graph": str(tmp / f"g{i}.json"),
-            "tensors": str(tmp / f"t{i}.safetensors") if tensors else None,
-            "result": str(tmp / f"r{i}.safetensors"), "limits": {"run_seconds": 60}}
-
-
-def test_co_tenant_jobs_share_a_pass_on_the_rank_group(tiny_pair: Any, tmp_path: Path) -> None:
-    graphs = _graphs(tiny_pair.alone)
-    handle = tiny_pair.sharded._rank_group().handle  # rank 0: a worker (server/worker.py)
-    request = {"batch": [_job(tmp_path, g, i) for i, g in enumerate(graphs)]}
-    answers = handle.run(request, timeout=120)["batch"]
-    assert [a["status"] for a in answers] == ["COMPLETED"] * 3
-    assert all(a.get("shared") == 3 for a in answers)
-    for i, graph in enumerate(graphs):
-        remote = decode_results((tmp_path / f"r{i}.safetensors").read_bytes())
-        for node_id, value in tiny_pair.alone.run_graph(graph).items():
-            torch.testing.assert_close(getattr(remote[node_id], "logits", remote[node_id]),
-                                       getattr(value, "logits", value), **TOL)
 
 
 def test_the_subprocess_engine_passes_shards_to_the_worker() -> None:

@@ -65,7 +65,7 @@ class ReplicaHost:
     def ready(self) -> dict[str, Any]:
         from .worker import ready_message
 
-        ranks = getattr(self.model.lm, "nodes", None)  # a rank group: each rank's node
+        ranks = self.model.rank_nodes  # a rank group: each rank's node
         return {**ready_message(self.model), "node": ray.util.get_node_ip_address(),
                 **({"rank_nodes": ranks} if ranks else {})}
 

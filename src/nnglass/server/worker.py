@@ -119,10 +119,15 @@ class LoadedModel:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         torch.set_num_threads(int(config["threads"]))
+        # A rank group measures the lookup sites on every rank at load (a forward on rank 0
+        # alone would wait for the others forever); rank_nodes: where its ranks run.
+        self.lookups: frozenset | None = None
+        self.rank_nodes: list[str] = []
         if int(config.get("shards") or 1) > 1:  # tensor-parallel: this process is rank 0 of a group
             from ..shards.start import start_group
 
             self.lm = start_group(config)
+            self.lookups, self.rank_nodes = self.lm.lookups, list(self.lm.nodes)
         else:
             placed = {"device_map": config["device_map"]} if config.get("device_map") else {}
             self.lm = LanguageModel(config["source"], dtype=DTYPES[dtype], name=self.name, **placed)
@@ -290,8 +295,8 @@ def main() -> int:
 def ready_message(replica: LoadedModel) -> dict[str, Any]:
     """What a host tells the server once the model is loaded."""
     paths = [p for p, _ in replica.module.named_modules()]
-    found = getattr(replica.lm, "lookups", None)  # a rank group measured them on every rank at load
-    lookups = [list(site) for site in sorted(lookup_sites(replica.module) if found is None else found)]
+    found = replica.lookups if replica.lookups is not None else lookup_sites(replica.module)
+    lookups = [list(site) for site in sorted(found)]
     return {"ready": True, "paths": paths, "lookups": lookups, "pid": os.getpid(), **replica.debug_info()}
 
 

@@ -103,6 +103,7 @@ class ShardedLanguageModel(LanguageModel):
         object.__setattr__(self, "lookups", lookups)
         object.__setattr__(self, "rank", rank)
         object.__setattr__(self, "peers", None)
+        object.__setattr__(self, "nodes", ())  # each rank's node, where the group knows them
         object.__setattr__(self, "_run_lock", threading.Lock())
 
     def attach(self, peers: Peers) -> None:

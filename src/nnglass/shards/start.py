@@ -102,4 +102,5 @@ def start_group(config: dict[str, Any]) -> ShardedLanguageModel:
         raise
     lm.attach(PipePeers(procs))
     object.__setattr__(lm, "_store", store)  # the rendezvous lives as long as the group
+    object.__setattr__(lm, "nodes", (HOST,) * world)
     return lm
