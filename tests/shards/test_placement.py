@@ -1,6 +1,9 @@
-"""Pipeline placement (`device_map`): the model's layers split across two GPUs, every site
-read and set as on one device. Needs two CUDA devices; on a machine without them the
-test says so when it skips. The config side runs everywhere."""
+"""Where a model's pieces go. A server config's `shards` reaches the worker the subprocess
+engine starts (the same worker.py rank 0 as the local groups of test_tiny.py and
+test_smollm2.py; test_ray.py serves one through a whole server). Pipeline placement
+(`device_map`): the model's layers split across two GPUs, every site read and set as on
+one device; it needs two CUDA devices, and on a machine without them the test says so
+when it skips."""
 
 from __future__ import annotations
 
@@ -11,7 +14,13 @@ import torch
 
 from nnglass import LanguageModel
 from nnglass.errors import ConfigError
-from nnglass.server.config import load_config
+from nnglass.server.config import ModelConfig, ServerConfig, load_config
+from nnglass.server.engines import subprocess_worker
+
+
+def test_the_subprocess_engine_passes_shards_to_the_worker() -> None:
+    worker = subprocess_worker(ModelConfig(name="m", source="s", shards=3), ServerConfig())
+    assert worker.config["shards"] == 3 and worker.config["device_map"] == ""
 
 
 def test_a_config_gives_device_map_or_shards_not_both(tmp_path: Path) -> None:
