@@ -129,6 +129,18 @@ def test_steered_generation_gives_the_same_tokens(tiny_pair: Any) -> None:
     assert torch.equal(mine.value, ref.value)
 
 
+def test_sampling_draws_the_same_tokens_on_every_rank(tiny_pair: Any) -> None:
+    """Unseeded, each rank would draw its own tokens and their forwards would part ways;
+    the group hands every rank one seed. Seeded, it is the unsharded model's draw."""
+    def sample(lm: Any, seed: int | None) -> torch.Tensor:
+        with lm.generate("Hello", max_new_tokens=8, do_sample=True, seed=seed) as tracer:
+            out = tracer.result.save()
+        return out.value
+
+    assert sample(tiny_pair.sharded, None).shape == (1, 13)
+    assert torch.equal(sample(tiny_pair.sharded, 7), sample(tiny_pair.alone, 7))
+
+
 def test_a_session_patches_one_trace_with_another(tiny_pair: Any) -> None:
     def patch(lm: Any) -> list[Any]:
         with lm.session():

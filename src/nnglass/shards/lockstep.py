@@ -15,6 +15,8 @@ Invariants:
 - The graph runs the same way on every rank: the same graph, limits and grad mode, no
   rank-dependent branch in the interpreter, so every rank makes the same collectives.
   Saves come back once, from rank 0; the other ranks drop theirs.
+- A generation without a seed gets one (random, for this run), handed to every rank:
+  sampling draws the same tokens everywhere.
 - One run at a time per group (a lock on rank 0). A session's traces run inside the
   one handed-over run (`imports` set: every rank is already in it).
 - A rank that dies or whose collective fails leaves the group unusable (its collectives
@@ -27,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Protocol
 
 import torch
@@ -36,7 +39,7 @@ import torch
 from .. import errors
 from ..errors import ExecutionError, NNglassError
 from ..graph import wire
-from ..graph.ir import Graph
+from ..graph.ir import GENERATE, SEED, Graph
 from ..models.language import LanguageModel
 from ..runtime.limits import NO_LIMITS, RunLimits
 from ..runtime.shards import SiteLayouts
@@ -122,6 +125,9 @@ class ShardedLanguageModel(LanguageModel):
                 os._exit(75)
 
     def _lead(self, graph: Graph, limits: RunLimits) -> dict[int, Any]:
+        if graph.mode == GENERATE and graph.options.get(SEED) is None:
+            # Sampling must draw the same tokens on every rank, or their forwards diverge.
+            graph = replace(graph, options={**graph.options, SEED: secrets.randbits(62)})
         parts = graph.merged_from or [graph]  # co-tenants: the others merge them again
         blobs = [b for g in parts for b in _wire(g)]
         run = {"limits": asdict(limits), "grad": torch.is_grad_enabled(),
