@@ -50,8 +50,9 @@ def test_logit_lens_and_gradients(smol_pair: Any) -> None:
         with lm.trace("The capital of France is"):
             lens = [lm.lm_head(lm.model.norm(lm.model.layers[k].output)).save() for k in (0, 15, 29)]
             grad = lm.model.layers[20].output.grad.save()
+            inner = lm.model.layers[25].mlp.down_proj.input.grad.save()  # a sharded site's gradient
             lm.output.logits[:, -1].max().backward()
-        return [*lens, grad]
+        return [*lens, grad, inner]
 
     for a, b in zip(_values(run(smol_pair.sharded)), _values(run(smol_pair.alone)), strict=True):
         torch.testing.assert_close(a, b, **LATE)

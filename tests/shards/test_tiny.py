@@ -86,13 +86,30 @@ def test_gradients_at_whole_sites(tiny_pair: Any) -> None:
     _both(tiny_pair, grads)
 
 
-def test_a_gradient_at_a_sharded_site_is_refused_with_the_users_line(tiny_pair: Any) -> None:
-    lm = tiny_pair.sharded
-    with pytest.raises(ExecutionError, match="not supported on a tensor-parallel model") as e:
-        with lm.trace("Hello"):
-            lm.model.layers[0].self_attn.q_proj.output.grad.save()  # the line the error names
-            lm.output.logits.sum().backward()
-    assert e.value.where.endswith(f"{Path(__file__).name}:{_line('q_proj.output.grad.save()')}")
+def test_gradients_at_sharded_sites(tiny_pair: Any) -> None:
+    def grads(lm: Any) -> list[Any]:
+        layer = lm.model.layers[0]
+        with lm.trace(PROMPTS):
+            q = layer.self_attn.q_proj.output.grad.save()
+            down = layer.mlp.down_proj.input
+            d = down.grad.save()
+            loss = lm.output.logits[:, -1].sum() + (down * down).sum()  # the graph's own use of it too
+            loss.backward()
+        return [q, d]
+
+    _both(tiny_pair, grads)
+
+
+def test_a_gradient_edited_at_a_sharded_site(tiny_pair: Any) -> None:
+    def edit(lm: Any) -> list[Any]:
+        with lm.trace("Hello world"):
+            proj = lm.model.layers[1].self_attn.v_proj.output
+            proj.grad = proj.grad * 0.5
+            g = lm.model.layers[0].output.grad.save()
+            lm.output.logits[:, -1].sum().backward()
+        return [g]
+
+    _both(tiny_pair, edit)
 
 
 def test_parameters_read_whole(tiny_pair: Any) -> None:

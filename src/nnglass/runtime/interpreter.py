@@ -222,9 +222,11 @@ class Interpreter:
 
     def _fire_shard(self, sites: SiteLayouts, key: SiteKey, task: SiteTask, local: Any) -> Any:
         """A site where the model holds this rank's shard: the graph sees the whole tensor,
-        and an edit goes back to the model as this rank's slice of the edited whole."""
-        if task.grads:
-            raise sites.grad_error(key[0], key[1], self.nodes[task.grads[0]].where)
+        and an edit goes back to the model as this rank's slice of the edited whole (and,
+        where a gradient is watched, the model always continues from that slice)."""
+        if task.grads:  # the model continues from the whole tensor, so its gradient reaches it
+            value = self._fire_task(key, task, sites.whole(key[0], key[1], local, grad=True))
+            return sites.local(key[0], key[1], value, grad=True)
         whole = sites.whole(key[0], key[1], local)
         value = self._fire_task(key, task, whole)
         if value is whole and not task.inplace:

@@ -23,8 +23,10 @@ Invariants:
 - A setter's whole value is sliced back to this rank's shard before the model sees it,
   so the layer's own collective (the next rowwise all-reduce) reproduces the edit.
 - Sharded parameters stay sharded; `param` returns a whole copy (an all-gather).
-- Gradients at a sharded site are refused with the user's line (`grad_error`): the
-  gradient of a shard lives on its rank. Whole sites' gradients work as usual.
+- Gradients: at a sharded site whose gradient the graph watches, the gather is
+  differentiable and the model continues from the whole tensor's slice; the whole
+  gradient is every rank's part summed (one all-reduce in backward, made by every rank in
+  the same backward order). Where no gradient is watched, nothing of this is built.
 """
 
 from __future__ import annotations
@@ -53,6 +55,38 @@ class Cut:
     @property
     def full(self) -> int:
         return sum(self.sizes)
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather a shard into the whole tensor; backward: this rank's slice of the whole
+    gradient (which `_SumGrads` has already made whole on every rank)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, layouts: SiteLayouts, cut: Cut) -> torch.Tensor:
+        ctx.layouts, ctx.cut = layouts, cut
+        return layouts._gather(t, cut)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.layouts._slice(grad, ctx.cut), None, None
+
+
+class _SumGrads(torch.autograd.Function):
+    """Identity forward; backward: the sum of every rank's gradient (one all-reduce), so a
+    whole tensor that each rank's model uses only a slice of gets its whole gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
 
 
 def _tensor_at(value: Any, leaf: tuple[int, ...]) -> torch.Tensor | None:
@@ -88,28 +122,37 @@ class SiteLayouts:
     def sharded(self, path: str, kind: str) -> bool:
         return (path, kind) in self.cuts
 
-    def whole(self, path: str, kind: str, value: Any) -> Any:
-        """The unsharded value of the site (the value itself where the site is whole)."""
+    def whole(self, path: str, kind: str, value: Any, grad: bool = False) -> Any:
+        """The unsharded value of the site (the value itself where the site is whole).
+        `grad`: the gradient is watched here, so the gather is differentiable (`_Gather`)."""
         cuts = self.cuts.get((path, kind))
         if cuts is None:
             return value
         for cut in cuts:
             t = _tensor_at(value, cut.leaf)
             if t is not None:
-                value = replace_at(value, cut.leaf, self._gather(t, cut))
+                full = _Gather.apply(t, self, cut) if grad else self._gather(t, cut)
+                value = replace_at(value, cut.leaf, full)
         return value
 
-    def local(self, path: str, kind: str, value: Any) -> Any:
-        """This rank's shard of a whole value of the site (e.g. a setter's)."""
+    def local(self, path: str, kind: str, value: Any, grad: bool = False) -> Any:
+        """This rank's shard of a whole value of the site (e.g. a setter's). `grad`: the
+        model's path goes through `_SumGrads`, so the whole tensor's gradient sums every
+        rank's part of it (each rank's backward reaches only its own slice)."""
         cuts = self.cuts.get((path, kind))
         if cuts is None:
             return value
         for cut in cuts:
             t = _tensor_at(value, cut.leaf)
             if t is not None and t.dim() >= -cut.dim and t.shape[cut.dim] == cut.full:
-                start, size = sum(cut.sizes[: self.rank]), cut.sizes[self.rank]
-                value = replace_at(value, cut.leaf, t.narrow(cut.dim, start, size).contiguous())
+                if grad and t.requires_grad:
+                    t = _SumGrads.apply(t, self.group)
+                value = replace_at(value, cut.leaf, self._slice(t, cut))
         return value
+
+    def _slice(self, t: torch.Tensor, cut: Cut) -> torch.Tensor:
+        start, size = sum(cut.sizes[: self.rank]), cut.sizes[self.rank]
+        return t.narrow(cut.dim, start, size).contiguous()
 
     def param(self, value: torch.Tensor) -> torch.Tensor:
         """A parameter or buffer, whole (a DTensor shard is gathered)."""
@@ -121,12 +164,6 @@ class SiteLayouts:
         """A module called by the graph: whole arguments in, its whole output out."""
         args, kwargs = self.local(path, "inputs", (args, kwargs))
         return self.whole(path, "output", module(*args, **kwargs))
-
-    def grad_error(self, path: str, kind: str, where: str) -> ExecutionError:
-        return ExecutionError(
-            f"`.grad` at `{path}.{kind}` is not supported on a tensor-parallel model: that site is split "
-            "across the ranks (each holds a shard of it). Read the gradient at a whole site instead "
-            "(a decoder block's output, `self_attn.output`, `mlp.output`, `o_proj.output`)", where)
 
     # --- the collective ------------------------------------------------------------------
     def _gather(self, t: torch.Tensor, cut: Cut) -> torch.Tensor:
