@@ -28,6 +28,7 @@ from ..graph import wire
 from ..graph.ir import Graph
 from ..graph.results import decode_results
 from ..runtime.limits import RunLimits
+from .lockstep import BROKEN_EXIT
 
 _JOBS = itertools.count()
 
@@ -72,6 +73,8 @@ class RankGroup:
 def _error(d: dict[str, Any]) -> NNglassError:
     cls = getattr(errors, str(d.get("type")), None)
     message = str(d.get("message"))
+    if message.endswith(f"(exit code {BROKEN_EXIT})"):
+        message += ": a rank of the group was lost; the group starts again on the next run"
     if not (isinstance(cls, type) and issubclass(cls, NNglassError)):
         cls, message = ExecutionError, f"{d.get('type')}: {message}"
     return cls(message, str(d.get("where") or ""))

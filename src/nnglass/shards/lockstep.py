@@ -46,6 +46,8 @@ from ..runtime.shards import SiteLayouts
 
 logger = logging.getLogger(__name__)
 
+BROKEN_EXIT = 75  # rank 0's exit code when its group broke (its host restarts it)
+
 
 class GroupBroken(NNglassError):
     """A rank of the group is gone or out of step: the group must be restarted."""
@@ -122,7 +124,7 @@ class ShardedLanguageModel(LanguageModel):
             except GroupBroken:
                 logger.error("the rank group is broken: rank 0 exits so that its host restarts it")
                 self.peers.close()
-                os._exit(75)
+                os._exit(BROKEN_EXIT)
 
     def _lead(self, graph: Graph, limits: RunLimits) -> dict[int, Any]:
         if graph.mode == GENERATE and graph.options.get(SEED) is None:
