@@ -52,3 +52,17 @@ def test_layers_on_two_gpus_read_and_set_as_on_one_device(tiny_dir: Path) -> Non
 
     for a, b in zip(run(split), run(alone), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_that_cannot_be_sharded_is_refused_before_any_rank_starts() -> None:
+    import transformers
+
+    from nnglass.errors import NNglassError
+    from nnglass.shards.rank import check_shardable
+
+    llama = transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2)
+    check_shardable(llama, 2)
+    with pytest.raises(NNglassError, match="num_attention_heads = 4, which does not divide by shards = 3"):
+        check_shardable(llama, 3)
+    with pytest.raises(NNglassError, match="no tensor-parallel plan"):
+        check_shardable(transformers.GPT2Config(), 2)

@@ -9,5 +9,7 @@ tensor-parallel plan, behind the same `run_graph` as any LanguageModel.
 - `frames.py`, `follower.py`, `start.py`: the embedded group: rank 0 is the model's
   worker process (server/worker.py) and the other ranks are its subprocesses, spoken
   to over pipes in length-prefixed frames (JSON + raw bytes, never pickle).
+- `ray_group.py`: the group on Ray: rank 0 the replica's actor, the other ranks actors in
+  its placement group's bundles (`RayPeers`: the same protocol through Ray).
 - `local.py`: `LanguageModel(..., shards=N)` in a script runs through that same group.
 """
