@@ -23,6 +23,7 @@ import torch
 from ..errors import GraphError, VersionError
 from .ir import MODES, OPCODES, SESSION, SITE_KINDS, WIRE_VERSION, Graph, Invoke, Node, Ref, Site, TensorRef
 from .ops import ATTRIBUTES, REGISTRY, OpRegistry
+from .source import split as split_source
 
 # Dtypes a value may name, by their canonical name (never looked up with getattr).
 DTYPES: dict[str, torch.dtype] = {
@@ -204,6 +205,10 @@ def _check_op(node: Node, registry: OpRegistry, session: tuple[int, list[Graph]]
         if op == "set" and (len(args) != 1 or not (not node.kwargs or skip_only)):
             raise _node_error(node, "set takes exactly one argument, the new value (and skip=True, "
                                     "only for a module's output)")
+        operation = site is not None and split_source(site.path) is not None
+        if operation and (node.kwargs or site.kind == "result"):
+            raise _node_error(node, "an operation inside a forward (`.source`) has an input, inputs and "
+                                    "an output, and cannot be skipped")
         if node.kwargs and site is not None and site.kind != "output":
             raise _node_error(node, "skip=True replaces a module's output; this set is of its "
                                     f"{_show(site.kind)}")

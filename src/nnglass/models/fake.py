@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -30,11 +31,14 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..graph.ir import GENERATE, SCAN, Graph, Site
+from ..graph.source import source_path
+from ..graph.source import split as split_source
 from ..runtime.interpreter import Interpreter
 from ..runtime.limits import NO_LIMITS, RunConfig, RunLimits
 from ..runtime.run import execute
 from ..runtime.values import Opaque, graph_view, map_batch, without_state
 from ..tracing.meta import Unknown
+from .source_notes import OpNotes
 
 if TYPE_CHECKING:
     from .language import LanguageModel
@@ -88,8 +92,10 @@ _CAPTURING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("nnglas
 SiteValues = dict[tuple[str, str, int], Any]  # (path, kind, call) -> captured value
 
 
-def capture(mode: FakeTensorMode, model: torch.nn.Module, run: Callable[[], Any]) -> SiteValues:
-    """Every module's (args, kwargs) and output in one fake forward `run()`."""
+def capture(mode: FakeTensorMode, model: torch.nn.Module, run: Callable[[], Any],
+            ops: bool = False) -> SiteValues:
+    """Every module's (args, kwargs) and output in one fake forward `run()`; with `ops`,
+    also every `.source` operation's (models/source_notes.py)."""
     sites: SiteValues = {}
     calls: dict[tuple[str, str], int] = {}
 
@@ -98,16 +104,22 @@ def capture(mode: FakeTensorMode, model: torch.nn.Module, run: Callable[[], Any]
         calls[(path, kind)] = n + 1
         sites[(path, kind, n)] = value
 
+    notes = OpNotes(note) if ops else None
+
     def pre(path: str) -> Any:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if _CAPTURING.get() is sites:
                 note(path, "inputs", (args, kwargs))
+                if notes is not None:
+                    notes.enter(path)
 
         return hook
 
     def post(path: str) -> Any:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
             if _CAPTURING.get() is sites:
+                if notes is not None:
+                    notes.exit(path)
                 note(path, "output", output)
 
         return hook
@@ -118,7 +130,7 @@ def capture(mode: FakeTensorMode, model: torch.nn.Module, run: Callable[[], Any]
         for path, module in model.named_modules():
             handles.append(module.register_forward_pre_hook(pre(path), with_kwargs=True))
             handles.append(module.register_forward_hook(post(path)))
-        with _quiet(), mode, torch.no_grad():
+        with _quiet(), mode, torch.no_grad(), notes or contextlib.nullcontext():
             run()
     finally:
         for h in handles:
@@ -130,7 +142,8 @@ def capture(mode: FakeTensorMode, model: torch.nn.Module, run: Callable[[], Any]
 class FakeWorld:
     """Site values of one fake forward, as the graph's invokes see them."""
 
-    def __init__(self, mode: FakeTensorMode, model: torch.nn.Module, sites: Callable[[bool], SiteValues],
+    def __init__(self, mode: FakeTensorMode, model: torch.nn.Module,
+                 sites: Callable[[bool, bool], SiteValues],
                  rows: list[tuple[int, int]], batch: int, result: Any = None, *,
                  convert: Callable[[Any], Any] | None = None,
                  runner: Callable[[], torch.nn.Module] | None = None) -> None:
@@ -141,7 +154,9 @@ class FakeWorld:
         self.model = model
         self._convert = convert
         self._runner = runner
-        self._sites = sites  # later -> captured values (made on first use, cached by the model)
+        # (later, ops) -> captured values (made on first use, cached by the model); `ops`: a
+        # capture that also noted the `.source` operations (only made when one is asked)
+        self._sites = sites
         self.rows = rows
         self.batch = batch
         self.result = result  # the fake generated ids (generation only)
@@ -154,7 +169,8 @@ class FakeWorld:
         if kind == "result":
             value = self.result
         else:
-            sites = self._sites(later)
+            op = split_source(path)
+            sites = self._sites(later, op is not None)
             key = (path, "inputs" if kind != "output" else "output", call)
             if key not in sites:
                 return Unknown(f"`{path or '<root>'}` call {call} did not run in the fake forward")
@@ -162,7 +178,9 @@ class FakeWorld:
             if self._convert is not None:
                 value = self._convert(value)
                 sites[key] = value  # converted once per capture (fakes are only ever read)
-            if kind == "input":
+            if kind == "input" and op is not None:
+                value = value[0][0] if value[0] else None  # an operation's first argument
+            elif kind == "input":
                 value = _first_input(self.model.get_submodule(path), *value)
             elif kind == "output" and not path:
                 value = without_state(value)
@@ -172,6 +190,10 @@ class FakeWorld:
             with self._mode:
                 value = map_batch(value, self.batch, lambda t: t[start:stop])
         return value
+
+    def operations(self, path: str) -> list[str]:
+        """The `.source` operations one call of the module at `path` made, in order."""
+        return operations(self._sites(False, True), path)
 
     def _run_model(self) -> torch.nn.Module:
         return self.model if self._runner is None else self._runner()
@@ -185,6 +207,14 @@ class FakeWorld:
         module = self._run_model().get_submodule(module_path)
         value = module._parameters.get(name)
         return (module._buffers[name] if value is None else value).detach()
+
+
+def operations(sites: SiteValues, path: str) -> list[str]:
+    """The `.source` operations the first call of the module at `path` made in a capture
+    that noted them, in order."""
+    prefix = source_path(path, "")
+    return [p[len(prefix):] for p, kind, call in sites
+            if kind == "output" and call == 0 and p.startswith(prefix) and "." not in p[len(prefix):]]
 
 
 def _first_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:

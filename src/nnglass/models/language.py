@@ -90,6 +90,9 @@ class LanguageModel(NNModel):
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        attention = load_kwargs.get("attn_implementation")
+        if attention and meta is not loaded:  # the module tree computes as the weights will load
+            meta.set_attn_implementation(attention)
         super().__init__(meta, name=label, backend=backend, rename=rename)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "config", config)
@@ -198,29 +201,31 @@ class LanguageModel(NNModel):
                 return loaded, mode
             return fake._fake_model(self)[1], mode
 
-        def capture(key: Any, run: Callable[[torch.nn.Module, Callable[[Any], Any]], Any]) -> fake.SiteValues:
+        def capture(key: Any, run: Callable[[torch.nn.Module, Callable[[Any], Any]], Any],
+                    ops: bool) -> fake.SiteValues:
             def make() -> fake.SiteValues:
                 if meta is not None:
                     try:
-                        return meta.capture(run)
+                        return meta.capture(run, ops)
                     except Exception as e:  # a model the meta run cannot do: FakeTensorMode can
                         log.info("metadata by FakeTensorMode for %s (meta forward: %s)", self.name, e)
                         object.__setattr__(self, "_meta", False)
                 model, fmode = fallback()
-                return fake.capture(fmode, model, lambda: run(model, lambda t: t.to(device)))
+                return fake.capture(fmode, model, lambda: run(model, lambda t: t.to(device)), ops)
 
-            return self._fake_sites.get((id(meta), key), make)
+            # (the attention implementation too: a copy made again may reuse an old one's id)
+            return self._fake_sites.get((id(meta), meta and _attention(meta.model), key, ops), make)
 
         main_key = fake.signature((ids, forward))  # once per world, not per site read
 
-        def sites(later: bool) -> fake.SiteValues:
+        def sites(later: bool, ops: bool) -> fake.SiteValues:
             if later:  # a generation step after the prompt: one new token (KV cache shapes aside)
                 one = ids[:, -1:]
                 return capture(("later", ids.shape[0]), lambda m, x: m(
-                    input_ids=x(one), attention_mask=x(torch.ones_like(one)), use_cache=False))
+                    input_ids=x(one), attention_mask=x(torch.ones_like(one)), use_cache=False), ops)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             return capture(main_key, lambda m, x: m(
-                input_ids=x(ids), attention_mask=x(mask), position_ids=x(positions), **forward))
+                input_ids=x(ids), attention_mask=x(mask), position_ids=x(positions), **forward), ops)
 
         result = None
         if graph.mode == GENERATE:
@@ -231,10 +236,30 @@ class LanguageModel(NNModel):
         return fake.FakeWorld(mode, self._module, sites, rows, ids.shape[0], result, convert=convert,
                               runner=lambda: fallback()[0])
 
+    def _source_listing(self, path: str) -> list[str] | None:
+        """`.source` operations outside a trace: from one meta forward over a short prompt
+        (once per model; no weights needed)."""
+        meta = self._meta_copy()
+        if meta is None:
+            return None
+        vocab = max(int(getattr(self.config, "vocab_size", 0) or 0), 5)
+        ids = torch.arange(1, 5).remainder(vocab)[None]
+
+        def run(m: torch.nn.Module, x: Callable[[Any], Any]) -> Any:
+            return m(input_ids=x(ids), attention_mask=x(torch.ones_like(ids)), use_cache=False)
+
+        key = (id(meta), _attention(meta.model), "listing")
+        sites = self._fake_sites.get(key, lambda: meta.capture(run, ops=True))
+        return fake.operations(sites, path)
+
     def _meta_copy(self) -> metaforward.MetaCopy | None:
-        """The private meta-device copy metadata runs on (built once; None: cannot be)."""
+        """The private meta-device copy metadata runs on (built once, and again when the model's
+        attention implementation changed since: `.source` operations follow it; None: cannot be)."""
+        source = self._loaded if self._loaded is not None else self._module
+        if self._meta and _attention(self._meta.model) != _attention(source):
+            object.__setattr__(self, "_meta", None)
         if self._meta is None:
-            made = metaforward.MetaCopy.of(self._loaded if self._loaded is not None else self._module)
+            made = metaforward.MetaCopy.of(source)
             object.__setattr__(self, "_meta", made or False)
         return self._meta or None
 
@@ -384,3 +409,6 @@ def batch_prompts_width(graph: Graph) -> int:
 def _2d(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(0) if t.dim() == 1 else t
 
+
+def _attention(model: torch.nn.Module) -> Any:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)

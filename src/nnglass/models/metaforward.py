@@ -41,6 +41,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .source_notes import OpNotes
+
 logger = logging.getLogger(__name__)
 
 SiteValues = dict[tuple[str, str, int], Any]  # (path, kind, call) -> captured value
@@ -70,6 +72,7 @@ class _Capture:
     """One capture in progress: the sites noted so far and what repeats can reuse."""
 
     def __init__(self) -> None:
+        self.ops: OpNotes | None = None  # `.source` operations, when the capture notes them
         self.sites: SiteValues = {}
         self.calls: dict[tuple[str, str], int] = {}
         self.seen: dict[Any, tuple[Any, list[tuple[str, str, Any]]]] = {}
@@ -109,15 +112,21 @@ class MetaCopy:
             logger.debug("no meta copy of %s: %s", type(module).__name__, e)
             return None
 
-    def capture(self, run: Callable[[torch.nn.Module, Inputs], Any]) -> SiteValues:
+    def capture(self, run: Callable[[torch.nn.Module, Inputs], Any], ops: bool = False) -> SiteValues:
         """Every module's (args, kwargs) and output in one meta forward `run(model, meta)`,
-        where `meta(real)` gives the meta stand-in of an input whose data is known."""
+        where `meta(real)` gives the meta stand-in of an input whose data is known; with
+        `ops`, also every `.source` operation's (models/source_notes.py)."""
         cap = _Capture()
         shadows = _Shadows(cap)
         token = _ACTIVE.set(cap)
         try:
             with shadows, torch.no_grad():
-                run(self.model, shadows.meta)
+                if ops:
+                    cap.ops = OpNotes(cap.note)
+                    with cap.ops:
+                        run(self.model, shadows.meta)
+                else:
+                    run(self.model, shadows.meta)
         finally:
             _ACTIVE.reset(token)
         return cap.sites
@@ -191,6 +200,8 @@ def _repeatable(owner: MetaCopy, path: str, module: torch.nn.Module) -> Callable
             output, notes = hit
             for rel, kind, value in notes:
                 cap.note(prefix + rel, kind, value)
+            if cap.ops is not None:
+                cap.ops.replay(notes)
             return output  # meta tensors hold no data: sharing them changes nothing
         notes: list[tuple[str, str, Any]] = []
         cap.recorders.append((prefix, notes))
@@ -212,6 +223,8 @@ def _pre(path: str) -> Any:
         cap = _ACTIVE.get()
         if cap is not None:
             cap.note(path, "inputs", (args, kwargs))
+            if cap.ops is not None:
+                cap.ops.enter(path)
 
     return hook
 
@@ -220,6 +233,8 @@ def _post(path: str) -> Any:
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
         cap = _ACTIVE.get()
         if cap is not None:
+            if cap.ops is not None:
+                cap.ops.exit(path)
             cap.note(path, "output", output)
 
     return hook

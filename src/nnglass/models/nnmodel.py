@@ -35,7 +35,7 @@ class NNModel:
         names, e.g. `{"transformer.h": "layers", "attn": "attention"}` (tracing/envoy.py)."""
         object.__setattr__(self, "_module", module)
         aliases = Aliases(module, rename) if rename else None
-        object.__setattr__(self, "_envoy", Envoy(module, "", aliases))
+        object.__setattr__(self, "_envoy", Envoy(module, "", aliases, self._source_listing))
         object.__setattr__(self, "name", name or type(module).__name__)
         object.__setattr__(self, "_local", LocalBackend(self))
         object.__setattr__(self, "_remote", backend)
@@ -92,13 +92,17 @@ class NNModel:
         module, mode = self._module, self._meta_mode()
         key = fake.signature((args, kwargs))
 
-        def make() -> fake.SiteValues:
-            return fake.capture(mode, module, lambda: module(*args, **kwargs))
+        def sites(later: bool, ops: bool) -> fake.SiteValues:
+            def make() -> fake.SiteValues:
+                return fake.capture(mode, module, lambda: module(*args, **kwargs), ops)
 
-        def sites(later: bool) -> fake.SiteValues:
-            return self._fake_sites.get(key, make)
+            return self._fake_sites.get((key, ops), make)
 
         return fake.FakeWorld(mode, module, sites, rows, batch)
+
+    def _source_listing(self, path: str) -> list[str] | None:
+        """`.source` operations outside a trace: a plain module's inputs are unknown then."""
+        return None
 
     def _meta_mode(self) -> Any:
         """The FakeTensorMode this model's own module runs under for metadata."""

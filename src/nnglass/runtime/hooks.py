@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import GraphError
+from .source import close_modes, source_hooks, weight_storages
 from .values import SKIPPED, only_input, unwrap
 
 if TYPE_CHECKING:
@@ -115,6 +116,19 @@ def install(model: torch.nn.Module, interp: Interpreter) -> list[tuple[dict, int
             installed.append((_SKIP_TABLE, 0, None))
             for path in interp.plan.skipped:
                 _start_skipping(find_module(model, path, interp.plan.site_where[path]), interp, path)
+        if interp.plan.source_specs:
+            # First among the module's hooks: the mode is on before its input hook runs
+            # and off before its output hook (their nodes' torch calls are not counted anyway).
+            weights = weight_storages(model) if interp.hide_weights else None
+            for path, wanted in interp.plan.source_specs.items():
+                module = find_module(model, path, interp.plan.site_where[path])
+                pre, post = source_hooks(interp, path, wanted, weights)
+                module._forward_pre_hooks[key] = pre
+                installed.append((module._forward_pre_hooks, key, None))
+                module._forward_hooks_always_called[key] = True  # also when the forward raises
+                module._forward_hooks[key] = post
+                installed.append((module._forward_hooks, key, module._forward_hooks_always_called))
+            key = next(_KEYS)  # the module's own hooks below go under another key
         for path, pre, out in interp.plan.hook_specs:
             module = find_module(model, path, interp.plan.site_where[path])
             if pre:
@@ -140,6 +154,7 @@ def uninstall(interp: Interpreter, installed: list[tuple[dict, int, dict | None]
         table.pop(key, None)
         if flags is not None:
             flags.pop(key, None)
+    close_modes(interp)
     ACTIVE.reset(interp.active_token)
 
 

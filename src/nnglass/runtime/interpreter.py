@@ -113,6 +113,7 @@ class Interpreter:
         self.seconds = config.limits.seconds  # the time limit, for the message
         self.hide_weights = config.limits.hide_weights  # `.inputs` shows only `.input` (see hooks)
         self.active_token: Any = None  # set by hooks.install: this run is active in its context
+        self.source_modes: list[Any] = []  # runtime/source.py: the modes of forwards now running
         self._merged: dict[SiteKey, SiteTask] = {}  # step-k + every-step tasks, merged once
         # Saved values are snapshots. Copying each costs time and memory, so a plain trace
         # saves references and watches their version counters: if anything (the model's own

@@ -36,6 +36,7 @@ from ..graph.ir import (
     _collect_refs,
 )
 from ..graph.ops import REGISTRY, OpRegistry
+from ..graph.source import split as split_source
 
 SiteKey = tuple[str, str, int, int]  # path, kind, call, step
 _SITE_OPS = frozenset({GET, SET, GRAD, SET_GRAD})
@@ -82,6 +83,8 @@ class Plan:
     has_backward: bool = False
     max_step: int = 0
     skipped: set[str] = field(default_factory=set)  # paths some `.skip(v)` may keep from running
+    # `.source` sites (runtime/source.py): module path -> op name ("softmax_0") -> kinds
+    source_specs: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)
 
 
 def site_key(node: Node) -> SiteKey:
@@ -184,14 +187,25 @@ def build_plan(graph: Graph, registry: OpRegistry) -> Plan:
     for get_id in grad_groups:
         g = nodes[get_id]
         tasks[site_key(g)].grads.append(get_id)
-    hook_specs = [(path, frozenset(kinds & {"input", "inputs"}), "output" in kinds)
-                  for path, kinds in hooked.items()]
+    hook_specs, source_specs = [], {}
+    for path, kinds in hooked.items():
+        op = split_source(path)
+        if op is None:
+            hook_specs.append((path, frozenset(kinds & {"input", "inputs"}), "output" in kinds))
+        else:  # an operation inside the module's forward: its module's hooks count the calls
+            source_specs.setdefault(op.module, {})[op.name] = frozenset(kinds)
+            site_where.setdefault(op.module, site_where[path])
     skipped = {key[0] for key, t in tasks.items() if t.skips}
+    if skipped & {p for p in hooked if split_source(p) is not None}:
+        where = next(nodes[i].where for t in tasks.values() for i in t.skips
+                     if split_source(nodes[i].site.path) is not None)
+        raise GraphError("`.skip()` replaces a module's output; an operation inside a forward cannot be "
+                         "skipped (set its `.output` instead)", where)
     return Plan(
         [tuple(sorted(d)) for d in deps], consumers, fns, tasks, hooked, site_where, hook_specs,
         grad_groups, grad_path, starters, runnable, all_steps, final,
         {i for i in range(n) if memory.shares_weights(i)},
-        has_backward, max_step, skipped,
+        has_backward, max_step, skipped, source_specs,
     )
 
 

@@ -28,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 MiB = 2**20
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+ATTENTION = ("", "eager", "sdpa")  # a model's `attention`: how transformers computes attention
 ENGINES = ("subprocess", "ray")
 
 
@@ -81,6 +82,9 @@ class ModelConfig:
     name: str  # what clients call it (`LanguageModel(name)`)
     source: str  # built-in name, hub id or local directory
     dtype: str = "float32"
+    # The attention implementation to load with ("" is transformers' default, sdpa): "eager"
+    # forms the probabilities, so `.source.softmax_0` reads them (graph/source.py).
+    attention: str = ""
     replicas: int = 1
     shards: int = 1  # > 1: each replica runs tensor-parallel over this many rank processes (shards/)
     # engine = "ray", shards > 1: how the ranks' placement group spreads them over nodes
@@ -204,6 +208,9 @@ def _model(raw: object, where: str) -> ModelConfig:
         raise ConfigError(f"{where}.name: must not be empty")
     if kw.get("dtype", "float32") not in DTYPES:
         raise ConfigError(f"{where}.dtype: {kw['dtype']!r} is not one of {', '.join(DTYPES)}")
+    if kw.get("attention", "") not in ATTENTION:
+        allowed = ", ".join(map(repr, ATTENTION))
+        raise ConfigError(f"{where}.attention: {kw['attention']!r} is not one of {allowed}")
     policy = _policy(table.get("policy", {}), f"{where}.policy")
     resources = _resources(table.get("resources", {}), f"{where}.resources")
     cfg = ModelConfig(policy=policy, resources=resources, **kw)

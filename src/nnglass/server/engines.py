@@ -15,7 +15,8 @@ WorkerFactory = Callable[[ModelConfig, ServerConfig], Worker]
 def subprocess_worker(model: ModelConfig, server: ServerConfig) -> Worker:
     """The embedded default: each replica in a worker subprocess of this server."""
     return WorkerHandle({"name": model.name, "source": model.source, "dtype": model.dtype,
-                         "threads": model.threads, "debug_checksums": server.debug_checksums,
+                         "attention": model.attention, "threads": model.threads,
+                         "debug_checksums": server.debug_checksums,
                          "shards": model.shards, "device_map": model.device_map})
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..models.source_notes import operation_paths
 from ..runtime.values import tensor_leaves
 from .config import Policy
 
@@ -38,6 +39,17 @@ def lookup_sites(model: torch.nn.Module) -> frozenset[tuple[str, str]]:
     second = _probe(model, torch.tensor([[2 % vocab, *rest]]))
     return frozenset(site for site, value in first.items()
                      if site in second and _same_after_first(value, second[site]))
+
+
+def operation_sites(model: torch.nn.Module) -> list[str]:
+    """The `.source` path of every operation inside a module's forward (graph/source.py)
+    that one forward pass makes: a graph may name only these. Measured on the loaded model,
+    so the attention implementation it was loaded with decides (eager: softmax, sdpa: the
+    fused call)."""
+    vocab = max(int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0), 2)
+    ids = torch.tensor([[(7 * i + 3) % vocab for i in range(_WIDTH)]])
+    return operation_paths(model, lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                use_cache=False))
 
 
 def _probe(model: torch.nn.Module, ids: torch.Tensor) -> dict[tuple[str, str], Any]:

@@ -2,7 +2,10 @@
 
 Invariant: `check_policy` accepts a graph only if every node stays inside the policy:
 reads (`get` of a module's input/inputs/output) match a `read` glob, writes (`set`) a
-`write` glob, every site names a module that exists, gradients (`grad`, `set_grad`,
+`write` glob, every site names a module that exists (or, for a `.source` site such as
+`model.layers.0.self_attn.source.softmax_0`, an operation the module's forward makes, as
+the worker measured; globs match it as a path like any other, so `model.layers.*.self_attn`
+does not expose it and `model.layers.*.self_attn.source.*` does), gradients (`grad`, `set_grad`,
 `backward`) only when `gradients` is on, parameters (`param`) only when weights are
 visible, module calls on graph values only when `module_calls` is on *and* weights are
 visible, and the graph stays within the limits (nodes, prompt tokens, new tokens). The
@@ -67,6 +70,8 @@ from ..graph.ir import (
     TensorRef,
     path_name,
 )
+from ..graph.source import SOURCE_KINDS, SourceOp, source_path
+from ..graph.source import split as split_source
 from .config import Policy
 
 # Options that make the root output carry other modules' values (every layer's hidden
@@ -108,7 +113,7 @@ def check_policy(graph: Graph, policy: Policy, module_paths: set[str],
     (`server.exposure.lookup_sites`); unreadable while weights are hidden, unless the
     policy sets `expose_embeddings`.
     """
-    paths = set(module_paths) | {""}
+    paths = set(module_paths) | {""}  # modules', and the `.source` operations' a worker measured
     nodes = sum(len(g.nodes) for g in _traces(graph))
     if nodes > policy.limits.graph_nodes:
         raise PolicyError(f"the graph has {nodes} nodes; model {graph.model!r} allows at most "
@@ -137,6 +142,7 @@ class _Check:
     def __init__(self, graph: Graph, policy: Policy, paths: set[str], earlier: list[_Check],
                  lookups: frozenset[tuple[str, str]]) -> None:
         self.graph, self.policy, self.paths, self.earlier = graph, policy, paths, earlier
+        self.modules = {p for p in paths if split_source(p) is None}  # what `module`/`param` may name
         hidden = not (policy.weights_visible or policy.expose_embeddings)
         self.hidden_lookups = lookups if hidden else frozenset()
         self.model = graph.model
@@ -207,7 +213,7 @@ class _Check:
             if not policy.weights_visible:
                 self.refuse(node, f"parameter {node.args[0]!r}: weights of model {self.model!r} are hidden")
             owner = str(node.args[0]).rpartition(".")[0]
-            if owner not in self.paths:
+            if owner not in self.modules:
                 self.refuse(node, f"no module at {owner!r} (parameter {node.args[0]!r})")
         elif op == MODULE:
             path = node.args[0]
@@ -217,7 +223,7 @@ class _Check:
                             "are refused (they would expose the weights)")
             if not policy.module_calls:
                 self.refuse(node, f"{call}: module calls are off for model {self.model!r}")
-            if path not in self.paths:
+            if path not in self.modules:
                 self.refuse(node, f"no module at {path!r} to call")
         elif op == IMPORT:
             pass  # an earlier trace's value, checked there
@@ -261,7 +267,10 @@ class _Check:
             if write:
                 self.refuse(node, "the generated result cannot be written")
             return
-        if site.path not in self.paths:
+        op = split_source(site.path)
+        if op is not None:
+            self.check_operation(node, site, op)
+        elif site.path not in self.paths:
             self.refuse(node, f"no module at {site.path!r} in model {self.model!r}")
         patterns = self.policy.write if write else self.policy.read
         if not matches_any(patterns, site.path):
@@ -273,6 +282,24 @@ class _Check:
             self.refuse(node, f"reading `{site}` would reveal the weights of model {self.model!r}: "
                         "its value is a lookup of them (one embedding row per token), and the weights are "
                         "hidden (the policy does not set expose_embeddings); read a later block instead")
+
+    def check_operation(self, node: Node, site: Site, op: SourceOp) -> None:
+        """A `.source` site: its module exists and its forward makes that call (as measured
+        on the loaded model); under hidden weights, not inside a module whose input is a
+        lookup of them (the first attention's scores are a function of token pairs alone)."""
+        if op.module not in self.modules:
+            self.refuse(node, f"no module at {path_name(op.module)!r} in model {self.model!r}")
+        if site.kind not in SOURCE_KINDS:
+            self.refuse(node, f"an operation has {', '.join(SOURCE_KINDS)}, not {site.kind!r}")
+        if site.path not in self.paths:
+            prefix = source_path(op.module, "")
+            made = sorted(p[len(prefix):] for p in self.paths
+                          if p.startswith(prefix) and "." not in p[len(prefix):])
+            self.refuse(node, f"the forward of `{path_name(op.module)}` in model {self.model!r} makes no "
+                        f"call {op.name!r} (as loaded on this server); it makes: {', '.join(made) or 'none'}")
+        if (op.module, "input") in self.hidden_lookups:
+            self.refuse(node, f"reading inside `{path_name(op.module)}` would reveal the weights of model "
+                        f"{self.model!r}: its input is a lookup of them and the weights are hidden")
 
     def grad_site(self, node: Node) -> Site:
         """The site whose value `.grad` is of (through int indexing of a tuple output)."""

@@ -117,8 +117,8 @@ def actor_options(model: ModelConfig) -> dict[str, Any]:
 def ray_worker(model: ModelConfig, server: ServerConfig) -> RayWorker:
     """The `engine = "ray"` worker factory (see service.WorkerFactory)."""
     connect(server)
-    config = {"name": model.name, "source": model.source, "dtype": model.dtype, "threads": model.threads,
-              "debug_checksums": server.debug_checksums, "shards": model.shards,
+    config = {"name": model.name, "source": model.source, "dtype": model.dtype, "attention": model.attention,
+              "threads": model.threads, "debug_checksums": server.debug_checksums, "shards": model.shards,
               "device_map": model.device_map}
     options = actor_options(model)
     if model.shards == 1:

@@ -4,9 +4,10 @@ really stop the work. `python -m nnglass.server.worker` is the child; `WorkerHan
 and `answer` are the replica itself, whatever hosts it (this child, or a Ray actor).
 
 Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
-  parent → child, once: {"name", "source", "dtype", "threads", "debug_checksums"[, "limits"]
+  parent → child, once: {"name", "source", "dtype", "threads", "debug_checksums"[, "attention", "limits"]
                           [, "shards": N: this child is rank 0 of N tensor-parallel ranks, shards/]}
   child → parent:       {"ready": true, "paths": [...], "lookups": [[path, kind], ...], "pid": n}
+                        (paths: every module's, then every `.source` operation's: exposure.py)
                         or {"ready": false, "error": {...}} (then it exits)
   parent → child, a job: {"job", "graph": path, "tensors": path | null, "result": path,
                           "limits": {"run_seconds", "result_bytes", "op_bytes", "live_bytes", ...},
@@ -62,7 +63,7 @@ from ..graph.merge import merge, share_key, split
 from ..graph.ops import REGISTRY
 from ..graph.results import encode_results
 from ..runtime.limits import RunLimits
-from .exposure import lookup_sites
+from .exposure import lookup_sites, operation_sites
 from .handle import GRACE_SECONDS as GRACE_SECONDS
 from .handle import WorkerHandle as WorkerHandle
 from .handle import error_answer
@@ -130,6 +131,8 @@ class LoadedModel:
             self.lookups, self.rank_nodes = self.lm.lookups, list(self.lm.nodes)
         else:
             placed = {"device_map": config["device_map"]} if config.get("device_map") else {}
+            if config.get("attention"):  # e.g. "eager": `.source` sees the probabilities
+                placed["attn_implementation"] = config["attention"]
             self.lm = LanguageModel(config["source"], dtype=DTYPES[dtype], name=self.name, **placed)
         self.module = self.lm.module  # load the weights now, not on the first job
         self.outbox: dict[Any, bytes] = {}  # job -> its result, for a request without a result path
@@ -295,6 +298,8 @@ def main() -> int:
 def ready_message(replica: LoadedModel) -> dict[str, Any]:
     """What a host tells the server once the model is loaded."""
     paths = [p for p, _ in replica.module.named_modules()]
+    # A rank group's forward needs every rank, so no probe runs there: its `.source` sites are refused.
+    paths += operation_sites(replica.module) if replica.lookups is None else []
     found = replica.lookups if replica.lookups is not None else lookup_sites(replica.module)
     lookups = [list(site) for site in sorted(found)]
     return {"ready": True, "paths": paths, "lookups": lookups, "pid": os.getpid(), **replica.debug_info()}

@@ -8,6 +8,7 @@ variable, so two threads can trace the same model at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -16,6 +17,8 @@ from ..errors import TraceError
 from ..graph.ir import GET, MODULE, PARAM, SET, Invoke
 from .proxy import Proxy
 from .tracer import Tracer, current_tracer, user_where
+
+Lister = Callable[[str], "list[str] | None"]
 
 
 class TracedModel(Protocol):
@@ -32,11 +35,15 @@ class Envoy:
     # No __slots__: a child envoy, once found, is cached in the instance __dict__ so the
     # next `net.layers` is a plain attribute hit (properties like `.output` still win).
 
-    def __init__(self, module: torch.nn.Module, path: str, aliases: Aliases | None = None) -> None:
+    def __init__(self, module: torch.nn.Module, path: str, aliases: Aliases | None = None,
+                 lister: Lister | None = None) -> None:
+        """`lister(path)`: the `.source` operations of the module at `path`, where the model
+        can list them outside a trace (a LanguageModel; tracing/source.py)."""
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "_aliases", aliases)
+        object.__setattr__(self, "_lister", lister)
 
     # --- the tree ------------------------------------------------------------------------
     def _child(self, name: str) -> Envoy:
@@ -44,7 +51,7 @@ class Envoy:
         if child is None:
             module = self._module._modules[name]
             path = f"{self._path}.{name}" if self._path else name
-            child = self._children[name] = Envoy(module, path, self._aliases)
+            child = self._children[name] = Envoy(module, path, self._aliases, self._lister)
         return child
 
     def __getattr__(self, name: str) -> Any:
@@ -106,6 +113,17 @@ class Envoy:
         return module_tree(self).text
 
     # --- sites ---------------------------------------------------------------------------
+    @property
+    def source(self) -> Any:
+        """The operations inside this module's forward (`.source.softmax_0.output`: the
+        attention probabilities under eager attention); `print(module.source)` lists them.
+        A submodule named `source` still wins (`module.source` is that submodule)."""
+        if "source" in self._module._modules:
+            return self._child("source")
+        from .source import Source
+
+        return Source(self)
+
     def call(self, i: int) -> SiteCall:
         """The module's i-th call (0-based) in the current step."""
         if not isinstance(i, int) or i < 0:
