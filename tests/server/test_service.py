@@ -730,6 +730,62 @@ def test_server_errors_point_at_the_users_line(lm: LanguageModel) -> None:
     assert e.value.where == where and where in str(e.value)
 
 
+# --- 6b. operations inside a forward (`.source`) -------------------------------------------
+# The served tiny Llama runs sdpa (transformers' default): its attention is one fused call.
+
+
+def attention_call(lm: LanguageModel, remote: bool) -> dict[str, Any]:
+    sdpa = lm.model.layers[1].self_attn.source.scaled_dot_product_attention_0
+    with lm.trace(TRUTH, remote=remote):
+        query = sdpa.input.save()
+        heads = sdpa.output.save()
+        sdpa.output[:, 0] = 0  # head 0 contributes nothing
+        logits = lm.output.logits.save()
+    return {"query": query.value, "heads": heads.value, "logits": logits.value}
+
+
+def test_source_operations_remote_equal_local(lm: LanguageModel) -> None:
+    remote, local = attention_call(lm, remote=True), attention_call(lm, remote=False)
+    assert_same(remote, local)
+    assert local["heads"].shape[1] == lm.config.num_attention_heads
+
+
+def test_source_operations_outside_the_policy_are_refused(locked: LanguageModel) -> None:
+    with pytest.raises(PolicyError) as e:
+        with locked.trace("hi", remote=True):
+            where = line(1)
+            locked.model.layers[1].self_attn.source.scaled_dot_product_attention_0.output.save()
+    assert e.value.where == where
+    assert ("reading `model.layers.1.self_attn.source.scaled_dot_product_attention_0.output` is not allowed "
+            "by the policy of model 'locked'; readable: 'model.layers.*'") in str(e.value)
+
+
+def test_source_names_are_checked_against_the_loaded_model(http: httpx.Client, lm: LanguageModel) -> None:
+    """A client may claim any name: the server checks it against the forward it loaded."""
+    with recording(lm.trace(TRUTH)) as tracer:
+        lm.model.layers[1].self_attn.source.scaled_dot_product_attention_0.output.save()
+    graph = tracer.graph
+    node = next(n for n in graph.nodes if n.site is not None)
+    node.site = node.site._replace(path="model.layers.1.self_attn.source.softmax_0")
+    r = post(http, graph)
+    assert r.status_code == 422, r.text
+    assert "makes no call 'softmax_0'" in r.text and "scaled_dot_product_attention_0" in r.text
+
+
+def test_a_model_served_with_eager_attention_lists_its_softmax(tiny_dir: Path) -> None:
+    """`attention = "eager"` reaches the worker: the probabilities become an operation."""
+    from nnglass.server.worker import LoadedModel, ready_message
+
+    threads = torch.get_num_threads()
+    try:
+        ready = ready_message(LoadedModel({"name": NAME, "source": str(tiny_dir), "threads": threads,
+                                           "attention": "eager"}))
+    finally:
+        torch.set_num_threads(threads)
+    assert "model.layers.1.self_attn.source.softmax_0" in ready["operations"]
+    assert not any("scaled_dot_product" in p for p in ready["operations"])
+
+
 # --- 7. the command line ----------------------------------------------------------------
 
 

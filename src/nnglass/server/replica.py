@@ -100,7 +100,8 @@ class Replica:
         while not self.service.stopping:
             try:
                 self.worker.start()
-                state.paths = set(self.worker.paths)
+                # What a graph may name: modules, and the operations their forwards make.
+                state.paths = set(self.worker.paths) | set(self.worker.ready.get("operations", ()))
                 state.lookups = frozenset(tuple(site) for site in self.worker.ready.get("lookups", ()))
                 if self.worker.ready.get("checksum"):
                     state.checksums.add(self.worker.ready["checksum"])

@@ -6,8 +6,8 @@ and `answer` are the replica itself, whatever hosts it (this child, or a Ray act
 Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   parent → child, once: {"name", "source", "dtype", "threads", "debug_checksums"[, "attention", "limits"]
                           [, "shards": N: this child is rank 0 of N tensor-parallel ranks, shards/]}
-  child → parent:       {"ready": true, "paths": [...], "lookups": [[path, kind], ...], "pid": n}
-                        (paths: every module's, then every `.source` operation's: exposure.py)
+  child → parent:       {"ready": true, "paths": [...], "operations": [...], "lookups": [[path, kind], ...],
+                         "pid": n} (operations: the `.source` paths a forward makes, exposure.py)
                         or {"ready": false, "error": {...}} (then it exits)
   parent → child, a job: {"job", "graph": path, "tensors": path | null, "result": path,
                           "limits": {"run_seconds", "result_bytes", "op_bytes", "live_bytes", ...},
@@ -298,11 +298,12 @@ def main() -> int:
 def ready_message(replica: LoadedModel) -> dict[str, Any]:
     """What a host tells the server once the model is loaded."""
     paths = [p for p, _ in replica.module.named_modules()]
-    # A rank group's forward needs every rank, so no probe runs there: its `.source` sites are refused.
-    paths += operation_sites(replica.module) if replica.lookups is None else []
     found = replica.lookups if replica.lookups is not None else lookup_sites(replica.module)
     lookups = [list(site) for site in sorted(found)]
-    return {"ready": True, "paths": paths, "lookups": lookups, "pid": os.getpid(), **replica.debug_info()}
+    # A rank group's forward needs every rank, so no probe runs there: its `.source` sites are refused.
+    operations = operation_sites(replica.module) if replica.lookups is None else []
+    return {"ready": True, "paths": paths, "operations": operations, "lookups": lookups, "pid": os.getpid(),
+            **replica.debug_info()}
 
 
 def answer(replica: LoadedModel, request: dict[str, Any]) -> dict[str, Any]:
