@@ -6,9 +6,12 @@ projection's input, a head's direct logit attribution. On tiny GPT-2 and tiny Ll
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lm_fixtures as lmf
+import pytest
 import torch
 
 PROMPT = "The truth is"
@@ -134,8 +137,67 @@ def test_direct_logit_attribution_of_each_head(tiny: Any, pair: Any, both: Any) 
     lmf.assert_close(got, ref, atol=1e-6, rtol=1e-5)
 
 
+@contextmanager
+def eager_attention(hf: Any) -> Iterator[None]:
+    """The model computes its attention probabilities (what nnsight users load with
+    `attn_implementation="eager"`); put back as it was."""
+    before = hf.config._attn_implementation
+    hf.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        hf.set_attn_implementation(before)
+
+
+def test_attention_pattern_and_a_head_knocked_out_through_source(tiny: Any, pair: Any, both: Any) -> None:
+    """nnsight 0.8 reads `attn.source.attention_interface_0.output[1]`; nnglass names the
+    operation itself: `attn.source.softmax_0` (docs/porting-from-nnsight.md). Layer 0's head
+    1 attends nowhere; layer 1's pattern is read in the same pass. The reference: a plain
+    softmax monkeypatch doing the same while each attention runs."""
+    ids, mask = lmf.padded(tiny.tokenizer, PROMPT)
+    head = 1
+
+    def attn(x: Any, i: int) -> Any:
+        return layer(tiny, x, i).attn if tiny.arch == "gpt2" else layer(tiny, x, i).self_attn
+
+    def experiment(lm: Any) -> Any:
+        with lm.trace(PROMPT):
+            attn(lm, 0).source.softmax_0.output[:, head] = 0
+            pattern = attn(lm, 1).source.softmax_0.output.save()
+            assert pattern.shape[1] == heads(tiny)[0] and pattern.shape[-1] == pattern.shape[-2]
+            logits = lm.output.logits.save()
+        return pattern, logits
+
+    with eager_attention(tiny.hf):
+        pattern, logits = both(pair, experiment)
+        running: list[int] = []  # which layer's attention is running
+        seen: dict[int, torch.Tensor] = {}
+        real = torch.nn.functional.softmax
+
+        def softmax(*args: Any, **kwargs: Any) -> torch.Tensor:
+            out = real(*args, **kwargs)
+            if running == [0]:
+                out = out.clone()
+                out[:, head] = 0
+            if running:
+                seen.setdefault(running[0], out)
+            return out
+
+        handles = []
+        for i in (0, 1):
+            a = attn(tiny.hf, i)
+            handles += [a.register_forward_pre_hook(lambda m, args, i=i: running.append(i)),
+                        a.register_forward_hook(lambda m, args, out: running.clear())]
+        with pytest.MonkeyPatch.context() as mp, lmf.hooks(*handles):
+            mp.setattr(torch.nn.functional, "softmax", softmax)
+            ref = lmf.forward(tiny.hf, ids, mask)
+    assert torch.equal(pattern, seen[1]) and torch.equal(logits, ref)
+    assert torch.allclose(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
+
+
 EXPERIMENTS = [
     test_attention_pattern_from_queries_and_keys,
     test_head_ablation_at_the_output_projection,
     test_direct_logit_attribution_of_each_head,
+    test_attention_pattern_and_a_head_knocked_out_through_source,
 ]
