@@ -142,3 +142,39 @@ def test_sdpa_has_the_fused_call_and_no_probabilities(tiny: Any, pair: Any, both
     heads, proj_in = both(pair, experiment)
     b, n, t, d = heads.shape
     assert torch.equal(heads.transpose(1, 2).reshape(b, t, n * d), proj_in)
+
+
+def test_every_generation_step_with_the_kv_cache(eager: Any, pair: Any, both: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per step: the prompt's square pattern, then one query row over the cached keys; equal
+    to what a patched softmax sees inside the same layer during plain `model.generate`."""
+
+    def experiment(lm: Any) -> Any:
+        with lm.generate(PROMPTS, max_new_tokens=3) as tracer:
+            with tracer.all():
+                probs = attention(eager, lm, 1).source.softmax_0.output.save()
+            ids = tracer.result.save()
+        return probs, ids
+
+    probs, ids = both(pair, experiment)
+    seen: list[torch.Tensor] = []
+    inside: list[bool] = []
+    real = torch.nn.functional.softmax
+
+    def softmax(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = real(*args, **kwargs)
+        if inside:
+            seen.append(out)
+        return out
+
+    attn1 = attention(eager, eager.hf, 1)
+    monkeypatch.setattr(torch.nn.functional, "softmax", softmax)
+    with lmf.hooks(attn1.register_forward_pre_hook(lambda m, a: inside.append(True)),
+                   attn1.register_forward_hook(lambda m, a, o: inside.clear())):
+        ref_ids = lmf.generate(eager.hf, *lmf.padded(eager.tokenizer, PROMPTS), max_new_tokens=3)
+    monkeypatch.undo()
+    assert torch.equal(ids, ref_ids) and len(probs) == len(seen) == 3
+    width = probs[0].shape[-1]
+    assert [tuple(p.shape[-2:]) for p in probs] == [(width, width), (1, width + 1), (1, width + 2)]
+    for p, r in zip(probs, seen):
+        assert torch.equal(p, r)
