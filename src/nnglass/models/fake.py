@@ -172,7 +172,7 @@ class FakeWorld:
             op = split_source(path)
             if op is not None and later:  # the fake step has no KV cache: keys would be 1 wide
                 return Unknown("inside attention, a generation step after the first sees the KV cache, "
-                               "which the fake forward does not have; read it in tracer.step(0), or after the run")
+                               "which the fake forward does not have; use the saved value after the run")
             sites = self._sites(later, op is not None)
             key = (path, "inputs" if kind != "output" else "output", call)
             if key not in sites:
