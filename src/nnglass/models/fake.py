@@ -31,7 +31,6 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..graph.ir import GENERATE, SCAN, Graph, Site
-from ..graph.source import source_path
 from ..graph.source import split as split_source
 from ..runtime.interpreter import Interpreter
 from ..runtime.limits import NO_LIMITS, RunConfig, RunLimits
@@ -212,12 +211,21 @@ class FakeWorld:
         return (module._buffers[name] if value is None else value).detach()
 
 
+_OPERATIONS = ("", "<operations>", -1)  # no capture notes this key: a capture's index of operations
+
+
 def operations(sites: SiteValues, path: str) -> list[str]:
     """The `.source` operations the first call of the module at `path` made in a capture
-    that noted them, in order."""
-    prefix = source_path(path, "")
-    return [p[len(prefix):] for p, kind, call in sites
-            if kind == "output" and call == 0 and p.startswith(prefix) and "." not in p[len(prefix):]]
+    that noted them, in order (indexed once per capture: a trace asks once per site)."""
+    index = sites.get(_OPERATIONS)
+    if index is None:
+        index = {}
+        for p, kind, call in list(sites):
+            op = split_source(p) if kind == "output" and call == 0 else None
+            if op is not None:
+                index.setdefault(op.module, []).append(op.name)
+        sites[_OPERATIONS] = index
+    return list(index.get(path, ()))
 
 
 def _first_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
