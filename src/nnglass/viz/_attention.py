@@ -33,7 +33,8 @@ def attention_pattern(
 ) -> Figure:
     """Query x key heatmap of head `head`'s attention probabilities (0 to 1).
 
-    probs: attention weights, e.g. an eager attention module's `.output[1]` saved, or
+    probs: attention weights, e.g. `lm.model.layers[i].self_attn.source.softmax_0.output`
+    saved under eager attention, an eager attention module's `.output[1]`, or
     `lm.output.attentions[layer]` with `output_attentions=True`.
     """
     x = drop_batch(as_tensor(probs, "attention_pattern"), 3, batch, "attention_pattern", _SHAPES)
