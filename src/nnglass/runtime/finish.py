@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ExecutionError, OutOfOrderError
 from ..graph.ir import GET, GRAD, SET_GRAD, Node, path_name
+from ..graph.source import split as split_source
 from .values import UNSET
 
 if TYPE_CHECKING:
@@ -56,9 +57,12 @@ def check_finished(interp: Interpreter, missing_steps_ok: bool = False) -> None:
                     f"{interp.step}): `.value` of this node has nothing to return",
                     node.where,
                 )
+            op = split_source(s.path)
+            what = "module" if op is None else f"operation (of `{path_name(op.module)}`'s forward)"
+            hint = stop_hint(interp) if op is None else "; print(module.source) lists what a forward makes"
             raise OutOfOrderError(
                 f"`{path_name(s.path)}.{s.kind}` call {s.call}{step} never happened: the "
-                f"module ran {ran} time(s) in that step{stop_hint(interp)}",
+                f"{what} ran {ran} time(s) in that step{hint}",
                 node.where,
             )
         if node.op in (GRAD, SET_GRAD):
