@@ -5,6 +5,9 @@ Invariants:
   `finally`, also when the forward raises or stops early.
 - A hook acts only for the run active in the current context (a context variable), so
   threads tracing the same model at once never see each other's interventions.
+- `.source` sites (operations inside a forward) are hooks too: a pre-hook and an
+  always-called forward hook on the module keep a per-thread TorchFunctionMode on while its
+  forward runs (runtime/source.py); `uninstall` pops any an aborted forward left.
 - `module.skip(v)` is the one place a run changes more than hooks: while some run may
   skip a module, its `forward` attribute is a dispatcher that returns `SKIPPED` for that
   run (its output hook then hands the model `v`) and calls the real forward for anyone
