@@ -4,6 +4,9 @@ weights while they are hidden. Graphs are recorded, never run (a `Recorder` back
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,3 +94,20 @@ def test_hidden_weights_refuse_inside_a_module_whose_input_is_a_lookup(net: nngl
         check_policy(graph, hidden, paths(net), frozenset({("attn", "input")}))
     check_policy(graph, Policy(weights_visible=False, expose_embeddings=True), paths(net),
                  frozenset({("attn", "input")}))
+
+
+def test_a_remote_client_lists_what_the_workers_compute(tiny_dir: Path, tmp_path: Path) -> None:
+    """`GET /v1/models/{name}/meta` carries the model's `attention` setting, so a client with
+    no weights lists (and checks names against) the operations the workers make."""
+    from nnglass import LanguageModel
+    from nnglass.server.model_meta import model_meta
+    from nnglass.server.openai_graph import Frontend
+
+    for attention, made, absent in (("eager", "softmax_0", "scaled_dot_product_attention_0"),
+                                    ("", "scaled_dot_product_attention_0", "softmax_0")):
+        folder = tmp_path / (attention or "default")
+        folder.mkdir()
+        for name, data in model_meta(Frontend("tiny", str(tiny_dir), attention))["files"].items():
+            (folder / name).write_bytes(base64.b64decode(data))
+        listing = repr(LanguageModel(str(folder)).model.layers[1].self_attn.source)
+        assert made in listing and absent not in listing

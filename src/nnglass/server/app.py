@@ -198,7 +198,8 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
         return PlainTextResponse(service.metrics(), media_type="text/plain; version=0.0.4")
 
     add_dashboard(app, service, RETRY_AFTER_S)
-    frontends = Frontends({m.name: m.source for m in config.models})
+    frontends = Frontends({m.name: m.source for m in config.models},
+                          {m.name: m.attention for m in config.models})
     add_meta(app, frontends)
     add_openai(app, service, frontends)
     return app

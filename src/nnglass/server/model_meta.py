@@ -36,7 +36,10 @@ def add_meta(app: FastAPI, frontends: Frontends) -> None:
 
 
 def model_meta(frontend: Frontend) -> dict[str, Any]:
-    files: dict[str, bytes] = {"config.json": json.dumps(frontend.lm.config.to_dict(), indent=2).encode()}
+    config = frontend.lm.config.to_dict()
+    if frontend.attention:  # as the workers load it, so a client lists the same `.source` operations
+        config["attn_implementation"] = frontend.attention
+    files: dict[str, bytes] = {"config.json": json.dumps(config, indent=2).encode()}
     with tempfile.TemporaryDirectory() as folder:
         frontend.tokenizer.save_pretrained(folder)
         for path in sorted(Path(folder).iterdir()):

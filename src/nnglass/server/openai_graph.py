@@ -63,12 +63,14 @@ class Plan:
 class Frontend:
     """One served model's side of the OpenAI endpoints: its tokenizer and module tree."""
 
-    def __init__(self, name: str, source: str) -> None:
+    def __init__(self, name: str, source: str, attention: str = "") -> None:
         from ..models import loading
         from ..models.language import LanguageModel
 
         self.name = name
-        self.lm = LanguageModel(loading.resolve_model_source(source), name=name, backend=_Capture())
+        self.attention = attention  # the attention implementation the workers load (config: `attention`)
+        load = {"attn_implementation": attention} if attention else {}
+        self.lm = LanguageModel(loading.resolve_model_source(source), name=name, backend=_Capture(), **load)
         self.tokenizer = self.lm.tokenizer
         self.source = self.lm._source  # a local folder: what `GET /v1/models/{name}/meta` hands out
         eos = [
@@ -276,8 +278,9 @@ def _name_fields(graph: Graph, wheres: list[tuple[int, str]]) -> None:
 class Frontends:
     """Each served model's Frontend, made on first use (its tokenizer and config load then)."""
 
-    def __init__(self, sources: dict[str, str]) -> None:
+    def __init__(self, sources: dict[str, str], attention: dict[str, str] | None = None) -> None:
         self.sources = sources  # name -> source, as the server config says
+        self.attention = attention or {}  # name -> its `attention` setting, where one is set
         self._made: dict[str, Frontend] = {}
         self._lock = threading.Lock()
 
@@ -287,7 +290,7 @@ class Frontends:
                                 f"{', '.join(sorted(self.sources)) or 'none'}")
         with self._lock:
             if name not in self._made:
-                self._made[name] = Frontend(name, self.sources[name])
+                self._made[name] = Frontend(name, self.sources[name], self.attention.get(name, ""))
             return self._made[name]
 
 
