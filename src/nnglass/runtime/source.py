@@ -15,8 +15,10 @@ Invariants:
   `uninstall` pops whatever an aborted forward left. Modes are per thread, so another
   thread running the same module never sees it, and nothing global is patched.
 - The count is of the model's own calls: torch calls the graph's own nodes make (they run
-  inside hooks while the mode is on) and the calls of a module the graph itself calls
-  (`lm.model.norm(h)`: the run is suspended) are not counted.
+  inside hooks while the mode is on, with `interp.current` set) and the calls of a module
+  the graph itself calls (`lm.model.norm(h)`: the run is suspended) are not counted. The
+  interpreter's bookkeeping between nodes (copies, row slicing) calls none of the table's
+  operations, so it cannot shift a count either.
 - Under hidden weights no operation's value may be (a view of) a parameter or buffer:
   a matmul inside a forward can take a weight as an operand.
 """
