@@ -45,7 +45,7 @@ SOURCE_OPS: dict[str, tuple[tuple[Any, ...], str]] = {
                 "dropout (the identity in eval mode): under eager attention dropout_0's output is "
                 "the probabilities as they meet the values"),
 }
-_BY_FUNCTION: dict[Any, str] = {fn: name for name, (fns, _) in SOURCE_OPS.items() for fn in fns}
+BY_FUNCTION: dict[Any, str] = {fn: name for name, (fns, _) in SOURCE_OPS.items() for fn in fns}
 _NAME = re.compile(r"([a-z_]+?)_(0|[1-9][0-9]{0,5})", re.ASCII)
 
 
@@ -64,7 +64,7 @@ class SourceOp(NamedTuple):
 def op_of(fn: Any) -> str | None:
     """The table's name for a torch callable (None: not addressable)."""
     try:
-        return _BY_FUNCTION.get(fn)
+        return BY_FUNCTION.get(fn)
     except TypeError:  # unhashable callables are none of ours
         return None
 

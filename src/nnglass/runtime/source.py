@@ -31,7 +31,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..errors import PolicyError
-from ..graph.source import op_of, source_path
+from ..graph.source import BY_FUNCTION, source_path
 from .values import tensor_leaves, unwrap
 
 if TYPE_CHECKING:
@@ -51,7 +51,10 @@ class SourceMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        op = op_of(func)
+        try:  # every torch call of the forward comes here: the fast path first
+            op = BY_FUNCTION.get(func)
+        except TypeError:  # an unhashable callable is none of the table's
+            op = None
         interp = self.interp
         if op is None or interp.current >= 0 or interp.suspended:
             return func(*args, **kwargs)
