@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from nnglass import ExecutionError
+from nnglass import ExecutionError, GraphError
 from nnglass.graph import wire
 from nnglass.graph.results import decode_results
 from service_fixtures import recording
@@ -190,6 +190,16 @@ def test_an_error_fails_the_job_with_the_users_line_and_the_ranks_stay_ready(tin
         with lm.trace("Hello"):
             lm.model.layers[0].self_attn.q_proj.output[:, :, 999].save()  # past the whole width
     assert e.value.where.endswith(f"{Path(__file__).name}:{_line('[:, :, 999]')}")
+    test_getters_see_whole_tensors(tiny_pair)
+
+
+def test_source_operations_are_refused_at_the_users_line(tiny_pair: Any) -> None:
+    """Inside a sharded attention each rank computes its own heads: no whole value to show."""
+    lm = tiny_pair.sharded
+    with pytest.raises(GraphError, match="not available on a tensor-parallel model") as e:
+        with lm.trace("Hello"):
+            lm.model.layers[0].self_attn.source.scaled_dot_product_attention_0.output.save()
+    assert e.value.where.endswith(f"{Path(__file__).name}:{_line('scaled_dot_product_attention_0.output')}")
     test_getters_see_whole_tensors(tiny_pair)
 
 

@@ -40,6 +40,7 @@ from .. import errors
 from ..errors import ExecutionError, NNglassError
 from ..graph import wire
 from ..graph.ir import GENERATE, SEED, Graph
+from ..graph.source import split as split_source
 from ..models.language import LanguageModel
 from ..runtime.limits import NO_LIMITS, RunLimits
 from ..runtime.shards import SiteLayouts
@@ -127,6 +128,12 @@ class ShardedLanguageModel(LanguageModel):
                 os._exit(BROKEN_EXIT)
 
     def _lead(self, graph: Graph, limits: RunLimits) -> dict[int, Any]:
+        for node in (n for g in (graph, *graph.children) for n in g.nodes):
+            if node.site is not None and split_source(node.site.path) is not None:
+                # Inside a sharded forward an operation sees this rank's heads only.
+                raise errors.GraphError("`.source` operations are not available on a tensor-parallel "
+                                        "model (each rank computes its own heads); run it unsharded",
+                                        node.where)
         if graph.mode == GENERATE and graph.options.get(SEED) is None:
             # Sampling must draw the same tokens on every rank, or their forwards diverge.
             graph = replace(graph, options={**graph.options, SEED: secrets.randbits(62)})
