@@ -82,6 +82,16 @@ MIGRATIONS: list[str] = [
         heartbeat TIMESTAMPTZ NOT NULL
     );
     """,
+    # 2: fairness in tokens (pg_queue.py): a job's cost, the tokens each key was served, the
+    # level of the key served last (old rows: everyone level, as after an idle queue)
+    """
+    ALTER TABLE queue ADD COLUMN cost BIGINT NOT NULL DEFAULT 1;
+    ALTER TABLE queue_turns ADD COLUMN tokens BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE queue_clock (
+        model TEXT PRIMARY KEY,
+        clock BIGINT NOT NULL
+    );
+    """,
 ]
 
 

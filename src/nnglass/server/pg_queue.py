@@ -6,9 +6,15 @@ Invariants:
   SKIP LOCKED` and marks it its own in the same transaction, so two frontends never
   take one job; the row stays, claimed, until the job is terminal (then a sweep drops
   it) or cancelled.
-- Fairness as `scheduler.Scheduler`, across frontends: keys take turns. A key's place
-  in line is the later of its oldest waiting job and the last time it was served
-  (`queue_turns`, from the same sequence); within a key, submission order.
+- Fairness as `scheduler.Scheduler` (start-time fair queueing in tokens), across
+  frontends: the next job is the oldest of the waiting key served the fewest tokens
+  (`queue_turns.tokens`; a job's `cost` as the service gives it). A key that starts
+  waiting again starts level with the key served last before it (`queue_clock`: no credit
+  banked while idle); a queue nobody waits in starts everyone level. Ties go to the key
+  whose place in line is earliest: the later of its oldest waiting job and the last time
+  it was served (`queue_turns.served`, from the same sequence as `pos`); within a key,
+  submission order. Claims on two frontends at once may each charge from what they read,
+  so across frontends this holds to within a job or two.
 - Each frontend renews its lease (`frontends.heartbeat`, the database's clock) every
   `tick`; a frontend silent for `LEASE_S` is dead. `orphans` hands back, once, the
   unfinished jobs that no live frontend holds (claimed by a dead one, or with no row
@@ -45,26 +51,51 @@ GRACE_S = 5.0  # a job row this young may still be on its way into the queue
 _SWEEP_LOCK = 0x6E6E68
 _POLL_S = 0.5  # how often an idle replica looks again, notifications aside
 
-# The waiting jobs of one model in the order they start: round r of every lane, lanes
-# by their place in line.
-_ORDER = """
-WITH w AS (SELECT job_id, key_id, share, pos FROM queue WHERE model = %(model)s AND claimed_by IS NULL),
-lanes AS (SELECT w.key_id, GREATEST(MIN(w.pos), COALESCE(MAX(t.served), 0)) AS place
+# A model's lanes (keys with waiting jobs): the tokens each was served (a key with no row
+# yet: the clock), and its place among equals.
+_LANES = """
+lanes AS (SELECT w.key_id, COALESCE(MAX(t.tokens), (SELECT clock FROM c)) AS level,
+                 GREATEST(MIN(w.pos), COALESCE(MAX(t.served), 0)) AS place
           FROM w LEFT JOIN queue_turns t ON t.model = %(model)s AND t.key_id = w.key_id GROUP BY w.key_id)
-SELECT w.job_id, w.key_id, w.share FROM w JOIN lanes l ON l.key_id = w.key_id
-ORDER BY row_number() OVER (PARTITION BY w.key_id ORDER BY w.pos), l.place
 """
-_CLAIM = """
-WITH lanes AS (SELECT q.key_id, GREATEST(MIN(q.pos), COALESCE(MAX(t.served), 0)) AS place
-               FROM queue q LEFT JOIN queue_turns t ON t.model = q.model AND t.key_id = q.key_id
-               WHERE q.model = %(model)s AND q.claimed_by IS NULL GROUP BY q.key_id)
-SELECT q.job_id, q.key_id FROM queue q JOIN lanes l ON l.key_id = q.key_id
+_WAITING = """
+WITH c AS (SELECT COALESCE(MAX(clock), 0) AS clock FROM queue_clock WHERE model = %(model)s),
+w AS (SELECT job_id, key_id, share, pos, cost FROM queue WHERE model = %(model)s AND claimed_by IS NULL),
+"""
+# The waiting jobs of one model in the order they start: each by the tokens its lane will
+# have been served when it starts, then its round, then its lane's place.
+_ORDER = _WAITING + _LANES + """
+SELECT w.job_id, w.key_id, w.share, w.cost FROM w JOIN lanes l ON l.key_id = w.key_id
+ORDER BY l.level + SUM(w.cost) OVER (PARTITION BY w.key_id ORDER BY w.pos) - w.cost,
+         row_number() OVER (PARTITION BY w.key_id ORDER BY w.pos), l.place
+"""
+_CLAIM = _WAITING + _LANES + """
+SELECT q.job_id, q.key_id, q.cost FROM queue q JOIN lanes l ON l.key_id = q.key_id
 WHERE q.model = %(model)s AND q.claimed_by IS NULL
-ORDER BY l.place, q.pos LIMIT 1 FOR UPDATE OF q SKIP LOCKED
+ORDER BY l.level, l.place, q.pos LIMIT 1 FOR UPDATE OF q SKIP LOCKED
 """
-_SERVED = """
-INSERT INTO queue_turns (model, key_id, served) VALUES (%s, %s, nextval('queue_order'))
-ON CONFLICT (model, key_id) DO UPDATE SET served = EXCLUDED.served
+# A job of `key` starts: the key is charged its cost, and the clock is what it had before.
+_CHARGE = """
+WITH c AS (SELECT COALESCE(MAX(clock), 0) AS clock FROM queue_clock WHERE model = %(model)s),
+t AS (INSERT INTO queue_turns AS t (model, key_id, served, tokens)
+      SELECT %(model)s, %(key)s, nextval('queue_order'), c.clock + %(cost)s FROM c
+      ON CONFLICT (model, key_id) DO UPDATE SET served = EXCLUDED.served, tokens = t.tokens + %(cost)s
+      RETURNING t.tokens - %(cost)s AS level)
+INSERT INTO queue_clock (model, clock) SELECT %(model)s, level FROM t
+ON CONFLICT (model) DO UPDATE SET clock = EXCLUDED.clock
+"""
+# Before a job joins: a queue nobody waits in starts everyone level; a key that was not
+# waiting starts level with the clock (never below what it was served).
+_RESET = """
+WITH idle AS (SELECT NOT EXISTS (SELECT 1 FROM queue WHERE model = %(model)s AND claimed_by IS NULL) AS yes),
+gone AS (DELETE FROM queue_turns WHERE model = %(model)s AND (SELECT yes FROM idle))
+DELETE FROM queue_clock WHERE model = %(model)s AND (SELECT yes FROM idle)
+"""
+_JOIN = """
+INSERT INTO queue_turns AS t (model, key_id, served, tokens)
+SELECT %(model)s, %(key)s, 0, (SELECT COALESCE(MAX(clock), 0) FROM queue_clock WHERE model = %(model)s)
+WHERE NOT EXISTS (SELECT 1 FROM queue WHERE model = %(model)s AND key_id = %(key)s AND claimed_by IS NULL)
+ON CONFLICT (model, key_id) DO UPDATE SET tokens = GREATEST(t.tokens, EXCLUDED.tokens)
 """
 _ORPHANS = f"""
 SELECT j.* FROM jobs j
@@ -94,13 +125,16 @@ class PgQueue:
 
     def submit(self, model: str, key_id: str, job_id: str, share: Share | None = None,
                cost: int = 1) -> None:
-        """`cost` is not used here yet: across frontends keys take turns by jobs."""
+        """Queue a job that costs `cost` tokens (see the fairness invariant above)."""
         shared = None if share is None else json.dumps([share.key, share.rows, share.width])
+        where = {"model": model, "key": key_id}
         with self.db.tx() as conn:
+            conn.execute(_RESET, where)
+            conn.execute(_JOIN, where)
             conn.execute(
-                "INSERT INTO queue (job_id, model, key_id, share) VALUES (%s, %s, %s, %s) "
+                "INSERT INTO queue (job_id, model, key_id, share, cost) VALUES (%s, %s, %s, %s, %s) "
                 "ON CONFLICT (job_id) DO NOTHING",
-                (job_id, model, key_id, shared),
+                (job_id, model, key_id, shared, max(int(cost), 1)),
             )
             conn.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, model))  # sent at commit
 
@@ -110,7 +144,7 @@ class PgQueue:
             if row is None:
                 return None
             conn.execute("UPDATE queue SET claimed_by = %s WHERE job_id = %s", (self.id, row["job_id"]))
-            conn.execute(_SERVED, (model, row["key_id"]))
+            conn.execute(_CHARGE, {"model": model, "key": row["key_id"], "cost": row["cost"]})
             return str(row["job_id"])
 
     def next(self, model: str, timeout: float | None = None) -> str | None:
@@ -165,7 +199,7 @@ class PgQueue:
             }
             for r in order:
                 if r["job_id"] in got:
-                    conn.execute(_SERVED, (model, r["key_id"]))
+                    conn.execute(_CHARGE, {"model": model, "key": r["key_id"], "cost": r["cost"]})
         return [j for j in wanted if j in got]
 
     def release(self, job: Job) -> None:
