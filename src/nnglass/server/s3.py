@@ -13,13 +13,25 @@ Invariants:
   no presigned URL is ever made: a link would be a bearer token that outlives the key.
 - Storage that cannot be reached is `UnavailableError` (503); a missing object is
   FileNotFoundError, as for files.
+- Each request is a round trip (tens of ms to moto, several to a real object store), so
+  this process remembers the objects it wrote last (`Recent`: up to `RECENT_BYTES` in
+  all, none over `RECENT_OBJECT`) and answers its own reads of them without one: the
+  frontend that took a job reads its graph back, and the frontend that ran it serves its
+  result, from memory. Sound because a job's objects never change once written (a rerun
+  writes the same job's values again, through a store that then remembers those) and
+  are removed only by `delete` (here: forgotten too) or after the job's row says its
+  result expired (the service reads the row before the result). Other frontends read
+  from storage, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -49,6 +61,43 @@ def _unpack(data: bytes) -> tuple[bytes, bytes | None]:
     return data[13 : 13 + n], (data[13 + n :] if has_tensors else None)
 
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+RECENT_BYTES = 64 * 2**20  # what this process remembers of what it wrote, in all
+RECENT_OBJECT = 8 * 2**20  # a larger object is never remembered
+
+
+class Recent:
+    """The objects this process wrote last, by key, least recently used out first."""
+
+    def __init__(self, limit: int = RECENT_BYTES, largest: int = RECENT_OBJECT) -> None:
+        self.limit, self.largest, self.size = limit, largest, 0
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self._drop(key)
+            if len(data) > self.largest:
+                return
+            self._data[key], self.size = data, self.size + len(data)
+            while self.size > self.limit:
+                self._drop(next(iter(self._data)))
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+            return data
+
+    def forget(self, prefix: str) -> None:
+        with self._lock:
+            for key in [k for k in self._data if k.startswith(prefix)]:
+                self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        data = self._data.pop(key, None)
+        if data is not None:
+            self.size -= len(data)
 
 
 @contextlib.contextmanager
@@ -86,6 +135,7 @@ class S3ResultStore:
         if not bucket:
             raise ValueError(f"{url!r} names no bucket (s3://bucket/prefix)")
         self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.recent = Recent()
         config = Config(connect_timeout=2, read_timeout=30, retries={"max_attempts": 2})
         self.s3 = boto3.client("s3", config=config)
         with _reachable():
@@ -101,16 +151,23 @@ class S3ResultStore:
         return folder + name
 
     def _put(self, job_id: str, name: str, data: bytes) -> None:
+        key = self._key(job_id, name)
         with _reachable():
-            self.s3.put_object(Bucket=self.bucket, Key=self._key(job_id, name), Body=data)
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+        self.recent.put(key, data)  # stored: from now on what a read would answer
 
     def _get(self, job_id: str, name: str) -> bytes:
+        key = self._key(job_id, name)
+        data = self.recent.get(key)
+        if data is not None:
+            return data
         with _reachable():
-            return cast(
-                bytes, self.s3.get_object(Bucket=self.bucket, Key=self._key(job_id, name))["Body"].read()
-            )
+            return cast(bytes, self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
     def _size(self, job_id: str, name: str) -> int | None:
+        data = self.recent.get(self._key(job_id, name))
+        if data is not None:
+            return len(data)
         try:
             with _reachable():
                 head = self.s3.head_object(Bucket=self.bucket, Key=self._key(job_id, name))
@@ -138,9 +195,13 @@ class S3ResultStore:
         result = folder / RESULT_FILE
 
         def commit() -> None:
-            if result.is_file():
-                with _reachable(), result.open("rb") as body:
-                    self.s3.put_object(Bucket=self.bucket, Key=self._key(job_id, RESULT_FILE), Body=body)
+            if not result.is_file():
+                return
+            if result.stat().st_size <= RECENT_OBJECT:
+                self._put(job_id, RESULT_FILE, result.read_bytes())
+                return
+            with _reachable(), result.open("rb") as body:  # streamed: never all in memory
+                self.s3.put_object(Bucket=self.bucket, Key=self._key(job_id, RESULT_FILE), Body=body)
 
         return LocalFiles(
             graph=folder / GRAPH_FILE,
@@ -158,12 +219,16 @@ class S3ResultStore:
 
     def open(self, job_id: str) -> BinaryIO:
         """The result as a stream from storage (FileNotFoundError when there is none)."""
+        data = self.recent.get(self._key(job_id, RESULT_FILE))
+        if data is not None:
+            return io.BytesIO(data)
         with _reachable():
             body: Any = self.s3.get_object(Bucket=self.bucket, Key=self._key(job_id, RESULT_FILE))["Body"]
         return cast(BinaryIO, body)
 
     def delete(self, job_id: str) -> bool:
         folder = self._key(job_id)
+        self.recent.forget(folder)
         with _reachable():
             listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=folder).get("Contents", [])
             if not listed:
