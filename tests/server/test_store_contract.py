@@ -100,6 +100,54 @@ def test_s3_store_creates_its_bucket_and_keeps_to_its_prefix(s3: Any) -> None:
     assert [o["Key"] for o in listed] == [f"results/{jid}/result.safetensors"]
 
 
+def test_s3_store_reads_what_it_wrote_from_memory_and_others_from_storage(
+    s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two frontends on one bucket: the writer answers its own reads without a request (its
+    client's GET and HEAD fail here), the other reads the same bytes from storage; a
+    delete is seen by both; an object over the size limit is never remembered."""
+    url = s3.url()
+    writer, other = S3ResultStore(url), S3ResultStore(url)
+    jid, big = new_job_id(), new_job_id()
+    writer.save_graph(jid, b"GRAPH", b"T")
+    writer.write_result(jid, b"R" * 5000)
+    writer.recent.largest = 1000
+    writer.write_result(big, b"B" * 2000)
+
+    def no_request(**kwargs: Any) -> Any:
+        raise AssertionError(f"a storage request for {kwargs.get('Key')}")
+
+    with monkeypatch.context() as m:
+        m.setattr(writer.s3, "get_object", no_request)
+        m.setattr(writer.s3, "head_object", no_request)
+        assert writer.load_graph(jid) == (b"GRAPH", b"T") and writer.has_graph(jid)
+        assert writer.result_size(jid) == 5000 and writer.open(jid).read() == b"R" * 5000
+        with pytest.raises(AssertionError, match="a storage request"):
+            writer.open(big)  # too large to remember: from storage
+    assert other.load_graph(jid) == (b"GRAPH", b"T") and other.open(jid).read() == b"R" * 5000
+    assert writer.open(big).read() == other.open(big).read() == b"B" * 2000
+    assert writer.delete(jid)
+    for store in (writer, other):
+        assert store.result_size(jid) is None and not store.has_graph(jid)
+        with pytest.raises(FileNotFoundError):
+            store.open(jid)
+
+
+def test_recent_objects_stay_within_their_bytes() -> None:
+    from nnglass.server.s3 import Recent
+
+    recent = Recent(limit=10, largest=6)
+    recent.put("a", b"aaaa")
+    recent.put("b", b"bbbb")
+    assert recent.get("a") == b"aaaa"  # now the most recently used
+    recent.put("c", b"cccc")  # 12 bytes: the least recently used goes
+    assert (recent.get("a"), recent.get("b"), recent.get("c"), recent.size) == (b"aaaa", None, b"cccc", 8)
+    recent.put("d", b"ddddddd")  # over the largest: not kept
+    assert recent.get("d") is None and recent.size == 8
+    recent.forget("c")
+    assert recent.get("c") is None and recent.size == 4
+
+
 def test_unreachable_storage_is_unavailable(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from nnglass.server.s3 import S3ResultStore as Store
 
@@ -181,11 +229,37 @@ def test_queue_is_fair_across_keys_and_in_order_within_one(queue: Any) -> None:
     queue.submit("m", "d", "d1")  # a new key gets its turn in this round
     assert queue.cancel("m", "c1") and not queue.cancel("m", "c1")
     taken = [queue.next("m", timeout=1) for _ in range(5)]
-    # Where exactly a newcomer lands differs: the in-memory queue (fair in tokens) puts it
-    # before the key just served, the PostgreSQL one (fair in turns) after it.
-    assert taken[0] == "b1" and set(taken[1:3]) == {"a2", "d1"} and taken[3:] == ["b2", "a3"]
+    assert taken == ["b1", "d1", "a2", "b2", "a3"]  # a newcomer goes before the key just served
     assert queue.next("m", timeout=0.2) is None
     assert queue.next("n", timeout=1) == "other-model"
+
+
+def test_fairness_is_counted_in_tokens_not_jobs(queue: Any) -> None:
+    """A key whose jobs are long is served as many tokens as a key of short jobs, and a key
+    arriving with one job behind 100 long ones starts after at most one of them (as
+    test_scheduler's, on both queues)."""
+    for i in range(100):
+        queue.submit("m", "heavy", f"h{i}", cost=1000)
+    assert queue.next("m", timeout=1) == "h0"
+    queue.submit("m", "light", "l0", cost=10)
+    assert queue.positions("m")["l0"] == 0
+    for i in range(1, 101):
+        queue.submit("m", "light", f"l{i}", cost=10)
+    assert list(queue.positions("m"))[99:103] == ["l99", "h1", "l100", "h2"]
+    order = [queue.next("m", timeout=1) for _ in range(103)]
+    assert order[:100] == [f"l{i}" for i in range(100)]  # 1000 tokens: level with heavy's 1000
+    assert order[100:] == ["h1", "l100", "h2"]
+
+
+def test_an_idle_queue_starts_everyone_level(queue: Any) -> None:
+    """Tokens served while a queue was busy are forgotten once nobody waits."""
+    for i in range(3):
+        queue.submit("m", "a", f"a{i}", cost=100)
+    assert [queue.next("m", timeout=1) for _ in range(3)] == ["a0", "a1", "a2"]
+    queue.submit("m", "a", "a3", cost=100)  # the queue was empty: a's 300 tokens are gone
+    queue.submit("m", "b", "b0", cost=1)
+    queue.submit("m", "b", "b1", cost=1)
+    assert list(queue.positions("m")) == ["a3", "b0", "b1"]
 
 
 def test_a_released_job_is_queued_again_for_anyone(queue: Any) -> None:
