@@ -35,6 +35,11 @@ class EventHub:
     def publish(self, job_id: str) -> None:
         self.deliver(job_id)
 
+    def publish_many(self, job_ids: list[str]) -> None:
+        """`publish` each (a hub across processes sends them in one round trip)."""
+        for job_id in job_ids:
+            self.publish(job_id)
+
     def deliver(self, job_id: str) -> None:
         for observer in self._observers:
             observer(job_id)

@@ -85,3 +85,15 @@ class PgHub(EventHub):
                 conn.execute("SELECT pg_notify(%s, %s)", (JOBS_CHANNEL, job_id))
         except UnavailableError:
             self.deliver(job_id)  # this frontend's waiters still learn of it now
+
+    def publish_many(self, job_ids: list[str]) -> None:
+        """One transaction for all (a job's start moves every queued job's position)."""
+        if not job_ids:
+            return
+        try:
+            with self.db.tx() as conn:
+                notify = "SELECT pg_notify(%s, id) FROM unnest(%s::text[]) AS id"
+                conn.execute(notify, (JOBS_CHANNEL, job_ids))
+        except UnavailableError:
+            for job_id in job_ids:
+                self.deliver(job_id)

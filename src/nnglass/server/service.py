@@ -329,8 +329,7 @@ class Service:
             waiting = self.scheduler.positions(model)
         except UnavailableError:  # the waiters re-read on their own timeout
             return
-        for job_id in waiting:
-            self.hub.publish(job_id)
+        self.hub.publish_many(list(waiting))
 
     def _lease_loop(self) -> None:
         """The queue's lease, renewed in a thread of its own: slow upkeep never lets it lapse."""
