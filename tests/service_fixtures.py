@@ -24,7 +24,9 @@ import transformers
 import nnglass
 from nnglass.server.auth import KeyStore
 from nnglass.server.config import load_config
+from nnglass.server.jobs import SQLiteJobStore
 from nnglass.server.pg import Database
+from nnglass.server.pg_stores import PgJobStore
 from nnglass.server.stores import open_keys
 
 TINY = "tiny"
@@ -65,7 +67,7 @@ def pg_database(postgres: Any) -> Iterator[Database]:
 def pg_clean(pg_database: Database) -> Database:
     """`pg_database` with every table emptied: each test starts from nothing."""
     with pg_database.tx() as conn:
-        conn.execute("TRUNCATE jobs, api_keys, queue, queue_turns, frontends")
+        conn.execute("TRUNCATE jobs, api_keys, queue, queue_turns, queue_clock, frontends")
     return pg_database
 
 
@@ -82,17 +84,6 @@ def with_stores(config_text: str, stores: dict[str, str] | None) -> str:
     lines = "".join(f'{k} = "{v}"\n' for k, v in stores.items() if v)
     assert "[server]\n" in config_text
     return config_text.replace("[server]\n", "[server]\n" + lines, 1)
-
-
-@pytest.fixture(scope="module", params=["embedded", "postgresql+s3"])
-def stores(request: pytest.FixtureRequest) -> dict[str, str] | None:
-    """Which stores a module's server uses: the embedded default (SQLite and a folder in
-    its home), then a fresh PostgreSQL database and S3 bucket. A module whose server
-    fixture asks for this runs twice, once per combination."""
-    if request.param == "embedded":
-        return None
-    return {"database": request.getfixturevalue("postgres").fresh_database(),
-            "results": request.getfixturevalue("s3").url()}
 
 
 class Server:
@@ -162,6 +153,17 @@ class Server:
                 return float(value)
         return 0.0
 
+    def job(self, job_id: str) -> Any:
+        """The job's row (a jobs.Job, None if none), read from the server's own job store."""
+        if not self.stores:
+            with SQLiteJobStore(self.home / "nnglass.db") as store:
+                return store.get(job_id)
+        db = Database(self.stores["database"], max_size=1)
+        try:
+            return PgJobStore(db).get(job_id)
+        finally:
+            db.close()
+
     def worker_pid(self, model: str) -> int:
         """The pid of the worker that serves `model` now (the server logs each start)."""
         text = (self.home / "server.log").read_text(errors="replace")
@@ -212,16 +214,44 @@ class Engine:
 SUBPROCESS = Engine("subprocess")
 
 
+@dataclass(frozen=True)
+class Backend:
+    """A combination of engine and stores a test server runs on (issue 10's matrix):
+    "embedded" (subprocess workers, SQLite and a folder in the server's home) or
+    "cluster" (Ray actors on the session's two-node cluster, the session's PostgreSQL
+    and S3). `stores()` is a fresh database and bucket each call, so two servers of one
+    module never share a queue unless a test hands one's stores to the other."""
+
+    name: str
+    engine: Engine = SUBPROCESS
+    postgres: Any = None  # components.Postgres for "cluster"
+    s3: Any = None  # components.S3Server for "cluster"
+
+    def stores(self) -> dict[str, str] | None:
+        if self.postgres is None:
+            return None
+        return {"database": self.postgres.fresh_database(), "results": self.s3.url()}
+
+
+EMBEDDED = Backend("embedded")
+# A test (or a module, as `pytestmark`) marked so runs on both (tests/server/conftest.py).
+ON_BOTH_BACKENDS = pytest.mark.backends("embedded", "cluster")
+
+
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
-    """`start_server(name, config_text, home=None, cwd=None, engine=SUBPROCESS, stores=None)`:
-    a started Server in a new temporary home (or `home`), its replicas where `engine` runs
-    them, its jobs and results in `stores` (None: the embedded default). Callers stop
-    theirs; whatever is left stops at the end."""
+    """`start_server(name, config_text, home=None, cwd=None, engine=SUBPROCESS, stores=None,
+    backend=None)`: a started Server in a new temporary home (or `home`), its replicas
+    where `engine` runs them, its jobs and results in `stores` (None: the embedded
+    default). `backend` (a Backend) gives both: its engine, and fresh stores unless
+    `stores` names some. Callers stop theirs; whatever is left stops at the end."""
     started: list[Server] = []
 
     def start(name: str, config_text: str, home: Path | None = None, cwd: Path | None = None,
-              engine: Engine = SUBPROCESS, stores: dict[str, str] | None = None) -> Server:
+              engine: Engine = SUBPROCESS, stores: dict[str, str] | None = None,
+              backend: Backend | None = None) -> Server:
+        if backend is not None:
+            engine, stores = backend.engine, stores if stores is not None else backend.stores()
         home = home if home is not None else tmp_path_factory.mktemp(name)
         server = Server(home, engine.config(config_text), cwd=cwd, env=engine.env, stores=stores)
         started.append(server)

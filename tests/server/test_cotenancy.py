@@ -20,7 +20,7 @@ from nnglass.graph.ir import Graph
 from nnglass.graph.merge import merge, share_key, split
 from nnglass.graph.results import decode_results
 from nnglass.server.worker import WorkerHandle
-from service_fixtures import recording
+from service_fixtures import ON_BOTH_BACKENDS, recording
 
 TINY = "tiny"  # the model name tests/server/conftest.py serves the tiny model under
 
@@ -173,10 +173,11 @@ def _line(marker: str) -> int:
     return next(i for i, text in enumerate(lines, 1) if marker in text and "save()" in text)
 
 
+@ON_BOTH_BACKENDS
 def test_server_shares_a_forward_pass_between_queued_jobs(
-    start_server: Any, tiny_config: Any, lm: LanguageModel, stores: Any
+    start_server: Any, tiny_config: Any, lm: LanguageModel, backend: Any
 ) -> None:
-    server = start_server("cotenancy", tiny_config(), stores=stores)  # each store combination (conftest)
+    server = start_server("cotenancy", tiny_config(), backend=backend)  # each combination (conftest)
     try:
         _, key = server.keys.create("alice")
         nnglass.configure(host=server.url, api_key=key)

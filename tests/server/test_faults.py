@@ -45,7 +45,7 @@ from nnglass.server.config import ServerConfig
 from nnglass.server.jobs import SQLiteJobStore
 from nnglass.server.worker import TEST_CRASH, TEST_HANG
 from saved_values import assert_bitwise_equal  # tests/saved_values.py
-from service_fixtures import recording, slow_graph
+from service_fixtures import ON_BOTH_BACKENDS, recording, slow_graph
 
 NAME = "tiny"
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
@@ -53,10 +53,12 @@ PROMPTS = ["hello there", "goodbye you", "how are you", "whats up yo"]  # one pa
 RUN_SECONDS = 2  # the faulty server's time limit (its kill backstop is 10 s later)
 CRASHED = {"subprocess": "crashed (exit code 70)", "ray": "the worker crashed"}
 
-# The hang test also runs with Ray actors (the session's cluster; tests/server/conftest.py,
-# `engine`): a time limit and a shared pass's reruns on a restarted actor. Ray's crash and
-# kill outcomes are in test_ray.py (a crash on Ray reads the same for both culprits here).
-ON_BOTH_ENGINES = pytest.mark.engines("subprocess", "ray")
+# The hang test also runs on the cluster combination (Ray actors on the session's cluster,
+# PostgreSQL, S3; tests/server/conftest.py, `backend`): a time limit in a shared pass taken
+# from the PostgreSQL queue, and its reruns on a restarted actor (the crash and cancel
+# variants exercise the same rerun path, at ~25 and ~60 s each: embedded only, for
+# `make test`'s budget). Ray's kill and node-loss outcomes are in test_ray.py, a killed
+# frontend's in test_frontends.py.
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +137,7 @@ def faulty(
     start_server: Callable[..., Any],
     tiny_config: Callable[..., str],
     tmp_path_factory: pytest.TempPathFactory,
-    engine: Any,
+    backend: Any,
 ) -> Iterator[Faulty]:
     hooks = tmp_path_factory.mktemp("worker-hooks")
     hang, crash = hooks / "hang", hooks / "crash"
@@ -144,9 +146,9 @@ def faulty(
     with pytest.MonkeyPatch.context() as mp:  # the server, and so its workers, inherit them
         mp.setenv(TEST_HANG, str(hang))
         mp.setenv(TEST_CRASH, str(crash))
-        server = start_server("faults", tiny_config(run_seconds=RUN_SECONDS), engine=engine)
+        server = start_server("faults", tiny_config(run_seconds=RUN_SECONDS), backend=backend)
     keys = [server.keys.create(user)[1] for user in ("alice", "bob", "carol", "mallory", "trudy")]
-    yield Faulty(server, hang, crash, keys, CRASHED[engine.name])
+    yield Faulty(server, hang, crash, keys, CRASHED[backend.engine.name])
     server.stop()
 
 
@@ -190,8 +192,7 @@ def site(faulty: Faulty) -> Iterator[Faulty]:
 
 
 def attempts(site: Faulty, job: str) -> int:
-    with SQLiteJobStore(site.server.home / "nnglass.db") as store:
-        found = store.get(job)
+    found = site.server.job(job)
     assert found is not None
     return found.attempts
 
@@ -204,7 +205,7 @@ def next_job_runs(site: Faulty, lm: LanguageModel) -> None:
         assert_as_alone(http, submit(http, graph), lm, graph)
 
 
-@ON_BOTH_ENGINES
+@ON_BOTH_BACKENDS
 def test_a_job_that_hangs_a_shared_pass_fails_alone(site: Faulty, lm: LanguageModel) -> None:
     """The reviewer's attack: the culprit never reaches a hook, so only the kill backstop
     stops the shared pass. The three others complete as if alone; the culprit, rerun alone

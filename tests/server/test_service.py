@@ -1,5 +1,10 @@
 """The service end to end: `nnglass serve --config` on loopback (a random free port), its
 worker subprocesses, the HTTP API of docs/service.md, and the client's `remote=True`.
+The tests marked ON_BOTH_BACKENDS run again on the cluster combination (Ray actors on the
+session's two-node cluster, PostgreSQL, S3: tests/server/conftest.py): the same answers,
+bit for bit, events, positions, fairness, cancels, a shared pass, policy limits that only
+the worker can see, isolation. The rest (restarts, result expiry, a worker's own process,
+the CLI on SQLite) are about the embedded default's own parts.
 
 Remote runs are checked against the same experiment run in this process, bit for bit
 (`torch.equal`). On one machine that holds when both sides use the same number of torch
@@ -44,7 +49,7 @@ from nnglass import (
 from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
-from service_fixtures import recording, slow_graph, small_graph  # tests/service_fixtures.py, shared
+from service_fixtures import ON_BOTH_BACKENDS, recording, slow_graph, small_graph  # tests/service_fixtures.py
 
 NAME, LOCKED = "tiny", "locked"
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
@@ -80,9 +85,11 @@ run_seconds = 20
 
 @pytest.fixture(scope="module")
 def server(start_server: Callable[..., Any], tiny_config: Callable[..., str],
-           tiny_dir: Path) -> Iterator[Any]:
+           tiny_dir: Path, backend: Any) -> Iterator[Any]:
+    """The module's server: the embedded default for every test, the cluster combination
+    (Ray + PostgreSQL + S3) too for those marked ON_BOTH_BACKENDS (tests/server/conftest.py)."""
     text = tiny_config(extra_model=locked_model(tiny_dir, config_threads(tiny_config())))
-    server = start_server("service", text)
+    server = start_server("service", text, backend=backend)
     yield server
     server.stop()
 
@@ -251,6 +258,7 @@ def cache(lm: LanguageModel, remote: bool) -> dict[str, Any]:
     return {path: entry.output.value for path, entry in entries.items()}
 
 
+@ON_BOTH_BACKENDS
 @pytest.mark.parametrize("experiment", [getter_save, inplace_setter, invokes, gradient, generation, cache],
                          ids=lambda f: f.__name__)
 def test_remote_equals_local(lm: LanguageModel, experiment: Callable[..., dict[str, Any]]) -> None:
@@ -259,6 +267,7 @@ def test_remote_equals_local(lm: LanguageModel, experiment: Callable[..., dict[s
     assert_same(remote, local)
 
 
+@ON_BOTH_BACKENDS
 def test_model_output_keeps_its_class(lm: LanguageModel) -> None:
     out = getter_save(lm, True)["out"]
     assert type(out) is CausalLMOutputWithPast
@@ -308,6 +317,7 @@ def test_client_needs_no_weights(tiny_dir: Path, tmp_path: Path, lm: LanguageMod
 # --- 2. the API (docs/service.md) -------------------------------------------------------------
 
 
+@ON_BOTH_BACKENDS
 def test_submit_status_and_result(http: httpx.Client, lm: LanguageModel) -> None:
     graph = small_graph(lm, "hello")
     r = post(http, graph)
@@ -328,6 +338,7 @@ def test_submit_status_and_result(http: httpx.Client, lm: LanguageModel) -> None
     assert_same(decode_results(first.content), lm.run_graph(graph))
 
 
+@ON_BOTH_BACKENDS
 def test_events_positions_and_cancel(server: Any, key: str, http: httpx.Client, lm: LanguageModel) -> None:
     cancelled_before = server.metric(key, 'nnglass_jobs_finished_total{status="CANCELLED"}')
     busy = submit(http, slow_graph(lm))
@@ -362,6 +373,7 @@ def test_events_positions_and_cancel(server: Any, key: str, http: httpx.Client, 
     assert server.metric(key, 'nnglass_jobs_finished_total{status="CANCELLED"}') == cancelled_before + 1
 
 
+@ON_BOTH_BACKENDS
 def test_queue_is_fair_across_keys(server: Any, http: httpx.Client, lm: LanguageModel) -> None:
     busy = submit(http, slow_graph(lm))
     wait_for(http, busy, ("RUNNING", *TERMINAL))
@@ -374,6 +386,7 @@ def test_queue_is_fair_across_keys(server: Any, http: httpx.Client, lm: Language
     assert starts[0] < done["started_at"] < starts[1] < starts[2]
 
 
+@ON_BOTH_BACKENDS
 def test_a_cancel_in_a_shared_pass_removes_only_that_job(server: Any, key: str, http: httpx.Client,
                                                          lm: LanguageModel) -> None:
     """Four queued jobs of three widths share one pass (a slow one keeps it running); one of
@@ -406,6 +419,7 @@ def test_a_cancel_in_a_shared_pass_removes_only_that_job(server: Any, key: str, 
         server.metric(key, f'nnglass_pass_jobs_bucket{{model="{NAME}",le="4"}}')  # the pass of four
 
 
+@ON_BOTH_BACKENDS
 def test_error_status_names_the_line(http: httpx.Client, lm: LanguageModel) -> None:
     with lm.trace("hi", remote=True, blocking=False) as tracer:
         where = line(1)
@@ -422,6 +436,7 @@ PROMETHEUS = re.compile(rf"[a-zA-Z_:][a-zA-Z0-9_:]*(\{{{_LABEL}(,{_LABEL})*\}})?
                         r"[-+]?([0-9.]+([eE][-+]?[0-9]+)?|NaN|[-+]Inf)")
 
 
+@ON_BOTH_BACKENDS
 def test_models_health_metrics_docs(server: Any, http: httpx.Client) -> None:
     models = {m["name"]: m for m in http.get("/v1/models").json()}
     assert sorted(models) == sorted([NAME, LOCKED])
@@ -455,9 +470,13 @@ def test_models_health_metrics_docs(server: Any, http: httpx.Client) -> None:
 
 def test_restart_keeps_every_job(start_server: Callable[..., Any], tiny_config: Callable[..., str],
                                  tmp_path_factory: pytest.TempPathFactory,
-                                 lm: LanguageModel) -> None:
+                                 lm: LanguageModel, backend: Any) -> None:
+    """SIGKILL mid-job, then a new server on the same stores (the same home; on the
+    cluster the same database and bucket: its dead lease hands the jobs over). Embedded
+    only in `make test` (on the cluster it waits out the 10 s lease and two starts of
+    every actor; test_frontends.py kills a frontend mid-job on PostgreSQL + S3)."""
     home = tmp_path_factory.mktemp("restart")
-    first = start_server("restart", tiny_config(), home=home)
+    first = start_server("restart", tiny_config(), home=home, backend=backend)
     key = first.keys.create("r")[1]
     graph = small_graph(lm, "hello")
     with first.client(key) as http:
@@ -467,7 +486,7 @@ def test_restart_keeps_every_job(start_server: Callable[..., Any], tiny_config: 
         assert http.get(f"/v1/jobs/{queued}").json()["status"] == "QUEUED"
     first.kill()  # SIGKILL: no clean shutdown
 
-    second = start_server("restart", tiny_config(), home=home)
+    second = start_server("restart", tiny_config(), home=home, backend=backend, stores=first.stores)
     try:
         with second.client(key) as http:
             ends = {job: wait_for(http, job) for job in (running, queued)}
@@ -585,6 +604,7 @@ def test_policy_refusal_is_a_422(http: httpx.Client, locked: LanguageModel) -> N
     assert "model.embed_tokens" in detail["message"] and "model.layers.*" in detail["message"]
 
 
+@ON_BOTH_BACKENDS
 def test_policy_limits(server: Any, key: str, locked: LanguageModel) -> None:
     before = server.metric(key, "nnglass_jobs_submitted_total")
     with pytest.raises(PolicyError, match="16"):
@@ -620,6 +640,7 @@ def test_policy_allows_what_it_allows(lm: LanguageModel, locked: LanguageModel) 
     assert_same(tokens.value, ref_tokens.value)
 
 
+@ON_BOTH_BACKENDS
 def test_jobs_never_change_the_shared_weights(lm: LanguageModel, tiny_dir: Path) -> None:
     for _ in range(2):  # setters, a backward pass, a refused in-place edit of a weight
         with lm.trace(TRUTH, remote=True):
@@ -640,6 +661,7 @@ def test_jobs_never_change_the_shared_weights(lm: LanguageModel, tiny_dir: Path)
 # --- 5. isolation -----------------------------------------------------------------------
 
 
+@ON_BOTH_BACKENDS
 def test_one_jobs_error_leaves_others_alone(server: Any, lm: LanguageModel) -> None:
     other = server.keys.create("bob")[1]
     graph = small_graph(lm, "hello")
@@ -687,6 +709,7 @@ def test_worker_crash_fails_only_its_job(server: Any, key: str, http: httpx.Clie
     assert server.worker_pid(NAME) != pid
 
 
+@ON_BOTH_BACKENDS
 def test_cancel_a_running_job(http: httpx.Client, lm: LanguageModel) -> None:
     job = submit(http, slow_graph(lm))
     wait_for(http, job, ("RUNNING",))
@@ -701,6 +724,7 @@ def test_cancel_a_running_job(http: httpx.Client, lm: LanguageModel) -> None:
 # --- 6. the client ----------------------------------------------------------------------
 
 
+@ON_BOTH_BACKENDS
 def test_non_blocking_job(http: httpx.Client, lm: LanguageModel) -> None:
     busy = submit(http, slow_graph(lm))  # so the jobs below wait in the queue
     with lm.trace(TRUTH, remote=True, blocking=False) as tracer:
