@@ -15,9 +15,8 @@ Invariants:
   they keep arriving (a short gap ends the wait, and the wait is bounded).
 
 `Queue` is the seam: `Scheduler` (in this process's memory) is the embedded default;
-`pg_queue.PgQueue` keeps a queue in PostgreSQL, shared by several frontends (fair by
-jobs, round robin across keys, not yet by tokens). The service never asks which one it
-has. `hold(key_id)` makes a key's quota check and its queueing one step (here a lock;
+`pg_queue.PgQueue` keeps a queue in PostgreSQL, shared by several frontends (fair in
+tokens by the same rule). The service never asks which one it has. `hold(key_id)` makes a key's quota check and its queueing one step (here a lock;
 there an advisory lock every frontend sees). `orphans(unfinished)` answers the
 unfinished jobs no live process holds: for a process-local queue, every unfinished job
 the first time (the process that held them is gone), none after.
