@@ -1,13 +1,16 @@
 """Two `nnglass serve` frontends on one PostgreSQL database and one S3 bucket: any
 frontend answers any job (status, events, result), the queue holds across both (the
 quota across frontends: test_store_contract.py, and test_hostile's PostgreSQL run), no
-job runs twice, and a frontend killed with SIGKILL mid-job loses nothing (the survivor
-runs the job again). The servers are real processes; PostgreSQL and S3 are the
+job runs twice, a bounded run of benchmarks/load_frontends.py (clients of their own keys,
+each job submitted to one frontend and followed on the other) loses nothing and hands
+nobody another key's job, and a frontend killed with SIGKILL mid-job loses nothing (the
+survivor runs the job again). The servers are real processes; PostgreSQL and S3 are the
 session's (tests/components.py)."""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +26,9 @@ from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
 from saved_values import assert_bitwise_equal
 from service_fixtures import recording, small_graph
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+import load_frontends  # benchmarks/ is not a package
 
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
 
@@ -122,6 +128,21 @@ def test_every_job_runs_once_across_frontends(pair: tuple[Any, Any], lm: Languag
         rows = conn.execute("SELECT id, attempts FROM jobs WHERE id = ANY(%s)", (list(jobs),)).fetchall()
     attempts = dict(rows)
     assert attempts == dict.fromkeys(jobs, 1)  # each started exactly once, by one frontend
+
+
+def test_concurrent_clients_across_frontends_lose_nothing_and_mix_nothing_up(
+    pair: tuple[Any, Any], lm: LanguageModel
+) -> None:
+    """6 clients x 5 jobs of every kind (benchmarks/load_frontends.py; the 200 x 10 run is in
+    docs/benchmarks.md): each ends as its local run says, on its own key, and the jobs the
+    two frontends say they finished add up (each job ended by one of them)."""
+    a, b = pair
+    keys = [a.keys.create(f"load{i}")[1] for i in range(6)]
+    row = load_frontends.drive([a.url, b.url], keys, lm, jobs=5, timeout=300)
+    assert (row["lost"], row["wrong"], row["wrong_key"], row["stuck"]) == ([], [], [], []), row
+    assert row["ended"] == 30 and not load_frontends.failed(row), row
+    assert {outcome.split(":")[0] for outcome in row["outcomes"]} == set(load_frontends.load.KINDS), row
+    assert sum(row["finished_by_frontend"]) >= 30, row
 
 
 def test_a_frontend_killed_mid_job_loses_nothing(pair: tuple[Any, Any], lm: LanguageModel) -> None:
