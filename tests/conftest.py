@@ -388,7 +388,9 @@ def plain() -> type[Plain]:
 def _uses_ray(item: pytest.Item) -> bool:
     params = getattr(getattr(item, "callspec", None), "params", {})
     fixtures = set(getattr(item, "fixturenames", ()))
-    return bool({"ray_cluster", "ray_engine"} & fixtures) or "ray" in params.values()
+    # tests/server/conftest.py's `backend` "cluster" asks for the cluster by getfixturevalue
+    on_ray = any(value in ("ray", "cluster") for value in params.values())
+    return bool({"ray_cluster", "ray_engine"} & fixtures) or on_ray
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -16,8 +16,9 @@ Invariants:
 
 `Queue` is the seam: `Scheduler` (in this process's memory) is the embedded default;
 `pg_queue.PgQueue` keeps a queue in PostgreSQL, shared by several frontends (fair in
-tokens by the same rule). The service never asks which one it has. `hold(key_id)` makes a key's quota check and its queueing one step (here a lock;
-there an advisory lock every frontend sees). `orphans(unfinished)` answers the
+tokens by the same rule). The service never asks which one it has. `hold(key_id)` makes
+a key's quota check and its queueing one step (here a lock; there an advisory lock
+every frontend sees). `orphans(unfinished)` answers the
 unfinished jobs no live process holds: for a process-local queue, every unfinished job
 the first time (the process that held them is gone), none after.
 """
