@@ -13,8 +13,9 @@ Invariants:
   banked while idle); a queue nobody waits in starts everyone level. Ties go to the key
   whose place in line is earliest: the later of its oldest waiting job and the last time
   it was served (`queue_turns.served`, from the same sequence as `pos`); within a key,
-  submission order. Claims on two frontends at once may each charge from what they read,
-  so across frontends this holds to within a job or two.
+  submission order. Whatever reads or charges the tokens (a submit, a claim, a shared
+  pass's takes) holds the model's advisory lock for its transaction, so frontends
+  charge one after another (and never deadlock on the rows).
 - Each frontend renews its lease (`frontends.heartbeat`, the database's clock) every
   `tick`; a frontend silent for `LEASE_S` is dead. `orphans` hands back, once, the
   unfinished jobs that no live frontend holds (claimed by a dead one, or with no row
@@ -49,6 +50,7 @@ __all__ = ["PgQueue"]
 LEASE_S = 10.0  # a frontend silent this long is dead
 GRACE_S = 5.0  # a job row this young may still be on its way into the queue
 _SWEEP_LOCK = 0x6E6E68
+_MODEL_LOCK = "SELECT pg_advisory_xact_lock(7237233, hashtext(%(model)s))"  # (class "nnq", model)
 _POLL_S = 0.5  # how often an idle replica looks again, notifications aside
 
 # A model's lanes (keys with waiting jobs): the tokens each was served (a key with no row
@@ -129,6 +131,7 @@ class PgQueue:
         shared = None if share is None else json.dumps([share.key, share.rows, share.width])
         where = {"model": model, "key": key_id}
         with self.db.tx() as conn:
+            conn.execute(_MODEL_LOCK, where)
             conn.execute(_RESET, where)
             conn.execute(_JOIN, where)
             conn.execute(
@@ -140,6 +143,7 @@ class PgQueue:
 
     def _claim(self, model: str) -> str | None:
         with self.db.tx() as conn:
+            conn.execute(_MODEL_LOCK, {"model": model})
             row = conn.execute(_CLAIM, {"model": model}).fetchone()
             if row is None:
                 return None
@@ -176,6 +180,7 @@ class PgQueue:
 
     def _take_sharing(self, model: str, job_id: str, limit: int, tokens: int | None) -> list[str]:
         with self.db.tx() as conn:
+            conn.execute(_MODEL_LOCK, {"model": model})
             row = conn.execute("SELECT share FROM queue WHERE job_id = %s", (job_id,)).fetchone()
             if row is None or row["share"] is None:
                 return []
