@@ -329,11 +329,12 @@ def main() -> None:
         jobs_per_s(ray, graphs["two"], 8)
         t: dict[str, list[float]] = {"one": [], "two": [], "ratios": [], "plain_one": [], "plain_two": [],
                                      "plain_ratios": []}
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for name in ("one", "two"):
                 t[name].append(jobs_per_s(ray, graphs[name], args.jobs))
             t["ratios"].append(t["two"][-1] / t["one"][-1])
-            for procs, name in ((1, "plain_one"), (2, "plain_two")):
+            plain = ((1, "plain_one"), (2, "plain_two"))
+            for procs, name in plain if r % 2 else plain[::-1]:  # the order alternates
                 t[name].append(plain_jobs_per_s(procs, args.jobs, args.size, args.products))
             t["plain_ratios"].append(t["plain_two"][-1] / t["plain_one"][-1])
         res = {"throughput": t, "ratio_median": float(np.median(t["ratios"])),
