@@ -385,21 +385,33 @@ def plain() -> type[Plain]:
 # --- a cluster ------------------------------------------------------------------------
 
 
-def _uses_ray(item: pytest.Item) -> bool:
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    fixtures = set(getattr(item, "fixturenames", ()))
-    # tests/server/conftest.py's `backend` "cluster" asks for the cluster by getfixturevalue
-    on_ray = any(value in ("ray", "cluster") for value in params.values())
-    return bool({"ray_cluster", "ray_engine"} & fixtures) or on_ray
+RAY_FILES = ("tests/server/test_ray.py",)  # every test there is on the cluster
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """`make test` runs on two pytest-xdist workers with `--dist loadgroup`: each file stays on
-    one worker (its module fixtures start once), and every test on the Ray cluster shares one
-    worker, so only one cluster (fixed loopback addresses) runs at a time."""
-    for item in items:
-        group = "ray" if _uses_ray(item) else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+def work_unit(nodeid: str) -> str:
+    """Which of `make test`'s two pytest-xdist workers' units a test belongs to: every test
+    on the Ray cluster in one ("ray": a file of Ray tests, or a parameter "cluster" or "ray",
+    tests/server/conftest.py's `backend`), so only one cluster (fixed loopback addresses)
+    runs at a time; every other test with its file, so its module fixtures start once."""
+    path, _, rest = nodeid.partition("::")
+    params = rest[rest.index("[") + 1 : -1].split("-") if rest.endswith("]") and "[" in rest else []
+    return "ray" if path in RAY_FILES or {"cluster", "ray"} & set(params) else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`, by `work_unit`. (pytest-xdist's own loadgroup reads `xdist_group`
+    marks by renaming items through an attribute pytest 9 no longer reads, so marks added
+    here would be ignored and the tests spread one by one over both workers.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByWorkUnit(config, log)
 
 
 @pytest.fixture(scope="session")
