@@ -387,12 +387,13 @@ def plain() -> type[Plain]:
 
 def work_unit(nodeid: str) -> str:
     """Which of `make test`'s two pytest-xdist workers' units a test belongs to: every test
-    on the Ray cluster in one ("ray": a file named test_ray.py, or a parameter "cluster" or
+    on the Ray cluster in one ("ray": a file named test_ray*.py, or a parameter "cluster" or
     "ray", tests/server/conftest.py's `backend`), so only one cluster (fixed loopback addresses)
     runs at a time; every other test with its file, so its module fixtures start once."""
     path, _, rest = nodeid.partition("::")
     params = rest[rest.index("[") + 1 : -1].split("-") if rest.endswith("]") and "[" in rest else []
-    return "ray" if path.endswith("/test_ray.py") or {"cluster", "ray"} & set(params) else path
+    on_ray = path.rpartition("/")[2].startswith("test_ray") or {"cluster", "ray"} & set(params)
+    return "ray" if on_ray else path
 
 
 @pytest.hookimpl(optionalhook=True)
