@@ -1,6 +1,6 @@
 """Where a model's pieces go. A server config's `shards` reaches the worker the subprocess
 engine starts (the same worker.py rank 0 as the local groups of test_tiny.py and
-test_smollm2.py; test_ray.py serves one through a whole server). Pipeline placement
+test_smollm2.py; test_ray_shards.py serves one through a whole server). Pipeline placement
 (`device_map`): the model's layers split across two GPUs, every site read and set as on
 one device; it needs two CUDA devices, and on a machine without them the test says so
 when it skips."""
