@@ -7,7 +7,8 @@ just re-reads: nothing is lost, a change is at worst seen on the next wake. The 
 carries job ids only, never who owns them: a listener checks ownership when it reads.
 `deliver` is the local half of `publish`; a hub that spans processes (pg_events.PgHub)
 publishes elsewhere and delivers what comes back. Observers (`observe`) learn of every
-delivered change, in the delivering thread.
+delivered change, in the delivering thread. `wake` reaches one job's waiters in this
+process only, nothing else: a new generation step (server/steps.py), not a change of the job.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ class EventHub:
             loop.call_soon_threadsafe(event.set)
         for changes in every:
             changes.add(job_id)
+
+    def wake(self, job_id: str) -> None:
+        with self._lock:
+            waiters = list(self._waiters.get(job_id, ()))
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
 
     @contextmanager
     def listen_all(self) -> Iterator[Changes]:
