@@ -132,8 +132,8 @@ class StepLog:
         """The steps numbered above `after` (-1: from the first)."""
         with self._lock:
             log = self._logs.get(job_id)
-            if log is None:
-                return Steps([])
+            if log is None:  # not started, run where steps do not reach; or gone after this reader's steps
+                return Steps([], gap=after >= 0)
             if log.broken or log.first > after + 1:
                 return Steps([], gap=True, ended=log.ended)
             return Steps([s for s in log.steps if s.step > after], ended=log.ended)
