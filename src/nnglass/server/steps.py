@@ -36,6 +36,7 @@ import torch
 
 from ..graph.results import decode_results, encode_results
 from ..runtime.steps import StepListener
+from ..runtime.values import tensor_leaves
 
 MAX_STEP_BYTES = 1 << 20
 JOB_BYTES, JOB_STEPS, ENDED_KEPT = 8 << 20, 4096, 8
@@ -48,8 +49,10 @@ def step_sender(job: Any, send: Callable[[dict[str, Any]], None], budget: int) -
     def on_step(step: int, tokens: torch.Tensor, saved: dict[int, Any]) -> None:
         message: dict[str, Any] = {"job": job, "step": step, "tokens": tokens.tolist()}
         if saved:
-            data = encode_results(saved) if left[0] > 0 else b""
-            if 0 < len(data) <= min(left[0], MAX_STEP_BYTES):
+            room = min(left[0], MAX_STEP_BYTES)  # the tensors' size first: nothing too big is copied
+            fits = sum(t.numel() * t.element_size() for t in tensor_leaves(saved)) < room
+            data = encode_results(saved) if fits else b""
+            if 0 < len(data) <= room:
                 left[0] -= len(data)
                 message["values"] = base64.b64encode(data).decode("ascii")
             else:
