@@ -23,7 +23,7 @@ reported as the median with a bootstrap 95% CI over pairs (benchmarks/_stats.py)
 
 The steered request adds `extra_body={"nnglass": {"steer": [{"site", "vector" (a seeded random
 unit vector), "scale": 4, "positions": "all"}]}}`. Writes benchmarks/results/openai_api.json
-unless --no-write.
+unless --no-write (`--rounds 0` measures only in the worker, and keeps the file's service part).
 """
 
 from __future__ import annotations
@@ -202,9 +202,12 @@ def main() -> None:
               f"end p50 {s['stream_end_p50_s']:.3f} s; tokens (plain, steered) {s['tokens']}")
     if "worker" in result:
         print(f"graph build p50 (ms): {result['worker']['build_p50_ms']}")
-    if not args.no_write:
-        (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "openai_api.json").write_text(json.dumps(result, indent=2))
+    if not args.no_write:  # a run of one part keeps the other part's last numbers
+        out = HERE / "results" / "openai_api.json"
+        out.parent.mkdir(exist_ok=True)
+        kept = json.loads(out.read_text()) if out.exists() else {}
+        kept = {k: v for k, v in kept.items() if k in ("service", "worker") and k not in result}
+        out.write_text(json.dumps({**result, **kept}, indent=2))
 
 
 if __name__ == "__main__":
