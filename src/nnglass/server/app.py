@@ -156,7 +156,7 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
 
         async def stream() -> AsyncIterator[str]:
             last, cursor = None, -1  # cursor: the last step sent (-1: none; None: not sending them)
-            with service.hub.listen(job_id) as changed:
+            with service.hub.listen(job_id, steps=steps) as changed:
                 while True:
                     changed.clear()  # before reading: a change after the read wakes the wait
                     pause = 15.0

@@ -164,7 +164,7 @@ async def stream_answer(request: Request, service: Service, frontend: Frontend, 
     feed, answered = Feed(req, plan, frontend, job.id), False
     try:  # a stream closed early (the client went away) cancels the job
         live = False  # every step came live, and no more will
-        with service.hub.listen(job.id) as changed:
+        with service.hub.listen(job.id, steps=True) as changed:
             while not live:
                 changed.clear()  # before reading: a step after the read wakes the wait
                 got = service.steps.read(job.id, feed.pushed - 1)
