@@ -19,7 +19,8 @@ reported as the median with a bootstrap 95% CI over pairs (benchmarks/_stats.py)
   request's graph as the OpenAI frontend builds it (`Frontend.build`, timed: the steer's
   graph-building cost), decoded by the wire codec, run by `LanguageModel.run_graph` under
   the limits a served job runs with, with the per-step hook the worker installs (so this
-  prices the graph's per-step nodes and the step lines' encoding, not the transport).
+  prices the graph's per-step nodes and the step lines' encoding, not the transport); and
+  one step line alone (a token, nothing saved), averaged over 2000.
 
 The steered request adds `extra_body={"nnglass": {"steer": [{"site", "vector" (a seeded random
 unit vector), "scale": 4, "positions": "all"}]}}`. Writes benchmarks/results/openai_api.json
@@ -96,6 +97,7 @@ def pairs(rounds: int, warmup: int, one: Any) -> tuple[list[Any], list[Any]]:
         got = {s: one(s) for s in ((False, True) if i % 2 == 0 else (True, False))}
         plain.append(got[False])
         steered.append(got[True])
+        print(f"pair {i + 1}/{rounds}: plain {got[False]}, steered {got[True]}", file=sys.stderr, flush=True)
     return plain, steered
 
 
@@ -164,8 +166,13 @@ def in_worker(args: argparse.Namespace, steer: dict[str, Any]) -> dict[str, Any]
         return time.perf_counter() - t
 
     plain, steered = pairs(args.worker_rounds, args.warmup, one)
-    return {**ratio_summary(plain, steered), "build_p50_ms": {
-        "plain": 1e3 * float(np.median(builds[False])), "steered": 1e3 * float(np.median(builds[True]))}}
+    hook = step_sender("bench", lambda m: json.dumps(m), 2**62)  # one step line: a token, nothing saved
+    t = time.perf_counter()
+    for k in range(2000):
+        hook(k, torch.tensor([[k]]), {})
+    return {**ratio_summary(plain, steered), "step_line_us": (time.perf_counter() - t) / 2000 * 1e6,
+            "build_p50_ms": {"plain": 1e3 * float(np.median(builds[False])),
+                             "steered": 1e3 * float(np.median(builds[True]))}}
 
 
 def main() -> None:
@@ -201,7 +208,8 @@ def main() -> None:
         print(f"\nstreamed steered: first token p50 {s['stream_first_token_p50_s']:.3f} s, "
               f"end p50 {s['stream_end_p50_s']:.3f} s; tokens (plain, steered) {s['tokens']}")
     if "worker" in result:
-        print(f"graph build p50 (ms): {result['worker']['build_p50_ms']}")
+        w = result["worker"]
+        print(f"graph build p50 (ms): {w['build_p50_ms']}; one step line: {w['step_line_us']:.1f} us")
     if not args.no_write:  # a run of one part keeps the other part's last numbers
         out = HERE / "results" / "openai_api.json"
         out.parent.mkdir(exist_ok=True)
