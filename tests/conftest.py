@@ -389,11 +389,15 @@ def work_unit(nodeid: str) -> str:
     """Which of `make test`'s two pytest-xdist workers' units a test belongs to: every test
     on the Ray cluster in one ("ray": a file named test_ray*.py, or a parameter "cluster" or
     "ray", tests/server/conftest.py's `backend`), so only one cluster (fixed loopback addresses)
-    runs at a time; every other test with its file, so its module fixtures start once."""
+    runs at a time; every other test with its file, so its module fixtures start once (the
+    files on the OpenAI endpoints' server, tests/server/provider_fixtures.py, in one unit)."""
     path, _, rest = nodeid.partition("::")
     params = rest[rest.index("[") + 1 : -1].split("-") if rest.endswith("]") and "[" in rest else []
     on_ray = path.rpartition("/")[2].startswith("test_ray") or {"cluster", "ray"} & set(params)
-    return "ray" if on_ray else path
+    return "ray" if on_ray else _ONE_SERVER.get(path.rpartition("/")[2], path)
+
+
+_ONE_SERVER = {"test_provider.py": "provider", "test_streaming.py": "provider"}  # one session server
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -1,11 +1,14 @@
 """The service tests' fixtures: tests/service_fixtures.py (shared with tests/fuzz), and here
-the backend combinations a module's tests run on (issue 10's matrix)."""
+the backend combinations a module's tests run on (issue 10's matrix), and the OpenAI
+endpoints' server (tests/server/provider_fixtures.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+from provider_fixtures import chat_dir as chat_dir  # the OpenAI endpoints' server
+from provider_fixtures import provider as provider
 
 from service_fixtures import EMBEDDED, Backend, Engine
 from service_fixtures import pg_clean as pg_clean

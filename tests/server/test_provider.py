@@ -2,18 +2,17 @@
 server, each answer checked against the same computation done without the server: plain
 transformers `generate` and forward passes, plain PyTorch hooks, or a local nnglass trace.
 
-One model on one server: "provider", the tests' tiny Llama with a chat template, under the
-shipped provider policy (weights hidden, reads and writes limited to the blocks and the
-root's output): what the extensions do, and that the policy holds, on the same model.
+One model on one server (tests/server/provider_fixtures.py): "provider", the tests' tiny
+Llama with a chat template, under the shipped provider policy (weights hidden, reads and
+writes limited to the blocks and the root's output): what the extensions do, and that
+the policy holds, on the same model.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import shutil
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import openai
 import pytest
 import torch
 import transformers
-from test_exposure import PROVIDER, model_toml
+from provider_fixtures import Provider
 
 from nnglass import LanguageModel, NNglassError, PolicyError, TraceError
 from nnglass.errors import MalformedError, QuotaError, UnavailableError
@@ -33,43 +32,20 @@ from nnglass.server.openai_api import openai_error
 from nnglass.server.openai_graph import Frontend
 from nnglass.server.openai_request import parse_request
 
-SERVER = """[server]
-host = "127.0.0.1"
-port = PORT
-home = "HOME"
-max_request_bytes = 8000000
-max_queued_per_key = 8
 
-"""
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
+@pytest.fixture(scope="session")
+def server(provider: Provider) -> Any:
+    return provider.server
 
 
 @pytest.fixture(scope="session")
-def chat_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-chat") / "model"
-    shutil.copytree(tiny_dir, folder)
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(folder)
-    return folder
+def key(provider: Provider) -> str:
+    return provider.key
 
 
 @pytest.fixture(scope="session")
-def server(start_server: Callable[..., Any], chat_dir: Path) -> Iterator[Any]:
-    server = start_server("openai", SERVER + model_toml("provider", chat_dir, PROVIDER))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def key(server: Any) -> str:
-    return server.keys.create("openai-tests")[1]
-
-
-@pytest.fixture(scope="session")
-def client(server: Any, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+def client(provider: Provider) -> openai.OpenAI:
+    return provider.client
 
 
 @pytest.fixture(scope="session")

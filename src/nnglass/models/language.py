@@ -37,6 +37,7 @@ from ..runtime.backend import Backend
 from ..runtime.interpreter import Interpreter
 from ..runtime.limits import NO_LIMITS, RunConfig, RunLimits
 from ..runtime.run import execute, run_session
+from ..runtime.steps import StepListener, StepStreamer
 from ..runtime.values import resolve
 from ..runtime.window import model_sizes, safe_width
 from ..tracing.proxy import Proxy
@@ -274,7 +275,9 @@ class LanguageModel(NNModel):
         return super()._backend(remote)
 
     def run_graph(self, graph: Graph, imports: dict | None = None,
-                  limits: RunLimits = NO_LIMITS) -> dict[int, Any]:
+                  limits: RunLimits = NO_LIMITS, on_step: StepListener | None = None) -> dict[int, Any]:
+        """The graph's saved values; `on_step`: a generate graph's per-step hook (runtime/steps.py;
+        a sharded model's rank group reports no steps: its streams read the result)."""
         if self._shards > 1 and graph.mode != SCAN:
             return self._rank_group().run_graph(graph, limits)
         if graph.mode == SESSION:
@@ -288,7 +291,7 @@ class LanguageModel(NNModel):
         model = self.module
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         if graph.mode == GENERATE:
-            return self._run_generate(graph, model, ids, mask, rows, imports, limits)
+            return self._run_generate(graph, model, ids, mask, rows, imports, limits, on_step)
         forward_kwargs = resolve(graph.options.get(FORWARD_KWARGS, {}), [], graph.tensors)
         forward_kwargs.setdefault("use_cache", False)
 
@@ -319,7 +322,7 @@ class LanguageModel(NNModel):
 
     def _run_generate(self, graph: Graph, model: torch.nn.Module, ids: torch.Tensor,
                       mask: torch.Tensor, rows: list[tuple[int, int]], imports: dict | None,
-                      limits: RunLimits) -> dict[int, Any]:
+                      limits: RunLimits, on_step: StepListener | None = None) -> dict[int, Any]:
         kwargs = dict(resolve(graph.options.get(GENERATE_KWARGS, {}), [], graph.tensors))
         check_generate_kwargs({k: v for k, v in kwargs.items() if k != "max_new_tokens"}, "")
         seed = graph.options.get(SEED)
@@ -335,9 +338,10 @@ class LanguageModel(NNModel):
                     interp.next_step()
 
             handle = model.register_forward_pre_hook(count_step, with_kwargs=True, prepend=True)
+            streamer = {} if on_step is None else {"streamer": StepStreamer(interp, on_step)}
             try:
                 with _private_rng(seed):
-                    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs, **streamer)
             finally:
                 handle.remove()
             interp.fire_result(out)

@@ -13,6 +13,7 @@ requests that need it, not every request.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,6 +43,7 @@ from .model_meta import add_meta
 from .openai_api import OPENAI_PATHS, add_openai, models_page, openai_error
 from .openai_graph import Frontends
 from .service import Service
+from .steps import StepLog
 
 # Most specific first: the first class an error is an instance of decides its status.
 STATUS: list[tuple[type[NNglassError], int]] = [
@@ -149,15 +151,19 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
         return service.status(await asyncio.to_thread(service.get, request.state.key_id, job_id))
 
     @app.get("/v1/jobs/{job_id}/events")
-    async def events(job_id: str, request: Request) -> StreamingResponse:
+    async def events(job_id: str, request: Request, steps: bool = False) -> StreamingResponse:
         job = await asyncio.to_thread(service.get, request.state.key_id, job_id)
 
         async def stream() -> AsyncIterator[str]:
-            last = None
-            with service.hub.listen(job_id) as changed:
+            last, cursor = None, -1  # cursor: the last step sent (-1: none; None: not sending them)
+            with service.hub.listen(job_id, steps=steps) as changed:
                 while True:
                     changed.clear()  # before reading: a change after the read wakes the wait
                     pause = 15.0
+                    if steps and cursor is not None:
+                        lines, cursor = step_events(service.steps, job_id, cursor)
+                        for line in lines:
+                            yield line
                     try:
                         current = service.status(await asyncio.to_thread(service.get, job.key_id, job_id))
                     except UnavailableError:  # a locked database: the stream stays, and asks again soon
@@ -216,6 +222,24 @@ async def _chunks(stream: Any) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         await asyncio.to_thread(stream.close)
+
+
+def step_events(log: StepLog, job_id: str, cursor: int) -> tuple[list[str], int | None]:
+    """`event: step` lines for the steps after `cursor`, and the new cursor. A gap (steps this
+    stream can no longer send) is one `{"gap": true}` and the last (cursor None)."""
+    got = log.read(job_id, cursor)
+    if got.gap:
+        return ['event: step\ndata: {"gap": true}\n\n'], None
+    lines = []
+    for step in got.steps:
+        data: dict[str, Any] = {"step": step.step, "tokens": step.tokens}
+        if step.data:
+            data["values"] = base64.b64encode(step.data).decode("ascii")
+        if step.dropped:
+            data["dropped"] = True
+        lines.append(f"event: step\ndata: {json.dumps(data)}\n\n")
+        cursor = step.step
+    return lines, cursor
 
 
 def _limit(text: str | None) -> int:

@@ -7,7 +7,9 @@ just re-reads: nothing is lost, a change is at worst seen on the next wake. The 
 carries job ids only, never who owns them: a listener checks ownership when it reads.
 `deliver` is the local half of `publish`; a hub that spans processes (pg_events.PgHub)
 publishes elsewhere and delivers what comes back. Observers (`observe`) learn of every
-delivered change, in the delivering thread.
+delivered change, in the delivering thread. `wake` reaches only the waiters of one job
+that listen for its steps too (`listen(job_id, steps=True)`), in this process: a new
+generation step (server/steps.py) is not a change of the job, and costs nobody else a read.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class EventHub:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]]] = {}
         self._all: set[Changes] = set()
         self._observers: list[Callable[[str], None]] = []
 
@@ -46,10 +48,17 @@ class EventHub:
         with self._lock:
             waiters = list(self._waiters.get(job_id, ()))
             every = list(self._all)
-        for loop, event in waiters:
+        for loop, event, _ in waiters:
             loop.call_soon_threadsafe(event.set)
         for changes in every:
             changes.add(job_id)
+
+    def wake(self, job_id: str) -> None:
+        with self._lock:
+            waiters = list(self._waiters.get(job_id, ()))
+        for loop, event, steps in waiters:
+            if steps:
+                loop.call_soon_threadsafe(event.set)
 
     @contextmanager
     def listen_all(self) -> Iterator[Changes]:
@@ -65,9 +74,10 @@ class EventHub:
                 self._all.discard(changes)
 
     @contextmanager
-    def listen(self, job_id: str) -> Iterator[asyncio.Event]:
-        """An event set on every change of `job_id` while the block runs."""
-        entry = (asyncio.get_running_loop(), asyncio.Event())
+    def listen(self, job_id: str, steps: bool = False) -> Iterator[asyncio.Event]:
+        """An event set on every change of `job_id` while the block runs (and, with
+        `steps`, on each of its generation steps)."""
+        entry = (asyncio.get_running_loop(), asyncio.Event(), steps)
         with self._lock:
             self._waiters.setdefault(job_id, set()).add(entry)
         try:

@@ -5,6 +5,8 @@ Invariants:
 - One request in flight per handle; an answer comes within the timeout, or the child is
   killed. A timeout or a crash (EOF) is an ERROR answer and leaves the handle dead until
   `restart()`. `run` never raises for a job's failure.
+- A step line (server/steps.py) of a job in flight goes to `run`'s `on_step`, in the
+  thread that called `run`, as it arrives; it is never the answer.
 - `stop_job(job)` kills the child only while `job` is part of the request in flight, so
   a cancel that arrives late never kills the next job on the same worker.
 - Nothing in the server's working directory reaches the child: it runs in a private
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -116,9 +119,11 @@ class WorkerHandle:
         self.ready, self.paths, self._dead = msg, list(msg["paths"]), False
         logger.info("worker for model %r ready (pid %s)", name, proc.pid)
 
-    def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def run(self, request: dict[str, Any], timeout: float | None = None,
+            on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Send one job (or a {"batch": [...]}); return its answer. `timeout` (default
-        run_seconds + GRACE_SECONDS) is a hard limit: past it the child is killed."""
+        run_seconds + GRACE_SECONDS) is a hard limit: past it the child is killed.
+        `on_step`: each step line of the request's jobs, meanwhile."""
         job = request.get("job")
         with self._lock:
             if not self.alive:
@@ -132,13 +137,14 @@ class WorkerHandle:
             with self._jobs_lock:
                 self._jobs = frozenset(j for j in jobs if j is not None)
             try:
-                return self._exchange(_absolute_paths(request), job, timeout, deadline)
+                return self._exchange(_absolute_paths(request), job, timeout, deadline, on_step)
             finally:
                 with self._jobs_lock:
                     self._jobs = frozenset()
 
     def _exchange(
-        self, request: dict[str, Any], job: Any, timeout: float | None, deadline: float | None
+        self, request: dict[str, Any], job: Any, timeout: float | None, deadline: float | None,
+        on_step: Callable[[dict[str, Any]], None] | None,
     ) -> dict[str, Any]:
         try:
             self._write(request)
@@ -154,6 +160,10 @@ class WorkerHandle:
                 return error_answer(job, "TimeLimitError", message)
             if msg is None:
                 return self._crashed(job)
+            if "step" in msg:
+                if on_step is not None and msg.get("job") in self._jobs:
+                    on_step(msg)
+                continue
             if msg.get("job") == job:
                 return msg
             logger.warning("worker answered for job %r while job %r was running", msg.get("job"), job)

@@ -2,13 +2,10 @@
 activations, usage; whole (one response) or token by token (stream chunks).
 
 Invariants:
-- The streamed pieces joined are the whole answer's text, exactly: both come from one
-  `Answer`, the pieces cut from the same decoded text (a token that ends inside a UTF-8
-  character adds nothing until the character is complete).
-- Generation ends at the first end-of-sequence token (kept out of the text) or the first
-  stop string (cut before it); tokens after the cut are dropped from the text, the
-  log-probs, the activations and the usage count alike. finish_reason is "stop" then,
-  else "length".
+- The text, where it ends and why come from `openai_text.Text`, the same code a stream
+  uses token by token (openai_stream.py), so a stream's pieces joined are this text.
+- Tokens dropped by the end (an end-of-sequence token, a stop string) are dropped from
+  the text, the log-probs, the activations and the usage count alike.
 - Log-probabilities are the model's own (log-softmax of the logits, before temperature
   or top_p), in float32.
 """
@@ -22,6 +19,7 @@ import torch
 
 from .openai_graph import Plan, encode_array
 from .openai_request import CompletionRequest
+from .openai_text import Text
 
 
 @dataclass
@@ -41,41 +39,23 @@ class Answer:
 
 def make_answer(req: CompletionRequest, plan: Plan, values: dict[int, Any], tokenizer: Any,
                 eos: set[int]) -> Answer:
-    result = values[plan.result]
-    generated = [int(t) for t in result[0, plan.prompt_len :].tolist()]
-    finish = "length"
-    for i, t in enumerate(generated):
-        if t in eos:
-            generated, finish = generated[:i], "stop"
+    text = Text(tokenizer, eos, req.stop)
+    for t in values[plan.result][0, plan.prompt_len :].tolist():
+        text.push(int(t))
+        if text.over:
             break
-    pieces, text = [], ""
-    for i in range(len(generated)):
-        full = tokenizer.decode(generated[: i + 1], skip_special_tokens=True)
-        if full.endswith("\ufffd") and i + 1 < len(generated):
-            pieces.append("")  # a character split across tokens: wait for its end
-            continue
-        pieces.append(full[len(text) :] if full.startswith(text) else "")
-        text += pieces[-1]
-    cut = _first_stop(text, req.stop)
-    if cut is not None:
-        finish, kept, total = "stop", [], 0
-        for piece in pieces:
-            if total >= cut:
-                break
-            kept.append(piece[: cut - total])
-            total += len(piece)
-        pieces = kept
-        generated = generated[: len(pieces)]
-    n = len(generated)
+    text.end()
+    n = text.ready()
     logprobs = None if plan.logprobs is None else [step[0] for step in values[plan.logprobs][:n]]
     reads = {site: list(values[node][:n]) for site, node in plan.reads.items()}
-    saved = {str(uid): _json(values.get(our)) for uid, our in plan.saved.items()}
-    return Answer(generated, pieces, finish, plan.prompt_len, logprobs, reads, saved)
+    pieces = [text.piece(i) for i in range(n)]
+    return Answer(text.tokens[:n], pieces, text.finish or "length", plan.prompt_len, logprobs, reads,
+                  saved_json(plan, values))
 
 
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
+def saved_json(plan: Plan, values: dict[int, Any]) -> dict[str, Any]:
+    """The user's graph's saved values, by its own node ids, as JSON."""
+    return {str(uid): _json(values.get(our)) for uid, our in plan.saved.items()}
 
 
 def _json(value: Any) -> Any:
@@ -103,8 +83,10 @@ def usage(answer: Answer) -> dict[str, int]:
     }
 
 
-def logprobs_json(req: CompletionRequest, answer: Answer, tokenizer: Any, start: int, stop: int) -> Any:
-    """Tokens start..stop-1's log-probs, as chat (`content`) or completions (`tokens`, ...) want."""
+def logprobs_json(req: CompletionRequest, answer: Answer, tokenizer: Any, start: int, stop: int,
+                  chars_before: int = 0) -> Any:
+    """Tokens start..stop-1's log-probs, as chat (`content`) or completions (`tokens`, ...) want;
+    `chars_before`: the text before `answer`'s first token (a stream's chunk: what was sent)."""
     if answer.logprobs is None:
         return None
     k = req.top_logprobs or 0
@@ -120,7 +102,7 @@ def logprobs_json(req: CompletionRequest, answer: Answer, tokenizer: Any, start:
                              "top_logprobs": [{"token": a, "logprob": w, "bytes": list(a.encode())}
                                               for a, w in alts]}
                             for t, v, alts in entries], "refusal": None}
-    offset = sum(len(p) for p in answer.pieces[:start])
+    offset = chars_before + sum(len(p) for p in answer.pieces[:start])
     offsets = []
     for i in range(start, stop):
         offsets.append(offset)

@@ -9,6 +9,8 @@ Invariants:
   delivers it to the local waiters. A database that cannot take the NOTIFY still
   delivers locally: this frontend's streams never wait on the outage.
 - Payloads are job ids or model names only, never who owns them (as events.py).
+  Generation steps (server/steps.py) never go through here: `wake` is the local hub's,
+  and a stream on another frontend than the job's replica reads the job's result.
 """
 
 from __future__ import annotations

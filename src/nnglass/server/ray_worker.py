@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,9 +206,11 @@ class RayWorker:
         self.options.pop("resources", None)  # the bundle holds what the rank asks for
         return self._group
 
-    def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def run(self, request: dict[str, Any], timeout: float | None = None,
+            on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Send one job (or a {"batch": [...]}); return its answer. Past `timeout` the
-        actor is killed."""
+        actor is killed. `on_step` is never called: an actor answers once, so streams
+        read the result (server/steps.py)."""
         job = request.get("job")
         with self._lock:
             if not self.alive:

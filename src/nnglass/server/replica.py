@@ -16,6 +16,8 @@ Invariants:
   without an answer per job (the worker died in the pass: a hang past the time limit, a
   crash, the out-of-memory killer), each job still RUNNING runs once more alone on a
   restarted worker: only a job that kills it alone ends ERROR for it.
+- A generate job asks its worker for step lines; each goes to the service's StepLog
+  (server/steps.py) as it comes, and the log is ended when the worker answers.
 - A job's files reach the worker as `results.LocalFiles` (the result store's own files,
   or private copies); a result is committed to the store before the job is COMPLETED,
   so any frontend that sees COMPLETED can serve it. The copies go when the job ends.
@@ -25,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..graph.ir import GENERATE
 from .handle import GRACE_SECONDS
 from .jobs import JobStatus
 from .results import LocalFiles
@@ -50,9 +54,11 @@ class Worker(Protocol):
     def start(self, timeout: float = 300.0) -> None:
         """(Re)start and wait until the model is loaded; raise NNglassError if it is not."""
 
-    def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def run(self, request: dict[str, Any], timeout: float | None = None,
+            on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """One request's answer; never raises for a job's failure (that is an ERROR answer).
-        Past `timeout` the worker is stopped and the answer says so."""
+        Past `timeout` the worker is stopped and the answer says so. `on_step`: the step
+        lines of its jobs while they run, from a worker that can send them (else never)."""
 
     def stop_job(self, job: Any) -> bool:
         """Stop the worker if (and only if) it is running `job` now."""
@@ -191,7 +197,7 @@ class Replica:
         return {
             "job": job_id, "graph": str(files.graph), "result": str(files.result),
             "tensors": str(files.tensors) if files.tensors else None, "limits": asdict(policy.limits),
-            "hide_weights": not policy.weights_visible,
+            "hide_weights": not policy.weights_visible, "steps": job.mode == GENERATE,
         }
 
     def _run(self, requests: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
@@ -204,9 +210,10 @@ class Replica:
         state.last_pass = len(requests)
         request = requests[0] if len(requests) == 1 else {"batch": requests}
         try:
-            return self.worker.run(request, timeout=timeout)
+            return self.worker.run(request, timeout=timeout, on_step=self.service.steps.add)
         finally:
             for request in requests:
+                self.service.steps.end(request["job"])
                 state.running.pop(request["job"], None)
                 state.sharing.discard(request["job"])
 

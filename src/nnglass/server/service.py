@@ -45,6 +45,7 @@ from .exposure import describe
 from .jobs import Job, JobStatus
 from .policy import check_policy
 from .replica import Replica, Worker
+from .steps import StepLog
 from .stores import open_stores
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Service:
         self.stores = open_stores(config, list(self.models))
         self.keys, self.jobs, self.results = self.stores.keys, self.stores.jobs, self.stores.results
         self.scheduler, self.hub = self.stores.scheduler, self.stores.hub
+        self.steps = StepLog(self.hub.wake)  # running generations' latest steps, for streams
         self.hub.observe(self._changed)
         self._worker = worker
         self.counters: dict[str, int] = {}

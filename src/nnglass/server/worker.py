@@ -12,6 +12,9 @@ Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   parent → child, a job: {"job", "graph": path, "tensors": path | null, "result": path,
                           "limits": {"run_seconds", "result_bytes", "op_bytes", "live_bytes", ...},
                           "hide_weights": bool}
+  child → parent, while a job with "steps": true generates (server/steps.py), per step:
+                        {"job", "step": k, "tokens": [[id], ...], "values": base64 | absent,
+                         "dropped": true | absent}
   child → parent:       {"job", "status": "COMPLETED", "bytes": n}
                         or {"job", "status": "ERROR", "error": {"type", "message", "where"}}
   parent → child, several jobs sharing one forward pass (co-tenancy): {"batch": [job, ...]}
@@ -22,7 +25,8 @@ Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   A host on another machine (server/ray_worker.py) calls `answer` with the same requests,
   except that they carry the graph (`graph_data`, `tensor_data`: bytes) instead of its
   paths and have no `result` path: each COMPLETED answer's result is then in
-  `LoadedModel.outbox[job]` for the host to send back.
+  `LoadedModel.outbox[job]` for the host to send back. A host that cannot send lines
+  while a job runs (Ray) passes no `send`: its jobs make no step lines.
 
 Invariants:
 - The child's stdout carries protocol lines only: fd 1 is pointed at stderr before any
@@ -36,13 +40,16 @@ Invariants:
   NNGLASS_WORKER_TEST_HANG sleeps, and one named by NNGLASS_WORKER_TEST_CRASH makes the
   child exit at once; alone or in a shared batch, before any hook runs. Each names a job
   id, or the absolute path of a file of job ids, read at each request (so a server test
-  can name a job once the server has given it its id).
+  can name a job once the server has given it its id). While the file named by
+  NNGLASS_WORKER_TEST_GATE exists, each generation step waits after its step line, so a
+  test can see a job stream while it is still RUNNING.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -50,6 +57,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,11 +75,14 @@ from .exposure import lookup_sites, operation_sites
 from .handle import GRACE_SECONDS as GRACE_SECONDS
 from .handle import WorkerHandle as WorkerHandle
 from .handle import error_answer
+from .steps import step_sender
 
 logger = logging.getLogger(__name__)
+Send = Callable[[dict[str, Any]], None]  # a protocol line to the server, while a job runs
 
 TEST_HANG = "NNGLASS_WORKER_TEST_HANG"  # tests only: the job with this id sleeps, outside any hook
 TEST_CRASH = "NNGLASS_WORKER_TEST_CRASH"  # tests only: the job with this id makes the worker exit
+TEST_GATE = "NNGLASS_WORKER_TEST_GATE"  # tests only: while this file exists, each step waits
 
 
 # --- child ----------------------------------------------------------------------------
@@ -143,10 +154,11 @@ class LoadedModel:
         has_grad = any(p.grad is not None for p in self.module.parameters())
         return {"checksum": weights_checksum(self.module), "has_grad": has_grad}
 
-    def job(self, request: dict[str, Any]) -> dict[str, Any]:
+    def job(self, request: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
+        """One job's answer; `send` (a host that can send lines meanwhile): its step lines."""
         job = request.get("job")
         try:
-            answer = {"job": job, "status": "COMPLETED", "bytes": self._run(job, request)}
+            answer = {"job": job, "status": "COMPLETED", "bytes": self._run(job, request, send)}
         except Exception as e:  # a job's failure is its answer, never the worker's end
             logger.info("job %s failed: %s: %s", job, type(e).__name__, e)
             answer = _error(job, e)
@@ -195,11 +207,14 @@ class LoadedModel:
                 answers.append(_error(job, e))
         return answers
 
-    def _run(self, job: Any, request: dict[str, Any]) -> int:
+    def _run(self, job: Any, request: dict[str, Any], send: Send | None = None) -> int:
         graph = self._load(request)
         grad = contextlib.nullcontext() if has_backward(graph) else torch.no_grad()
+        on_step = None
+        if send is not None and request.get("steps"):
+            on_step = step_sender(job, send, int(request.get("limits", {}).get("result_bytes") or 2**62))
         with grad:
-            values = self.lm.run_graph(graph, limits=_limits(request))
+            values = self.lm.run_graph(graph, limits=_limits(request), on_step=on_step)
         return self._store(request, graph, values)
 
     def _load(self, request: dict[str, Any]) -> Graph:
@@ -291,7 +306,7 @@ def main() -> int:
         except ValueError as e:
             _send(out, _error(None, e))
             continue
-        _send(out, answer(replica, request))
+        _send(out, answer(replica, request, send=functools.partial(_send, out)))
     return 0
 
 
@@ -306,14 +321,15 @@ def ready_message(replica: LoadedModel) -> dict[str, Any]:
             **replica.debug_info()}
 
 
-def answer(replica: LoadedModel, request: dict[str, Any]) -> dict[str, Any]:
+def answer(replica: LoadedModel, request: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
     """One request's answer: a job, or a {"batch": [...]} sharing one pass. Every host of a
-    replica (this child's stdin loop, a Ray actor) answers through this one function."""
+    replica (this child's stdin loop, a Ray actor) answers through this one function;
+    `send`, where the host has one, carries a generating job's step lines meanwhile."""
     batch = request.get("batch")
     _test_hooks(batch if type(batch) is list else [request])
     if type(batch) is list:
         return replica.batch(batch)
-    return replica.job(request)
+    return replica.job(request, _gated(send))
 
 
 def _test_hooks(requests: list[Any]) -> None:
@@ -323,6 +339,20 @@ def _test_hooks(requests: list[Any]) -> None:
         os._exit(70)
     if jobs & _test_ids(TEST_HANG):
         time.sleep(3600)
+
+
+def _gated(send: Send | None) -> Send | None:
+    """Tests only: with NNGLASS_WORKER_TEST_GATE set, each step line waits for its file to go."""
+    gate = os.environ.get(TEST_GATE, "")
+    if send is None or not os.path.isabs(gate):
+        return send
+
+    def gated(message: dict[str, Any]) -> None:
+        send(message)
+        while os.path.exists(gate):
+            time.sleep(0.01)
+
+    return gated
 
 
 def _test_ids(var: str) -> set[str]:

@@ -116,7 +116,9 @@ class ShardedLanguageModel(LanguageModel):
         object.__setattr__(self, "peers", peers)
 
     def run_graph(self, graph: Graph, imports: dict | None = None,
-                  limits: RunLimits = NO_LIMITS) -> dict[int, Any]:
+                  limits: RunLimits = NO_LIMITS, on_step: Any = None) -> dict[int, Any]:
+        # on_step (runtime/steps.py) is not called: a rank group reports no steps, and a stream
+        # of its generation takes the result (server/steps.py).
         if imports is not None or self.peers is None:  # inside a handed-over run, or a follower
             return super().run_graph(graph, imports, limits)
         with self._run_lock:
