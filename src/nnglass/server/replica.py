@@ -21,6 +21,9 @@ Invariants:
 - A job's files reach the worker as `results.LocalFiles` (the result store's own files,
   or private copies); a result is committed to the store before the job is COMPLETED,
   so any frontend that sees COMPLETED can serve it. The copies go when the job ends.
+  A store that cannot write it (a full disk) makes the job ERROR with the reason.
+- Nothing that fails in this loop (rather than in the worker) ends the replica's thread
+  or leaves its jobs RUNNING: they end ERROR, and the loop takes the next job.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..graph.ir import GENERATE
 from .handle import GRACE_SECONDS
 from .jobs import JobStatus
-from .results import LocalFiles
+from .results import LocalFiles, why_not_stored
 
 if TYPE_CHECKING:
     from .service import ModelState, Service
@@ -93,7 +96,24 @@ class Replica:
             if job_id is not None:
                 others = service.scheduler.take_sharing(
                     cfg.name, job_id, cfg.share_jobs - 1, tokens=cfg.share_tokens, wait=cfg.share_wait_s)
-                self.run_jobs([job_id, *others])
+                try:
+                    self.run_jobs([job_id, *others])
+                except Exception as e:  # a defect, or a store failing past its retries: the
+                    self._abandon([job_id, *others], e)  # replica lives on, its jobs end
+
+    def _abandon(self, job_ids: list[str], e: Exception) -> None:
+        """Jobs of a pass that failed in this loop (not in the worker) end ERROR, never
+        stay RUNNING behind a dead replica thread."""
+        log.exception("model %s: a pass failed in the server: %s", self.state.config.name, e)
+        why = {"type": "RemoteError", "where": "",
+               "message": f"the server failed while running this job ({type(e).__name__}); try again"}
+        for job_id in job_ids:
+            try:
+                job = self.service.durably(self.service.jobs.get, job_id)
+                if job is not None and not job.status.terminal:
+                    self.service.finish(job_id, JobStatus.ERROR, error=why)
+            except Exception:  # the service is stopping: recovery at the next start ends it
+                log.exception("model %s: job %s left for recovery", self.state.config.name, job_id)
 
     def _restart(self) -> bool:
         if self.service.stopping:
@@ -189,9 +209,11 @@ class Replica:
         self.state.passes.waited(time.time() - (job.queued_at or job.created_at))
         try:
             files = self._files[job_id] = service.durably(service.results.local_files, job_id)
-        except FileNotFoundError:
-            gone = {"type": "RemoteError", "where": "", "message": "this job's graph is gone from storage"}
-            service.finish(job_id, JobStatus.ERROR, error=gone)
+        except OSError as e:
+            why = ("this job's graph is gone from storage" if isinstance(e, FileNotFoundError)
+                   else f"this job's files could not be prepared: {why_not_stored(e)}")
+            service.finish(job_id, JobStatus.ERROR, error={"type": "RemoteError", "message": why,
+                                                           "where": ""})
             return None
         policy = self.state.config.policy
         return {
@@ -223,16 +245,17 @@ class Replica:
         if answer.get("checksum"):
             state.checksums.add(answer["checksum"])
             state.grad_seen = state.grad_seen or bool(answer.get("has_grad"))
-        if answer.get("status") == "COMPLETED" and isinstance(answer.get("data"), bytes):
-            try:  # a worker without this server's disk sent the result back: store it
-                service.results.write_result(job_id, answer["data"])
-            except OSError as e:
-                why = {"type": "RemoteError", "message": f"the result could not be stored: {e}", "where": ""}
-                answer = {"status": "ERROR", "error": why}
         if answer.get("status") == "COMPLETED":
             files = self._files.get(job_id)
-            if files is not None:
-                service.durably(files.commit)  # stored before anyone can see COMPLETED
+            try:  # stored before anyone can see COMPLETED
+                if isinstance(answer.get("data"), bytes):  # a worker without this server's disk
+                    service.results.write_result(job_id, answer["data"])
+                if files is not None:
+                    service.durably(files.commit)
+            except OSError as e:  # a full disk: this job's ERROR, the next job runs
+                why = f"the result could not be stored: {why_not_stored(e)}"
+                answer = {"status": "ERROR", "error": {"type": "RemoteError", "message": why, "where": ""}}
+        if answer.get("status") == "COMPLETED":
             service.finish(job_id, JobStatus.COMPLETED, result_bytes=answer.get("bytes"))
         else:
             service.finish(job_id, JobStatus.ERROR, error=answer.get("error") or {

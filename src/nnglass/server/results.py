@@ -12,6 +12,9 @@ Invariants:
   only a `.tmp-*` file that `delete` removes with the directory. Like the job store,
   files survive the process dying; no fsync per job (only an OS crash could lose the
   newest ones — a ~7 ms cost per job on this kind of disk, see docs/benchmarks.md).
+- A write that fails (a full disk, a read-only one) raises OSError and leaves nothing
+  behind; callers turn it into a 503 (a submission) or the job's ERROR (a result), with
+  `why_not_stored(e)`: the reason, never a path of the server's.
 - `ResultStore` is the seam an S3-compatible backend implements (s3.py); callers never
   branch on which one they hold. It hands bytes and streams; a worker that reads and
   writes files (the subprocess worker) gets them from `local_files`: this store hands
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-__all__ = ["DirResultStore", "LocalFiles", "ResultStore", "check_job_id"]
+__all__ = ["DirResultStore", "LocalFiles", "ResultStore", "check_job_id", "why_not_stored"]
 
 GRAPH_FILE = "graph.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -45,6 +48,11 @@ def check_job_id(job_id: object) -> str:
     if not isinstance(job_id, str) or _JOB_ID.fullmatch(job_id) is None:
         raise ValueError(f"not a job id: {str(job_id)[:80]!r} (expected 16-64 of [A-Za-z0-9_-])")
     return job_id
+
+
+def why_not_stored(e: OSError) -> str:
+    """Why a write to a store failed ("No space left on device"), without the server's paths."""
+    return os.strerror(e.errno) if e.errno else type(e).__name__
 
 
 def _nothing() -> None:

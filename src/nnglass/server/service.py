@@ -14,7 +14,9 @@ Invariants:
   forward pass kills the worker, each of its jobs still running runs once more alone on
   a restarted worker: only a job that kills it alone ends ERROR for it.
 - A locked database is an UnavailableError (503) for a request, and never loses a
-  job: the background threads wait it out and then write what they had to.
+  job: the background threads wait it out and then write what they had to. A result
+  store that cannot write (a full disk) is a 503 for a submission (nothing of it kept)
+  and its job's ERROR for a result; the server goes on serving.
 - The stores, the queue and the event hub come from `stores.open_stores` (SQLite, a
   folder and this process's memory by default; PostgreSQL and S3 shared by several
   frontends otherwise); nothing here asks which. Jobs no live process holds (a
@@ -23,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -45,6 +48,7 @@ from .exposure import describe
 from .jobs import Job, JobStatus
 from .policy import check_policy
 from .replica import Replica, Worker
+from .results import why_not_stored
 from .steps import StepLog
 from .stores import open_stores
 
@@ -163,11 +167,15 @@ class Service:
                                  "wait for some to finish")
             job = Job(key_id=key_id, model=graph.model, mode=graph.mode, status=JobStatus.QUEUED)
             job.queued_at = job.created_at
-            self.results.save_graph(job.id, graph_json, tensors)  # the graph first, then the row:
-            try:  # a row always has its graph (recovery relies on it)
+            try:  # the graph first, then the row: a row always has its graph (recovery relies on it)
+                self.results.save_graph(job.id, graph_json, tensors)
                 job = self.jobs.create(job)
-            except UnavailableError:
-                self.results.delete(job.id)  # not accepted: leave nothing behind
+            except (UnavailableError, OSError) as e:
+                with contextlib.suppress(OSError):
+                    self.results.delete(job.id)  # not accepted: leave nothing behind
+                if isinstance(e, OSError):  # a full disk: the server's trouble, for now
+                    raise UnavailableError(f"the server cannot store a job now ({why_not_stored(e)}); "
+                                           "try again later") from None
                 raise
             share = share_of(graph)
             self.scheduler.submit(graph.model, key_id, job.id, share=share, cost=cost_of(graph))
@@ -349,12 +357,17 @@ class Service:
                 self._recover()
                 if time.monotonic() - last >= every:
                     last = time.monotonic()
-                    for job in self.jobs.expired(time.time()):
-                        # The result goes; the job's record stays (its status still answers).
-                        self.results.delete(job.id)
-                        self.jobs.update(job.id, expires_at=None, result_bytes=None)
+                    self.expire(time.time())
             except UnavailableError as e:  # a locked database: the next round does it
                 log.info("upkeep later: %s", e.message)
+
+    def expire(self, now: float) -> None:
+        """Results whose time is up by `now` go; the jobs' records stay (their status still
+        answers). A download already streaming one from a folder reads to its end (the open
+        file outlives its name); one that starts after is a 404."""
+        for job in self.jobs.expired(now):
+            self.results.delete(job.id)
+            self.jobs.update(job.id, expires_at=None, result_bytes=None)
 
     # --- metrics ---------------------------------------------------------------------------
     def count(self, name: str, n: int = 1) -> None:

@@ -63,7 +63,7 @@ from typing import IO, Any
 
 import torch
 
-from ..errors import GraphError, NNglassError, PolicyError
+from ..errors import GraphError, NNglassError, PolicyError, RemoteError
 from ..graph import wire
 from ..graph.check import DTYPES, Limits
 from ..graph.ir import BACKWARD, SESSION, Graph
@@ -75,6 +75,7 @@ from .exposure import lookup_sites, operation_sites
 from .handle import GRACE_SECONDS as GRACE_SECONDS
 from .handle import WorkerHandle as WorkerHandle
 from .handle import error_answer
+from .results import why_not_stored
 from .steps import step_sender
 
 logger = logging.getLogger(__name__)
@@ -232,7 +233,10 @@ class LoadedModel:
             raise PolicyError(f"the result is {len(data)} bytes, over this model's limit of {limit} "
                               "bytes: save less (slice before .save(), or save fewer values)")
         if isinstance(request.get("result"), str):
-            _write_atomic(Path(request["result"]), data)
+            try:
+                _write_atomic(Path(request["result"]), data)
+            except OSError as e:  # a full disk: the job's error, without the server's paths
+                raise RemoteError(f"the result could not be stored: {why_not_stored(e)}") from None
         else:  # a host whose server has no shared disk: the bytes go back with the answer
             self.outbox[request.get("job")] = data
         return len(data)

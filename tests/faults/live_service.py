@@ -1,0 +1,95 @@
+"""A real server in this process, for the faults a test injects from inside: the service's
+own clock, its result store, its event hub. `create_app` under uvicorn on a loopback port
+(real sockets: a client can go away mid-stream), its replicas `ThreadWorker`s — worker.py's
+`LoadedModel` and `answer`, the replica itself, in the replica's thread instead of a
+subprocess (another `Worker`, as `RayWorker` is: the service never asks which)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from nnglass.server.app import create_app
+from nnglass.server.config import ModelConfig, ServerConfig, load_config
+from nnglass.server.service import Service
+from nnglass.server.worker import LoadedModel, answer, ready_message
+from service_fixtures import free_port
+
+
+class ThreadWorker:
+    """The `Worker` protocol over a model loaded in this process. It cannot be stopped
+    mid-job (a cancel lets the job finish; its answer is dropped)."""
+
+    def __init__(self, model: ModelConfig, server: ServerConfig) -> None:
+        self.config = {"name": model.name, "source": model.source, "dtype": model.dtype,
+                       "threads": model.threads, "debug_checksums": server.debug_checksums}
+        self.replica: LoadedModel | None = None
+        self.paths: list[str] = []
+        self.ready: dict[str, Any] = {}
+
+    @property
+    def alive(self) -> bool:
+        return self.replica is not None
+
+    def start(self, timeout: float = 300.0) -> None:
+        self.replica = LoadedModel(self.config)
+        self.ready = ready_message(self.replica)
+        self.paths = list(self.ready["paths"])
+
+    def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        assert self.replica is not None
+        return answer(self.replica, request)
+
+    def stop_job(self, job: Any) -> bool:
+        return False
+
+    def kill(self) -> None:
+        self.replica = None
+
+
+@dataclass
+class Live:
+    service: Service
+    url: str
+    key: str
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30)
+
+
+@contextmanager
+def live(home: Path, config_text: str) -> Iterator[Live]:
+    """The server `config_text` describes (service_fixtures.server_toml), in this process,
+    until the block ends; one API key."""
+    port = free_port()
+    path = home / "server.toml"
+    path.write_text(config_text.replace("PORT", str(port)).replace("HOME", str(home)))
+    config = load_config(path)
+    service = Service(config, worker=ThreadWorker)
+    server = uvicorn.Server(uvicorn.Config(create_app(config, service), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True, name="live-uvicorn")
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).json()["models"].get("tiny") == "ready":
+                break
+        except httpx.HTTPError:
+            pass
+        assert thread.is_alive() and time.monotonic() < deadline, "the live server did not start"
+        time.sleep(0.05)
+    try:
+        yield Live(service, url, service.keys.create("alice")[1])
+    finally:
+        server.should_exit = True
+        thread.join(30)
