@@ -26,9 +26,11 @@ from service_fixtures import free_port
 
 class ThreadWorker:
     """The `Worker` protocol over a model loaded in this process. It cannot be stopped
-    mid-job (a cancel lets the job finish; its answer is dropped)."""
+    mid-job (a cancel lets the job finish; its answer is dropped). A request waits for
+    `gate` (the test clears it to hold a job RUNNING)."""
 
-    def __init__(self, model: ModelConfig, server: ServerConfig) -> None:
+    def __init__(self, model: ModelConfig, server: ServerConfig, gate: threading.Event) -> None:
+        self.gate = gate
         self.config = {"name": model.name, "source": model.source, "dtype": model.dtype,
                        "threads": model.threads, "debug_checksums": server.debug_checksums}
         self.replica: LoadedModel | None = None
@@ -46,6 +48,7 @@ class ThreadWorker:
 
     def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         assert self.replica is not None
+        self.gate.wait()
         return answer(self.replica, request)
 
     def stop_job(self, job: Any) -> bool:
@@ -60,6 +63,7 @@ class Live:
     service: Service
     url: str
     key: str
+    gate: threading.Event  # cleared: the worker holds the job it has
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30)
@@ -73,7 +77,9 @@ def live(home: Path, config_text: str) -> Iterator[Live]:
     path = home / "server.toml"
     path.write_text(config_text.replace("PORT", str(port)).replace("HOME", str(home)))
     config = load_config(path)
-    service = Service(config, worker=ThreadWorker)
+    gate = threading.Event()
+    gate.set()
+    service = Service(config, worker=lambda model, server: ThreadWorker(model, server, gate))
     server = uvicorn.Server(uvicorn.Config(create_app(config, service), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True, name="live-uvicorn")
@@ -89,7 +95,8 @@ def live(home: Path, config_text: str) -> Iterator[Live]:
         assert thread.is_alive() and time.monotonic() < deadline, "the live server did not start"
         time.sleep(0.05)
     try:
-        yield Live(service, url, service.keys.create("alice")[1])
+        yield Live(service, url, service.keys.create("alice")[1], gate)
     finally:
+        gate.set()
         server.should_exit = True
         thread.join(30)
