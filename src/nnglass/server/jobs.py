@@ -12,8 +12,8 @@ Invariants:
   key's jobs, for listing) in the reverse order, newest first.
 - `expired(now)` answers terminal jobs only: a job still queued or running never
   expires out from under its owner (nothing lost: docs/security.md).
-- Timestamps are float epoch seconds; `error` is `{"message", "where", "type"}` stored
-  as JSON text.
+- Timestamps are float epoch seconds from `clock.now` (a clock step back never puts
+  one before an earlier one); `error` is `{"message", "where", "type"}` stored as JSON text.
 - `SQLiteJobStore` uses one connection (`check_same_thread=False`) behind a lock, WAL
   mode; each write is one SQL statement, hence atomic across threads and processes.
   A database locked by another process for longer than `busy_timeout` (db.py) is an
@@ -28,7 +28,6 @@ import json
 import secrets
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import clock
 from .db import BUSY_TIMEOUT_S, connect, unavailable_when_locked
 
 __all__ = ["Job", "JobStatus", "JobStore", "SQLiteJobStore", "new_job_id"]
@@ -67,7 +67,7 @@ class Job:
     model: str
     id: str = field(default_factory=new_job_id)
     status: JobStatus = JobStatus.RECEIVED
-    created_at: float = field(default_factory=time.time)
+    created_at: float = field(default_factory=clock.now)
     queued_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None

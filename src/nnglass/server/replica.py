@@ -35,6 +35,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..graph.ir import GENERATE
+from . import clock
 from .handle import GRACE_SECONDS
 from .jobs import JobStatus
 from .results import LocalFiles, why_not_stored
@@ -203,10 +204,10 @@ class Replica:
         if job is None or job.status != JobStatus.QUEUED:
             return None  # cancelled meanwhile
         if not service.durably(service.jobs.update, job_id, status=JobStatus.RUNNING.value,
-                               started_at=time.time(), attempts=job.attempts + 1):
+                               started_at=clock.now(), attempts=job.attempts + 1):
             return None
         service.hub.publish(job_id)
-        self.state.passes.waited(time.time() - (job.queued_at or job.created_at))
+        self.state.passes.waited(clock.now() - (job.queued_at or job.created_at))
         try:
             files = self._files[job_id] = service.durably(service.results.local_files, job_id)
         except OSError as e:

@@ -41,6 +41,7 @@ from ..graph import wire
 from ..graph.check import Limits as WireLimits
 from ..graph.ir import SESSION
 from ..models.prompts import check_prompts
+from . import clock
 from .batching import PassStats, cost_of, prompt_tokens, share_of
 from .config import ModelConfig, ServerConfig
 from .engines import WorkerFactory, configured_worker
@@ -144,7 +145,7 @@ class Service:
                     "message": "this job was started twice and the server or its worker stopped "
                                "both times before it finished"})
             else:
-                self.durably(self.jobs.update, job.id, status=JobStatus.QUEUED.value, queued_at=time.time())
+                self.durably(self.jobs.update, job.id, status=JobStatus.QUEUED.value, queued_at=clock.now())
                 self.scheduler.submit(job.model, job.key_id, job.id)
 
     # --- requests --------------------------------------------------------------------------
@@ -283,7 +284,7 @@ class Service:
     def _activity(self, s: ModelState) -> dict[str, Any]:
         """What the replicas do, from what this process saw (no estimates)."""
         with self._lock:
-            while s.ended and s.ended[0][0] < time.time() - 60:
+            while s.ended and s.ended[0][0] < clock.now() - 60:
                 s.ended.popleft()
             ended, tokens = len(s.ended), sum(n for _, n in s.ended)
         return {
@@ -307,13 +308,13 @@ class Service:
         with self._lock:
             self._padded.pop(job_id, None)
             tokens = self._prompt_tokens.pop(job_id, 0)  # 0: queued before a restart
-            state.ended.append((time.time(), tokens))
+            state.ended.append((clock.now(), tokens))
             self.counters["prompt_tokens_total"] = self.counters.get("prompt_tokens_total", 0) + tokens
 
     def finish(self, job_id: str, status: JobStatus, *, retry: bool = True, **fields: Any) -> None:
         """The job's final status. `retry`: wait out a locked database (background threads,
         which must not lose it); else a locked database raises UnavailableError."""
-        now = time.time()
+        now = clock.now()
         fields.update(status=status.value, finished_at=now, expires_at=now + self.config.result_ttl_s)
         write = functools.partial(self.jobs.update, job_id, **fields)
         if self.durably(write) if retry else write():
@@ -357,7 +358,7 @@ class Service:
                 self._recover()
                 if time.monotonic() - last >= every:
                     last = time.monotonic()
-                    self.expire(time.time())
+                    self.expire(clock.now())
             except UnavailableError as e:  # a locked database: the next round does it
                 log.info("upkeep later: %s", e.message)
 
