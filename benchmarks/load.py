@@ -3,13 +3,16 @@
     python benchmarks/load.py                      # 200 clients x 10 jobs, sharing on and off
     python benchmarks/load.py --clients 20 --jobs 5 --share 8
 
-Each client is a thread with its own API key and HTTP connection. Its jobs cycle through
+Each client is a thread with its own API key and HTTP connection; all start together,
+their jobs recorded (and run locally, for the check) before the clock starts, so the
+server meets every client at once. Its jobs cycle through
 five kinds: a trace saving a hidden state, a generation (3 new tokens), a session of two
 traces (the second patched with the first's value), an error (an index past the prompt),
 and a cancel (a slow job cancelled once it is queued or running). Every prompt is unique
 to its client and job, and each result is compared with the same graph run locally
-(`lm.run_graph`, computed in the client before it submits), so a result delivered to the
-wrong key, or another job's result, shows as a mismatch.
+(`lm.run_graph`, computed before the load starts), so a result delivered to the
+wrong key, or another job's result, shows as a mismatch. A client polls its job's status
+every POLL_S seconds.
 
 Checks: 0 lost (every accepted job ends COMPLETED, ERROR or CANCELLED and is listed under
 its key), 0 wrong (values allclose to the local run; an error job ends ERROR at its line;
@@ -44,7 +47,7 @@ from nnglass.graph.results import decode_results
 from nnglass.server.auth import KeyStore
 
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
-RECORDING = threading.Lock()
+POLL_S = 0.1  # how often a client asks for its job's status
 KINDS = ("trace", "generate", "session", "error", "cancel")
 TOML = """[server]
 host = "127.0.0.1"
@@ -126,18 +129,37 @@ class Tally:
             getattr(self, what).append(job)
 
 
-def client(url: str, key: str, lm: LanguageModel, index: int, jobs: int, tally: Tally,
-           timeout: float) -> None:
+@dataclass
+class Planned:
+    """One job of one client, recorded and run locally before the load starts."""
+
+    kind: str
+    graph: Graph
+    expected: Any  # the local run's values (None: an error or a cancel)
+    body: tuple[bytes, bytes | None]  # the graph on the wire
+
+
+def plan(lm: LanguageModel, index: int, jobs: int) -> list[Planned]:
+    """Client `index`'s jobs: every prompt unique to its client and job, one width for all
+    (jobs may share a pass)."""
+    out = []
+    for k in range(jobs):
+        kind = KINDS[(index + k) % len(KINDS)]
+        graph = build(lm, kind, f"c{index:04d}j{k:03d}")
+        checked = kind in ("trace", "generate", "session")
+        expected = lm.run_graph(wire.roundtrip(graph)) if checked else None
+        out.append(Planned(kind, graph, expected, wire.encode(graph)))
+    return out
+
+
+def client(url: str, key: str, planned: list[Planned], index: int, tally: Tally, timeout: float,
+           go: threading.Event) -> None:
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
         mine = []
-        for k in range(jobs):
-            kind = KINDS[(index + k) % len(KINDS)]
-            prompt = f"c{index:04d}j{k:03d}"  # one width for all: jobs may share a pass
-            with RECORDING:  # one model object records for every client thread
-                graph = build(lm, kind, prompt)
-                checked = kind in ("trace", "generate", "session")
-                expected = lm.run_graph(wire.roundtrip(graph)) if checked else None
-            graph_json, tensors = wire.encode(graph)
+        go.wait()
+        for k, job_plan in enumerate(planned):
+            kind, graph, expected = job_plan.kind, job_plan.graph, job_plan.expected
+            graph_json, tensors = job_plan.body
             files = {"graph": ("g.json", graph_json, "application/json")}
             if tensors is not None:
                 files["tensors"] = ("t.safetensors", tensors, "application/octet-stream")
@@ -154,7 +176,7 @@ def client(url: str, key: str, lm: LanguageModel, index: int, jobs: int, tally: 
                 if time.monotonic() - start > timeout:
                     tally.note("stuck", f"{job} {kind} {info['status']}")
                     break
-                time.sleep(0.05)
+                time.sleep(POLL_S)
             else:
                 with tally.lock:
                     tally.latencies.append(time.monotonic() - start)
@@ -208,17 +230,24 @@ def run(clients: int, jobs: int, share: int, timeout: float, model: Path, workdi
     proc, url, keys = start_server(home, model, share)
     try:
         lm = LanguageModel(str(model), name="tiny")
-        tally, threads = Tally(), []
+        plans = [plan(lm, i, jobs) for i in range(clients)]  # before the clock: clients only send
+        tally, threads, go = Tally(), [], threading.Event()
         ids = [keys.create(f"client{i}")[1] for i in range(clients)]
-        start = time.monotonic()
         for i in range(clients):
-            t = threading.Thread(target=client, args=(url, ids[i], lm, i, jobs, tally, timeout), daemon=True)
+            t = threading.Thread(target=client, args=(url, ids[i], plans[i], i, tally, timeout, go),
+                                 daemon=True)
             t.start()
             threads.append(t)
+        start = time.monotonic()
+        go.set()
         for t in threads:
             t.join(timeout + 600)
         wall = time.monotonic() - start
         shared = _metric(url, ids[0], "nnglass_shared_jobs_total")
+        restarts = _metric(url, ids[0], "nnglass_worker_restarts_total")
+        auth = {"Authorization": f"Bearer {ids[0]}"}
+        models = httpx.get(f"{url}/v1/models", headers=auth, timeout=10).json()
+        batching = next(m for m in models if m["name"] == "tiny")["batching"]
     finally:
         proc.terminate()
         proc.wait(30)
@@ -230,7 +259,9 @@ def run(clients: int, jobs: int, share: int, timeout: float, model: Path, workdi
     return {"clients": clients, "jobs_per_client": jobs, "share_jobs": share, "jobs": clients * jobs,
             "ended": len(lat), "lost": tally.lost, "wrong": tally.wrong, "stuck": tally.stuck,
             "p50_s": pct(0.50), "p99_s": pct(0.99), "wall_s": wall, "jobs_per_s": len(lat) / wall,
-            "shared_jobs": shared, "outcomes": dict(sorted(tally.by_kind.items()))}
+            "shared_jobs": shared, "passes": batching["passes"],
+            "jobs_per_pass": batching["mean_jobs_per_pass"],
+            "worker_restarts": restarts, "outcomes": dict(sorted(tally.by_kind.items()))}
 
 
 def _metric(url: str, key: str, name: str) -> float:
@@ -244,13 +275,15 @@ def _metric(url: str, key: str, name: str) -> float:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    out = ["| share_jobs | clients x jobs | ended | lost | wrong | stuck | p50 s | p99 s | jobs/s | shared |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| share_jobs | clients x jobs | ended | lost | wrong | stuck | p50 s | p99 s | jobs/s | shared "
+           "| passes | jobs/pass | worker restarts |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['share_jobs']} | {r['clients']} x {r['jobs_per_client']} | {r['ended']} | "
                    f"{len(r['lost'])} | "
                    f"{len(r['wrong'])} | {len(r['stuck'])} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
-                   f"{r['jobs_per_s']:.1f} | {r['shared_jobs']:.0f} |")
+                   f"{r['jobs_per_s']:.1f} | {r['shared_jobs']:.0f} | {r['passes']} | {r['jobs_per_pass']} | "
+                   f"{r['worker_restarts']:.0f} |")
     return "\n".join(out)
 
 
