@@ -11,8 +11,8 @@ traces (the second patched with the first's value), an error (an index past the 
 and a cancel (a slow job cancelled once it is queued or running). Every prompt is unique
 to its client and job, and each result is compared with the same graph run locally
 (`lm.run_graph`, computed before the load starts), so a result delivered to the
-wrong key, or another job's result, shows as a mismatch. A client polls its job's status
-every POLL_S seconds.
+wrong key, or another job's result, shows as a mismatch. A client waits for its job on
+the job's event stream, as the real client does (polling only if the stream breaks).
 
 Checks: 0 lost (every accepted job ends COMPLETED, ERROR or CANCELLED and is listed under
 its key), 0 wrong (values allclose to the local run; an error job ends ERROR at its line;
@@ -47,7 +47,7 @@ from nnglass.graph.results import decode_results
 from nnglass.server.auth import KeyStore
 
 TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
-POLL_S = 0.1  # how often a client asks for its job's status
+POLL_S = 0.5  # how long a client waits before asking again when its event stream broke
 KINDS = ("trace", "generate", "session", "error", "cancel")
 TOML = """[server]
 host = "127.0.0.1"
@@ -172,11 +172,9 @@ def client(url: str, key: str, planned: list[Planned], index: int, tally: Tally,
             mine.append(job)
             if kind == "cancel":
                 http.delete(f"/v1/jobs/{job}")
-            while (info := http.get(f"/v1/jobs/{job}").json())["status"] not in TERMINAL:
-                if time.monotonic() - start > timeout:
-                    tally.note("stuck", f"{job} {kind} {info['status']}")
-                    break
-                time.sleep(POLL_S)
+            info = follow(http, job, start + timeout)
+            if info["status"] not in TERMINAL:
+                tally.note("stuck", f"{job} {kind} {info['status']}")
             else:
                 with tally.lock:
                     tally.latencies.append(time.monotonic() - start)
@@ -188,6 +186,29 @@ def client(url: str, key: str, planned: list[Planned], index: int, tally: Tally,
         for job in mine:
             if job not in listed:
                 tally.note("lost", job)
+
+
+def follow(http: httpx.Client, job: str, deadline: float) -> dict[str, Any]:
+    """The job's terminal status, as the real client learns it: from its event stream
+    (`/v1/jobs/{id}/events`), polling only when the stream breaks; its last status at
+    `deadline`."""
+    info: dict[str, Any] = {"status": "unknown"}
+    while time.monotonic() < deadline:
+        read = max(0.1, deadline - time.monotonic())
+        try:
+            with http.stream("GET", f"/v1/jobs/{job}/events", timeout=httpx.Timeout(60, read=read)) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        info = json.loads(line[6:])
+                        if info["status"] in TERMINAL:
+                            return info
+        except httpx.HTTPError:
+            pass
+        info = http.get(f"/v1/jobs/{job}").json()
+        if info["status"] in TERMINAL:
+            return info
+        time.sleep(POLL_S)
+    return info
 
 
 def _as_expected(http: httpx.Client, job: str, kind: str, info: dict, expected: Any, graph: Graph) -> bool:
