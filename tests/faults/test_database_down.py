@@ -2,12 +2,13 @@
 
 - while it is down, a request that needs it is a prompt 503 with Retry-After in the
   usual error shape (the key check cannot tell: never a 401); /health still answers;
-- a job that was running meanwhile is not lost: its worker finishes, the service waits
-  the outage out and then writes COMPLETED; once the database is back every request
-  answers again and the next job runs.
+- a job that finishes meanwhile is not lost: the service waits the outage out and then
+  writes COMPLETED; once the database is back every request answers again and the next
+  job runs.
 
-A locked SQLite database (the embedded default) is the same promise, in
-tests/server/test_faults.py.
+On an in-process live server (tests/faults/live_service.py) whose worker holds the job
+until the test lets it finish, during the outage. A locked SQLite database (the
+embedded default) is the same promise, in tests/server/test_faults.py.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from cut_proxy import CutProxy
-from fault_kit import assert_as_alone, record, submit, wait_for
+from fault_kit import assert_as_alone, record, submit, until, wait_for
+from live_service import live
 
 from nnglass import LanguageModel
-from service_fixtures import slow_graph
+from nnglass.server.jobs import JobStatus
+from service_fixtures import with_stores
 
 
 @pytest.fixture(scope="module")
@@ -35,30 +38,33 @@ def proxy(postgres: Any) -> Iterator[tuple[CutProxy, str]]:
 
 
 def test_an_unreachable_database_is_a_503_then_nothing_is_lost(
-    start_server: Callable[..., Any], tiny_config: Callable[..., str], proxy: tuple[CutProxy, str],
-    lm: LanguageModel,
+    tiny_config: Callable[..., str], proxy: tuple[CutProxy, str], lm: LanguageModel,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     cut, url = proxy
-    server = start_server("db-down", tiny_config(run_seconds=60), stores={"database": url})
-    key = server.keys.create("alice")[1]
-    with server.client(key) as http:
-        busy = submit(http, graph_busy := slow_graph(lm, 1500, 4))
-        wait_for(http, busy, ("RUNNING",))
-        cut.cut()  # mid-run
+    with live(tmp_path_factory.mktemp("db-down"), with_stores(tiny_config(), {"database": url})) as site, \
+            site.client() as http:
+        site.gate.clear()
         try:
+            held = submit(http, graph_held := record(lm))
+            wait_for(http, held, ("RUNNING",))
+            cut.cut()  # mid-run
             json = {"Content-Type": "application/json"}
-            for send in (lambda: http.get("/v1/models"), lambda: http.get(f"/v1/jobs/{busy}"),
+            for send in (lambda: http.get("/v1/models"), lambda: http.get(f"/v1/jobs/{held}"),
                          lambda: http.post("/v1/jobs", content=b"{}", headers=json)):
                 start = time.monotonic()
                 r = send()
                 assert time.monotonic() - start < 15.0  # prompt, not a hung request
                 assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0, r.text
                 assert r.json()["detail"]["type"] == "UnavailableError", r.text
-            assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
-            time.sleep(3.0)  # the busy job's run ends meanwhile; its COMPLETED waits for the database
+            assert httpx.get(f"{site.url}/health", timeout=10).status_code == 200
+            site.gate.set()  # the job finishes while the database is away
+            until(lambda: site.service.models["tiny"].running == {}, "the worker to finish the job")
+            time.sleep(1.0)  # the service meets the outage writing its COMPLETED, and waits
         finally:
+            site.gate.set()
             cut.mend()
-        assert_as_alone(http, busy, lm, graph_busy)
+        assert_as_alone(http, held, lm, graph_held)
+        assert site.service.jobs.get(held).status is JobStatus.COMPLETED  # type: ignore[union-attr]
         graph = record(lm)
         assert_as_alone(http, submit(http, graph), lm, graph)
-    server.stop()
