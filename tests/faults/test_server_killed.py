@@ -81,7 +81,7 @@ def killed(start_server: Callable[..., Any], tiny_config: Callable[..., str],
     key = first.keys.create("alice")[1]
     graphs: dict[str, Graph] = {}
     with first.client(key) as http:
-        for graph in (big(lm, 32), slow_graph(lm, 1500, 4)):
+        for graph in (big(lm, 16), slow_graph(lm, 1500, 4)):  # 16 MiB: more than loopback buffers hold
             graphs[submit(http, graph)] = graph
         downloaded, busy = list(graphs)
         running = submit(http, graph := record(lm, PROMPTS[1]))

@@ -73,7 +73,7 @@ def test_clients_that_leave_mid_stream_leave_nothing_behind(site: Live, lm: Lang
 
 
 def test_a_result_that_expires_mid_download_downloads_whole(site: Live, lm: LanguageModel) -> None:
-    graph = big(lm, 32)
+    graph = big(lm, 16)  # more than loopback buffers hold: most of it is read after the expiry
     folder = Path(site.service.config.home) / "jobs"
     with site.client() as http, site.client() as later:
         job = submit(http, graph)
