@@ -1,6 +1,7 @@
 """A full result disk: a job whose result does not fit ends ERROR saying so, a submission
 that does not fit is a 503 with Retry-After, nothing half-written stays, and the server
-goes on serving (the next job that fits completes as if alone).
+goes on serving (the next job that fits completes as if alone). A store that fails
+otherwise (anything but a full disk) ends its job ERROR too, and the replica lives on.
 
 The disk is a result store with a byte budget (`FullDisk`, put in place of the server's
 own through the stores factory): a write past it raises ENOSPC, as a full disk does. Both
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fault_kit import assert_as_alone, big, post, record, submit, wait_for
+from fault_kit import PROMPTS, assert_as_alone, big, post, record, submit, wait_for
 from live_service import Live, live
 
 from nnglass import LanguageModel
@@ -42,6 +43,7 @@ class FullDisk(DirResultStore):
 
     free = 1 << 62
     copies = False
+    broken: Exception | None = None  # a commit raises this (a store failing otherwise than full)
 
     def _write(self, job_id: str, name: str, data: bytes) -> None:
         if len(data) > self.free:
@@ -60,6 +62,8 @@ class FullDisk(DirResultStore):
         result = folder / RESULT_FILE
 
         def commit() -> None:
+            if type(self).broken is not None:
+                raise type(self).broken
             if result.is_file():
                 self.write_result(job_id, result.read_bytes())
 
@@ -116,6 +120,7 @@ def site(request: pytest.FixtureRequest, tiny_config: Callable[..., str],
 def disk(site: Live) -> Iterator[type[FullDisk]]:
     yield site.disk  # type: ignore[attr-defined]
     site.disk.free = 1 << 62  # type: ignore[attr-defined]
+    site.disk.broken = None  # type: ignore[attr-defined]
 
 
 def job_files(site: Live, job: str) -> list[str]:
@@ -156,4 +161,21 @@ def test_a_submission_that_does_not_fit_is_a_503_and_leaves_nothing(
         assert http.get("/v1/jobs").json()["jobs"] == listed
         disk.free = 1 << 62  # space again: the same submission is accepted and runs
         graph = record(lm)
+        assert_as_alone(http, submit(http, graph), lm, graph)
+
+
+def test_a_store_failing_otherwise_ends_the_job_error_and_the_replica_lives(
+    site: Live, disk: type[FullDisk], lm: LanguageModel
+) -> None:
+    """Not a full disk: a commit that raises anything else (an S3 error that is not
+    "unreachable", a defect) ends the job ERROR with a reason; the replica's loop goes on."""
+    if not disk.copies:
+        pytest.skip("the worker writes the store's own file: there is no commit to fail")
+    with site.client() as http:
+        disk.broken = RuntimeError("the store refused the object")
+        info = wait_for(http, submit(http, record(lm)))
+        assert info["status"] == "ERROR", info
+        assert "the server failed while running this job (RuntimeError)" in info["error"]["message"], info
+        disk.broken = None
+        graph = record(lm, PROMPTS[1])
         assert_as_alone(http, submit(http, graph), lm, graph)
