@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +46,11 @@ class ThreadWorker:
         self.ready = ready_message(self.replica)
         self.paths = list(self.ready["paths"])
 
-    def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def run(self, request: dict[str, Any], timeout: float | None = None,
+            on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         assert self.replica is not None
         self.gate.wait()
-        return answer(self.replica, request)
+        return answer(self.replica, request, on_step)  # step lines straight to the service
 
     def stop_job(self, job: Any) -> bool:
         return False
