@@ -1,0 +1,362 @@
+"""A continuous generation batch: generate jobs of different users share every forward
+pass, over one left-padded KV cache; each joins at a step boundary and leaves at its
+own end (its `max_new_tokens`, or EOS on all of its rows).
+
+One `step()`: the jobs that joined run their prompt (step 0) in one forward, left-padded
+to one width, and their rows of the KV cache join the batch's; then every running job
+runs its next step in one decode forward (one new token a row, the attention mask and
+position ids per row). Finished jobs leave by index-select of the cache; columns no row
+needs any more are dropped from its left.
+
+Invariants:
+- A job's numbers are the ones it gets alone. Each row keeps its own position ids and
+  sees only its own tokens (the mask); the job picks its tokens from its own rows with
+  its own rules (models/decode_rules.py) over its own ids, as alone (its own left-padded
+  width), and samples with its own `torch.Generator` seeded with its seed, so its
+  tokens, `tracer.result` and saves equal a lone run's (float tolerance).
+- Each job has its own interpreter, at its own step: its step-k (and every-step) nodes
+  run at its own k-th forward whatever the others' steps are (runtime/multiplex.py).
+  Its graph is merged alone (graph/merge.py), so every node addresses a window: its
+  rows, and on each position axis its own width (runtime/window.py): the prompt width in
+  step 0, its own KV length (`width + k`) in step k. The batch's width is never one of
+  the model's own sizes when some job's window hides positions (padding column added).
+- A job that fails (its graph raises, a limit, a setter that does not fit) leaves the
+  batch at once and ends with its error; the others go on. When the model itself fails
+  in a shared forward, the jobs that set something in it end with that error and the
+  others end `disrupted` (the caller runs them again alone): no job's failure is
+  another's.
+- `drop(key)` (a cancel) removes only that job, at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..graph.ir import Graph
+from ..graph.ops import REGISTRY
+from .finish import check_finished, culprit
+from .hooks import install, uninstall
+from .interpreter import Interpreter
+from .limited import LimitedInterpreter
+from .limits import RunConfig
+from .multiplex import Multiplex, member_kind
+from .plan import cached_plan
+from .window import Window, safe_width
+
+
+@dataclass
+class GenerateJob:
+    """What the batch needs of one generate job (models/batched_generate.py makes it)."""
+
+    key: Any
+    graph: Graph  # merged alone: every node addresses a window
+    ids: torch.Tensor  # [rows, width]: its prompts, left-padded as when it runs alone
+    mask: torch.Tensor
+    invokes: list[tuple[int, int]]  # each invoke's rows within the job
+    rules: Any  # .choose(ids, logits, unfinished, generator) -> (ids, unfinished)
+    seed: int | None
+    config: RunConfig
+
+
+@dataclass
+class Finished:
+    key: Any
+    saved: dict[int, Any] | None  # the job's saved values (None: it failed)
+    error: BaseException | None = None
+    disrupted: bool = False  # failed only because the shared forward did: run it alone
+
+
+class _Running:
+    def __init__(self, job: GenerateJob, interp: Interpreter) -> None:
+        self.job, self.interp = job, interp
+        self.ids = job.ids
+        self.rows, self.width = job.ids.shape
+        self.unfinished = torch.ones(self.rows, dtype=torch.long, device=job.ids.device)
+        self.generator = torch.Generator(device=job.ids.device)
+        if job.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(job.seed)
+        self.forwards = 0  # forward passes run (its next one is step `forwards`)
+
+    def windows(self, offset: int, full: int, own: int) -> list[Window]:
+        """Each invoke's window, then the whole job's, at row `offset` of a batch `full` wide."""
+        cut = full - own if full > own else 0
+        inv = [Window(offset + s, offset + e, cut, full) for s, e in self.job.invokes]
+        return [*inv, Window(offset, offset + self.rows, cut, full)]
+
+
+StepObserver = Callable[[str, int, int, float], None]  # (prefill|decode, rows, jobs, seconds)
+
+
+class DecodeBatch:
+    """The running batch of one model. Not thread-safe: one driver calls add/drop/step."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int, sizes: frozenset[int],
+                 observe: StepObserver | None = None) -> None:
+        self.model, self.pad_id, self.sizes, self.observe = model, pad_id, sizes, observe
+        self.waiting: list[GenerateJob] = []
+        self.running: list[_Running] = []  # in row order
+        self.cache: Any = None  # the model's DynamicCache over every running row
+        self.mask: torch.Tensor | None = None  # [rows, cache length]
+        self.positions: torch.Tensor | None = None  # [rows]: each row's last position id
+        self._dropped: set[Any] = set()
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, job: GenerateJob) -> None:
+        """Join at the next step boundary."""
+        self.waiting.append(job)
+
+    def drop(self, key: Any) -> bool:
+        """Remove a job (a cancel) at the next step boundary; whether it was here."""
+        here = any(j.key == key for j in self.waiting) or any(r.job.key == key for r in self.running)
+        if here:
+            self._dropped.add(key)
+        return here
+
+    def step(self) -> list[Finished]:
+        """Prefill the joiners, then one decode step of every running job; the jobs that ended."""
+        done: list[Finished] = []
+        if self._dropped:
+            self.waiting = [j for j in self.waiting if j.key not in self._dropped]
+            self._keep([r for r in self.running if r.job.key not in self._dropped])
+            self._dropped.clear()
+        if self.waiting:
+            joining, self.waiting = self.waiting, []
+            done += self._prefill(joining)
+        if self.running:
+            done += self._decode()
+        return done
+
+    # --- the two kinds of forward -----------------------------------------------------------
+    def _prefill(self, jobs: list[GenerateJob]) -> list[Finished]:
+        done: list[Finished] = []
+        started: list[_Running] = []
+        for job in jobs:
+            try:
+                r = _Running(job, _interpreter(job, self.model))
+                r.interp.start()
+                started.append(r)
+            except Exception as e:
+                done.append(_failed(job.key, e))
+        if not started:
+            return done
+        widths = {r.width for r in started}
+        full = max(widths) if len(widths) == 1 else safe_width(max(widths), self.sizes)
+        pad = torch.nn.functional.pad
+        ids = torch.cat([pad(r.ids, (full - r.width, 0), value=self.pad_id) for r in started])
+        mask = torch.cat([pad(r.job.mask, (full - r.width, 0), value=0) for r in started])
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        offset = 0
+        for r in started:
+            r.interp.rows, r.interp.batch_size = r.windows(offset, full, r.width), ids.shape[0]
+            offset += r.rows
+        out, ok = self._forward("prefill", started, done, dict(
+            input_ids=ids, attention_mask=mask, position_ids=positions))
+        if out is None:
+            return done
+        keep = self._choose(started, ok, out.logits[:, -1], done)
+        if not keep:
+            return done
+        cache = out["cache"]
+        try:
+            _check_cache(cache)
+        except NotImplementedError as e:
+            for r in keep:
+                done.append(Finished(r.job.key, None, e, disrupted=True))
+                r.interp.close()
+            return done
+        rows = torch.tensor([i for r in keep for i in _rows_of(started, r)], dtype=torch.long)
+        cache.batch_select_indices(rows.to(ids.device))
+        self._join(keep, cache, mask[rows], positions[rows, -1])
+        return done
+
+    def _decode(self) -> list[Finished]:
+        done: list[Finished] = []
+        going = []
+        for r in self.running:
+            try:
+                r.interp.next_step()
+                going.append(r)
+            except Exception as e:
+                done.append(_failed(r.job.key, e, r.interp))
+                r.interp.close()
+        self._keep(going)
+        if not going:
+            return done
+        assert self.mask is not None and self.positions is not None
+        full = self.mask.shape[1] + 1
+        owns = [r.width + r.forwards for r in going]
+        while full in self.sizes and min(owns) < full:  # a hidden position axis must be findable
+            self._pad_left(1)
+            full += 1
+        ids = torch.cat([r.ids[:, -1:] for r in going])
+        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        positions = (self.positions + 1)[:, None]
+        offset = 0
+        for r, own in zip(going, owns):
+            r.interp.rows, r.interp.batch_size = r.windows(offset, full, own), ids.shape[0]
+            offset += r.rows
+        out, ok = self._forward("decode", going, done, dict(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache))
+        if out is None:
+            self._keep([])
+            return done
+        self.mask, self.positions = mask, positions[:, 0]
+        self._keep(self._choose(going, ok, out.logits[:, -1], done))
+        return done
+
+    def _forward(self, kind: str, members: list[_Running], done: list[Finished],
+                 inputs: dict[str, Any]) -> tuple[Any, list[_Running]]:
+        """One shared forward; (its output, the members that did not fail). A failed member
+        is in `done`; when the model fails, every member is (output None)."""
+        plex = Multiplex([r.interp for r in members])
+        began = time.perf_counter()
+        try:
+            installed = install(self.model, plex)  # type: ignore[arg-type]
+            try:
+                with torch.no_grad():
+                    out = self.model(**inputs, use_cache=True, logits_to_keep=1, return_dict=True)
+            finally:
+                uninstall(plex, installed)  # type: ignore[arg-type]
+        except Exception as e:
+            suspects = set(plex.editors())
+            for r in members:
+                if r.interp in plex.failed:
+                    done.append(_failed(r.job.key, plex.failed[r.interp]))
+                elif r.interp in suspects or len(members) == 1:
+                    plex.fail(r.interp, e)
+                    done.append(_failed(r.job.key, plex.failed[r.interp]))
+                else:
+                    done.append(Finished(r.job.key, None, e, disrupted=True))
+                r.interp.close()
+            return None, []
+        if self.observe is not None:
+            self.observe(kind, int(inputs["input_ids"].shape[0]), len(members), time.perf_counter() - began)
+        ok = []
+        for r in members:
+            if r.interp in plex.failed:
+                done.append(_failed(r.job.key, plex.failed[r.interp]))
+                r.interp.close()
+            else:
+                ok.append(r)
+        return out, ok
+
+    def _choose(self, members: list[_Running], ok: list[_Running], logits: torch.Tensor,
+                done: list[Finished]) -> list[_Running]:
+        """Each job's next tokens; the jobs that go on (the others are in `done`)."""
+        going, offset = [], 0
+        for r in members:
+            part = logits[offset:offset + r.rows]
+            offset += r.rows
+            if r not in ok:
+                continue
+            r.forwards += 1
+            try:
+                r.ids, r.unfinished = r.job.rules.choose(r.ids, part, r.unfinished, r.generator)
+            except Exception as e:
+                done.append(_failed(r.job.key, e))
+                r.interp.close()
+                continue
+            if bool(r.unfinished.any()):
+                going.append(r)
+            else:
+                done.append(_finish(r))
+        return going
+
+    # --- the cache ---------------------------------------------------------------------
+    def _join(self, new: list[_Running], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        if self.cache is None or not self.running:
+            self.cache, self.mask, self.positions, self.running = cache, mask, positions, list(new)
+            return
+        assert self.mask is not None and self.positions is not None
+        length = max(self.mask.shape[1], mask.shape[1])
+        self._pad_left(length - self.mask.shape[1])
+        extra = length - mask.shape[1]
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([mine.keys, _pad_seq(theirs.keys, extra)])
+            mine.values = torch.cat([mine.values, _pad_seq(theirs.values, extra)])
+        self.mask = torch.cat([self.mask, torch.nn.functional.pad(mask, (extra, 0), value=0)])
+        self.positions = torch.cat([self.positions, positions])
+        self.running = [*self.running, *new]
+
+    def _keep(self, keep: list[_Running]) -> None:
+        """Only these running jobs stay (in order); their rows of the cache, the rest gone."""
+        if [id(r) for r in keep] == [id(r) for r in self.running]:
+            return
+        if not keep:
+            self.running, self.cache, self.mask, self.positions = [], None, None, None
+            return
+        rows = torch.tensor([i for r in keep for i in _rows_of(self.running, r)], dtype=torch.long)
+        assert self.mask is not None and self.positions is not None
+        self.cache.batch_select_indices(rows.to(self.mask.device))
+        self.mask, self.positions, self.running = self.mask[rows], self.positions[rows], keep
+        # Columns no row attends to any more go (never into a job's own width).
+        unused = int((self.mask.cumsum(1) == 0).sum(1).min())
+        unused = min(unused, *(self.mask.shape[1] - (r.width + r.forwards - 1) for r in keep))
+        if unused > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            self.mask = self.mask[:, unused:]
+
+    def _pad_left(self, n: int) -> None:
+        if n <= 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys, layer.values = _pad_seq(layer.keys, n), _pad_seq(layer.values, n)
+        assert self.mask is not None
+        self.mask = torch.nn.functional.pad(self.mask, (n, 0), value=0)
+
+
+def _interpreter(job: GenerateJob, model: torch.nn.Module) -> Interpreter:
+    plan = cached_plan(job.graph, REGISTRY)
+    kind = LimitedInterpreter if job.config.limits.bounds_run() else Interpreter
+    rows = [*job.invokes, (0, job.ids.shape[0])]  # its rows alone, until its first forward sets them
+    return member_kind(kind)(plan, job.graph, model, rows, job.ids.shape[0], job.config)
+
+
+def _rows_of(order: list[_Running], r: _Running) -> range:
+    offset = 0
+    for other in order:
+        if other is r:
+            return range(offset, offset + r.rows)
+        offset += other.rows
+    raise KeyError(r.job.key)
+
+
+def _pad_seq(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, 0, n, 0)) if n > 0 else t
+
+
+def _check_cache(cache: Any) -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise NotImplementedError("this model's KV cache is not a plain one (sliding window, linear "
+                                  "attention): its generations cannot share a batch")
+
+
+def _failed(key: Any, e: BaseException, interp: Interpreter | None = None) -> Finished:
+    if interp is not None and getattr(e, "node_id", None) is None:
+        e.node_id = culprit(interp, e)  # type: ignore[attr-defined]
+    return Finished(key, None, e)
+
+
+def _finish(r: _Running) -> Finished:
+    """The job ended: `tracer.result` sees its ids; every node must have run (as alone)."""
+    interp = r.interp
+    try:
+        interp.fire_result(r.ids)
+        check_finished(interp, missing_steps_ok=True)
+        return Finished(r.job.key, interp.saved)
+    except Exception as e:
+        return _failed(r.job.key, e, interp)
+    finally:
+        interp.close()
