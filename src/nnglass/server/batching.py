@@ -5,7 +5,8 @@ Invariants:
 - A job's cost is counted in padded tokens (rows x its padded width), plus its new
   tokens in generation: the unit the scheduler is fair in and a pass is budgeted in.
 - Statistics are what this process saw (no estimates): per pass, the jobs in it, its
-  padded tokens, the time it took; per job, how long it waited in the queue.
+  padded tokens, the time it took; per job, how long it waited in the queue; per forward
+  of a shared generation, its rows and seconds (what the worker measured).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from ..graph.ir import GENERATE, GENERATE_KWARGS, Graph, TensorRef
 from ..graph.merge import share_key, width
+from ..models.batched_generate import generation_key
 from .scheduler import Share
 
 # Prometheus buckets: jobs in a pass, padded tokens in a pass, seconds (queue wait, pass).
@@ -45,7 +47,9 @@ def cost_of(graph: Graph) -> int:
 
 
 def share_of(graph: Graph) -> Share | None:
-    key = share_key(graph)
+    """Traces share a forward pass (graph.merge.share_key); plain generate jobs share a
+    continuous batch (models/batched_generate.generation_key)."""
+    key = share_key(graph) or generation_key(graph)
     return None if key is None else Share(key, rows_of(graph), max(width(graph), 1))
 
 
@@ -81,6 +85,8 @@ class PassStats:
         self.tokens = Histogram(TOKEN_BUCKETS)
         self.seconds = Histogram(SECOND_BUCKETS)
         self.waits = Histogram(SECOND_BUCKETS)
+        self.step_rows = Histogram(JOB_BUCKETS)  # rows in one forward of a shared generation
+        self.step_seconds = Histogram(SECOND_BUCKETS)
 
     def waited(self, seconds: float) -> None:
         with self._lock:
@@ -92,11 +98,19 @@ class PassStats:
             self.tokens.observe(tokens)
             self.seconds.observe(seconds)
 
+    def stepped(self, steps: list[Any]) -> None:
+        """A shared generation's forwards, as the worker sent them: [[rows, seconds], ...]."""
+        with self._lock:
+            for rows, seconds in steps[:100_000]:
+                self.step_rows.observe(int(rows))
+                self.step_seconds.observe(float(seconds))
+
     def summary(self) -> dict[str, Any]:
         with self._lock:
             return {"passes": self.jobs.n, "mean_jobs_per_pass": self.jobs.mean(),
                     "mean_tokens_per_pass": self.tokens.mean(), "mean_pass_s": self.seconds.mean(),
-                    "mean_queue_wait_s": self.waits.mean()}
+                    "mean_queue_wait_s": self.waits.mean(), "generation_steps": self.step_rows.n,
+                    "mean_rows_per_step": self.step_rows.mean(), "mean_step_s": self.step_seconds.mean()}
 
     def lines(self, model: str) -> list[str]:
         labels = f'model="{model}"'
@@ -104,7 +118,9 @@ class PassStats:
             return [*self.jobs.lines("nnglass_pass_jobs", labels),
                     *self.tokens.lines("nnglass_pass_tokens", labels),
                     *self.seconds.lines("nnglass_pass_seconds", labels),
-                    *self.waits.lines("nnglass_queue_wait_seconds", labels)]
+                    *self.waits.lines("nnglass_queue_wait_seconds", labels),
+                    *self.step_rows.lines("nnglass_generation_step_rows", labels),
+                    *self.step_seconds.lines("nnglass_generation_step_seconds", labels)]
 
 
 def prompt_tokens(graph: Graph) -> int:

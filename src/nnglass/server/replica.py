@@ -177,6 +177,9 @@ class Replica:
             self._rerun_alone(requests, seconds + GRACE_SECONDS)
             return
         service.count("shared_jobs_total", sum(1 for a in answers if a.get("shared")))
+        steps = answers[0].get("steps") if type(answers[0]) is dict else None
+        if type(steps) is list:
+            self.state.passes.stepped(steps)
         debug = {k: reply[k] for k in ("checksum", "has_grad") if k in reply}
         for request, answer in zip(requests, answers):
             self._record(request["job"], {**answer, **debug})

@@ -19,6 +19,8 @@ Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
                         or {"job", "status": "ERROR", "error": {"type", "message", "where"}}
   parent → child, several jobs sharing one forward pass (co-tenancy): {"batch": [job, ...]}
   child → parent:       {"batch": [answer, ...]}, one answer a job, in order
+  Generate jobs in a batch run as one continuous generation (runtime/decode_batch.py); the
+  first answer then carries "steps": [[rows, seconds], ...], one per shared forward.
   With debug_checksums, "ready" and every answer also carry "checksum" (sha256 over all
   parameters and buffers) and "has_grad" (whether any parameter holds a `.grad`).
   EOF on stdin: the child exits 0.
@@ -70,6 +72,7 @@ from ..graph.ir import BACKWARD, SESSION, Graph
 from ..graph.merge import merge, share_key, split
 from ..graph.ops import REGISTRY
 from ..graph.results import encode_results
+from ..models.batched_generate import decode_batch, generate_job, generation_key
 from ..runtime.limits import RunLimits
 from .exposure import lookup_sites, operation_sites
 from .handle import GRACE_SECONDS as GRACE_SECONDS
@@ -178,6 +181,9 @@ class LoadedModel:
             return [self.job(requests[0])]
         try:
             graphs = [self._load(r) for r in requests]
+            generation = {generation_key(g) for g in graphs}
+            if len(generation) == 1 and None not in generation:
+                return self._generation(requests, graphs)
             keys = {share_key(g) for g in graphs}
             if len(keys) != 1 or None in keys:
                 raise ValueError("these graphs cannot share a forward pass")
@@ -207,6 +213,38 @@ class LoadedModel:
             except Exception as e:
                 answers.append(_error(job, e))
         return answers
+
+    def _generation(self, requests: list[dict[str, Any]], graphs: list[Graph]) -> list[dict[str, Any]]:
+        """Generate jobs in one continuous batch (runtime/decode_batch.py), each under its own
+        limits. A job that fails ends ERROR alone; one only the shared forward failed for
+        (`disrupted`) runs again alone. The batch's forwards (rows, seconds) go back in
+        the first answer's "steps", for the server's metrics."""
+        steps: list[list[float]] = []
+        batch = decode_batch(self.lm, observe=lambda kind, rows, jobs, s: steps.append([rows, round(s, 6)]))
+        answers: dict[int, dict[str, Any]] = {}
+        for k, (request, graph) in enumerate(zip(requests, graphs)):
+            try:
+                batch.add(generate_job(self.lm, graph, k, _limits(request)))
+            except Exception as e:
+                answers[k] = _error(request.get("job"), e)
+        while len(batch):
+            for f in batch.step():
+                request = requests[f.key]
+                job = request.get("job")
+                if f.disrupted:
+                    answers[f.key] = self.job(request)
+                elif f.error is not None:
+                    logger.info("job %s failed in the generation batch: %s", job, f.error)
+                    answers[f.key] = _error(job, f.error)
+                else:
+                    try:
+                        answers[f.key] = {"job": job, "status": "COMPLETED", "shared": len(requests),
+                                          "bytes": self._store(request, graphs[f.key], f.saved or {})}
+                    except Exception as e:
+                        answers[f.key] = _error(job, e)
+        out = [answers[k] for k in range(len(requests))]
+        out[0] = {**out[0], "steps": steps}
+        return out
 
     def _run(self, job: Any, request: dict[str, Any], send: Send | None = None) -> int:
         graph = self._load(request)
