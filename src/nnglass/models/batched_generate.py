@@ -33,6 +33,7 @@ from ..graph.ir import (
 from ..graph.merge import merge
 from ..runtime.decode_batch import DecodeBatch, GenerateJob, StepObserver
 from ..runtime.limits import NO_LIMITS, RunConfig, RunLimits
+from ..runtime.steps import StepListener
 from ..runtime.values import resolve
 from ..runtime.window import model_sizes
 from .decode_rules import decode_rules
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from .language import LanguageModel
 
 _NOT_SHARED = frozenset({BACKWARD, GRAD, SET_GRAD, IMPORT})
+GENERATION = "generate\n"  # every generation key starts so (a trace's key never does)
 
 
 def generation_key(graph: Graph) -> str | None:
@@ -51,10 +53,11 @@ def generation_key(graph: Graph) -> str | None:
         return None
     if find(graph.options.get(GENERATE_KWARGS, {}), TensorRef) is not None:
         return None
-    return f"generate\n{graph.model}"
+    return f"{GENERATION}{graph.model}"
 
 
-def generate_job(lm: LanguageModel, graph: Graph, key: Any, limits: RunLimits = NO_LIMITS) -> GenerateJob:
+def generate_job(lm: LanguageModel, graph: Graph, key: Any, limits: RunLimits = NO_LIMITS,
+                 on_step: StepListener | None = None) -> GenerateJob:
     """One generate graph as a job of `lm`'s batch (raises for a graph that cannot be one)."""
     from .language import batch_prompts, check_generate_kwargs
 
@@ -68,7 +71,7 @@ def generate_job(lm: LanguageModel, graph: Graph, key: Any, limits: RunLimits = 
     alone = replace(alone, mode=GENERATE, options={**graph.options, GROUPS: alone.options[GROUPS]})
     model = lm.module
     return GenerateJob(key, alone, ids, mask, rows, decode_rules(model, ids, options),
-                       graph.options.get(SEED), RunConfig(limits, can_stop=False))
+                       graph.options.get(SEED), RunConfig(limits, can_stop=False), on_step)
 
 
 def decode_batch(lm: LanguageModel, observe: StepObserver | None = None) -> DecodeBatch:

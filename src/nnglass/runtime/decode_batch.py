@@ -46,6 +46,7 @@ from .limited import LimitedInterpreter
 from .limits import RunConfig
 from .multiplex import Multiplex, member_kind
 from .plan import cached_plan
+from .steps import StepListener, StepStreamer
 from .window import Window, safe_width
 
 
@@ -61,6 +62,7 @@ class GenerateJob:
     rules: Any  # .choose(ids, logits, unfinished, generator) -> (ids, unfinished)
     seed: int | None
     config: RunConfig
+    on_step: StepListener | None = None  # told each step's tokens and saves (runtime/steps.py)
 
 
 @dataclass
@@ -83,6 +85,9 @@ class _Running:
         else:
             self.generator.manual_seed(job.seed)
         self.forwards = 0  # forward passes run (its next one is step `forwards`)
+        self.streamer = None if job.on_step is None else StepStreamer(interp, job.on_step)
+        if self.streamer is not None:
+            self.streamer.put(job.ids)  # the prompt (as transformers' generate puts it first)
 
     def windows(self, offset: int, full: int, own: int) -> list[Window]:
         """Each invoke's window, then the whole job's, at row `offset` of a batch `full` wide."""
@@ -261,6 +266,8 @@ class DecodeBatch:
             r.forwards += 1
             try:
                 r.ids, r.unfinished = r.job.rules.choose(r.ids, part, r.unfinished, r.generator)
+                if r.streamer is not None:
+                    r.streamer.put(r.ids[:, -1:])
             except Exception as e:
                 done.append(_failed(r.job.key, e))
                 r.interp.close()

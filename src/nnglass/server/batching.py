@@ -16,6 +16,7 @@ from typing import Any
 
 from ..graph.ir import GENERATE, GENERATE_KWARGS, Graph, TensorRef
 from ..graph.merge import share_key, width
+from ..models.batched_generate import GENERATION as GENERATION
 from ..models.batched_generate import generation_key
 from .scheduler import Share
 

@@ -2,9 +2,10 @@
 the JSON-lines protocol they speak).
 
 Invariants:
-- One request in flight per handle; an answer comes within the timeout, or the child is
-  killed. A timeout or a crash (EOF) is an ERROR answer and leaves the handle dead until
-  `restart()`. `run` never raises for a job's failure.
+- One request (or generation session: `stream`) in flight per handle; an answer comes
+  within the timeout, or the child is killed. A timeout or a crash (EOF) is an ERROR
+  answer and leaves the handle dead until `restart()`. `run` never raises for a job's
+  failure.
 - A step line (server/steps.py) of a job in flight goes to `run`'s `on_step`, in the
   thread that called `run`, as it arrives; it is never the answer.
 - `stop_job(job)` kills the child only while `job` is part of the request in flight, so
@@ -167,6 +168,49 @@ class WorkerHandle:
             if msg.get("job") == job:
                 return msg
             logger.warning("worker answered for job %r while job %r was running", msg.get("job"), job)
+
+    def stream(self, requests: list[dict[str, Any]], on_step: Callable[[dict[str, Any]], dict[str, Any]],
+               timeout: float, on_line: Callable[[dict[str, Any]], None] | None = None,
+               ) -> dict[str, Any] | None:
+        """A generation session (server/generation.py): `on_step(message)` gets every step
+        message and returns the reply ({"more", "drop"}, and "timeout": how long the next
+        step may take). None when the session ended; else the answer that says why it was
+        lost (a crash, or no step message within the timeout: the child is killed)."""
+        with self._lock:
+            if not self.alive:
+                return error_answer(None, "ExecutionError", "the worker is not running (restart it)")
+            jobs = {r.get("job") for r in requests}
+            with self._jobs_lock:
+                self._jobs = frozenset(jobs)
+            try:
+                self._write({"stream": [_absolute_paths(r) for r in requests]})
+                while True:
+                    try:
+                        msg = self._lines.get(timeout=timeout)
+                    except queue.Empty:
+                        self.kill()
+                        return error_answer(None, "TimeLimitError",
+                                            f"time limit: the worker was stopped after {timeout:g} s")
+                    if msg is None:
+                        return self._crashed(None)
+                    if not msg.get("session"):
+                        if on_line is not None and msg.get("job") is not None and "step" in msg:
+                            on_line(msg)  # a job's step line (server/steps.py)
+                        continue
+                    reply = on_step(msg)
+                    timeout = float(reply.pop("timeout", timeout))
+                    more = [_absolute_paths(r) for r in reply.get("more") or []]
+                    jobs.update(r.get("job") for r in more)
+                    with self._jobs_lock:
+                        self._jobs = frozenset(jobs)
+                    self._write({"more": more, "drop": list(reply.get("drop") or [])})
+                    if not msg.get("running") and not more:
+                        return None
+            except OSError:
+                return self._crashed(None)
+            finally:
+                with self._jobs_lock:
+                    self._jobs = frozenset()
 
     def stop_job(self, job: Any) -> bool:
         """Kill the child if `job` is in the request it runs now; True if it was."""

@@ -194,6 +194,13 @@ class RayWorker:
         if msg.get("rank_nodes"):
             logger.info("ranks of model %r on Ray nodes %s", name, " ".join(msg["rank_nodes"]))
 
+    def stream(self, requests: list[dict[str, Any]], on_step: Any, timeout: float,
+               on_line: Any = None) -> dict[str, Any] | None:
+        """A generation session, as whole requests: an actor answers one request at a time."""
+        from .generation import stream_by_batches
+
+        return stream_by_batches(self, requests, on_step, timeout)
+
     def _place(self, timeout: float) -> Any:
         """The rank group's placement group, ready; the replica's actor goes in bundle 0."""
         from ray.util.placement_group import placement_group

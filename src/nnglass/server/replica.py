@@ -64,6 +64,12 @@ class Worker(Protocol):
         Past `timeout` the worker is stopped and the answer says so. `on_step`: the step
         lines of its jobs while they run, from a worker that can send them (else never)."""
 
+    def stream(self, requests: list[dict[str, Any]], on_step: Callable[[dict[str, Any]], dict[str, Any]],
+               timeout: float, on_line: Callable[[dict[str, Any]], None] | None = None,
+               ) -> dict[str, Any] | None:
+        """A generation session (server/generation.py): `on_step` gets each step message and
+        returns the reply; None when it ended, else the answer saying why it was lost."""
+
     def stop_job(self, job: Any) -> bool:
         """Stop the worker if (and only if) it is running `job` now."""
 
@@ -145,7 +151,7 @@ class Replica:
         try:
             self._run_jobs(job_ids)
         finally:
-            for job_id in job_ids:
+            for job_id in [*job_ids, *self._files]:  # with those a generation session admitted
                 files = self._files.pop(job_id, None)
                 if files is not None:
                     files.close()
@@ -165,6 +171,9 @@ class Replica:
 
     def _run_pass(self, requests: list[dict[str, Any]], seconds: float) -> None:
         service = self.service
+        if service.generates(requests[0]["job"]):
+            self._session(requests, seconds)
+            return
         if len(requests) == 1:
             self._record(requests[0]["job"], self._run(requests, seconds + GRACE_SECONDS))
             return
@@ -183,6 +192,74 @@ class Replica:
         debug = {k: reply[k] for k in ("checksum", "has_grad") if k in reply}
         for request, answer in zip(requests, answers):
             self._record(request["job"], {**answer, **debug})
+
+    def _session(self, requests: list[dict[str, Any]], seconds: float) -> None:
+        """Generate jobs in one continuous batch that queued jobs join at its step boundaries
+        (more generate jobs into the batch; others run between two steps), each recorded
+        when it ends; a cancelled one is dropped at its next step. A lost session (the
+        worker died) runs each job still in it again alone, as a lost shared pass does."""
+        service, state, live = self.service, self.state, {}
+
+        seen = [0]
+
+        def track(new: list[dict[str, Any]]) -> None:
+            seen[0] += len(new)
+            for r in new:
+                live[r["job"]] = r
+                state.running[r["job"]] = self.worker
+                state.sharing.add(r["job"])
+
+        def untrack(job: str) -> None:
+            self.service.steps.end(job)
+            live.pop(job, None)
+            state.running.pop(job, None)
+            state.sharing.discard(job)
+            state.dropping.discard(job)
+
+        def on_step(message: dict[str, Any]) -> dict[str, Any]:
+            debug = {k: message[k] for k in ("checksum", "has_grad") if k in message}
+            for answer in message.get("answers") or ():
+                if answer.get("job") in live:
+                    untrack(answer["job"])
+                    self._record(answer["job"], {**answer, **debug})
+                    files = self._files.pop(answer["job"], None)
+                    if files is not None:
+                        files.close()
+            state.passes.stepped(message.get("steps") or [])
+            drop = [j for j in live if j in state.dropping]
+            for j in drop:
+                untrack(j)
+            more = self._more(len(live)) if message.get("running") and not service.stopping else []
+            track(more)
+            return {"more": more, "drop": drop, "timeout": seconds * (len(more) + 2) + GRACE_SECONDS}
+
+        track(requests)
+        try:
+            lost = self.worker.stream(requests, on_step, seconds * 2 + GRACE_SECONDS, self.service.steps.add)
+        finally:
+            left = list(live.values())
+            for job in list(live):
+                untrack(job)
+        if seen[0] > 1:
+            service.count("shared_jobs_total", seen[0])
+        if lost is not None and left:
+            service.count("shared_passes_lost_total")
+            self._rerun_alone(left, seconds + GRACE_SECONDS)
+
+    def _more(self, running: int) -> list[dict[str, Any]]:
+        """At a step boundary: the model's next queued job, and what can share with it."""
+        service, cfg = self.service, self.state.config
+        if running >= cfg.share_jobs:
+            return []
+        job_id = service.scheduler.next(cfg.name, timeout=0)
+        if job_id is None:
+            return []
+        limit = cfg.share_jobs - running - 1 if service.generates(job_id) else cfg.share_jobs - 1
+        others = service.scheduler.take_sharing(cfg.name, job_id, limit, tokens=cfg.share_tokens, wait=0)
+        new = [r for r in (self._begin(j) for j in [job_id, *others]) if r is not None]
+        if new:
+            service.publish_queue(cfg.name)
+        return new
 
     def _rerun_alone(self, requests: list[dict[str, Any]], timeout: float) -> None:
         """Each job of a shared pass that killed the worker (a hang past the time limit, a
@@ -242,6 +319,7 @@ class Replica:
                 self.service.steps.end(request["job"])
                 state.running.pop(request["job"], None)
                 state.sharing.discard(request["job"])
+                state.dropping.discard(request["job"])
 
     def _record(self, job_id: str, answer: dict[str, Any]) -> None:
         state, service = self.state, self.service

@@ -42,7 +42,7 @@ from ..graph.check import Limits as WireLimits
 from ..graph.ir import SESSION
 from ..models.prompts import check_prompts
 from . import clock
-from .batching import PassStats, cost_of, prompt_tokens, share_of
+from .batching import GENERATION, PassStats, cost_of, prompt_tokens, share_of
 from .config import ModelConfig, ServerConfig
 from .engines import WorkerFactory, configured_worker
 from .exposure import describe
@@ -67,6 +67,7 @@ class ModelState:
     error: str = ""
     running: dict[str, Worker] = field(default_factory=dict)  # job id -> the worker running it
     sharing: set[str] = field(default_factory=set)  # running jobs in a pass with others
+    dropping: set[str] = field(default_factory=set)  # cancelled in a generation session: leaves at a step
     checksums: set[str] = field(default_factory=set)  # debug: weights after each job and at start
     grad_seen: bool = False  # debug: a parameter had a .grad after a job (must never happen)
     workers: list[Worker] = field(default_factory=list)  # one per replica
@@ -95,6 +96,7 @@ class Service:
         self._lock = threading.Lock()
         self._prompt_tokens: dict[str, int] = {}  # job id -> its prompts' real tokens, until it ends
         self._padded: dict[str, tuple[int, int]] = {}  # job id -> (rows, padded width), until it ends
+        self._generating: set[str] = set()  # queued here, may join a generation session
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -179,6 +181,9 @@ class Service:
                                            "try again later") from None
                 raise
             share = share_of(graph)
+            if share is not None and share.key.startswith(GENERATION):
+                with self._lock:
+                    self._generating.add(job.id)
             self.scheduler.submit(graph.model, key_id, job.id, share=share, cost=cost_of(graph))
             with self._lock:
                 self._prompt_tokens[job.id] = prompt_tokens(graph)
@@ -220,6 +225,8 @@ class Service:
         worker = state.running.get(job.id)
         if worker is not None and job.id not in state.sharing:
             worker.stop_job(job.id)  # its thread sees the worker die, restarts it; CANCELLED stays
+        elif worker is not None:
+            state.dropping.add(job.id)  # a generation session drops it at its next step
         # In a shared pass the others go on: the job's answer is dropped (CANCELLED stays).
         self.publish_queue(job.model)
         return self.get(key_id, job_id)
@@ -303,10 +310,16 @@ class Service:
             shapes = [self._padded.get(j, (1, 1)) for j in job_ids]
         return sum(r for r, _ in shapes) * max(w for _, w in shapes)
 
+    def generates(self, job_id: str) -> bool:
+        """Whether a job queued here can join a generation session (server/generation.py)."""
+        with self._lock:
+            return job_id in self._generating
+
     def job_ended(self, state: ModelState, job_id: str) -> None:
         """A worker finished a job (for `jobs_last_minute`, `prompt_tokens_per_s`)."""
         with self._lock:
             self._padded.pop(job_id, None)
+            self._generating.discard(job_id)
             tokens = self._prompt_tokens.pop(job_id, 0)  # 0: queued before a restart
             state.ended.append((clock.now(), tokens))
             self.counters["prompt_tokens_total"] = self.counters.get("prompt_tokens_total", 0) + tokens

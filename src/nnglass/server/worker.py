@@ -21,6 +21,8 @@ Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   child → parent:       {"batch": [answer, ...]}, one answer a job, in order
   Generate jobs in a batch run as one continuous generation (runtime/decode_batch.py); the
   first answer then carries "steps": [[rows, seconds], ...], one per shared forward.
+  parent → child, a generation session that jobs join while it runs: {"stream": [job, ...]},
+  then step messages and replies in lockstep (server/generation.py states them).
   With debug_checksums, "ready" and every answer also carry "checksum" (sha256 over all
   parameters and buffers) and "has_grad" (whether any parameter holds a `.grad`).
   EOF on stdin: the child exits 0.
@@ -72,9 +74,10 @@ from ..graph.ir import BACKWARD, SESSION, Graph
 from ..graph.merge import merge, share_key, split
 from ..graph.ops import REGISTRY
 from ..graph.results import encode_results
-from ..models.batched_generate import decode_batch, generate_job, generation_key
+from ..models.batched_generate import generation_key
 from ..runtime.limits import RunLimits
 from .exposure import lookup_sites, operation_sites
+from .generation import run_session
 from .handle import GRACE_SECONDS as GRACE_SECONDS
 from .handle import WorkerHandle as WorkerHandle
 from .handle import error_answer
@@ -182,8 +185,9 @@ class LoadedModel:
         try:
             graphs = [self._load(r) for r in requests]
             generation = {generation_key(g) for g in graphs}
-            if len(generation) == 1 and None not in generation:
-                return self._generation(requests, graphs)
+            jobs = {r.get("job") for r in requests}
+            if len(generation) == 1 and None not in generation and len(jobs) == len(requests):
+                return self._generation(requests)
             keys = {share_key(g) for g in graphs}
             if len(keys) != 1 or None in keys:
                 raise ValueError("these graphs cannot share a forward pass")
@@ -214,35 +218,19 @@ class LoadedModel:
                 answers.append(_error(job, e))
         return answers
 
-    def _generation(self, requests: list[dict[str, Any]], graphs: list[Graph]) -> list[dict[str, Any]]:
-        """Generate jobs in one continuous batch (runtime/decode_batch.py), each under its own
-        limits. A job that fails ends ERROR alone; one only the shared forward failed for
-        (`disrupted`) runs again alone. The batch's forwards (rows, seconds) go back in
-        the first answer's "steps", for the server's metrics."""
-        steps: list[list[float]] = []
-        batch = decode_batch(self.lm, observe=lambda kind, rows, jobs, s: steps.append([rows, round(s, 6)]))
-        answers: dict[int, dict[str, Any]] = {}
-        for k, (request, graph) in enumerate(zip(requests, graphs)):
-            try:
-                batch.add(generate_job(self.lm, graph, k, _limits(request)))
-            except Exception as e:
-                answers[k] = _error(request.get("job"), e)
-        while len(batch):
-            for f in batch.step():
-                request = requests[f.key]
-                job = request.get("job")
-                if f.disrupted:
-                    answers[f.key] = self.job(request)
-                elif f.error is not None:
-                    logger.info("job %s failed in the generation batch: %s", job, f.error)
-                    answers[f.key] = _error(job, f.error)
-                else:
-                    try:
-                        answers[f.key] = {"job": job, "status": "COMPLETED", "shared": len(requests),
-                                          "bytes": self._store(request, graphs[f.key], f.saved or {})}
-                    except Exception as e:
-                        answers[f.key] = _error(job, e)
-        out = [answers[k] for k in range(len(requests))]
+    def _generation(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Generate jobs in one continuous batch (server/generation.py), none joining later;
+        the batch's forwards (rows, seconds) go back in the first answer's "steps"."""
+        answers: dict[Any, dict[str, Any]] = {}
+        steps: list[Any] = []
+
+        def collect(message: dict[str, Any]) -> dict[str, Any]:
+            answers.update((a.get("job"), a) for a in message["answers"])
+            steps.extend(message["steps"])
+            return {}
+
+        run_session(self, requests, collect)
+        out = [{**answers[r.get("job")], "shared": len(requests)} for r in requests]
         out[0] = {**out[0], "steps": steps}
         return out
 
@@ -348,8 +336,25 @@ def main() -> int:
         except ValueError as e:
             _send(out, _error(None, e))
             continue
+        if type(request.get("stream")) is list:  # a generation session (server/generation.py)
+            run_session(replica, request["stream"], lambda message: _converse(out, message),
+                        functools.partial(_send, out))
+            continue
         _send(out, answer(replica, request, send=functools.partial(_send, out)))
     return 0
+
+
+def _converse(out: IO[str], message: dict[str, Any]) -> dict[str, Any]:
+    """In a generation session: send a step message, read the parent's reply."""
+    _send(out, message)
+    line = sys.stdin.readline()
+    if not line:
+        sys.exit(0)  # the parent is gone
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        return {}
+    return reply if type(reply) is dict else {}
 
 
 def ready_message(replica: LoadedModel) -> dict[str, Any]:

@@ -1,0 +1,176 @@
+"""Co-batching of generation on the server: 32 concurrent generate jobs in one continuous batch.
+
+    python benchmarks/cobatch_generate.py [--clients 32] [--new 32] [--threads 2] [--alone 8]
+
+Method. SmolLM2-135M (float32), the 32 mixed prompts of benchmarks/cobatch.py (4..24 tokens).
+Each job generates exactly `--new` tokens (greedy; min_new_tokens = max_new_tokens, so EOS
+never ends one early) with its own steering vector added to layer 3's output at every step.
+Side by side in one run:
+
+- plain padded `generate` of the 32 prompts (transformers, no interventions);
+- transformers' `generate_batch` (continuous batching, paged cache; no interventions);
+- the nnglass continuous batch in this process (runtime/decode_batch.py, the 32 jobs);
+- the same jobs one at a time (the lone path, `lm.run_graph`): `--alone` of them, scaled;
+- the server (`_service_server.py`, defaults): 32 clients submit at once; new tokens /
+  (last result decoded - first POST). Every server result is checked against the lone run.
+- latency of a small job (one trace of 8 tokens, one save) on the idle server, and
+  submitted while the 32 generations run (p95 of `--probes` each).
+Prints a table, writes benchmarks/results/cobatch_generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import nnglass
+from cobatch import MODEL, RESULTS, ROOT, Server, job, prompts, record
+from nnglass import LanguageModel
+from nnglass.graph.ir import Graph
+from nnglass.models.batched_generate import decode_batch, generate_job
+
+OUT = RESULTS.with_name("cobatch_generate.json")
+LAYER = 3
+
+
+def steer_graph(lm: LanguageModel, ids: torch.Tensor, new: int, i: int) -> Graph:
+    vector = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(i)) * 0.05
+    tracer = lm.generate(ids, max_new_tokens=new, min_new_tokens=new)
+    tracer.backend = nnglass.Recorder()  # recorded, not run
+    with tracer:
+        with tracer.all():
+            lm.model.layers[LAYER].output[:] += vector
+        tracer.result.save()
+    return tracer.graph
+
+
+def padded(ps: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(p.shape[1] for p in ps)
+    ids = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0), value=pad) for p in ps])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(p), (width - p.shape[1], 0)) for p in ps])
+    return ids, mask
+
+
+def timed(fn: Any) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def in_process(lm: LanguageModel, graphs: list[Graph]) -> list[Any]:
+    batch = decode_batch(lm)
+    for i, g in enumerate(graphs):
+        batch.add(generate_job(lm, g, i))
+    out: list[Any] = [None] * len(graphs)
+    while len(batch):
+        for f in batch.step():
+            if f.error is not None:
+                raise f.error
+            out[f.key] = f.saved
+    return out
+
+
+def latency(server: Server, graph: Graph, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        r = job(server.url, server.keys[-1], graph, threading.Barrier(1))
+        times.append(r["t3"] - r["t0"])
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--alone", type=int, default=8)
+    parser.add_argument("--probes", type=int, default=10)
+    args = parser.parse_args()
+    os.environ.setdefault("NNGLASS_CACHE", str(ROOT / ".nnglass-cache"))
+    torch.set_num_threads(args.threads)
+    lm = LanguageModel(MODEL)
+    model, pad, n, new = lm.module, lm.tokenizer.pad_token_id, args.clients, args.new
+    ps = prompts("mixed", n)
+    graphs = [steer_graph(lm, p, new, i) for i, p in enumerate(ps)]
+    ids, mask = padded(ps, pad)
+    tokens = n * new
+    rates: dict[str, float] = {}
+
+    def plain() -> Any:
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                  min_new_tokens=new, do_sample=False, pad_token_id=pad)
+
+    plain()  # warm
+    rates["plain padded generate (no interventions)"] = tokens / timed(plain)[0]
+    try:
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                  pad_token_id=pad, eos_token_id=lm.tokenizer.eos_token_id)
+        lists = [p[0].tolist() for p in ps]
+        with torch.no_grad():
+            rates["transformers generate_batch (no interventions)"] = tokens / timed(
+                lambda: model.generate_batch(inputs=lists, generation_config=config, progress_bar=False))[0]
+    except Exception as e:  # recorded, not hidden
+        print(f"generate_batch failed: {type(e).__name__}: {e}", file=sys.stderr)
+    took, shared = timed(lambda: in_process(lm, graphs))
+    rates["nnglass continuous batch, in process (steered)"] = tokens / took
+    took, alone = timed(lambda: [lm.run_graph(g) for g in graphs[: args.alone]])
+    rates[f"same jobs one at a time (lone path, {args.alone} of {n})"] = args.alone * new / took
+    for a, b in zip(alone, shared):
+        assert all(torch.equal(a[k], b[k]) for k in a), "the batch differs from the lone run"
+    probe = record(lm, ps[8][:, :8])
+    home = Path(tempfile.mkdtemp(prefix="cobatch-gen-"))
+    server = Server(home, args.threads, "", n + 1)
+    try:
+        job(server.url, server.keys[0], graphs[0], threading.Barrier(1))  # warm
+        idle = latency(server, probe, args.probes)
+        start = threading.Barrier(n + 1)
+        out: list[Any] = [None] * n
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, job(
+            server.url, server.keys[i], graphs[i], start))) for i in range(n)]
+        for t in threads:
+            t.start()
+        start.wait()
+        time.sleep(1.0)  # the batch is running
+        busy = latency(server, probe, args.probes)
+        for t in threads:
+            t.join()
+        for got, ref in zip(out, shared):
+            assert all(torch.equal(got["saved"][k], ref[k]) for k in ref), "server result differs"
+        rates["server, 32 concurrent steered generate jobs"] = tokens / (
+            max(r["t3"] for r in out) - min(r["t0"] for r in out))
+        batching = server.batching()
+    finally:
+        server.stop()
+    result = {"model": MODEL, "clients": n, "new_tokens": new, "threads": args.threads,
+              "tokens_per_s": rates, "small_job_s": {"idle_p95": float(np.percentile(idle, 95)),
+                                                     "busy_p95": float(np.percentile(busy, 95)),
+                                                     "idle": idle, "busy": busy},
+              "batching": batching, "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2))
+    best = max(v for k, v in rates.items() if "no interventions" in k)
+    lines = ["| generation, new tokens/s | tokens/s | x best plain |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.1f} | {v / best:.2f} |" for k, v in rates.items()]
+    s = result["small_job_s"]
+    lines.append(f"\nsmall job p95: idle {s['idle_p95']:.3f} s, during the generations "
+                 f"{s['busy_p95']:.3f} s ({s['busy_p95'] / s['idle_p95']:.1f}x)")
+    lines.append("batching: " + json.dumps(batching))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
