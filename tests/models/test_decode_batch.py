@@ -158,7 +158,14 @@ def test_a_job_sees_only_its_own_rows_and_width(lm: LanguageModel) -> None:
             layer(lm, 1).output[:, -1].mean().save()
         t.result.save()
 
-    graphs = [record(lm, ["short", "a longer one"], 4, prying),
+    with recording(lm.generate(max_new_tokens=3)) as tracer:  # two invokes: each its own rows
+        with tracer.invoke("ab"):
+            tracer.result.save()
+            lm.output.logits[:, -1].save()
+        with tracer.invoke(["a longer one", "c"]):
+            tracer.result.save()
+            layer(lm, 1).output[-1].save()
+    graphs = [record(lm, ["short", "a longer one"], 4, prying), tracer.graph,
               record(lm, "a neighbour with a long prompt", 5, steered(lm, 1, 0.2))]
     shared, _ = run_batch(lm, graphs)
     for i, g in enumerate(graphs):

@@ -331,3 +331,36 @@ def test_chat_needs_a_chat_template(tiny_dir: Path) -> None:
     with pytest.raises(MalformedError, match="no chat template; use POST /v1/completions"):
         frontend.prompt_ids(parse_request(body, chat=True))
     assert openai_error(MalformedError("messages: no chat template")).status_code == 400
+
+
+def test_concurrent_chats_run_as_generate_jobs_and_answer_as_alone(server: Any, key: str,
+                                                                   client: openai.OpenAI) -> None:
+    """OpenAI requests are ordinary generate jobs: sent at once they run in the continuous
+    batch (a row of their own each, joining at step boundaries), token for token what each
+    gets alone, log-probs within float tolerance."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    asks = [([{"role": "user", "content": "hi"}], 9, 0.0),
+            ([{"role": "system", "content": "you are a much longer system prompt"},
+              {"role": "user", "content": "tell me"}], 5, 0.0),
+            ([{"role": "user", "content": "sampled, seeded"}], 7, 0.8)]
+
+    def ask(a: Any) -> Any:
+        messages, n, temperature = a
+        return client.chat.completions.create(model="provider", messages=messages, max_tokens=n,
+                                              temperature=temperature, seed=5, logprobs=True, top_logprobs=2)
+
+    def steps() -> int:
+        models = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+        return next(m for m in models if m["name"] == "provider")["batching"]["generation_steps"]
+
+    alone = [ask(a) for a in asks]
+    before = steps()
+    with ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(ask, asks))
+    assert steps() > before  # they ran as generate jobs of the continuous batch
+    for a, b in zip(alone, together):
+        assert a.choices[0].message.content == b.choices[0].message.content
+        got = torch.tensor([[t.logprob for t in e.top_logprobs] for e in b.choices[0].logprobs.content])
+        want = torch.tensor([[t.logprob for t in e.top_logprobs] for e in a.choices[0].logprobs.content])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -359,6 +359,7 @@ def _failed(key: Any, e: BaseException, interp: Interpreter | None = None) -> Fi
 def _finish(r: _Running) -> Finished:
     """The job ended: `tracer.result` sees its ids; every node must have run (as alone)."""
     interp = r.interp
+    interp.rows, interp.batch_size = r.windows(0, 0, 0), r.rows  # the ids are the job's own rows
     try:
         interp.fire_result(r.ids)
         check_finished(interp, missing_steps_ok=True)

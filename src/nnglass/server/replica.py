@@ -18,6 +18,11 @@ Invariants:
   restarted worker: only a job that kills it alone ends ERROR for it.
 - A generate job asks its worker for step lines; each goes to the service's StepLog
   (server/steps.py) as it comes, and the log is ended when the worker answers.
+- A generate job that this frontend queued starts a generation session (`_session`,
+  server/generation.py): at each of its step boundaries the model's next queued job and
+  those that can share with it are taken (generate jobs join the batch, others run
+  between two steps), each recorded when its answer comes; a cancelled one is dropped at
+  the next step. A lost session is a lost shared pass (each job still in it reruns alone).
 - A job's files reach the worker as `results.LocalFiles` (the result store's own files,
   or private copies); a result is committed to the store before the job is COMPLETED,
   so any frontend that sees COMPLETED can serve it. The copies go when the job ends.
