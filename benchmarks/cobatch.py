@@ -21,7 +21,8 @@ Every server result is checked against the plain forward of its prompt alone (al
 Where the time goes: per job, submit (POST until 202), queue (queued_at -> started_at), run
 (started_at -> finished_at), notify (finished_at -> COMPLETED read on the stream), download
 (GET + decode); per pass, the jobs in it and its seconds (`/v1/models` "batching").
-Prints a table, writes benchmarks/results/cobatch.json.
+Prints a table, writes benchmarks/results/cobatch.json. Generation (32 concurrent generate
+jobs in one continuous batch) is measured by benchmarks/cobatch_generate.py.
 """
 
 from __future__ import annotations

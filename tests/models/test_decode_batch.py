@@ -179,3 +179,20 @@ def test_which_graphs_share_a_generation_batch(lm: LanguageModel) -> None:
     assert generation_key(tracer.graph) is None
     grads = record(lm, "a", 2, lambda t: layer(lm, 0).output.sum().backward())
     assert generation_key(grads) is None
+
+
+def test_a_member_may_not_set_shared_tables_nor_call_modules_with_the_cache(lm: LanguageModel) -> None:
+    """What no window can express is refused outright in a shared batch: setting a value
+    whose first axis is not the batch (every row's), and handing a module the KV cache."""
+    from transformers.cache_utils import DynamicCache
+
+    from nnglass.runtime.decode_batch import _interpreter
+
+    job = generate_job(lm, record(lm, "a", 2, lambda t: layer(lm, 0).output.save()), 0)
+    member = _interpreter(job, lm.module)
+    member.batch_size, member.current = 4, 0
+    with pytest.raises(ExecutionError, match="shared by every row"):
+        member._replace(torch.zeros(1, 3), torch.ones(1, 3), 0)
+    assert member._replace(torch.zeros(4, 3), torch.ones(1, 3), 0).sum() == 3  # its own row only
+    with pytest.raises(ExecutionError, match="KV cache"):
+        member.call_module("lm_head", (torch.zeros(1, 1, 1),), {"cache": DynamicCache()})
