@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--alone", type=int, default=8)
     parser.add_argument("--probes", type=int, default=10)
+    parser.add_argument("--run-seconds", type=float, default=600, help="the server's per-job time limit")
     args = parser.parse_args()
     os.environ.setdefault("NNGLASS_CACHE", str(ROOT / ".nnglass-cache"))
     torch.set_num_threads(args.threads)
@@ -106,13 +107,19 @@ def main() -> None:
     tokens = n * new
     rates: dict[str, float] = {}
 
+    def note(name: str, value: float) -> None:  # as it goes: a slow machine keeps what it measured
+        rates[name] = value
+        print(f"{name}: {value:.1f} tokens/s", file=sys.stderr, flush=True)
+        OUT.parent.mkdir(exist_ok=True)
+        OUT.with_suffix(".partial.json").write_text(json.dumps(rates, indent=2))
+
     def plain() -> Any:
         with torch.no_grad():
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                                   min_new_tokens=new, do_sample=False, pad_token_id=pad)
 
     plain()  # warm
-    rates["plain padded generate (no interventions)"] = tokens / timed(plain)[0]
+    note("plain padded generate (no interventions)", tokens / timed(plain)[0])
     try:
         from transformers import GenerationConfig
 
@@ -120,22 +127,23 @@ def main() -> None:
                                   pad_token_id=pad, eos_token_id=lm.tokenizer.eos_token_id)
         lists = [p[0].tolist() for p in ps]
         with torch.no_grad():
-            rates["transformers generate_batch (no interventions)"] = tokens / timed(
-                lambda: model.generate_batch(inputs=lists, generation_config=config, progress_bar=False))[0]
+            note("transformers generate_batch (no interventions)", tokens / timed(
+                lambda: model.generate_batch(inputs=lists, generation_config=config, progress_bar=False))[0])
     except Exception as e:  # recorded, not hidden
         print(f"generate_batch failed: {type(e).__name__}: {e}", file=sys.stderr)
     took, shared = timed(lambda: in_process(lm, graphs))
-    rates["nnglass continuous batch, in process (steered)"] = tokens / took
+    note("nnglass continuous batch, in process (steered)", tokens / took)
     took, alone = timed(lambda: [lm.run_graph(g) for g in graphs[: args.alone]])
-    rates[f"same jobs one at a time (lone path, {args.alone} of {n})"] = args.alone * new / took
+    note(f"same jobs one at a time (lone path, {args.alone} of {n})", args.alone * new / took)
     for a, b in zip(alone, shared):
         assert all(torch.equal(a[k], b[k]) for k in a), "the batch differs from the lone run"
-    probe = record(lm, ps[8][:, :8])
+    probe = record(lm, ps[-1][:, :8])
     home = Path(tempfile.mkdtemp(prefix="cobatch-gen-"))
-    server = Server(home, args.threads, "", n + 1)
+    server = Server(home, args.threads, f"[models.policy.limits]\nrun_seconds = {args.run_seconds:g}", n + 1)
     try:
         job(server.url, server.keys[0], graphs[0], threading.Barrier(1))  # warm
         idle = latency(server, probe, args.probes)
+        print(f"idle small-job latencies {idle}", file=sys.stderr, flush=True)
         start = threading.Barrier(n + 1)
         out: list[Any] = [None] * n
         threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, job(
@@ -149,8 +157,8 @@ def main() -> None:
             t.join()
         for got, ref in zip(out, shared):
             assert all(torch.equal(got["saved"][k], ref[k]) for k in ref), "server result differs"
-        rates["server, 32 concurrent steered generate jobs"] = tokens / (
-            max(r["t3"] for r in out) - min(r["t0"] for r in out))
+        note(f"server, {n} concurrent steered generate jobs", tokens / (
+            max(r["t3"] for r in out) - min(r["t0"] for r in out)))
         batching = server.batching()
     finally:
         server.stop()

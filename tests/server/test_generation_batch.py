@@ -137,3 +137,37 @@ def test_jobs_join_a_running_generation_and_leave_alone(server: Any, key: str, l
         local_small = lm.output.logits.save()
     torch.testing.assert_close(small_logits.value, local_small.value, atol=1e-4, rtol=1e-4)
     assert _stats(server, key)["generation_steps"] >= before + 64
+
+
+def test_a_worker_of_whole_requests_serves_a_session_group_by_group() -> None:
+    """`stream_by_batches` (a Ray actor's sessions): each admitted group is one request,
+    its answers go to `on_step`, and a request that comes back without an answer per job
+    ends the session as lost."""
+    from nnglass.server.generation import stream_by_batches
+
+    class Whole:
+        def __init__(self) -> None:
+            self.sent: list[Any] = []
+
+        def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+            self.sent.append(request)
+            if "batch" not in request:
+                return {"job": request["job"], "status": "COMPLETED"}
+            if any(r["job"] == "dies" for r in request["batch"]):
+                return {"status": "ERROR", "error": {"type": "crash"}}
+            return {"batch": [{"job": r["job"], "status": "COMPLETED"} for r in request["batch"]]}
+
+    seen: list[list[str]] = []
+    replies = iter([{"more": [{"job": "c"}, {"job": "d"}]}, {"more": [{"job": "e"}], "drop": ["e"]}])
+
+    def on_step(message: dict[str, Any]) -> dict[str, Any]:
+        seen.append([a["job"] for a in message["answers"]])
+        assert message["running"] == 0
+        return next(replies)
+
+    worker = Whole()
+    assert stream_by_batches(worker, [{"job": "a"}, {"job": "b"}], on_step, 1.0) is None
+    assert seen == [["a", "b"], ["c", "d"]]  # "e" was dropped before it ran
+    assert [list(r) for r in worker.sent] == [["batch"], ["batch"]]
+    lost = stream_by_batches(Whole(), [{"job": "x"}, {"job": "dies"}], on_step, 1.0)
+    assert lost is not None and lost["status"] == "ERROR"
