@@ -2,9 +2,9 @@
 share one, and what a language model hands the batch for each.
 
 Invariants:
-- Only a plain generate graph shares a batch: no session, no gradients (a backward
-  would cross rows), no scan first, no forward options (a generate job's forward is the
-  batch's), no tensor among its generate options. Anything else runs alone, as before.
+- Only a plain generate graph shares a batch: no session, no `.source` operations, no
+  gradients (a backward would cross rows), no scan first, no forward options (a generate
+  job's forward is the batch's), no tensor among its generate options. Anything else runs alone, as before.
 - A job's prompts, rules and seed are exactly what `LanguageModel._run_generate` uses
   alone: its ids left-padded to its own width, the generate options with the tokenizer's
   pad id, the model's generation config under them.
@@ -31,8 +31,10 @@ from ..graph.ir import (
     find,
 )
 from ..graph.merge import merge
+from ..graph.ops import REGISTRY
 from ..runtime.decode_batch import DecodeBatch, GenerateJob, StepObserver
 from ..runtime.limits import NO_LIMITS, RunConfig, RunLimits
+from ..runtime.plan import cached_plan
 from ..runtime.steps import StepListener
 from ..runtime.values import resolve
 from ..runtime.window import model_sizes
@@ -53,6 +55,11 @@ def generation_key(graph: Graph) -> str | None:
         return None
     if find(graph.options.get(GENERATE_KWARGS, {}), TensorRef) is not None:
         return None
+    try:
+        if cached_plan(graph, REGISTRY).source_specs:
+            return None  # operations inside a module (`.source`): their hooks are per run
+    except Exception:
+        return None  # a graph that cannot be planned fails alone, with its own error
     return f"{GENERATION}{graph.model}"
 
 

@@ -79,6 +79,7 @@ class _Plan:  # what runtime/hooks.install reads of a run's plan
     hook_specs: list[tuple[str, frozenset[str], bool]]
     site_where: dict[str, str]
     skipped: set[str] = field(default_factory=set)  # a member's skip replaces its rows (a setter)
+    source_specs: dict[str, Any] = field(default_factory=dict)  # `.source` graphs never join a batch
 
 
 class Multiplex:
@@ -98,6 +99,7 @@ class Multiplex:
         self.plan = _Plan([(p, frozenset(pre), out) for p, (pre, out) in kinds.items()], where)
         self.hide_weights = any(m.hide_weights for m in members)
         self.active_token: Any = None
+        self.source_modes: list[Any] = []
         self.edits = {m: m.last_edit for m in members}  # to tell who edited before a model error
 
     @property
