@@ -338,7 +338,7 @@ def main() -> int:
             continue
         if type(request.get("stream")) is list:  # a generation session (server/generation.py)
             run_session(replica, request["stream"], lambda message: _converse(out, message),
-                        functools.partial(_send, out))
+                        _gated(functools.partial(_send, out)))
             continue
         _send(out, answer(replica, request, send=functools.partial(_send, out)))
     return 0
