@@ -150,7 +150,8 @@ def test_sampling_draws_the_same_tokens_on_every_rank(tiny_pair: Any) -> None:
     """Unseeded, each rank would draw its own tokens and their forwards would part ways;
     the group hands every rank one seed. Seeded, it is the unsharded model's draw."""
     def sample(lm: Any, seed: int | None) -> torch.Tensor:
-        with lm.generate("Hello", max_new_tokens=8, do_sample=True, seed=seed) as tracer:
+        # min_new_tokens: a random model may well draw EOS early, and the length is the check
+        with lm.generate("Hello", max_new_tokens=8, min_new_tokens=8, do_sample=True, seed=seed) as tracer:
             out = tracer.result.save()
         return out.value
 
