@@ -44,7 +44,6 @@ import load  # noqa: E402  (benchmarks/load.py: the jobs and their checks)
 from _service_server import save_tiny  # noqa: E402
 from components import Postgres, S3Server, free_port  # noqa: E402  (the tests' own servers)
 from nnglass import LanguageModel  # noqa: E402
-from nnglass.graph import wire  # noqa: E402
 from nnglass.server.config import load_config  # noqa: E402
 from nnglass.server.stores import open_keys  # noqa: E402
 
@@ -68,22 +67,18 @@ new_tokens = 8
 """
 
 
-def client(urls: list[str], key: str, lm: LanguageModel, index: int, jobs: int, tally: load.Tally,
+def client(urls: list[str], key: str, planned: list[load.Planned], index: int, tally: load.Tally,
            timeout: float, done: dict[int, list[str]]) -> None:
-    """One client: job k submitted to frontend (index + k) % 2, watched through the other;
-    `done[index]`: its job ids, once it has checked them all."""
+    """One client: job k (recorded and run locally before the load, load.plan) submitted to
+    frontend (index + k) % 2, watched through the other; `done[index]`: its job ids, once it
+    has checked them all."""
     auth = {"Authorization": f"Bearer {key}"}
     https = [httpx.Client(base_url=u, headers=auth, timeout=60) for u in urls]
     try:
         mine = []
-        for k in range(jobs):
-            kind = load.KINDS[(index + k) % len(load.KINDS)]
-            prompt = f"c{index:04d}j{k:03d}"
-            with load.RECORDING:  # one model object records for every client thread
-                graph = load.build(lm, kind, prompt)
-                checked = kind in ("trace", "generate", "session")
-                expected = lm.run_graph(wire.roundtrip(graph)) if checked else None
-            graph_json, tensors = wire.encode(graph)
+        for k, job_plan in enumerate(planned):
+            kind, graph, expected = job_plan.kind, job_plan.graph, job_plan.expected
+            graph_json, tensors = job_plan.body
             files = {"graph": ("g.json", graph_json, "application/json")}
             if tensors is not None:
                 files["tensors"] = ("t.safetensors", tensors, "application/octet-stream")
@@ -146,7 +141,8 @@ def drive(urls: list[str], keys: list[str], lm: LanguageModel, jobs: int, timeou
     """`len(keys)` clients x `jobs` jobs against frontends `urls` (two); the findings."""
     tally, mine = load.Tally(), {}  # mine: client index -> its job ids
     before = {u: metric(u, keys[0], "nnglass_jobs_finished_total") for u in urls}
-    threads = [threading.Thread(target=client, args=(urls, key, lm, i, jobs, tally, timeout, mine),
+    plans = [load.plan(lm, i, jobs) for i in range(len(keys))]  # before the clock starts
+    threads = [threading.Thread(target=client, args=(urls, key, plans[i], i, tally, timeout, mine),
                                 daemon=True)
                for i, key in enumerate(keys)]
     start = time.monotonic()

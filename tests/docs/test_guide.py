@@ -12,6 +12,8 @@ from types import ModuleType
 
 import pytest
 
+from nnglass import _config
+
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide.md"
 _FENCE = re.compile(r"^```(\w*)\s*$")
 _NEEDS = re.compile(r"^<!--\s*needs:\s*([\w, ]+?)\s*-->\s*$")
@@ -44,6 +46,7 @@ def test_blocks_are_found() -> None:
 
 def test_guide_runs(smol: ModuleType, tmp_path_factory: pytest.TempPathFactory,
                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_config, "_overrides", {})  # no other test's configure() points it elsewhere
     monkeypatch.setenv("NNGLASS_CACHE", str(smol.CACHE))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     namespace: dict[str, object] = {"__name__": "guide"}

@@ -64,8 +64,11 @@ def wait_for(http: httpx.Client, job: str, statuses: tuple[str, ...] = TERMINAL,
              timeout: float = 120.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        info = http.get(f"/v1/jobs/{job}").json()
-        if info["status"] in statuses:
+        r = http.get(f"/v1/jobs/{job}")
+        info = r.json()
+        if r.status_code == 503:  # the database is back only once the pool reconnects: as asked, later
+            assert "Retry-After" in r.headers, r.text
+        elif info["status"] in statuses:
             return info
         assert time.monotonic() < deadline, f"job still {info} after {timeout} s"
         time.sleep(0.05)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import nnglass
-from nnglass import ExecutionError, LanguageModel
+from nnglass import ExecutionError, LanguageModel, _config
 from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from nnglass.graph.merge import merge, share_key, split
@@ -175,8 +175,9 @@ def _line(marker: str) -> int:
 
 @ON_BOTH_BACKENDS
 def test_server_shares_a_forward_pass_between_queued_jobs(
-    start_server: Any, tiny_config: Any, lm: LanguageModel, backend: Any
+    start_server: Any, tiny_config: Any, lm: LanguageModel, backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(_config, "_overrides", {})  # configure() below is undone after the test
     server = start_server("cotenancy", tiny_config(), backend=backend)  # each combination (conftest)
     try:
         _, key = server.keys.create("alice")
@@ -200,5 +201,4 @@ def test_server_shares_a_forward_pass_between_queued_jobs(
         with pytest.raises(ExecutionError), lm.trace("hello there", remote=True):
             lm.model.layers[0].output[:, 99].save()
     finally:
-        nnglass.configure(host="http://127.0.0.1:8321", api_key="")
         server.stop()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import nnglass
-from nnglass import LanguageModel
+from nnglass import LanguageModel, _config
 
 TINY = "tiny"
 
@@ -47,11 +47,10 @@ def server(start_server: Any, tiny_config: Any) -> Iterator[Any]:
 @pytest.fixture
 def key(server: Any, request: pytest.FixtureRequest) -> Iterator[str]:
     _, key = server.keys.create(request.node.name[:40])
-    nnglass.configure(host=server.url, api_key=key)
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the process's settings as they were, after
+        mp.setattr(_config, "_overrides", {})
+        nnglass.configure(host=server.url, api_key=key)
         yield key
-    finally:
-        nnglass.configure(host="http://127.0.0.1:8321", api_key="")
 
 
 def _stats(server: Any, key: str) -> dict[str, Any]:

@@ -22,7 +22,8 @@ Invariants:
   server/generation.py): at each of its step boundaries the model's next queued job and
   those that can share with it are taken (generate jobs join the batch, others run
   between two steps), each recorded when its answer comes; a cancelled one is dropped at
-  the next step. A lost session is a lost shared pass (each job still in it reruns alone).
+  the next step. A lost session is a lost shared pass (each job still in it reruns alone;
+  a job alone in it ends ERROR, as a lone job does).
 - A job's files reach the worker as `results.LocalFiles` (the result store's own files,
   or private copies); a result is committed to the store before the job is COMPLETED,
   so any frontend that sees COMPLETED can serve it. The copies go when the job ends.
@@ -202,7 +203,8 @@ class Replica:
         """Generate jobs in one continuous batch that queued jobs join at its step boundaries
         (more generate jobs into the batch; others run between two steps), each recorded
         when it ends; a cancelled one is dropped at its next step. A lost session (the
-        worker died) runs each job still in it again alone, as a lost shared pass does."""
+        worker died) runs each job still in it again alone, as a lost shared pass does; a
+        job alone in it then ends ERROR with the reason, as a lone job does."""
         service, state, live = self.service, self.state, {}
 
         seen = [0]
@@ -247,7 +249,9 @@ class Replica:
                 untrack(job)
         if seen[0] > 1:
             service.count("shared_jobs_total", seen[0])
-        if lost is not None and left:
+        if lost is not None and len(left) == 1:  # alone in the batch when the worker died:
+            self._record(left[0]["job"], lost)  # as a lone job's crash, it ends ERROR with why
+        elif lost is not None and left:
             service.count("shared_passes_lost_total")
             self._rerun_alone(left, seconds + GRACE_SECONDS)
 
