@@ -12,6 +12,11 @@ Invariants:
   `UnavailableError` (HTTP 503 + Retry-After), like a locked SQLite file (db.py);
   every other error is left as it is. Nothing half-written: a failed transaction is
   rolled back whole.
+- Once the database is back, requests answer again within about `2 * timeout`
+  seconds, however long it was away: a pooled connection is checked before it is lent
+  (an idle one died with the outage), and the pool gives up a reconnection after
+  `2 * timeout` rather than keep its doubling backoff, which after a long outage would
+  wait about as long again; the next request then connects afresh.
 """
 
 from __future__ import annotations
@@ -106,6 +111,8 @@ class Database:
             min_size=1,
             max_size=max_size,
             timeout=timeout,
+            check=ConnectionPool.check_connection,
+            reconnect_timeout=2 * timeout,
             open=False,
             kwargs={"row_factory": dict_row, "options": options, "connect_timeout": max(1, int(timeout))},
         )
