@@ -6,7 +6,8 @@ id first), so each value is computed as early as the forward pass allows and dro
 when nothing needs it. `run` is one whole run: hooks on, the model's forward, hooks
 off, every node checked. Subclasses override the per-node methods (`run_node`, `call_op`,
 `call_module`, `read_param`, `backward`, `complete`): `runtime.limited.LimitedInterpreter`
-is the one that checks sizes and time. One `RunConfig`, given at construction, is all
+is the one that checks sizes and time; the gradient part (`.grad`, `backward`) is in
+runtime/gradients.py. One `RunConfig`, given at construction, is all
 that configures a run; on a tensor-parallel model its `sites` (runtime/shards.py) is the
 one seam where shards become whole tensors (a site's value, a module call, a parameter).
 
@@ -34,7 +35,6 @@ from ..graph.ir import (
     BACKWARD,
     GENERATE,
     GET,
-    GRAD,
     IMPORT,
     MODULE,
     PARAM,
@@ -43,19 +43,16 @@ from ..graph.ir import (
     Node,
 )
 from .finish import check_finished, culprit, model_error, out_of_order
+from .gradients import Gradients
 from .hooks import install, uninstall
 from .limits import PLAIN_RUN, RunConfig
 from .plan import Plan, SiteKey, SiteTask
 from .values import (
-    UNSET as _UNSET,
-)
-from .values import (
+    UNSET,
     copy_tensors,
     graph_view,
-    index_path,
     map_batch,
     opaque_in,
-    replace_at,
     resolve,
     snapshot,
     tensor_leaves,
@@ -70,14 +67,11 @@ if TYPE_CHECKING:
     from .shards import SiteLayouts
 
 
-
-
-
 class EarlyStop(BaseException):
     """Raised from a hook once nothing more is needed from the forward pass."""
 
 
-class Interpreter:
+class Interpreter(Gradients):
     """Runs one graph against one model. Create one per run."""
 
     def __init__(self, plan: Plan, graph: Graph, model: torch.nn.Module, rows: list[tuple[int, ...]],
@@ -94,7 +88,7 @@ class Interpreter:
         self.can_stop = config.can_stop
         self.imports = imports or {}
         n = len(self.nodes)
-        self.values: list[Any] = [_UNSET] * n
+        self.values: list[Any] = [UNSET] * n
         self.remaining = [len(d) for d in plan.deps]
         self.left = n  # nodes not yet run
         self.saved: dict[int, Any] = {}
@@ -106,7 +100,7 @@ class Interpreter:
         self._grad_hooks: list[Any] = []
         self._grad_pending: dict[int, torch.Tensor] = {}  # get node -> tensor awaiting grad
         self._in_backward = False
-        self._deferred: list[int] = []
+        self._deferred: list[int] = []  # backward nodes waiting for the running one
         self.last_edit = -1  # the last set/in-place node that ran (for model errors)
         self.current = -1  # the node running now (-1: none): whose failure a run's error is
         self.deadline = config.limits.deadline()  # time.monotonic() after which every hook stops the run
@@ -176,10 +170,10 @@ class Interpreter:
         self.step += 1
         self.calls.clear()
         for i in self.plan.all_steps:
-            if self.values[i] is not _UNSET:
-                self.values[i] = _UNSET
+            if self.values[i] is not UNSET:
+                self.values[i] = UNSET
                 self.left += 1
-            self.remaining[i] = sum(1 for d in self.plan.deps[i] if self.values[d] is _UNSET)
+            self.remaining[i] = sum(1 for d in self.plan.deps[i] if self.values[d] is UNSET)
             if not self.remaining[i] and self.plan.runnable[i]:
                 heapq.heappush(self._ready, i)
         self.drain()
@@ -260,7 +254,7 @@ class Interpreter:
         self.current = -1
         values = self.values
         for i in task.inplace:
-            if values[i] is _UNSET:
+            if values[i] is UNSET:
                 out_of_order(self, nodes[i])
             self.last_edit = i
         if task.last_set >= 0:
@@ -269,9 +263,9 @@ class Interpreter:
             # A view of the model's memory that a later node still needs: the model may
             # edit that memory in place (e.g. ReLU(inplace=True)) once the hook returns.
             v = values[i]
-            if v is not _UNSET:
+            if v is not UNSET:
                 for c in self.plan.consumers[i]:
-                    if values[c] is _UNSET:
+                    if values[c] is UNSET:
                         values[i] = copy_tensors(v)
                         break
         for i in task.grads:
@@ -324,7 +318,7 @@ class Interpreter:
         ready = self._ready
         while ready:
             i = heapq.heappop(ready)
-            if self.values[i] is not _UNSET:
+            if self.values[i] is not UNSET:
                 continue
             node = self.nodes[i]
             if node.op == BACKWARD and self._in_backward:
@@ -378,63 +372,6 @@ class Interpreter:
             value = self.config.sites.param(value)
         return value.detach()
 
-    def backward(self, node: Node, tensor: Any, gradient: Any = None) -> None:
-        targets = [i for i in self._grad_pending if i < node.id]
-        if not targets:
-            return None
-        inputs = [self._grad_pending.pop(i) for i in targets]
-        self._in_backward = True
-        try:
-            with torch.enable_grad():
-                torch.autograd.grad([tensor], inputs, grad_outputs=[gradient], retain_graph=True,
-                                    allow_unused=True)
-        finally:
-            self._in_backward = False
-            for i in self._deferred:
-                heapq.heappush(self._ready, i)
-            self._deferred.clear()
-        return None
-
-    # --- gradients -------------------------------------------------------------------------
-    def _watch_grad(self, get_id: int, value: Any) -> Any:
-        """Hook the gradient of the site value read by `get_id` (the full batch)."""
-        group = self.plan.grad_groups[get_id]
-        _, path = self.plan.grad_path[group[0]]
-        tensor = index_path(value, path)
-        if not isinstance(tensor, torch.Tensor):
-            raise ExecutionError("`.grad` needs a tensor here", self.nodes[group[0]].where)
-        if not tensor.requires_grad:
-            # Frozen weights: make this activation a leaf of its own graph (never a parameter).
-            tensor = tensor.detach().requires_grad_(True)
-            value = replace_at(value, path, tensor)
-        invoke = self.nodes[get_id].invoke
-
-        def on_grad(grad: torch.Tensor) -> torch.Tensor:
-            for i in group:
-                node = self.nodes[i]
-                if self.values[i] is not _UNSET:
-                    continue
-                if self.remaining[i]:
-                    out_of_order(self, node)
-                if node.op == GRAD:
-                    self.complete(i, self._slice(grad, invoke))
-                else:
-                    grad = self._replace(grad, self.values_of(node.args[1]), invoke)
-                    self.complete(i, None)
-                with torch.enable_grad():  # forward-side nodes that become ready here keep autograd
-                    self.drain()
-            return grad
-
-        self._grad_hooks.append(tensor.register_hook(on_grad))
-        self._grad_pending[get_id] = tensor
-        return value
-
-    def close(self) -> None:
-        for h in self._grad_hooks:
-            h.remove()
-        self._grad_hooks.clear()
-        self._grad_pending.clear()
-
     # --- invokes -----------------------------------------------------------------------
     def _slice(self, value: Any, invoke: int | None) -> Any:
         if invoke is None or len(self.rows) == 1:
@@ -461,4 +398,4 @@ class Interpreter:
         return any(t._version != v for t, v in self._watched)
 
     def unfinished(self) -> list[Node]:
-        return [n for n in self.nodes if self.values[n.id] is _UNSET]
+        return [n for n in self.nodes if self.values[n.id] is UNSET]
