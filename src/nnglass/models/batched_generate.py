@@ -66,7 +66,7 @@ def generation_key(graph: Graph) -> str | None:
 def generate_job(lm: LanguageModel, graph: Graph, key: Any, limits: RunLimits = NO_LIMITS,
                  on_step: StepListener | None = None) -> GenerateJob:
     """One generate graph as a job of `lm`'s batch (raises for a graph that cannot be one)."""
-    from .language import batch_prompts, check_generate_kwargs
+    from .prompts import batch_prompts, check_generate_kwargs
 
     if generation_key(graph) is None:
         raise ValueError("this graph cannot share a generation batch")

@@ -44,7 +44,7 @@ from ..tracing.proxy import Proxy
 from ..tracing.tracer import Tracer, user_where
 from . import fake, metaforward
 from .nnmodel import NNModel
-from .prompts import check_prompts
+from .prompts import batch_prompts, batch_prompts_width, check_generate_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -363,21 +363,6 @@ class LMTracer(Tracer):
             return self.record_site(GET, "", "result", 0)
 
 
-# One sequence per prompt, sampled or greedy: what the step semantics (docs/reference.md) cover.
-# Beam search and several sequences per prompt change the batch under the graph's rows.
-GENERATE_OPTIONS = frozenset(
-    "do_sample temperature top_k top_p min_p typical_p repetition_penalty no_repeat_ngram_size "
-    "min_new_tokens eos_token_id suppress_tokens bad_words_ids".split()
-)
-
-
-def check_generate_kwargs(kwargs: dict[str, Any], where: str) -> None:
-    unknown = sorted(set(kwargs) - GENERATE_OPTIONS)
-    if unknown:
-        raise TraceError(f"generate option(s) {', '.join(unknown)} are not supported; use "
-                         f"{', '.join(sorted(GENERATE_OPTIONS))}", where)
-
-
 @contextmanager
 def _private_rng(seed: int | None) -> Iterator[None]:
     if seed is None:
@@ -386,28 +371,6 @@ def _private_rng(seed: int | None) -> Iterator[None]:
     with _SAMPLING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def batch_prompts(graph: Graph, pad_id: int, width: int | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-    """Left-pad every invoke's ids to the longest (or `width`, if wider); return ids, mask
-    and each invoke's rows."""
-    check_prompts(graph)
-    parts = [(graph.tensors[inv.kwargs["input_ids"].key], graph.tensors[inv.kwargs["attention_mask"].key])
-             for inv in graph.invokes]
-    width = max(width or 0, *(ids.shape[1] for ids, _ in parts))
-    all_ids, all_mask, rows, start = [], [], [], 0
-    for ids, mask in parts:
-        pad = width - ids.shape[1]
-        all_ids.append(torch.nn.functional.pad(ids, (pad, 0), value=pad_id))
-        all_mask.append(torch.nn.functional.pad(mask, (pad, 0), value=0))
-        rows.append((start, start + ids.shape[0]))
-        start += ids.shape[0]
-    return torch.cat(all_ids), torch.cat(all_mask), rows
-
-
-def batch_prompts_width(graph: Graph) -> int:
-    return max(graph.tensors[inv.kwargs["input_ids"].key].shape[1] for inv in graph.invokes)
 
 
 def _2d(t: torch.Tensor) -> torch.Tensor:

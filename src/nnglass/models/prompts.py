@@ -6,7 +6,9 @@ keyword arguments `input_ids` and `attention_mask`, both attached tensors of one
 shape (at least one row and one token), the ids integers, the mask integers or booleans;
 and its `forward`/`generate` options, when present, are dicts. `batch_prompts` (local
 runs and the worker) and the server's `Service.submit` (a 422, not a failed job) both
-call it, so no code past it meets a missing key or a wrong type.
+call it, so no code past it meets a missing key or a wrong type. `batch_prompts` then
+left-pads every invoke to one width; `check_generate_kwargs` admits the generate options
+whose step semantics hold (one sequence per prompt).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import GraphError
+from ..errors import GraphError, TraceError
 from ..graph.ir import Graph, TensorRef
 
 PROMPT_KEYS = ("input_ids", "attention_mask")
@@ -49,3 +51,40 @@ def check_prompts(graph: Graph) -> None:
         if mask.shape != ids.shape or mask.dtype not in _MASK:
             raise GraphError(f"invoke {i}: attention_mask must be integers or booleans of the ids' shape "
                              f"{list(ids.shape)}, got {mask.dtype} {list(mask.shape)}")
+
+
+def batch_prompts(graph: Graph, pad_id: int, width: int | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Left-pad every invoke's ids to the longest (or `width`, if wider); return ids, mask
+    and each invoke's rows."""
+    check_prompts(graph)
+    parts = [(graph.tensors[inv.kwargs["input_ids"].key], graph.tensors[inv.kwargs["attention_mask"].key])
+             for inv in graph.invokes]
+    width = max(width or 0, *(ids.shape[1] for ids, _ in parts))
+    all_ids, all_mask, rows, start = [], [], [], 0
+    for ids, mask in parts:
+        pad = width - ids.shape[1]
+        all_ids.append(torch.nn.functional.pad(ids, (pad, 0), value=pad_id))
+        all_mask.append(torch.nn.functional.pad(mask, (pad, 0), value=0))
+        rows.append((start, start + ids.shape[0]))
+        start += ids.shape[0]
+    return torch.cat(all_ids), torch.cat(all_mask), rows
+
+
+def batch_prompts_width(graph: Graph) -> int:
+    return max(graph.tensors[inv.kwargs["input_ids"].key].shape[1] for inv in graph.invokes)
+
+
+# One sequence per prompt, sampled or greedy: what the step semantics (docs/reference.md) cover.
+# Beam search and several sequences per prompt change the batch under the graph's rows.
+GENERATE_OPTIONS = frozenset(
+    "do_sample temperature top_k top_p min_p typical_p repetition_penalty no_repeat_ngram_size "
+    "min_new_tokens eos_token_id suppress_tokens bad_words_ids".split()
+)
+
+
+def check_generate_kwargs(kwargs: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(kwargs) - GENERATE_OPTIONS)
+    if unknown:
+        raise TraceError(f"generate option(s) {', '.join(unknown)} are not supported; use "
+                         f"{', '.join(sorted(GENERATE_OPTIONS))}", where)
