@@ -41,8 +41,9 @@ def run_session(replica: LoadedModel, requests: list[dict[str, Any]], converse: 
                 send: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Admit `requests`, then step the batch and talk to the parent until the session ends.
     `send`: where a job that asks for its steps sends its step lines (server/steps.py)."""
+    from .fault_hooks import crash_or_hang
     from .steps import step_sender
-    from .worker import _error, _limits, _test_hooks
+    from .worker import _error, _limits
 
     steps: list[list[float]] = []
     batch = decode_batch(replica.lm, observe=lambda kind, rows, jobs, s: steps.append([rows, round(s, 6)]))
@@ -50,7 +51,7 @@ def run_session(replica: LoadedModel, requests: list[dict[str, Any]], converse: 
     answers: list[dict[str, Any]] = []
 
     def admit(new: list[dict[str, Any]]) -> None:
-        _test_hooks(new)  # tests only: a job named to crash or hang the worker does so here too
+        crash_or_hang(new)  # tests only: a job named to crash or hang the worker does so here too
         others = []
         for request in new:
             job = request.get("job")

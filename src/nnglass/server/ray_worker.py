@@ -39,8 +39,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from ..errors import NNglassError
 from .config import ModelConfig, ServerConfig
+from .fault_hooks import TEST_CRASH, TEST_HANG
 from .handle import error_answer
-from .worker import TEST_CRASH, TEST_HANG
 
 __all__ = ["RayWorker", "connect", "ray_worker"]
 

@@ -40,13 +40,7 @@ Invariants:
   (tmp + os.replace) or not at all; one over `result_bytes` is refused, not written.
 - A graph runs under `torch.no_grad()` unless it (or a session child) holds a backward
   node; the runtime never changes weights or leaves `.grad` (debug_checksums checks it).
-- Test hooks (environment variables, read by the child only): a job named by
-  NNGLASS_WORKER_TEST_HANG sleeps, and one named by NNGLASS_WORKER_TEST_CRASH makes the
-  child exit at once; alone or in a shared batch, before any hook runs. Each names a job
-  id, or the absolute path of a file of job ids, read at each request (so a server test
-  can name a job once the server has given it its id). While the file named by
-  NNGLASS_WORKER_TEST_GATE exists, each generation step waits after its step line, so a
-  test can see a job stream while it is still RUNNING.
+- Test hooks (hang, crash, step gate) are in server/fault_hooks.py.
 """
 
 from __future__ import annotations
@@ -77,6 +71,10 @@ from ..graph.results import encode_results
 from ..models.batched_generate import generation_key
 from ..runtime.limits import RunLimits
 from .exposure import lookup_sites, operation_sites
+from .fault_hooks import TEST_CRASH as TEST_CRASH
+from .fault_hooks import TEST_GATE as TEST_GATE
+from .fault_hooks import TEST_HANG as TEST_HANG
+from .fault_hooks import crash_or_hang, gated_sender
 from .generation import run_session
 from .handle import GRACE_SECONDS as GRACE_SECONDS
 from .handle import WorkerHandle as WorkerHandle
@@ -86,10 +84,6 @@ from .steps import step_sender
 
 logger = logging.getLogger(__name__)
 Send = Callable[[dict[str, Any]], None]  # a protocol line to the server, while a job runs
-
-TEST_HANG = "NNGLASS_WORKER_TEST_HANG"  # tests only: the job with this id sleeps, outside any hook
-TEST_CRASH = "NNGLASS_WORKER_TEST_CRASH"  # tests only: the job with this id makes the worker exit
-TEST_GATE = "NNGLASS_WORKER_TEST_GATE"  # tests only: while this file exists, each step waits
 
 
 # --- child ----------------------------------------------------------------------------
@@ -338,7 +332,7 @@ def main() -> int:
             continue
         if type(request.get("stream")) is list:  # a generation session (server/generation.py)
             run_session(replica, request["stream"], lambda message: _converse(out, message),
-                        _gated(functools.partial(_send, out)))
+                        gated_sender(functools.partial(_send, out)))
             continue
         _send(out, answer(replica, request, send=functools.partial(_send, out)))
     return 0
@@ -373,43 +367,10 @@ def answer(replica: LoadedModel, request: dict[str, Any], send: Send | None = No
     replica (this child's stdin loop, a Ray actor) answers through this one function;
     `send`, where the host has one, carries a generating job's step lines meanwhile."""
     batch = request.get("batch")
-    _test_hooks(batch if type(batch) is list else [request])
+    crash_or_hang(batch if type(batch) is list else [request])
     if type(batch) is list:
         return replica.batch(batch)
-    return replica.job(request, _gated(send))
-
-
-def _test_hooks(requests: list[Any]) -> None:
-    """Tests only: stand in for a job that kills the worker without reaching a hook."""
-    jobs = {str(r.get("job")) for r in requests if type(r) is dict}
-    if jobs & _test_ids(TEST_CRASH):
-        os._exit(70)
-    if jobs & _test_ids(TEST_HANG):
-        time.sleep(3600)
-
-
-def _gated(send: Send | None) -> Send | None:
-    """Tests only: with NNGLASS_WORKER_TEST_GATE set, each step line waits for its file to go."""
-    gate = os.environ.get(TEST_GATE, "")
-    if send is None or not os.path.isabs(gate):
-        return send
-
-    def gated(message: dict[str, Any]) -> None:
-        send(message)
-        while os.path.exists(gate):
-            time.sleep(0.01)
-
-    return gated
-
-
-def _test_ids(var: str) -> set[str]:
-    value = os.environ.get(var, "")
-    if not os.path.isabs(value):  # a job id never holds a "/"
-        return {value} if value else set()
-    try:
-        return set(Path(value).read_text().split())
-    except OSError:
-        return set()
+    return replica.job(request, gated_sender(send))
 
 
 if __name__ == "__main__":
