@@ -47,7 +47,8 @@ from .jobs import JobStatus
 from .results import LocalFiles, why_not_stored
 
 if TYPE_CHECKING:
-    from .service import ModelState, Service
+    from .model_state import ModelState
+    from .service import Service
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,7 @@ import functools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,13 +40,13 @@ from ..graph.check import Limits as WireLimits
 from ..graph.ir import SESSION
 from ..models.prompts import check_prompts
 from . import clock
-from .batching import GENERATION, PassStats, cost_of, prompt_tokens, share_of
-from .config import ModelConfig, ServerConfig
+from .batching import GENERATION, cost_of, prompt_tokens, share_of
+from .config import ServerConfig
 from .engines import WorkerFactory, configured_worker
-from .exposure import describe
 from .jobs import Job, JobStatus
+from .model_state import ModelState
 from .policy import check_policy
-from .replica import Replica, Worker
+from .replica import Replica
 from .results import why_not_stored
 from .steps import StepLog
 from .stores import open_stores
@@ -56,24 +54,6 @@ from .stores import open_stores
 log = logging.getLogger(__name__)
 _RETRY_S = 0.5  # how often a background thread tries a locked database again
 _TICK_S = 2.0  # how often the queue's lease is renewed and orphaned jobs are looked for
-
-
-@dataclass
-class ModelState:
-    config: ModelConfig
-    paths: set[str] = field(default_factory=set)
-    lookups: frozenset[tuple[str, str]] | None = None  # sites that are lookups of weights (None: unknown)
-    state: str = "loading"  # loading | ready | failed
-    error: str = ""
-    running: dict[str, Worker] = field(default_factory=dict)  # job id -> the worker running it
-    sharing: set[str] = field(default_factory=set)  # running jobs in a pass with others
-    dropping: set[str] = field(default_factory=set)  # cancelled in a generation session: leaves at a step
-    checksums: set[str] = field(default_factory=set)  # debug: weights after each job and at start
-    grad_seen: bool = False  # debug: a parameter had a .grad after a job (must never happen)
-    workers: list[Worker] = field(default_factory=list)  # one per replica
-    last_pass: int = 0  # jobs in the last request a replica ran (1: alone, more: one shared pass)
-    ended: deque[tuple[float, int]] = field(default_factory=deque)  # (when, prompt tokens): last minute
-    passes: PassStats = field(default_factory=PassStats)  # jobs and tokens per pass, times, queue waits
 
 
 class Service:
@@ -163,7 +143,7 @@ class Service:
             raise UnavailableError(f"model {graph.model!r} is still loading; try again in a few seconds")
         for trace in graph.children if graph.mode == SESSION else [graph]:
             check_prompts(trace)  # the layout every later check and the worker rely on (422)
-        check_policy(graph, policy, state.paths or _paths_of(state), state.lookups)
+        check_policy(graph, policy, state.paths or state.paths_from_config(), state.lookups)
         with self.scheduler.hold(key_id):  # the quota check and the queueing are one step per key
             if self.scheduler.queued_by(key_id) >= self.config.max_queued_per_key:
                 raise QuotaError(f"this key already has {self.config.max_queued_per_key} jobs waiting; "
@@ -275,34 +255,8 @@ class Service:
         return out
 
     def models_info(self) -> list[dict[str, Any]]:
-        out = []
-        for name, s in self.models.items():
-            info = {"name": name, "state": s.state, "error": s.error or None, "source": s.config.source,
-                    "replicas": s.config.replicas, "queue_depth": self.scheduler.depth(name),
-                    "running": len(s.running), "policy": s.config.policy.summary(),
-                    "exposure": describe(s.config.policy, s.lookups)}
-            info.update(self._activity(s))
-            if self.config.debug_checksums:  # one checksum seen across all jobs: weights never changed
-                info["weight_checksums"] = sorted(s.checksums)
-                info["grad_seen"] = s.grad_seen
-            out.append(info)
-        return out
-
-    def _activity(self, s: ModelState) -> dict[str, Any]:
-        """What the replicas do, from what this process saw (no estimates)."""
-        with self._lock:
-            while s.ended and s.ended[0][0] < clock.now() - 60:
-                s.ended.popleft()
-            ended, tokens = len(s.ended), sum(n for _, n in s.ended)
-        return {
-            "replicas_alive": sum(w.alive for w in s.workers),
-            "replicas_busy": len({id(w) for w in list(s.running.values())}),
-            "last_pass_jobs": s.last_pass,
-            "jobs_last_minute": ended,
-            "prompt_tokens_per_s": round(tokens / 60, 2),  # of the jobs that ended in the last minute
-            "batching": {"share_jobs": s.config.share_jobs, "share_tokens": s.config.share_tokens,
-                         "share_wait_s": s.config.share_wait_s, **s.passes.summary()},
-        }
+        return [s.info(self.scheduler.depth(name), self.config.debug_checksums)
+                for name, s in self.models.items()]
 
     def pass_tokens(self, job_ids: list[str]) -> int:
         """Padded tokens of a pass of these jobs: all rows times the widest width."""
@@ -321,7 +275,7 @@ class Service:
             self._padded.pop(job_id, None)
             self._generating.discard(job_id)
             tokens = self._prompt_tokens.pop(job_id, 0)  # 0: queued before a restart
-            state.ended.append((clock.now(), tokens))
+            state.ended_one(tokens)
             self.counters["prompt_tokens_total"] = self.counters.get("prompt_tokens_total", 0) + tokens
 
     def finish(self, job_id: str, status: JobStatus, *, retry: bool = True, **fields: Any) -> None:
@@ -391,23 +345,9 @@ class Service:
     def metrics(self) -> str:
         lines = [f"nnglass_{name} {value}" for name, value in sorted(self.counters.items())]
         for name, s in self.models.items():
-            lines.append(f'nnglass_queue_depth{{model="{name}"}} {self.scheduler.depth(name)}')
-            lines.append(f'nnglass_running_jobs{{model="{name}"}} {len(s.running)}')
-            lines.append(f'nnglass_model_ready{{model="{name}"}} {int(s.state == "ready")}')
-            lines.extend(s.passes.lines(name))
+            lines.extend(s.metric_lines(self.scheduler.depth(name)))
         return "\n".join(lines) + "\n"
 
     def _wire_limits(self) -> WireLimits:
         return WireLimits(max_json_bytes=self.config.max_request_bytes,
                           max_tensor_bytes=self.config.max_request_bytes)
-
-
-def _paths_of(state: ModelState) -> set[str]:
-    """Module paths before a worker is ready: the model's tree on the meta device."""
-    from ..models import loading
-
-    source = loading.resolve_model_source(state.config.source)
-    config, _ = loading.load_config_and_tokenizer(source)
-    state.paths = {p for p, _ in loading.meta_model(config).named_modules()}
-    return state.paths
-
