@@ -28,8 +28,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
+from .._function_modes import StackedMode
 from ..errors import PolicyError
 from ..graph.source import BY_FUNCTION, source_path
 from .values import tensor_leaves, unwrap
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .interpreter import Interpreter
 
 
-class SourceMode(TorchFunctionMode):
+class SourceMode(StackedMode):
     """One call of one module: counts table operations, fires the sites the graph names."""
 
     def __init__(self, interp: Interpreter, module: torch.nn.Module, path: str,
@@ -87,21 +87,6 @@ class SourceMode(TorchFunctionMode):
         for t in tensor_leaves(value):
             if _storage(t) in self.weights:
                 raise PolicyError(f"`{path}` holds a weight of the model here, and the weights are hidden")
-
-    # --- on and off the stack -----------------------------------------------------------
-    def push(self) -> None:
-        torch._C._push_on_torch_function_stack(self)
-
-    def pop(self) -> None:
-        """Off the stack (others pushed meanwhile stay, in order)."""
-        n = torch._C._len_torch_function_stack()
-        if n and torch._C._get_function_stack_at(n - 1) is self:
-            torch._C._pop_torch_function_stack()
-            return
-        stack = [torch._C._pop_torch_function_stack() for _ in range(n)]
-        for m in reversed(stack):
-            if m is not self:
-                torch._C._push_on_torch_function_stack(m)
 
 
 def weight_storages(model: torch.nn.Module) -> frozenset[int]:

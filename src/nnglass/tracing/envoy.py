@@ -209,26 +209,26 @@ class Aliases:
         return None
 
 
-class SiteCall:
-    """`.output`, `.input`, `.inputs` of one call of one module."""
+class CallSites:
+    """`.output`, `.input`, `.inputs` of one call at one site path: read as proxies, set as
+    edits. `SiteCall` (a module's call) and `source.Operation` (an operation inside one)
+    say which path and call."""
 
-    __slots__ = ("call_index", "envoy")
+    __slots__ = ()
 
-    def __init__(self, envoy: Envoy, call_index: int) -> None:
-        object.__setattr__(self, "envoy", envoy)
-        object.__setattr__(self, "call_index", call_index)
+    def _site(self) -> tuple[str, int]:  # (site path, call index)
+        raise NotImplementedError
+
+    def _label(self) -> str:  # how messages name this call, before `.output` ("": a module's)
+        raise NotImplementedError
 
     def _get(self, kind: str) -> Proxy:
-        tracer = current_tracer(f"`.{kind}`")
-        return tracer.record_site(GET, self.envoy._path, kind, self.call_index)
-
-    def _set(self, kind: str, value: Any) -> None:
-        tracer = current_tracer(f"setting `.{kind}`")
-        tracer.record_site(SET, self.envoy._path, kind, self.call_index, value)
+        path, call = self._site()
+        return current_tracer(f"`{self._label()}.{kind}`").record_site(GET, path, kind, call)
 
     @property
     def output(self) -> Proxy:
-        """Exactly what the module's forward returned (a tuple stays a tuple)."""
+        """Exactly what the call returned (a tuple stays a tuple)."""
         return self._get("output")
 
     @property
@@ -238,13 +238,32 @@ class SiteCall:
 
     @property
     def inputs(self) -> tuple[Proxy, Proxy]:
-        """(args, kwargs) the module was called with."""
+        """(args, kwargs) of the call."""
         both = self._get("inputs")
         return both[0], both[1]
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in ("output", "input", "inputs"):
-            raise TraceError(f"cannot set {name!r} on a module call", user_where())
+            on = f"`{self._label()}`" if self._label() else "a module call"
+            raise TraceError(f"cannot set {name!r} on {on}; set `.output`, `.input` or `.inputs`",
+                             user_where())
         if name == "inputs" and not (isinstance(value, tuple) and len(value) == 2):
             raise TraceError("`.inputs` must be set to an (args, kwargs) pair", user_where())
-        self._set(name, value)
+        path, call = self._site()
+        current_tracer(f"setting `{self._label()}.{name}`").record_site(SET, path, name, call, value)
+
+
+class SiteCall(CallSites):
+    """One call of one module."""
+
+    __slots__ = ("call_index", "envoy")
+
+    def __init__(self, envoy: Envoy, call_index: int) -> None:
+        object.__setattr__(self, "envoy", envoy)
+        object.__setattr__(self, "call_index", call_index)
+
+    def _site(self) -> tuple[str, int]:
+        return self.envoy._path, self.call_index
+
+    def _label(self) -> str:
+        return ""

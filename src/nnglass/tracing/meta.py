@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from torch.overrides import TorchFunctionMode
 
+from .._function_modes import StackedMode
 from ..errors import TraceError
 from ..graph.ir import (
     ALL_STEPS,
@@ -240,23 +240,9 @@ def _first_unknown(x: Any) -> Unknown | None:
     return find(x, Unknown)
 
 
-class Recording(TorchFunctionMode):
+class Recording(StackedMode):
     """Active while a trace records: torch calls with a proxy among their arguments are
     recorded; others run as usual."""
-
-    def push(self) -> None:
-        torch._C._push_on_torch_function_stack(self)
-
-    def pop(self) -> None:
-        """Take this mode off the stack (others the user pushed meanwhile stay, in order)."""
-        n = torch._C._len_torch_function_stack()
-        if n and torch._C._get_function_stack_at(n - 1) is self:
-            torch._C._pop_torch_function_stack()
-            return
-        stack = [torch._C._pop_torch_function_stack() for _ in range(n)]
-        for m in reversed(stack):
-            if m is not self:
-                torch._C._push_on_torch_function_stack(m)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         from .proxy import Proxy, has_proxy

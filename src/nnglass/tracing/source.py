@@ -12,18 +12,17 @@ the user's line; so is one the model's forward never makes, where the model can 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import TraceError
-from ..graph.ir import GET, SET
 from ..graph.source import SOURCE_OPS, known_ops, parse_name, source_path
-from .tracer import _CURRENT, current_tracer, user_where
+from .envoy import CallSites
+from .tracer import _CURRENT, user_where
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .envoy import Envoy
-    from .proxy import Proxy
 
 
 class Source:
@@ -87,7 +86,7 @@ class Source:
         return "\n".join(lines)
 
 
-class Operation:
+class Operation(CallSites):
     """One operation of a module's forward: `.output`, `.input`, `.inputs`, as on a module."""
 
     __slots__ = ("_call", "_envoy", "_name")
@@ -101,39 +100,17 @@ class Operation:
     def _path(self) -> str:
         return source_path(self._envoy._path, self._name)
 
+    def _site(self) -> tuple[str, int]:
+        return self._path, self._call
+
+    def _label(self) -> str:
+        return f".source.{self._name}"
+
     def call(self, i: int) -> Operation:
         """This operation in the module's i-th call (0-based) of the current step."""
         if not isinstance(i, int) or isinstance(i, bool) or i < 0:
             raise TraceError(f"call index must be an int >= 0, got {i!r}", user_where())
         return Operation(self._envoy, self._name, i)
-
-    def _get(self, kind: str) -> Proxy:
-        return current_tracer(f"`.source.{self._name}.{kind}`").record_site(GET, self._path, kind, self._call)
-
-    @property
-    def output(self) -> Proxy:
-        """What the call returned."""
-        return self._get("output")
-
-    @property
-    def input(self) -> Proxy:
-        """The call's first positional argument."""
-        return self._get("input")
-
-    @property
-    def inputs(self) -> tuple[Proxy, Proxy]:
-        """(args, kwargs) of the call."""
-        both = self._get("inputs")
-        return both[0], both[1]
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name not in ("output", "input", "inputs"):
-            raise TraceError(f"cannot set {name!r} on `.source.{self._name}`; set `.output`, `.input` "
-                             "or `.inputs`", user_where())
-        if name == "inputs" and not (isinstance(value, tuple) and len(value) == 2):
-            raise TraceError("`.inputs` must be set to an (args, kwargs) pair", user_where())
-        tracer = current_tracer(f"setting `.source.{self._name}.{name}`")
-        tracer.record_site(SET, self._path, name, self._call, value)
 
     def __repr__(self) -> str:
         return f"<operation {self._path}>"
