@@ -311,6 +311,41 @@ def test_refusals_name_the_status_and_what_to_do(net: nn.Module, code: int, cls:
         assert word in str(info.value)
 
 
+def test_a_busy_server_is_asked_again_after_its_retry_after(net: nn.Module) -> None:
+    """503 + Retry-After (the database busy or away; nothing kept): the client waits as told
+    and sends the same request again, and the run's values are the local run's."""
+    server = FakeServer(net)
+    server.refuse["POST /v1/jobs"] = (503, {"message": "database busy"}, {"Retry-After": "1"})
+    refused = server.__call__
+
+    def once_busy(request: httpx.Request) -> httpx.Response:
+        answer = refused(request)
+        server.refuse.clear()  # busy once, then well again
+        return answer
+
+    rb = RemoteBackend(HOST, api_key=KEY, progress=False, transport=httpx.MockTransport(once_busy),
+                       poll=(0.001, 0.01))
+    x = torch.randn(2, 4)
+    model = remote_model(net, rb)
+    with model.trace(x, remote=True):
+        out = model.output.save()
+    assert [r for r in server.log if r == ("POST", "/v1/jobs")] == [("POST", "/v1/jobs")] * 2
+    assert torch.equal(out.value, local_reference(net, x)[1])
+
+
+def test_a_server_busy_past_the_clients_patience_is_a_remote_error(net: nn.Module) -> None:
+    server = FakeServer(net)
+    server.refuse["POST /v1/jobs"] = (503, {"message": "database busy"}, {"Retry-After": "1"})
+    rb = backend(server)
+    rb.patience = 0.5  # less than one wait: refused at once, asked never again
+    model = remote_model(net, rb)
+    with pytest.raises(errors.RemoteError, match="503") as info:
+        with model.trace(torch.randn(1, 4), remote=True):
+            model.output.save()
+    assert "database busy" in str(info.value)
+    assert server.log.count(("POST", "/v1/jobs")) == 1
+
+
 @pytest.mark.parametrize("key", ["wrong", ""])
 def test_a_bad_or_missing_key_says_to_set_nnglass_api_key(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
     monkeypatch.delenv("NNGLASS_API_KEY", raising=False)

@@ -10,6 +10,9 @@ Invariants:
   name in a fixed table; unknown names become RemoteError), its message and the user's
   file:line that the graph carried. HTTP refusals and an unreachable host become
   RemoteError (VersionError for a wire-version mismatch) saying what to do.
+- A 503 with Retry-After (the server's database busy or away: it kept nothing of the
+  request) is asked again after that many seconds, for up to `patience` seconds; then it
+  is a RemoteError like any refusal.
 - A job is followed through its event stream, or, once the stream breaks, by polling with
   backoff. Its result is downloaded at most once; done-callbacks run once, in order.
 """
@@ -112,10 +115,17 @@ class RemoteBackend:
         return Job(self, job_id, {"id": job_id, "status": "RECEIVED"})
 
     def request(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self.client.request(method, path, **kwargs)
-        except httpx.TransportError as e:
-            raise self.unreachable(e) from None
+        start = time.monotonic()
+        while True:
+            try:
+                response = self.client.request(method, path, **kwargs)
+            except httpx.TransportError as e:
+                raise self.unreachable(e) from None
+            wait = _retry_after(response)
+            if wait is None or time.monotonic() - start + wait > self.patience:
+                break
+            log.info("%s answered 503 for %s; asking again in %g s", self.host, what, wait)
+            time.sleep(wait)
         self.check(response, what)
         return response
 
@@ -158,6 +168,17 @@ class RemoteBackend:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds a 503 asks the client to wait before asking again (None: not such an answer)."""
+    if response.status_code != 503:
+        return None
+    try:
+        seconds = float(response.headers.get("Retry-After", ""))
+    except ValueError:  # absent, or an HTTP date: not the server's "busy, ask again"
+        return None
+    return seconds if 0 <= seconds <= 3600 else None
 
 
 class Job:
