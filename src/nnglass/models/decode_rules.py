@@ -11,14 +11,19 @@ Invariants:
   under the job's options; nothing here re-implements a processor.
 - Sampling draws from the job's generator only, one `multinomial` over its rows a step:
   the draws `generate` makes from the process RNG seeded with the same seed.
+- Jobs whose rules act alike this step pick together (`group`, `choose_many`:
+  models/decode_groups.py), each row getting what `choose` gives it alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .decode_groups import choose_group, group_key
 
 
 @dataclass
@@ -43,6 +48,16 @@ class DecodeRules:
             tokens = tokens * unfinished + self.pad * (1 - unfinished)
         ids = torch.cat([ids, tokens[:, None]], dim=-1)
         return ids, unfinished & ~self.stopping(ids, None)
+
+    def group(self, ids: torch.Tensor) -> Hashable | None:
+        """Jobs with equal keys may pick this step's tokens in one `choose_many` (None:
+        this job picks alone): models/decode_groups.py."""
+        return group_key(self, ids)
+
+    def choose_many(self, members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Generator]],
+                    logits: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`choose` for each (ids, unfinished, generator) of a group, their rows stacked in `logits`."""
+        return choose_group(self, members, logits)
 
 
 def decode_rules(model: Any, ids: torch.Tensor, options: dict[str, Any]) -> DecodeRules:

@@ -59,7 +59,8 @@ class GenerateJob:
     ids: torch.Tensor  # [rows, width]: its prompts, left-padded as when it runs alone
     mask: torch.Tensor
     invokes: list[tuple[int, int]]  # each invoke's rows within the job
-    rules: Any  # .choose(ids, logits, unfinished, generator) -> (ids, unfinished)
+    rules: Any  # .choose(ids, logits, unfinished, generator) -> (ids, unfinished); .group(ids) ->
+    # a key (jobs with equal keys pick in one .choose_many([(ids, unfinished, generator)], logits))
     seed: int | None
     config: RunConfig
     on_step: StepListener | None = None  # told each step's tokens and saves (runtime/steps.py)
@@ -256,27 +257,52 @@ class DecodeBatch:
 
     def _choose(self, members: list[_Running], ok: list[_Running], logits: torch.Tensor,
                 done: list[Finished]) -> list[_Running]:
-        """Each job's next tokens; the jobs that go on (the others are in `done`)."""
-        going, offset = [], 0
+        """Each job's next tokens; the jobs that go on (the others are in `done`). Jobs whose
+        rules act alike this step pick in one call (`rules.group`), the others alone."""
+        groups: dict[Any, list[tuple[_Running, int]]] = {}
+        offset, alive = 0, set(map(id, ok))
         for r in members:
-            part = logits[offset:offset + r.rows]
+            if id(r) in alive:
+                r.forwards += 1
+                try:
+                    key = r.job.rules.group(r.ids)
+                except Exception:  # its own `choose` says what is wrong, alone
+                    key = None
+                groups.setdefault(("alone", id(r)) if key is None else key, []).append((r, offset))
             offset += r.rows
-            if r not in ok:
-                continue
-            r.forwards += 1
-            try:
-                r.ids, r.unfinished = r.job.rules.choose(r.ids, part, r.unfinished, r.generator)
-                if r.streamer is not None:
-                    r.streamer.put(r.ids[:, -1:])
-            except Exception as e:
-                done.append(_failed(r.job.key, e))
-                r.interp.close()
-                continue
-            if bool(r.unfinished.any()):
-                going.append(r)
-            else:
-                done.append(_finish(r))
-        return going
+        going: list[_Running] = []
+        for group in groups.values():
+            picked = self._pick_together(group, logits) if len(group) > 1 else None
+            for n, (r, at) in enumerate(group):
+                try:
+                    if picked is None:
+                        r.ids, r.unfinished = r.job.rules.choose(r.ids, logits[at:at + r.rows], r.unfinished,
+                                                                 r.generator)
+                    else:
+                        r.ids, r.unfinished = picked[n]
+                    if r.streamer is not None:
+                        r.streamer.put(r.ids[:, -1:])
+                except Exception as e:
+                    done.append(_failed(r.job.key, e))
+                    r.interp.close()
+                    continue
+                if bool(r.unfinished.any()):
+                    going.append(r)
+                else:
+                    done.append(_finish(r))
+        order = {id(r): i for i, r in enumerate(members)}
+        return sorted(going, key=lambda r: order[id(r)])  # the rows stay in cache order
+
+    @staticmethod
+    def _pick_together(group: list[tuple[_Running, int]], logits: torch.Tensor) -> list[Any] | None:
+        """One `choose_many` over the group's rows; None when it fails (each then picks alone,
+        so only a job whose own pick fails ends with an error)."""
+        rows = torch.cat([torch.arange(at, at + r.rows) for r, at in group]).to(logits.device)
+        try:
+            return group[0][0].job.rules.choose_many(
+                [(r.ids, r.unfinished, r.generator) for r, _ in group], logits.index_select(0, rows))
+        except Exception:
+            return None
 
     # --- the cache ---------------------------------------------------------------------
     def _join(self, new: list[_Running], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:

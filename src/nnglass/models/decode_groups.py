@@ -1,0 +1,114 @@
+"""Several generate jobs pick their next tokens in one call: the step's token pick of a
+continuous batch (runtime/decode_batch.py) done once per group of jobs with the same
+rules, instead of once per job (per job, a pick is a dozen small tensor operations, which
+at 32 jobs cost a fifth of a decode step and far more on a busy machine).
+
+A group is the jobs whose `group_key` is equal this step. Each job keeps its own ids, its
+own unfinished rows and its own `torch.Generator`; the group shares only the calls of
+transformers' own processors and stopping criteria (models/decode_rules.py builds them).
+
+Invariants:
+- Only processors and criteria whose effect on a row depends on nothing but that row's
+  scores, its last token, or the length of the ids join a group (a whitelist, below);
+  their parameters are part of the key, and for a length-dependent one so is what the
+  length decides now (is the minimum reached, is the maximum). A job with anything else
+  (a repetition penalty reads its ids, stop strings read its text, a custom processor)
+  has no key and picks alone, by `DecodeRules.choose`.
+- Called on the group's rows, the processors see the ids of the key's first job (its
+  length; its content is read by none of them), so every row gets what its own job's
+  call gives it: the same scores, the same argmax; a sampling job draws from its own
+  generator over its own rows, one `multinomial` a step, as alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .decode_rules import DecodeRules
+
+# Processors whose output row is a function of that row's scores alone (and their fields).
+_SCORES_ONLY = frozenset({"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
+                          "MinPLogitsWarper"})
+
+
+def _frozen(x: Any) -> Hashable:
+    if isinstance(x, torch.Tensor):
+        return ("tensor", x.dtype, tuple(x.reshape(-1).tolist()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_frozen(v) for v in x)
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    raise TypeError(type(x).__name__)
+
+
+def _processor_key(p: Any, length: int) -> Hashable | None:
+    name = type(p).__name__
+    if name == "MinNewTokensLengthLogitsProcessor":
+        return (name, _frozen(p.eos_token_id), length - p.prompt_length_to_skip < p.min_new_tokens)
+    if name == "MinLengthLogitsProcessor":
+        return (name, _frozen(p.eos_token_id), length < p.min_length)
+    if name in _SCORES_ONLY:
+        try:
+            return (name, tuple(sorted((k, _frozen(v)) for k, v in vars(p).items())))
+        except TypeError:
+            return None
+    return None
+
+
+def _criterion_key(c: Any, length: int) -> Hashable | None:
+    name = type(c).__name__
+    if name == "MaxLengthCriteria":  # checked on the ids with the new token
+        return (name, length + 1 >= c.max_length)
+    if name == "EosTokenCriteria":  # reads the new token only
+        return (name, _frozen(c.eos_token_id))
+    return None
+
+
+def group_key(rules: DecodeRules, ids: torch.Tensor) -> Hashable | None:
+    """Jobs whose keys are equal (not None) can pick this step's tokens in one call."""
+    if type(rules.processors).__name__ != "LogitsProcessorList":
+        return None
+    if type(rules.stopping).__name__ != "StoppingCriteriaList":
+        return None
+    length = ids.shape[1]
+    parts: list[Hashable] = [rules.do_sample, rules.eos_stops, _frozen(rules.pad), ids.device.type]
+    for p in rules.processors:
+        key = _processor_key(p, length)
+        if key is None:
+            return None
+        parts.append(key)
+    parts.append("stopping")
+    for c in rules.stopping:
+        key = _criterion_key(c, length)
+        if key is None:
+            return None
+        parts.append(key)
+    return tuple(parts)
+
+
+def choose_group(rules: DecodeRules, members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Generator]],
+                 logits: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each member's (ids, unfinished) after this step, as `rules.choose` gives it alone.
+    `rules`: the first member's; `members`: (ids, unfinished, generator) per job, in the
+    order of their rows in `logits` ([sum of rows, vocab], the last position's)."""
+    first = members[0][0]
+    stand_in = first[:1].expand(logits.shape[0], first.shape[1])  # the length the key fixed
+    scores = rules.processors(stand_in, logits.to(copy=True, dtype=torch.float32))
+    sizes = [ids.shape[0] for ids, _, _ in members]
+    if rules.do_sample:
+        probs = torch.nn.functional.softmax(scores, dim=-1)
+        tokens = torch.cat([torch.multinomial(p, num_samples=1, generator=g).squeeze(1)
+                            for p, (_, _, g) in zip(probs.split(sizes), members)])
+    else:
+        tokens = torch.argmax(scores, dim=-1)
+    unfinished = torch.cat([u for _, u, _ in members])
+    if rules.eos_stops and rules.pad is not None:
+        tokens = tokens * unfinished + rules.pad * (1 - unfinished)
+    after = torch.cat([stand_in, tokens[:, None]], dim=-1)
+    going = unfinished & ~rules.stopping(after, None)
+    return [(torch.cat([ids, t[:, None]], dim=-1), u)
+            for (ids, _, _), t, u in zip(members, tokens.split(sizes), going.split(sizes))]
