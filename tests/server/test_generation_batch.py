@@ -37,9 +37,9 @@ def _generate(lm: LanguageModel, prompt: str, n: int, scale: float, remote: bool
 @pytest.fixture(scope="module")
 def server(start_server: Any, tiny_config: Any) -> Iterator[Any]:
     # A pass waits up to 0.5 s for each next job to arrive: jobs sent one after the other
-    # are taken together.
+    # are taken together. A batch holds at most 4 jobs.
     server = start_server("generation-batch", tiny_config().replace(
-        "[models.policy.limits]", "share_wait_s = 0.5\n[models.policy.limits]"))
+        "[models.policy.limits]", "share_wait_s = 0.5\nshare_jobs = 4\n[models.policy.limits]"))
     yield server
     server.stop()
 
@@ -136,6 +136,40 @@ def test_jobs_join_a_running_generation_and_leave_alone(server: Any, key: str, l
         local_small = lm.output.logits.save()
     torch.testing.assert_close(small_logits.value, local_small.value, atol=1e-4, rtol=1e-4)
     assert _stats(server, key)["generation_steps"] >= before + 64
+
+
+def test_a_trace_runs_between_the_steps_of_a_full_batch(server: Any, key: str, lm: LanguageModel) -> None:
+    """Four long generations fill the batch; a fifth generate job waits for a place, but a
+    small trace sent after it (by another key) runs between two steps, long before the
+    generations end, with the result it gets alone."""
+    slow = torch.ones(384, 384)
+
+    def long_one(prompt: str, steps: int) -> Any:
+        with lm.generate(prompt, max_new_tokens=48, min_new_tokens=48, remote=True, blocking=False) as t:
+            with t.all():
+                x = lm.model.layers[0].output.sum() * 0 + slow
+                for _ in range(steps):  # a slow step
+                    x = x @ slow / 384
+                lm.model.layers[0].output[:] += x.mean() * 1e-3
+            t.result.save()
+        return t
+
+    longs = [long_one(f"long {i}", 8 if i == 0 else 0) for i in range(4)]
+    for t in longs:
+        _until(t.job, "RUNNING")
+    waiting = long_one("the fifth", 0)
+    nnglass.configure(api_key=server.keys.create("another key")[1])
+    with lm.trace("a small trace", remote=True, blocking=False) as small:
+        small_logits = lm.output.logits.save()
+    small.job.wait(timeout=60)
+    for t in [*longs, waiting]:
+        t.job.wait(timeout=120)
+    ended = min(t.job.info["finished_at"] for t in longs)
+    assert small.job.info["finished_at"] < ended  # it did not wait for a place in the batch
+    assert waiting.job.info["started_at"] >= ended  # the full batch took no generate job
+    with lm.trace("a small trace"):
+        local = lm.output.logits.save()
+    torch.testing.assert_close(small_logits.value, local.value, atol=1e-4, rtol=1e-4)
 
 
 def test_a_worker_of_whole_requests_serves_a_session_group_by_group() -> None:

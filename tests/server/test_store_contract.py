@@ -270,6 +270,17 @@ def test_a_released_job_is_queued_again_for_anyone(queue: Any) -> None:
     assert queue.depth("m") == 1 and queue.next("m", timeout=1) == job.id
 
 
+def test_a_skipped_share_key_waits_while_other_keys_are_served(queue: Any) -> None:
+    """`next(skip=prefix)` (a full generation batch): keys whose next job's share key
+    starts with it wait, the others are served as ever; within a key, order holds."""
+    queue.submit("m", "a", "g1", share=Share("generate\nm", 1, 4))
+    queue.submit("m", "a", "t1", share=Share("trace", 1, 4))  # behind a's generation
+    queue.submit("m", "b", "t2", share=Share("trace", 1, 4))
+    queue.submit("m", "c", "t3")
+    assert [queue.next("m", timeout=0.2, skip="generate\n") for _ in range(3)] == ["t2", "t3", None]
+    assert [queue.next("m", timeout=1) for _ in range(2)] == ["g1", "t1"]
+
+
 def test_queue_shares_only_matching_jobs(queue: Any) -> None:
     for i, key in enumerate(["x", "y", "x", "x", None]):
         queue.submit("m", f"k{i % 2}", f"j{i}", share=None if key is None else Share(key, 1, 4))

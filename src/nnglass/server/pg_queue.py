@@ -24,6 +24,8 @@ Invariants:
   advisory lock). A frontend that stops cleanly gives up its lease at once.
 - A frontend whose own lease lapsed (a database outage longer than `LEASE_S`) may see
   a job it still runs run again elsewhere: the first terminal status wins (jobs.py).
+- `next(..., skip=prefix)` claims as above among the keys whose next waiting job's share
+  key does not start with `prefix` (scheduler.py's rule).
 - `hold(key_id)` is a transaction-scoped advisory lock on the key: the quota check and
   the queueing are one step across frontends.
 """
@@ -74,6 +76,14 @@ ORDER BY l.level + SUM(w.cost) OVER (PARTITION BY w.key_id ORDER BY w.pos) - w.c
 _CLAIM = _WAITING + _LANES + """
 SELECT q.job_id, q.key_id, q.cost FROM queue q JOIN lanes l ON l.key_id = q.key_id
 WHERE q.model = %(model)s AND q.claimed_by IS NULL
+ORDER BY l.level, l.place, q.pos LIMIT 1 FOR UPDATE OF q SKIP LOCKED
+"""
+# As _CLAIM among the lanes whose next job's share key does not start with %(skip)s.
+_CLAIM_SKIP = _WAITING + _LANES + """
+SELECT q.job_id, q.key_id, q.cost FROM queue q JOIN lanes l ON l.key_id = q.key_id
+WHERE q.model = %(model)s AND q.claimed_by IS NULL
+  AND q.pos = (SELECT MIN(pos) FROM w WHERE w.key_id = q.key_id)
+  AND (q.share IS NULL OR NOT starts_with(q.share::json->>0, %(skip)s))
 ORDER BY l.level, l.place, q.pos LIMIT 1 FOR UPDATE OF q SKIP LOCKED
 """
 # A job of `key` starts: the key is charged its cost, and the clock is what it had before.
@@ -141,21 +151,22 @@ class PgQueue:
             )
             conn.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, model))  # sent at commit
 
-    def _claim(self, model: str) -> str | None:
+    def _claim(self, model: str, skip: str | None) -> str | None:
         with self.db.tx() as conn:
             conn.execute(_MODEL_LOCK, {"model": model})
-            row = conn.execute(_CLAIM, {"model": model}).fetchone()
+            sql = _CLAIM if skip is None else _CLAIM_SKIP
+            row = conn.execute(sql, {"model": model, "skip": skip}).fetchone()
             if row is None:
                 return None
             conn.execute("UPDATE queue SET claimed_by = %s WHERE job_id = %s", (self.id, row["job_id"]))
             conn.execute(_CHARGE, {"model": model, "key": row["key_id"], "cost": row["cost"]})
             return str(row["job_id"])
 
-    def next(self, model: str, timeout: float | None = None) -> str | None:
+    def next(self, model: str, timeout: float | None = None, skip: str | None = None) -> str | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._closed:
             try:
-                job_id = self._claim(model)
+                job_id = self._claim(model, skip)
             except UnavailableError:  # the replica waits it out, like an empty queue
                 job_id = None
             if job_id is not None:

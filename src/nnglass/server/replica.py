@@ -21,9 +21,9 @@ Invariants:
 - A generate job that this frontend queued starts a generation session (`_session`,
   server/generation.py): at each of its step boundaries the model's next queued job and
   those that can share with it are taken (generate jobs join the batch, others run
-  between two steps), each recorded when its answer comes; a cancelled one is dropped at
-  the next step. A lost session is a lost shared pass (each job still in it reruns alone;
-  a job alone in it ends ERROR, as a lone job does).
+  between two steps, also while the batch is full), each recorded when its answer comes;
+  a cancelled one is dropped at the next step. A lost session is a lost shared pass
+  (each job still in it reruns alone; a job alone in it ends ERROR, as a lone job does).
 - A job's files reach the worker as `results.LocalFiles` (the result store's own files,
   or private copies); a result is committed to the store before the job is COMPLETED,
   so any frontend that sees COMPLETED can serve it. The copies go when the job ends.
@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..graph.ir import GENERATE
 from . import clock
+from .batching import GENERATION
 from .handle import GRACE_SECONDS
 from .jobs import JobStatus
 from .results import LocalFiles, why_not_stored
@@ -259,9 +260,12 @@ class Replica:
     def _more(self, running: int) -> list[dict[str, Any]]:
         """At a step boundary: the model's next queued job, and what can share with it."""
         service, cfg = self.service, self.state.config
-        if running >= cfg.share_jobs:
+        # A full batch takes no generate job, but other jobs still run between its steps:
+        # a small trace never waits for a whole generation.
+        full = running >= cfg.share_jobs
+        if cfg.share_jobs <= 1:  # sharing off: one job at a time, none between the steps
             return []
-        job_id = service.scheduler.next(cfg.name, timeout=0)
+        job_id = service.scheduler.next(cfg.name, timeout=0, skip=GENERATION if full else None)
         if job_id is None:
             return []
         limit = cfg.share_jobs - running - 1 if service.generates(job_id) else cfg.share_jobs - 1

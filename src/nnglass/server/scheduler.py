@@ -10,6 +10,9 @@ Invariants:
   newcomer goes before the key just served). Within a key, jobs run in submission order.
 - Positions are what a job's owner sees: how many jobs will start before it, by the
   same rule. The scheduler holds ids only; the job store holds the truth.
+- `next(..., skip=prefix)`: the keys whose next job's share key starts with `prefix`
+  wait this turn (a full generation batch takes no generate job, but a trace still runs
+  between two of its steps); the others are served by the same rule.
 - `take_sharing` takes the jobs that can share a forward pass with the one just taken,
   in start order, within a job count and a padded-token budget, waiting for more while
   they keep arriving (a short gap ends the wait, and the wait is bounded).
@@ -55,7 +58,7 @@ class Queue(Protocol):
                cost: int = 1) -> None: ...
     def take_sharing(self, model: str, job_id: str, limit: int, tokens: int | None = None,
                      wait: float = 0.0) -> list[str]: ...
-    def next(self, model: str, timeout: float | None = None) -> str | None: ...
+    def next(self, model: str, timeout: float | None = None, skip: str | None = None) -> str | None: ...
     def cancel(self, model: str, job_id: str) -> bool: ...
     def release(self, job: Job) -> None: ...
     def positions(self, model: str) -> dict[str, int]: ...
@@ -85,13 +88,17 @@ class ModelQueue:
         self.by_key.setdefault(key_id, deque()).append(job_id)
         self.cost[job_id] = max(int(cost), 1)
 
-    def _next_key(self) -> str:
-        return min(self.by_key, key=lambda k: self.served.get(k, 0))  # first of equals: served longest ago
+    def _next_key(self, wanted: Callable[[str], bool] | None = None) -> str | None:
+        keys = [k for k, jobs in self.by_key.items() if wanted is None or wanted(jobs[0])]
+        # The first of equals: the key served longest ago.
+        return min(keys, key=lambda k: self.served.get(k, 0)) if keys else None
 
-    def pop(self) -> str | None:
-        if not self.by_key:
+    def pop(self, wanted: Callable[[str], bool] | None = None) -> str | None:
+        """The next job; `wanted`: only among the keys whose next job it accepts."""
+        key = self._next_key(wanted)
+        if key is None:
             return None
-        job_id = self.by_key[self._next_key()][0]
+        job_id = self.by_key[key][0]
         self.remove(job_id, served=True)
         return job_id
 
@@ -208,15 +215,22 @@ class Scheduler:
                 if full or left <= 0 or self._closed or not self._ready.wait(left):
                     return taken
 
-    def next(self, model: str, timeout: float | None = None) -> str | None:
-        """The next job for `model`, waiting up to `timeout`; None when closed or timed out."""
+    def next(self, model: str, timeout: float | None = None, skip: str | None = None) -> str | None:
+        """The next job for `model`, waiting up to `timeout`; None when closed or timed out.
+        `skip`: keys whose next job's share key starts with it wait (module docstring)."""
+
+        def wanted(job_id: str) -> bool:
+            share = self._share.get(job_id)
+            return share is None or not share.key.startswith(skip or "")
+
+        check = None if skip is None else wanted
         with self._ready:
             queue = self._queues[model]
-            if not self._ready.wait_for(lambda: self._closed or len(queue) > 0, timeout):
+            if not self._ready.wait_for(lambda: self._closed or queue._next_key(check) is not None, timeout):
                 return None
             if self._closed:
                 return None
-            return queue.pop()
+            return queue.pop(check)
 
     def release(self, job: Job) -> None:
         """A job taken by `next` that could not run: queued again (at its key's back)."""
