@@ -1,11 +1,17 @@
 """Co-batching of generation on the server: 32 concurrent generate jobs in one continuous batch.
 
-    python benchmarks/cobatch_generate.py [--clients 32] [--new 32] [--threads 2] [--alone 8]
+    python benchmarks/cobatch_generate.py            # the issue's size (a quiet machine: ~5 min)
+    python benchmarks/cobatch_generate.py --clients 8 --new 8 --alone 2 --probes 3 --threads 1 \
+        --out /tmp/cobatch_generate.small.json       # small, for direction while developing
+
+The defaults are the full size: 32 jobs, 32 new tokens each, 2 torch threads, 8 of the
+jobs run alone (scaled), 10 small-job probes each way, 3 rounds of the in-process rows.
 
 Method. SmolLM2-135M (float32), the 32 mixed prompts of benchmarks/cobatch.py (4..24 tokens).
 Each job generates exactly `--new` tokens (greedy; min_new_tokens = max_new_tokens, so EOS
 never ends one early) with its own steering vector added to layer 3's output at every step.
-Side by side in one run:
+Side by side in one run (the in-process rows `--rounds` times in turn, each row's
+median; its CPU seconds too, which a busy machine inflates far less than wall time):
 
 - plain padded `generate` of the 32 prompts (transformers, no interventions);
 - transformers' `generate_batch` (continuous batching, paged cache; no interventions);
@@ -15,7 +21,7 @@ Side by side in one run:
   (last result decoded - first POST). Every server result is checked against the lone run.
 - latency of a small job (one trace of 8 tokens, one save) on the idle server, and
   submitted while the 32 generations run (p95 of `--probes` each).
-Prints a table, writes benchmarks/results/cobatch_generate.json.
+Prints a table, writes `--out` (benchmarks/results/cobatch_generate.json).
 """
 
 from __future__ import annotations
@@ -67,6 +73,18 @@ def timed(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - t, out
 
 
+def rounds(rows: dict[str, Any], n: int) -> dict[str, tuple[float, float]]:
+    """Each row `n` times, in turn: its median (wall seconds, CPU seconds of this process)."""
+    seen: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
+    for _ in range(n):
+        for name, fn in rows.items():
+            cpu = time.process_time()
+            wall, _ = timed(fn)
+            seen[name].append((wall, time.process_time() - cpu))
+    return {name: (float(np.median([w for w, _ in t])), float(np.median([c for _, c in t])))
+            for name, t in seen.items()}
+
+
 def in_process(lm: LanguageModel, graphs: list[Graph]) -> list[Any]:
     batch = decode_batch(lm)
     for i, g in enumerate(graphs):
@@ -96,6 +114,8 @@ def main() -> None:
     parser.add_argument("--alone", type=int, default=8)
     parser.add_argument("--probes", type=int, default=10)
     parser.add_argument("--run-seconds", type=float, default=600, help="the server's per-job time limit")
+    parser.add_argument("--rounds", type=int, default=3, help="times each in-process row runs (median)")
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     os.environ.setdefault("NNGLASS_CACHE", str(ROOT / ".nnglass-cache"))
     torch.set_num_threads(args.threads)
@@ -106,33 +126,45 @@ def main() -> None:
     ids, mask = padded(ps, pad)
     tokens = n * new
     rates: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    partial = args.out.with_suffix(".partial.json")
 
-    def note(name: str, value: float) -> None:  # as it goes: a slow machine keeps what it measured
-        rates[name] = value
+    def note(name: str, value: float, cpu_s: float | None = None) -> None:  # as it goes: a slow
+        rates[name] = value  # machine keeps what it measured
+        if cpu_s is not None:
+            cpu[name] = cpu_s
         print(f"{name}: {value:.1f} tokens/s", file=sys.stderr, flush=True)
-        OUT.parent.mkdir(exist_ok=True)
-        OUT.with_suffix(".partial.json").write_text(json.dumps(rates, indent=2))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"tokens_per_s": rates, "cpu_s": cpu}, indent=2))
 
     def plain() -> Any:
         with torch.no_grad():
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                                   min_new_tokens=new, do_sample=False, pad_token_id=pad)
 
-    plain()  # warm
-    note("plain padded generate (no interventions)", tokens / timed(plain)[0])
-    try:
-        from transformers import GenerationConfig
+    from transformers import GenerationConfig
 
-        config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                  pad_token_id=pad, eos_token_id=lm.tokenizer.eos_token_id)
-        lists = [p[0].tolist() for p in ps]
+    config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              pad_token_id=pad, eos_token_id=lm.tokenizer.eos_token_id)
+    lists = [p[0].tolist() for p in ps]
+
+    def continuous() -> Any:
         with torch.no_grad():
-            note("transformers generate_batch (no interventions)", tokens / timed(
-                lambda: model.generate_batch(inputs=lists, generation_config=config, progress_bar=False))[0])
-    except Exception as e:  # recorded, not hidden
-        print(f"generate_batch failed: {type(e).__name__}: {e}", file=sys.stderr)
-    took, shared = timed(lambda: in_process(lm, graphs))
-    note("nnglass continuous batch, in process (steered)", tokens / took)
+            return model.generate_batch(inputs=lists, generation_config=config, progress_bar=False)
+
+    shared: list[Any] = []
+    rows = {"plain padded generate (no interventions)": plain,
+            "transformers generate_batch (no interventions)": continuous,
+            "nnglass continuous batch, in process (steered)": lambda: shared.__setitem__(
+                slice(None), in_process(lm, graphs))}
+    for name, fn in list(rows.items()):  # warm each (first calls build caches); drop what fails
+        try:
+            fn()
+        except Exception as e:  # recorded, not hidden
+            print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            del rows[name]
+    for name, (wall, cpu_s) in rounds(rows, args.rounds).items():
+        note(name, tokens / wall, cpu_s)
     took, alone = timed(lambda: [lm.run_graph(g) for g in graphs[: args.alone]])
     note(f"same jobs one at a time (lone path, {args.alone} of {n})", args.alone * new / took)
     for a, b in zip(alone, shared):
@@ -163,16 +195,18 @@ def main() -> None:
     finally:
         server.stop()
     result = {"model": MODEL, "clients": n, "new_tokens": new, "threads": args.threads,
-              "tokens_per_s": rates, "small_job_s": {"idle_p95": float(np.percentile(idle, 95)),
-                                                     "busy_p95": float(np.percentile(busy, 95)),
-                                                     "idle": idle, "busy": busy},
+              "rounds": args.rounds, "tokens_per_s": rates, "cpu_s_in_process": cpu,
+              "small_job_s": {"idle_p95": float(np.percentile(idle, 95)),
+                              "busy_p95": float(np.percentile(busy, 95)), "idle": idle, "busy": busy},
               "batching": batching, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(result, indent=2))
+    partial.unlink(missing_ok=True)
     best = max(v for k, v in rates.items() if "no interventions" in k)
-    lines = ["| generation, new tokens/s | tokens/s | x best plain |", "|---|---:|---:|"]
-    lines += [f"| {k} | {v:.1f} | {v / best:.2f} |" for k, v in rates.items()]
+    lines = ["| generation, new tokens/s | tokens/s | x best plain | CPU s (in process) |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {v:.1f} | {v / best:.2f} | {cpu[k]:.2f} |" if k in cpu else
+              f"| {k} | {v:.1f} | {v / best:.2f} | |" for k, v in rates.items()]
     s = result["small_job_s"]
     lines.append(f"\nsmall job p95: idle {s['idle_p95']:.3f} s, during the generations "
                  f"{s['busy_p95']:.3f} s ({s['busy_p95'] / s['idle_p95']:.1f}x)")
