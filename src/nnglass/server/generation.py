@@ -11,6 +11,9 @@ Protocol (JSON lines, in lockstep, so neither side ever guesses what the other k
   parent → child, the reply: {"more": [request, ...], "drop": [job, ...]}
                   more: jobs to admit now; drop: cancelled jobs to remove (never answered)
   The session ends when a step message says running 0 and its reply admits nothing.
+  When jobs ran between two steps, their answers go at once, in a message without a step
+  (its reply may admit more); then the batch steps again before the next such message,
+  so jobs between steps never starve the generation.
   Between them, a job that asks for its steps sends its step lines ({"job", "step": k, ...},
   server/steps.py), as it would alone.
 
@@ -18,7 +21,8 @@ Invariants:
 - Each job runs under its own limits, fails alone (ERROR), and one only the shared forward
   failed for (`disrupted`) runs again alone; a dropped job leaves the batch and no other.
 - A job that cannot join the batch (a trace, a session, a backward) runs alone or in a
-  merged pass between two steps, exactly as it would outside a session.
+  merged pass between two steps, exactly as it would outside a session, and is answered
+  before the next step: a small trace waits for at most the step that runs when it comes.
 """
 
 from __future__ import annotations
@@ -71,8 +75,9 @@ def run_session(replica: LoadedModel, requests: list[dict[str, Any]], converse: 
             answers.extend(replica.batch(others)["batch"])
 
     admit(requests)
+    hurry = False  # answers of jobs that ran between two steps go out before the next step
     while True:
-        if len(batch):
+        if len(batch) and not hurry:
             for f in batch.step():
                 request, graph = jobs.pop(f.key)
                 if f.disrupted:
@@ -97,6 +102,7 @@ def run_session(replica: LoadedModel, requests: list[dict[str, Any]], converse: 
         if not running and not more:
             return
         admit([r for r in more if type(r) is dict])
+        hurry = bool(answers) and not hurry  # once: then a step, whatever else arrives
 
 
 def stream_by_batches(worker: Any, requests: list[dict[str, Any]],
