@@ -13,7 +13,10 @@ Invariants:
   sees only its own tokens (the mask); the job picks its tokens from its own rows with
   its own rules (models/decode_rules.py) over its own ids, as alone (its own left-padded
   width), and samples with its own `torch.Generator` seeded with its seed, so its
-  tokens, `tracer.result` and saves equal a lone run's (float tolerance).
+  tokens, `tracer.result` and saves equal a lone run's (float tolerance). Jobs whose
+  rules say they act alike this step (`rules.group`) make that pick in one call over
+  their rows, each row getting what its own job's pick gives it; a group's call that
+  fails is made again job by job, so only the job whose own pick fails ends with it.
 - Each job has its own interpreter, at its own step: its step-k (and every-step) nodes
   run at its own k-th forward whatever the others' steps are (runtime/multiplex.py).
   Its graph is merged alone (graph/merge.py), so every node addresses a window: its
