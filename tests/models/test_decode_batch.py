@@ -196,3 +196,32 @@ def test_a_member_may_not_set_shared_tables_nor_call_modules_with_the_cache(lm: 
     assert member._replace(torch.zeros(4, 3), torch.ones(1, 3), 0).sum() == 3  # its own row only
     with pytest.raises(ExecutionError, match="KV cache"):
         member.call_module("lm_head", (torch.zeros(1, 1, 1),), {"cache": DynamicCache()})
+
+
+def test_a_stop_string_ends_the_generation_there_alone_and_in_the_batch(lm: LanguageModel) -> None:
+    """`stop_strings` stops a job at the token where an OpenAI answer's text ends (the first
+    stop string, split across tokens: one character each here), not only cuts its text."""
+    from nnglass.server.openai_text import Text
+
+    def save_result(t: Any) -> None:
+        t.result.save()
+
+    whole = lmf.unwrap(lm.run_graph(record(lm, "stop", 12, save_result, min_new_tokens=12)).popitem()[1])
+    tokens = whole[0, 4:].tolist()
+    said = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert len(said) >= 6, "the random model should say something"
+    stop = said[3:5]
+    text, k = Text(lm.tokenizer, set(), (stop,)), 0
+    while not text.over:
+        text.push(tokens[k])
+        k += 1
+    assert k < 12
+    graph = record(lm, "stop", 12, save_result, min_new_tokens=12, stop_strings=[stop])
+    beside = record(lm, "beside it", 8, save_result, min_new_tokens=8)
+    alone = lmf.unwrap(lm.run_graph(graph).popitem()[1])
+    assert torch.equal(alone, whole[:, : 4 + k])  # the tokens up to the stop, and no step more
+    shared, _ = run_batch(lm, [graph, beside])
+    assert torch.equal(lmf.unwrap(shared[0].saved.popitem()[1]), alone)
+    same(lm.run_graph(beside), shared[1].saved)
+    with pytest.raises(Exception, match="stop_strings"):
+        record(lm, "x", 2, save_result, stop_strings=["a" * 300])

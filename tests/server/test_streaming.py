@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,14 @@ def token_chunks(chunks: list[Any]) -> list[Any]:
 def status(provider: Provider, job: str) -> str:
     auth = {"Authorization": f"Bearer {provider.key}"}
     return httpx.get(f"{provider.server.url}/v1/jobs/{job}", headers=auth, timeout=30).json()["status"]
+
+
+def generated(provider: Provider, answer: Any) -> list[int]:
+    """An OpenAI answer's generated tokens, from its job's result (`tracer.result`, saved last)."""
+    auth, job = {"Authorization": f"Bearer {provider.key}"}, answer.nnglass["job"]
+    got = httpx.get(f"{provider.server.url}/v1/jobs/{job}/result", headers=auth, timeout=30)
+    values = decode_results(got.raise_for_status().content)
+    return values[max(values)][0, answer.usage.prompt_tokens:].tolist()
 
 
 def test_a_completion_stream_is_the_whole_answer_token_by_token(provider: Provider) -> None:
@@ -96,33 +105,56 @@ def test_a_stop_split_across_tokens_cuts_the_stream_where_it_cuts_the_answer(pro
     want = provider.client.completions.create(**kw).choices[0]
     assert len(want.text) >= 5, "the random model should say something"
     stop = want.text[2:5]  # three tokens: one character each
-    cut = provider.client.completions.create(**kw, stop=[stop]).choices[0]
+    stopped = provider.client.completions.create(**kw, stop=[stop])
+    cut = stopped.choices[0]
     chunks = list(provider.client.completions.create(**kw, stop=[stop], stream=True))
     assert "".join(c.choices[0].text for c in chunks) == cut.text == want.text[: want.text.index(stop)]
     assert chunks[-1].choices[0].finish_reason == cut.finish_reason == "stop"
+    # The job stopped generating at the token that completed the stop string (one character
+    # a token): no step more.
+    assert len(generated(provider, stopped)) == stopped.usage.completion_tokens + len(stop) < 16
     never = want.text[2:4] + "\x7f"  # starts twice over, never completes (the vocabulary has no \x7f)
     chunks = list(provider.client.completions.create(**kw, stop=[never, stop[1:]], stream=True))
     cut = provider.client.completions.create(**kw, stop=[never, stop[1:]]).choices[0]
     assert "".join(c.choices[0].text for c in chunks) == cut.text == want.text[: want.text.index(stop[1:])]
 
 
-def test_a_client_that_leaves_mid_stream_cancels_the_job(provider: Provider) -> None:
-    url, auth = provider.server.url, {"Authorization": f"Bearer {provider.key}"}
-    body = {"model": "provider", "prompt": "leave", "max_tokens": 16, "temperature": 0, "stream": True}
-    with held(provider):
+def test_a_client_that_leaves_mid_stream_cancels_only_its_job(provider: Provider) -> None:
+    """The job leaves its generation batch at the next step; the worker lives on, and a job
+    generating beside it (joined at a step boundary) ends with its lone answer."""
+    url, auth, server = provider.server.url, {"Authorization": f"Bearer {provider.key}"}, provider.server
+
+    def metric(name: str) -> float:
+        return server.metric(provider.key, f'nnglass_{name}{{model="provider"}}')
+
+    body = {"model": "provider", "prompt": "leave", "max_tokens": 40, "temperature": 0, "stream": True}
+    beside: dict[str, Any] = {"model": "provider", "prompt": "stay", "max_tokens": 30, "temperature": 0}
+    lone = provider.client.completions.create(**beside)
+    restarts = server.metric(provider.key, "nnglass_worker_restarts_total")
+    pid = server.worker_pid("provider")
+    with ThreadPoolExecutor(1) as pool, held(provider):  # (the gate goes before the pool waits)
         with httpx.stream("POST", f"{url}/v1/completions", headers=auth, json=body, timeout=30) as r:
             lines = r.iter_lines()  # (held: a dropped iterator would close the connection now)
             line = next(line for line in lines if line.startswith("data: "))
             job = json.loads(line.removeprefix("data: "))["nnglass"]["job"]
-            got = httpx.get(f"{url}/v1/jobs/{job}", headers=auth, timeout=30).json()
-            assert got["status"] == "RUNNING", (line, got)
-        deadline = time.monotonic() + 60  # a bound on the wait, not a measurement
-        while status(provider, job) != "CANCELLED":
-            assert time.monotonic() < deadline, status(provider, job)
-            time.sleep(0.05)
-    patient = provider.client.with_options(timeout=600)  # the cancel stopped the worker: it restarts first
-    again = patient.completions.create(model="provider", prompt="a", max_tokens=2, temperature=0)
-    assert again.choices[0].finish_reason in ("length", "stop")
+            assert status(provider, job) == "RUNNING"
+            stays = pool.submit(provider.client.completions.create, **beside)
+            _until(lambda: metric("queue_depth") == 1)
+            provider.gate.unlink()  # a few steps: the next boundary admits it, then hold again
+            _until(lambda: metric("running_jobs") == 2, pause=0.001)
+            provider.gate.touch()
+        _until(lambda: status(provider, job) == "CANCELLED")
+    assert stays.result(timeout=60).choices[0].text == lone.choices[0].text
+    assert len(lone.choices[0].text) > 0
+    assert server.worker_pid("provider") == pid  # the job left its batch: no restart
+    assert server.metric(provider.key, "nnglass_worker_restarts_total") == restarts
+
+
+def _until(done: Any, timeout: float = 60, pause: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout  # a bound on the wait, not a measurement
+    while not done():
+        assert time.monotonic() < deadline
+        time.sleep(pause)
 
 
 def test_the_policy_holds_for_streams(provider: Provider) -> None:

@@ -39,6 +39,7 @@ from ..runtime.steps import StepListener
 from ..runtime.values import resolve
 from ..runtime.window import model_sizes
 from .decode_rules import decode_rules
+from .stop_strings import stop_rule
 
 if TYPE_CHECKING:
     from .language import LanguageModel
@@ -77,7 +78,9 @@ def generate_job(lm: LanguageModel, graph: Graph, key: Any, limits: RunLimits = 
     alone, _ = merge([graph])  # every node gets a window: the job never sees the batch
     alone = replace(alone, mode=GENERATE, options={**graph.options, GROUPS: alone.options[GROUPS]})
     model = lm.module
-    return GenerateJob(key, alone, ids, mask, rows, decode_rules(model, ids, options),
+    options, stops = stop_rule(options, lm.tokenizer)
+    rules = decode_rules(model, ids, options, stops.get("stopping_criteria"))
+    return GenerateJob(key, alone, ids, mask, rows, rules,
                        graph.options.get(SEED), RunConfig(limits, can_stop=False), on_step)
 
 

@@ -60,8 +60,10 @@ class DecodeRules:
         return choose_group(self, members, logits)
 
 
-def decode_rules(model: Any, ids: torch.Tensor, options: dict[str, Any]) -> DecodeRules:
-    """The rules `model.generate(input_ids=ids, **options)` decodes by."""
+def decode_rules(model: Any, ids: torch.Tensor, options: dict[str, Any],
+                 stopping: Any = None) -> DecodeRules:
+    """The rules `model.generate(input_ids=ids, **options, stopping_criteria=stopping)`
+    decodes by (`stopping`: the job's own criteria: models/stop_strings.py)."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     defaults = model.generation_config
@@ -76,6 +78,6 @@ def decode_rules(model: Any, ids: torch.Tensor, options: dict[str, Any]) -> Deco
     processors = model._get_logits_processor(
         config, input_ids_seq_length=ids.shape[1], encoder_input_ids=ids,
         logits_processor=LogitsProcessorList(), device=ids.device, model_kwargs={})
-    stopping = model._get_stopping_criteria(config, stopping_criteria=StoppingCriteriaList())
+    stopping = model._get_stopping_criteria(config, stopping_criteria=stopping or StoppingCriteriaList())
     eos_stops = any(hasattr(c, "eos_token_id") for c in stopping)
     return DecodeRules(processors, stopping, bool(config.do_sample), config._pad_token_tensor, eos_stops)

@@ -45,6 +45,7 @@ from ..tracing.tracer import Tracer, user_where
 from . import fake, metaforward
 from .nnmodel import NNModel
 from .prompts import batch_prompts, batch_prompts_width, check_generate_kwargs
+from .stop_strings import stop_rule
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,7 @@ class LanguageModel(NNModel):
         check_generate_kwargs({k: v for k, v in kwargs.items() if k != "max_new_tokens"}, "")
         seed = graph.options.get(SEED)
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        kwargs, stops = stop_rule(kwargs, self.tokenizer)  # (the batch's decode_rules get the same)
 
         def forward(interp: Interpreter) -> Any:
             first = [True]
@@ -341,7 +343,7 @@ class LanguageModel(NNModel):
             streamer = {} if on_step is None else {"streamer": StepStreamer(interp, on_step)}
             try:
                 with _private_rng(seed):
-                    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs, **streamer)
+                    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs, **streamer, **stops)
             finally:
                 handle.remove()
             interp.fire_result(out)

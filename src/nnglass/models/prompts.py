@@ -19,6 +19,7 @@ import torch
 
 from ..errors import GraphError, TraceError
 from ..graph.ir import Graph, TensorRef
+from .stop_strings import STOP_STRINGS, check_stop_strings
 
 PROMPT_KEYS = ("input_ids", "attention_mask")
 _IDS = (torch.int64, torch.int32)
@@ -79,7 +80,7 @@ def batch_prompts_width(graph: Graph) -> int:
 # Beam search and several sequences per prompt change the batch under the graph's rows.
 GENERATE_OPTIONS = frozenset(
     "do_sample temperature top_k top_p min_p typical_p repetition_penalty no_repeat_ngram_size "
-    "min_new_tokens eos_token_id suppress_tokens bad_words_ids".split()
+    "min_new_tokens eos_token_id suppress_tokens bad_words_ids stop_strings".split()
 )
 
 
@@ -88,3 +89,5 @@ def check_generate_kwargs(kwargs: dict[str, Any], where: str) -> None:
     if unknown:
         raise TraceError(f"generate option(s) {', '.join(unknown)} are not supported; use "
                          f"{', '.join(sorted(GENERATE_OPTIONS))}", where)
+    if STOP_STRINGS in kwargs:
+        check_stop_strings(kwargs[STOP_STRINGS], where)

@@ -135,6 +135,9 @@ class DecodeBatch:
         done: list[Finished] = []
         if self._dropped:
             self.waiting = [j for j in self.waiting if j.key not in self._dropped]
+            for r in self.running:
+                if r.job.key in self._dropped:
+                    r.interp.close()  # its hooks and values go now, as a finished job's do
             self._keep([r for r in self.running if r.job.key not in self._dropped])
             self._dropped.clear()
         if self.waiting:

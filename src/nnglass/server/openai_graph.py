@@ -127,6 +127,8 @@ class Frontend:
         sampling: dict[str, Any] = {"do_sample": req.temperature > 0}
         if req.temperature > 0:
             sampling.update(temperature=req.temperature, top_p=req.top_p, top_k=0)
+        if req.stop:  # the job stops generating there too (models/stop_strings.py), not only the text
+            sampling["stop_strings"] = list(req.stop)
         plan = Plan(prompt_len=len(ids))
         reads = self._read_paths(req.read) if req.read else []  # (the site table's scan: before the block)
         if req.steer:

@@ -12,7 +12,8 @@ Invariants:
   starting) and their values; the whole result only when it is read (that fallback, or
   a user graph's saved values, which exist only at the end).
 - The answer ends at an end-of-sequence token or a stop string (then the stream ends at
-  once, and the job runs on to its end, an ordinary job), else when the job ends. Last
+  once; the job itself stops generating at that token: its `stop_strings` option,
+  models/stop_strings.py), else when the job ends. Last
   come the finish chunk (finish_reason; `nnglass.saved` for a user graph), usage if
   asked for, and `data: [DONE]`. A failure after the response started is one `error` event.
 - A client that goes away before the answer ends cancels the job.

@@ -179,7 +179,7 @@ class Replica:
 
     def _run_pass(self, requests: list[dict[str, Any]], seconds: float) -> None:
         service = self.service
-        if service.generates(requests[0]["job"]):
+        if service.generates(requests[0]["job"], requests[0]):
             self._session(requests, seconds)
             return
         if len(requests) == 1:

@@ -38,6 +38,7 @@ from ..errors import NotFoundError, QuotaError, UnavailableError
 from ..graph import wire
 from ..graph.check import Limits as WireLimits
 from ..graph.ir import SESSION
+from ..models.batched_generate import generation_key
 from ..models.prompts import check_prompts
 from . import clock
 from .batching import GENERATION, cost_of, prompt_tokens, share_of
@@ -46,7 +47,7 @@ from .engines import WorkerFactory, configured_worker
 from .jobs import Job, JobStatus
 from .model_state import ModelState
 from .policy import check_policy
-from .replica import Replica
+from .replica import Replica, Worker
 from .results import why_not_stored
 from .steps import StepLog
 from .stores import open_stores
@@ -201,15 +202,24 @@ class Service:
         with self._lock:
             self._prompt_tokens.pop(job.id, None)
             self._padded.pop(job.id, None)
+            self._generating.discard(job.id)
         state = self.models[job.model]
         worker = state.running.get(job.id)
-        if worker is not None and job.id not in state.sharing:
-            worker.stop_job(job.id)  # its thread sees the worker die, restarts it; CANCELLED stays
-        elif worker is not None:
-            state.dropping.add(job.id)  # a generation session drops it at its next step
-        # In a shared pass the others go on: the job's answer is dropped (CANCELLED stays).
+        if worker is not None:
+            self._halt(state, worker, job.id)
         self.publish_queue(job.model)
         return self.get(key_id, job_id)
+
+    @staticmethod
+    def _halt(state: ModelState, worker: Worker, job_id: str) -> None:
+        """A cancelled job that runs here: a job alone stops its worker (its thread sees
+        the worker die and restarts it); one in a generation session is dropped at its next
+        step, and one in a shared pass has its answer dropped: the others go on, and the
+        worker lives. CANCELLED stays either way."""
+        if job_id in state.sharing:
+            state.dropping.add(job_id)
+        else:
+            worker.stop_job(job_id)
 
     def release(self, job_id: str) -> None:
         """A replica took a job it cannot run now (its worker died meanwhile): back to the
@@ -231,16 +241,16 @@ class Service:
 
     def _changed(self, job_id: str) -> None:
         """A job changed, maybe on another frontend: one cancelled there while it runs
-        here alone is stopped here (in a shared pass its answer is dropped instead)."""
+        here is stopped here as `cancel` stops it (`_stop`)."""
         for state in self.models.values():
             worker = state.running.get(job_id)
-            if worker is not None and job_id not in state.sharing:
+            if worker is not None and job_id not in state.dropping:
                 try:
                     job = self.jobs.get(job_id)
                 except UnavailableError:  # cannot tell now; the cancel's own frontend retries nothing
                     return
                 if job is not None and job.status == JobStatus.CANCELLED:
-                    worker.stop_job(job_id)
+                    self._halt(state, worker, job_id)
 
     def status(self, job: Job) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -264,10 +274,23 @@ class Service:
             shapes = [self._padded.get(j, (1, 1)) for j in job_ids]
         return sum(r for r, _ in shapes) * max(w for _, w in shapes)
 
-    def generates(self, job_id: str) -> bool:
-        """Whether a job queued here can join a generation session (server/generation.py)."""
+    def generates(self, job_id: str, request: dict[str, Any] | None = None) -> bool:
+        """Whether a job can join a generation session (server/generation.py): known for
+        a job queued here; for a generate job queued by another frontend (or queued again
+        at a restart), its request's graph says, so that it too is dropped from its batch
+        at a cancel instead of stopping a worker that runs it alone."""
         with self._lock:
-            return job_id in self._generating
+            if job_id in self._generating:
+                return True
+        if request is None or not request.get("steps"):  # (steps: a generate job, replica._begin)
+            return False
+        try:
+            tensors = request.get("tensors")
+            graph = wire.decode(Path(request["graph"]).read_bytes(),
+                                Path(tensors).read_bytes() if tensors else None, limits=self._wire_limits())
+        except Exception:  # its worker gives the reason: it runs alone
+            return False
+        return generation_key(graph) is not None
 
     def job_ended(self, state: ModelState, job_id: str) -> None:
         """A worker finished a job (for `jobs_last_minute`, `prompt_tokens_per_s`)."""
