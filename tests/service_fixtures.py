@@ -104,7 +104,8 @@ class Server:
         self.keys = open_keys(load_config(self.config)) if stores else KeyStore(home / "nnglass.db")
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180.0) -> None:
+    def start(self, timeout: float = 180.0, models_ready: bool = True) -> None:
+        """Start the server; wait until it answers (and, with `models_ready`, every model is ready)."""
         env = {**os.environ, **self.env, "NNGLASS_HOME": str(self.home)}
         log = open(self.home / "server.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "nnglass", "serve", "--config", str(self.config)],
@@ -114,7 +115,7 @@ class Server:
             assert self.proc.poll() is None, self.log()
             try:
                 models = httpx.get(f"{self.url}/health", timeout=2).json()["models"]
-                if models and all(s == "ready" for s in models.values()):
+                if models and (not models_ready or all(s == "ready" for s in models.values())):
                     return
             except httpx.HTTPError:
                 pass

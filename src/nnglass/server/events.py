@@ -10,6 +10,8 @@ publishes elsewhere and delivers what comes back. Observers (`observe`) learn of
 delivered change, in the delivering thread. `wake` reaches only the waiters of one job
 that listen for its steps too (`listen(job_id, steps=True)`), in this process: a new
 generation step (server/steps.py) is not a change of the job, and costs nobody else a read.
+Such a listener also wants the job's steps from wherever it runs (`relay`, step_relay.py:
+nothing in one process; the other frontends' lines for a hub across processes).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+from .step_relay import NO_RELAY
 
 
 class EventHub:
@@ -30,6 +35,7 @@ class EventHub:
         self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]]] = {}
         self._all: set[Changes] = set()
         self._observers: list[Callable[[str], None]] = []
+        self.relay: Any = NO_RELAY  # the steps of jobs run by another frontend
 
     def observe(self, observer: Callable[[str], None]) -> None:
         self._observers.append(observer)
@@ -81,7 +87,10 @@ class EventHub:
         with self._lock:
             self._waiters.setdefault(job_id, set()).add(entry)
         try:
-            yield entry[1]
+            with ExitStack() as wanting:
+                if steps:
+                    wanting.enter_context(self.relay.want(job_id))
+                yield entry[1]
         finally:
             with self._lock:
                 waiters = self._waiters.get(job_id)

@@ -107,12 +107,15 @@ def run_session(replica: LoadedModel, requests: list[dict[str, Any]], converse: 
 
 def stream_by_batches(worker: Any, requests: list[dict[str, Any]],
                       on_step: Callable[[dict[str, Any]], dict[str, Any]],
-                      timeout: float | None) -> dict[str, Any] | None:
+                      timeout: float | None,
+                      on_line: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
     """A session for a worker that can only answer whole requests (a Ray actor): each
     admitted group runs as one {"batch"} (generate jobs still share one continuous batch,
-    but none joins it mid-flight). None when the session ended; else the lost answer."""
+    but none joins it mid-flight); `on_line`: its jobs' step lines, meanwhile. None when the
+    session ended; else the lost answer."""
     while requests:
-        reply = worker.run(requests[0] if len(requests) == 1 else {"batch": requests}, timeout=timeout)
+        request = requests[0] if len(requests) == 1 else {"batch": requests}
+        reply = worker.run(request, timeout=timeout, on_step=on_line)
         answers = [reply] if len(requests) == 1 else reply.get("batch")
         if type(answers) is not list or len(answers) != len(requests):
             return reply  # the worker died in the pass: which job did it is unknown

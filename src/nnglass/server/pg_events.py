@@ -9,8 +9,8 @@ Invariants:
   delivers it to the local waiters. A database that cannot take the NOTIFY still
   delivers locally: this frontend's streams never wait on the outage.
 - Payloads are job ids or model names only, never who owns them (as events.py).
-  Generation steps (server/steps.py) never go through here: `wake` is the local hub's,
-  and a stream on another frontend than the job's replica reads the job's result.
+  Generation steps (server/steps.py) cross only for a stream that wants them, through the
+  hub's relay (`step_relay.PgStepRelay`); `wake` is the local hub's.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import psycopg
 from ..errors import UnavailableError
 from .events import EventHub
 from .pg import Database
+from .step_relay import PgStepRelay
 
 __all__ = ["JOBS_CHANNEL", "QUEUE_CHANNEL", "Listener", "PgHub"]
 
@@ -80,6 +81,7 @@ class PgHub(EventHub):
         super().__init__()
         self.db = db
         listener.on(JOBS_CHANNEL, self.deliver)
+        self.relay = PgStepRelay(db, listener)
 
     def publish(self, job_id: str) -> None:
         try:

@@ -22,6 +22,11 @@ Invariants:
   actor dies.
 - Actors are owned by this process (not detached): if the API process dies, its replicas
   die with it, as its subprocesses would.
+- Step lines (server/steps.py) of a generating job wait in the actor (`take`, a third
+  thread: `max_concurrency=3`) until `run`'s caller takes them, while the request runs and
+  once more after it answers, so each reaches `on_step` before the answer is returned, as
+  from a subprocess. The actor holds at most MAX_WAITING of them (the oldest go: a reader
+  sees a gap and reads the result).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,7 +46,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from ..errors import NNglassError
 from .config import ModelConfig, ServerConfig
-from .fault_hooks import TEST_CRASH, TEST_HANG
+from .fault_hooks import TEST_CRASH, TEST_GATE, TEST_HANG
 from .handle import error_answer
 
 __all__ = ["RayWorker", "connect", "ray_worker"]
@@ -47,7 +54,9 @@ __all__ = ["RayWorker", "connect", "ray_worker"]
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "nnglass"
-_FORWARDED = (TEST_HANG, TEST_CRASH)  # tests only: the hooks reach the actor as they reach a child
+_FORWARDED = (TEST_HANG, TEST_CRASH, TEST_GATE)  # tests only: the hooks reach the actor as a child
+MAX_WAITING = 4096  # step lines an actor holds for the server (steps.JOB_STEPS per job)
+TAKE_WAIT_S = 0.2  # how long one `take` waits for a line
 _RAY_ARGS = ("num_cpus", "num_gpus", "memory")  # resource names that are Ray's own arguments
 _connect_lock = threading.Lock()
 
@@ -62,6 +71,8 @@ class ReplicaHost:
         from .worker import LoadedModel
 
         self.model = LoadedModel(config)
+        self._lines: deque[dict[str, Any]] = deque(maxlen=MAX_WAITING)
+        self._arrived = threading.Condition()
 
     def ready(self) -> dict[str, Any]:
         from .worker import ready_message
@@ -74,19 +85,32 @@ class ReplicaHost:
         from .worker import answer
 
         self.model.outbox.clear()
-        reply = answer(self.model, request)
+        reply = answer(self.model, request, send=self._keep)
         for one in reply["batch"] if type(reply.get("batch")) is list else [reply]:
             data = self.model.outbox.pop(one.get("job"), None)
             if data is not None and one.get("status") == "COMPLETED":
                 one["data"] = data
         return reply
 
+    def _keep(self, line: dict[str, Any]) -> None:
+        with self._arrived:
+            self._lines.append(line)
+            self._arrived.notify_all()
+
+    def take(self, wait: float) -> list[dict[str, Any]]:
+        """The step lines made since the last take, waiting up to `wait` s for one."""
+        with self._arrived:
+            self._arrived.wait_for(lambda: bool(self._lines), timeout=wait)
+            lines = list(self._lines)
+            self._lines.clear()
+        return lines
+
     def watch(self) -> None:
         """Never returns: its reference resolves (with an error) when the actor dies."""
         threading.Event().wait()
 
 
-_Host = ray.remote(max_restarts=0, max_concurrency=2)(ReplicaHost)
+_Host = ray.remote(max_restarts=0, max_concurrency=3)(ReplicaHost)
 
 
 def connect(server: ServerConfig) -> None:
@@ -199,7 +223,7 @@ class RayWorker:
         """A generation session, as whole requests: an actor answers one request at a time."""
         from .generation import stream_by_batches
 
-        return stream_by_batches(self, requests, on_step, timeout)
+        return stream_by_batches(self, requests, on_step, timeout, on_line)
 
     def _place(self, timeout: float) -> Any:
         """The rank group's placement group, ready; the replica's actor goes in bundle 0."""
@@ -216,8 +240,7 @@ class RayWorker:
     def run(self, request: dict[str, Any], timeout: float | None = None,
             on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Send one job (or a {"batch": [...]}); return its answer. Past `timeout` the
-        actor is killed. `on_step` is never called: an actor answers once, so streams
-        read the result (server/steps.py)."""
+        actor is killed. `on_step`: its jobs' step lines, taken from the actor meanwhile."""
         job = request.get("job")
         with self._lock:
             if not self.alive:
@@ -231,7 +254,12 @@ class RayWorker:
             with self._jobs_lock:
                 self._jobs = frozenset(j for j in jobs if j is not None)
             try:
-                return ray.get(self._actor.run.remote(carried), timeout=timeout)
+                deadline = None if timeout is None else time.monotonic() + timeout
+                ref = self._actor.run.remote(carried)
+                if on_step is not None:
+                    self._pump(ref, on_step, deadline)
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                return ray.get(ref, timeout=left)
             except GetTimeoutError:
                 self.kill()
                 message = f"time limit: the worker was stopped after {timeout:g} s"
@@ -245,6 +273,23 @@ class RayWorker:
             finally:
                 with self._jobs_lock:
                     self._jobs = frozenset()
+
+    def _pump(self, ref: Any, on_step: Callable[[dict[str, Any]], None], deadline: float | None) -> None:
+        """The request's step lines to `on_step` until it answers (and those made last)."""
+        actor = self._actor
+        while True:
+            done = bool(ray.wait([ref], timeout=0)[0])
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            try:
+                lines = ray.get(actor.take.remote(0 if done else TAKE_WAIT_S), timeout=TAKE_WAIT_S + 30)
+            except RayError:
+                return  # the actor died (the answer says so) or is stuck: no more lines
+            for line in lines:
+                if line.get("job") in self._jobs:
+                    on_step(line)
+            if done:
+                return
 
     def stop_job(self, job: Any) -> bool:
         """Kill the actor if `job` is in the request it runs now; True if it was."""

@@ -244,7 +244,7 @@ class Replica:
 
         track(requests)
         try:
-            lost = self.worker.stream(requests, on_step, seconds * 2 + GRACE_SECONDS, self.service.steps.add)
+            lost = self.worker.stream(requests, on_step, seconds * 2 + GRACE_SECONDS, self.service.step_line)
         finally:
             left = list(live.values())
             for job in list(live):
@@ -327,7 +327,7 @@ class Replica:
         state.last_pass = len(requests)
         request = requests[0] if len(requests) == 1 else {"batch": requests}
         try:
-            return self.worker.run(request, timeout=timeout, on_step=self.service.steps.add)
+            return self.worker.run(request, timeout=timeout, on_step=self.service.step_line)
         finally:
             for request in requests:
                 self.service.steps.end(request["job"])

@@ -69,6 +69,7 @@ class Service:
         self.keys, self.jobs, self.results = self.stores.keys, self.stores.jobs, self.stores.results
         self.scheduler, self.hub = self.stores.scheduler, self.stores.hub
         self.steps = StepLog(self.hub.wake)  # running generations' latest steps, for streams
+        self.hub.relay.attach(self.steps)  # (and those of jobs run by another frontend)
         self.hub.observe(self._changed)
         self._worker = worker
         self.counters: dict[str, int] = {}
@@ -273,6 +274,11 @@ class Service:
         with self._lock:
             shapes = [self._padded.get(j, (1, 1)) for j in job_ids]
         return sum(r for r, _ in shapes) * max(w for _, w in shapes)
+
+    def step_line(self, line: dict[str, Any]) -> None:
+        """A step line of a job a worker here runs: for the streams here, and elsewhere."""
+        self.steps.add(line)
+        self.hub.relay.export(line)
 
     def generates(self, job_id: str, request: dict[str, Any] | None = None) -> bool:
         """Whether a job can join a generation session (server/generation.py): known for

@@ -12,13 +12,14 @@ Invariants:
 - The steps are a preview of the result, never more: their values count against the
   job's `result_bytes` (past it, and past MAX_STEP_BYTES for one step, values are
   dropped and only tokens go on), and a reader that misses anything (a gap, dropped
-  values, a job run elsewhere or by a worker that cannot stream: Ray, another frontend)
-  takes the rest from the result, so what it sends is the result either way.
+  values, a job whose lines did not reach it) takes the rest from the result, so what it
+  sends is the result either way.
 - Bounded memory: per job at most JOB_BYTES of values and JOB_STEPS steps (the oldest
   go first: a reader behind them sees a gap); an ended job's log is kept for its
   readers until one has read it to the end, at most ENDED_KEPT of them.
-- Local to this process: `add` wakes only this process's waiters (`EventHub.wake`), and
-  nothing goes through the database (a NOTIFY per token per job would be its load).
+- Local to this process: `add` wakes only this process's waiters (`EventHub.wake`). A
+  stream on another frontend gets the lines through the hub's relay (step_relay.py), which
+  sends a job's lines only once such a stream asked for them.
 - A step numbered like one already logged (the job runs again) breaks the log:
   readers see a gap, never a mix of two runs.
 """
@@ -72,6 +73,15 @@ class Step:
 
     def values(self) -> dict[int, Any]:
         return decode_results(self.data) if self.data else {}
+
+    def line(self, job: str) -> dict[str, Any]:
+        """The step as the worker's protocol line."""
+        out: dict[str, Any] = {"job": job, "step": self.step, "tokens": self.tokens}
+        if self.data is not None:
+            out["values"] = base64.b64encode(self.data).decode("ascii")
+        if self.dropped:
+            out["dropped"] = True
+        return out
 
 
 @dataclass

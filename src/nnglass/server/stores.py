@@ -64,6 +64,7 @@ def open_stores(config: ServerConfig, models: list[str]) -> Stores:
     listener.start()
 
     def close_pg() -> None:
+        hub.relay.close()
         queue.close()
         listener.close()
         db.close()

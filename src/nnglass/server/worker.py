@@ -30,7 +30,8 @@ Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   except that they carry the graph (`graph_data`, `tensor_data`: bytes) instead of its
   paths and have no `result` path: each COMPLETED answer's result is then in
   `LoadedModel.outbox[job]` for the host to send back. A host that cannot send lines
-  while a job runs (Ray) passes no `send`: its jobs make no step lines.
+  while a job runs passes no `send`: its jobs make no step lines (a Ray actor keeps them
+  for the server to take while the job runs, server/ray_worker.py).
 
 Invariants:
 - The child's stdout carries protocol lines only: fd 1 is pointed at stderr before any
@@ -165,23 +166,24 @@ class LoadedModel:
             answer = _error(job, e)
         return {**answer, **self.debug_info()}
 
-    def batch(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+    def batch(self, requests: list[dict[str, Any]], send: Send | None = None) -> dict[str, Any]:
         """Co-tenancy: several jobs' graphs merged into one forward pass. A job whose node
         fails the shared run is taken out and runs alone (its own error, or its result if
         only the batch made it fail: the strictest limits, the sum of everyone's bytes);
         the others run again, shared. When the failing job is unknown (or the graphs
-        cannot share a pass), each job runs alone: one job's failure is never another's."""
-        return {"batch": self._shared(requests), **self.debug_info()}
+        cannot share a pass), each job runs alone: one job's failure is never another's.
+        `send`: generate jobs' step lines, as for `job`."""
+        return {"batch": self._shared(requests, send), **self.debug_info()}
 
-    def _shared(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _shared(self, requests: list[dict[str, Any]], send: Send | None = None) -> list[dict[str, Any]]:
         if len(requests) == 1:
-            return [self.job(requests[0])]
+            return [self.job(requests[0], send)]
         try:
             graphs = [self._load(r) for r in requests]
             generation = {generation_key(g) for g in graphs}
             jobs = {r.get("job") for r in requests}
             if len(generation) == 1 and None not in generation and len(jobs) == len(requests):
-                return self._generation(requests)
+                return self._generation(requests, send)
             keys = {share_key(g) for g in graphs}
             if len(keys) != 1 or None in keys:
                 raise ValueError("these graphs cannot share a forward pass")
@@ -212,7 +214,7 @@ class LoadedModel:
                 answers.append(_error(job, e))
         return answers
 
-    def _generation(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _generation(self, requests: list[dict[str, Any]], send: Send | None = None) -> list[dict[str, Any]]:
         """Generate jobs in one continuous batch (server/generation.py), none joining later;
         the batch's forwards (rows, seconds) go back in the first answer's "steps"."""
         answers: dict[Any, dict[str, Any]] = {}
@@ -223,7 +225,7 @@ class LoadedModel:
             steps.extend(message["steps"])
             return {}
 
-        run_session(self, requests, collect)
+        run_session(self, requests, collect, send)
         out = [{**answers[r.get("job")], "shared": len(requests)} for r in requests]
         out[0] = {**out[0], "steps": steps}
         return out
@@ -369,7 +371,7 @@ def answer(replica: LoadedModel, request: dict[str, Any], send: Send | None = No
     batch = request.get("batch")
     crash_or_hang(batch if type(batch) is list else [request])
     if type(batch) is list:
-        return replica.batch(batch)
+        return replica.batch(batch, gated_sender(send))
     return replica.job(request, gated_sender(send))
 
 
