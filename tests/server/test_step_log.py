@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import torch
@@ -80,3 +84,70 @@ def test_a_repeated_step_breaks_the_log_and_ended_logs_are_few() -> None:
     assert log.read(f"j{steps.ENDED_KEPT + 1}", -1).ended
     log.discard(f"j{steps.ENDED_KEPT + 1}")
     assert log.read(f"j{steps.ENDED_KEPT + 1}", 0).gap
+
+
+class _Notifications:
+    """A stand-in for PostgreSQL's NOTIFY, in process: every listener of a channel gets each."""
+
+    def __init__(self) -> None:
+        self.handlers: list[tuple[str, Any]] = []
+
+    def on(self, channel: str, handler: Any) -> None:
+        self.handlers.append((channel, handler))
+
+    @contextmanager
+    def tx(self) -> Iterator[Any]:
+        yield self
+
+    def execute(self, sql: str, params: tuple[list[str], list[str]]) -> None:
+        for channel, payload in zip(*params, strict=True):
+            for listens, handler in self.handlers:
+                if listens == channel:
+                    handler(payload)
+
+
+def _until(done: Any) -> None:
+    deadline = time.monotonic() + 30  # a bound on the wait (a sender thread), not a measurement
+    while not done():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_steps_cross_to_a_frontend_that_wants_them_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two frontends' relays on one (stand-in) database: B's reader gets A's steps, those A
+    logged before it asked first; a step too big for a notification comes without its
+    values; a repeat is not taken twice; nothing crosses for a job nobody elsewhere wants."""
+    from nnglass.server import step_relay
+
+    notes = _Notifications()
+    relays, logs = [], []
+    for _ in range(2):
+        relay = step_relay.PgStepRelay(notes, notes)  # type: ignore[arg-type]
+        log = StepLog(lambda job: None)
+        relay.attach(log)
+        relays.append(relay)
+        logs.append(log)
+    (a, b), (a_log, b_log) = relays, logs
+
+    def made_by_a(k: int, values: bytes | None = None, job: str = "j") -> None:
+        line = {"job": job, "step": k, "tokens": [[k]],
+                **({"values": base64.b64encode(values).decode()} if values else {})}
+        a_log.add(line)
+        a.export(line)
+
+    made_by_a(0, encode_results({1: [torch.ones(2)]}))
+    made_by_a(1)
+    made_by_a(0, job="nobody-wants-it")
+    with b.want("j"):
+        _until(lambda: len(b_log.read("j", -1).steps) == 2)
+        a.export({"job": "j", "step": 1, "tokens": [[1]]})  # a repeat (a backfill's race): not taken again
+        made_by_a(2, b"x" * step_relay.MAX_PAYLOAD)  # too big to notify with its values (sent in order)
+        _until(lambda: len(b_log.read("j", -1).steps) == 3)
+        got = b_log.read("j", -1)
+        assert not got.gap and [s.step for s in got.steps] == [0, 1, 2]
+        assert torch.equal(got.steps[0].values()[1][0], torch.ones(2))
+        assert got.steps[2].dropped and got.steps[2].data is None
+        assert a_log.read("j", -1).steps[2].data is not None  # (A keeps what it made)
+    assert b_log.read("j", -1).steps == [] and b_log.read("nobody-wants-it", -1).steps == []
+    for relay in relays:
+        relay.close()
