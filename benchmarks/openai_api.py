@@ -1,13 +1,15 @@
 """The steering extension's cost: a 32-token chat completion with one steering vector vs the
 same request without it, side by side, with 95% confidence intervals.
 
-    NNGLASS_CACHE=.nnglass-cache python benchmarks/openai_api.py [--rounds 12] [--tokens 32]
+    NNGLASS_CACHE=.nnglass-cache python benchmarks/openai_api.py [--rounds 30] [--tokens 32]
         [--model smollm2-135m] [--site model.layers.12] [--threads 2] [--warmup 2]
         [--worker-rounds 0] [--no-write]
 
 Two measurements, each of `plain` and `steered` requests in pairs, alternating which runs
 first (drift both sides of a pair share cancels); ratio = steered / plain per pair,
-reported as the median with a bootstrap 95% CI over pairs (benchmarks/_stats.py).
+reported as the median with a bootstrap 95% CI over pairs (benchmarks/_stats.py). A pair
+whose two answers have different token counts (an end-of-sequence token came first on one
+side) is counted in `uneven_pairs`: its ratio prices different work.
 
 - Through the service (`--rounds` pairs): `nnglass serve --config` in a subprocess on a free
   loopback port, its own temporary NNGLASS_HOME, serving the model (float32, `--threads`
@@ -129,9 +131,10 @@ def through_service(args: argparse.Namespace, steer: dict[str, Any]) -> dict[str
     streams = streams[-args.rounds:]
     return {**ratio_summary([p[0] for p in plain], [s[0] for s in steered]),
             "tokens": [plain[0][1], steered[0][1]],
+            "uneven_pairs": sum(p[1] != s[1] for p, s in zip(plain, steered)),
             "stream_first_token_p50_s": float(np.median([s["first_token_s"] for s in streams])),
             "stream_end_p50_s": float(np.median([s["end_s"] for s in streams])),
-            "rounds": [{"plain_s": p[0], "steered_s": s[0], **streamed}
+            "rounds": [{"plain_s": p[0], "steered_s": s[0], "tokens": [p[1], s[1]], **streamed}
                        for p, s, streamed in zip(plain, steered, streams)]}
 
 
@@ -177,7 +180,7 @@ def in_worker(args: argparse.Namespace, steer: dict[str, Any]) -> dict[str, Any]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=30, help="pairs through the service (0: skip)")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--site", default="model.layers.12")
@@ -206,7 +209,8 @@ def main() -> None:
     if "service" in result:
         s = result["service"]
         print(f"\nstreamed steered: first token p50 {s['stream_first_token_p50_s']:.3f} s, "
-              f"end p50 {s['stream_end_p50_s']:.3f} s; tokens (plain, steered) {s['tokens']}")
+              f"end p50 {s['stream_end_p50_s']:.3f} s; tokens (plain, steered) {s['tokens']}, "
+              f"pairs of uneven tokens {s['uneven_pairs']}")
     if "worker" in result:
         w = result["worker"]
         print(f"graph build p50 (ms): {w['build_p50_ms']}; one step line: {w['step_line_us']:.1f} us")
