@@ -256,7 +256,8 @@ class RayWorker:
             try:
                 deadline = None if timeout is None else time.monotonic() + timeout
                 ref = self._actor.run.remote(carried)
-                if on_step is not None:
+                generating = any(r.get("steps") for r in (batch if type(batch) is list else [request]))
+                if on_step is not None and generating:  # (only generate jobs make step lines)
                     self._pump(ref, on_step, deadline)
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 return ray.get(ref, timeout=left)
