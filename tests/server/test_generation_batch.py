@@ -182,7 +182,8 @@ def test_a_worker_of_whole_requests_serves_a_session_group_by_group() -> None:
         def __init__(self) -> None:
             self.sent: list[Any] = []
 
-        def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        def run(self, request: dict[str, Any], timeout: float | None = None,
+                on_step: Any = None) -> dict[str, Any]:  # (the Worker protocol's run)
             self.sent.append(request)
             if "batch" not in request:
                 return {"job": request["job"], "status": "COMPLETED"}
