@@ -1,14 +1,19 @@
 """Fuzzing fixtures: real graphs recorded with the library (the seeds of the mutations).
-How many cases each property runs: `graph_strategies.cases`."""
+How many cases each property runs: `graph_strategies.cases`.
+
+The long run caps this process's address space (and so its servers' and workers', which
+inherit it): a runaway allocation is a MemoryError that hypothesis reports with its
+case, not the kernel's out-of-memory killer taking the run and its report with it."""
 
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 import pytest
 import torch
-from graph_strategies import Recorded
+from graph_strategies import PROFILE, Recorded
 
 from nnglass import LanguageModel
 from nnglass.graph import wire
@@ -17,6 +22,15 @@ from service_fixtures import recording
 from service_fixtures import start_server as start_server  # the fixtures, by name
 from service_fixtures import tiny_config as tiny_config
 from service_fixtures import tiny_dir as tiny_dir
+
+LONG_RUN_ADDRESS_SPACE = 8 * 2**30  # each process; the fuzzed ones use under 1 GiB
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if PROFILE == "long":
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        cap = LONG_RUN_ADDRESS_SPACE if hard == resource.RLIM_INFINITY else min(hard, LONG_RUN_ADDRESS_SPACE)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
 
 
 @pytest.fixture(scope="session")

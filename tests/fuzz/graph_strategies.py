@@ -7,13 +7,16 @@ added to the schema is fuzzed without a change here. Nesting is bounded by a bud
 each $ref spends; past it only scalars are drawn. Generated documents are valid JSON
 *shapes*; what they mean (ops, references, sizes) is mostly wrong, which is the point.
 
-`mutated` takes one recorded (graph JSON, safetensors bytes) pair and changes one thing:
+`mutated_json` takes one recorded (graph JSON, safetensors bytes) pair and changes one thing:
 a value anywhere in the tree (type, size, sign, nesting), an op name, a reference, a
 node's id, a field removed or added, the tensor manifest, or the safetensors header.
+Each case is its own: a change never reaches an object another case holds (`mutate`
+copies what it puts in), so a case depends only on its own draws and replays the same.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -179,7 +182,7 @@ replacements = st.one_of(
     scalars, from_schema(SCHEMA["$defs"]["value"], 3), st.sampled_from(OPS),
     st.builds(lambda i: {"$": "ref", "id": i}, st.integers(-2, 60)),
     st.builds(lambda k: {"$": "tensor", "key": k}, st.sampled_from(["t0", "t1", "nope", "../x", ""])),
-    st.builds(nested, st.integers(20, 80)), st.just({}), st.just([]),
+    st.builds(nested, st.integers(20, 80)), st.builds(dict), st.builds(list),
     st.builds(lambda n: "x" * n, st.sampled_from([4096, 4097, 70_000])),
 )
 
@@ -187,6 +190,25 @@ replacements = st.one_of(
 def _nodes(doc: Any) -> list:
     nodes = doc.get("nodes") if isinstance(doc, dict) else None
     return nodes if isinstance(nodes, list) else []
+
+
+def mutate(doc: Any, action: str, path: tuple = (), value: Any = None, key: str = "") -> Any:
+    """`doc` with one change: `value` put at `path` ("replace") or under `key` of the root
+    ("add"), or the value at `path` removed ("delete"). The value goes in as a copy: a
+    strategy may hand the same object to many draws (`st.just`, `st.sampled_from`), and
+    the next change, made in place, would then reach into other cases, or make a
+    document that contains itself (tests/fuzz/test_strategies.py)."""
+    value = copy.deepcopy(value)
+    if action == "replace":
+        return _set(doc, path, value)
+    if action == "delete":
+        return _delete(doc, path)
+    if action == "add" and isinstance(doc, dict):
+        doc[key] = value
+    return doc
+
+
+ROOT_KEYS = ["extra", "$", "op", "id", "save", "site"]
 
 
 @st.composite
@@ -198,11 +220,11 @@ def mutated_json(draw: st.DrawFn, recorded: list[tuple[Doc, bytes | None]]) -> t
         path = draw(st.sampled_from(_paths(doc)))
         action = draw(st.sampled_from(["replace", "replace", "delete", "add", "op", "dup"]))
         if action == "replace":
-            doc = _set(doc, path, draw(replacements))
+            doc = mutate(doc, action, path, draw(replacements))
         elif action == "delete":
-            doc = _delete(doc, path)
+            doc = mutate(doc, action, path)
         elif action == "add" and isinstance(doc, dict):
-            doc[draw(st.sampled_from(["extra", "$", "op", "id", "save", "site"]))] = draw(replacements)
+            doc = mutate(doc, action, value=draw(replacements), key=draw(st.sampled_from(ROOT_KEYS)))
         elif action == "op" and _nodes(doc):
             node = draw(st.sampled_from(doc["nodes"]))
             if isinstance(node, dict):
