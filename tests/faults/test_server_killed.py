@@ -10,6 +10,10 @@ the same home (database and results). The documented outcomes (docs/security.md,
   same result downloads whole.
 - mid-upload: the half-sent job was never accepted, so it is nowhere: no row, no files;
   the job store and the result folder hold exactly the accepted jobs, no temporary files.
+  An upload killed after its graph was stored and before its row (the database locked
+  by another connection holds it there) leaves a folder no row names: the restarted
+  server removes it (server/leftovers.py) once it is older than the age a submission
+  in flight can have (the test sets its file times back by that much), and nothing else.
 
 The running job is held in the worker by its test hook (NNGLASS_WORKER_TEST_HANG names it
 once the server has given it its id; a slow job before it keeps the worker busy until
@@ -20,20 +24,28 @@ server runs each job alone (`share_jobs = 1`): these are restarts, not shared pa
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from fault_kit import PROMPTS, TERMINAL, alive, assert_as_alone, big, encode, record, submit, until, wait_for
+from fault_kit import PROMPTS, TERMINAL, alive, assert_as_alone, big, post, record, submit, until, wait_for
 
 from nnglass import LanguageModel
+from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
 from nnglass.server.jobs import SQLiteJobStore
+from nnglass.server.leftovers import PARTIAL_AGE_S
 from nnglass.server.worker import TEST_HANG
 from saved_values import assert_bitwise_equal
 from service_fixtures import slow_graph
@@ -52,6 +64,7 @@ class Killed:
     old_worker: int
     download_error: BaseException | None
     received: int  # bytes of the download the client had when the server died
+    partial: str  # the folder of the upload killed between its graph and its row
 
 
 def half_upload(url: str, key: str, body: bytes) -> socket.socket:
@@ -62,6 +75,43 @@ def half_upload(url: str, key: str, body: bytes) -> socket.socket:
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
     sock.sendall(head.encode() + body[: len(body) // 2])
     return sock
+
+
+def post_cut_off(server: Any, key: str, graph: Graph) -> None:
+    """Submit `graph` to a server that dies before it answers."""
+    with server.client(key) as http, contextlib.suppress(httpx.HTTPError):
+        r = post(http, graph)
+        raise AssertionError(f"the server answered {r.status_code} before it was killed: {r.text}")
+
+
+def aged(folder: Path, seconds: float) -> None:
+    """Set back the modification times of `folder` and its files by `seconds`."""
+    for p in [*folder.iterdir(), folder]:
+        t = p.stat().st_mtime - seconds
+        os.utime(p, (t, t))
+
+
+@contextlib.contextmanager
+def stored_without_row(server: Any, key: str, graph: Graph) -> Iterator[str]:
+    """A submission caught between its graph and its row: another connection holds the
+    database's write lock (reads go on: WAL), so the server has stored the graph and
+    waits to write the row. Yields the job's folder name; the lock goes on exit."""
+    jobs = server.home / "jobs"
+    before = set(os.listdir(jobs))
+    holder = sqlite3.connect(server.home / "nnglass.db", isolation_level=None, timeout=30)
+    holder.execute("BEGIN EXCLUSIVE")
+    upload = threading.Thread(target=post_cut_off, args=(server, key, graph), daemon=True)
+    upload.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (new := [n for n in set(os.listdir(jobs)) - before if (jobs / n / "graph.json").exists()]):
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.005)
+        yield new[0]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        upload.join(timeout=30)
 
 
 def alone(config_text: str) -> str:
@@ -93,12 +143,13 @@ def killed(start_server: Callable[..., Any], tiny_config: Callable[..., str],
         graphs[queued] = graph
         assert wait_for(http, downloaded)["status"] == "COMPLETED"
         old_worker = first.worker_pid("tiny")
-        upload = half_upload(first.url, key, encode(record(lm, PROMPTS[3]))[0])
         received, error = 0, None
         with http.stream("GET", f"/v1/jobs/{downloaded}/result") as download:
             chunks = download.iter_raw(1 << 16)
             received += len(next(chunks))
-            first.kill()  # SIGKILL, mid-upload, mid-run, mid-download
+            upload = half_upload(first.url, key, wire.encode(record(lm, PROMPTS[3]))[0])
+            with stored_without_row(first, key, record(lm, PROMPTS[0])) as partial:
+                first.kill()  # SIGKILL, mid-upload (two), mid-run, mid-download
             try:
                 for chunk in chunks:
                     received += len(chunk)
@@ -106,8 +157,10 @@ def killed(start_server: Callable[..., Any], tiny_config: Callable[..., str],
                 error = e
         upload.close()
     hang.write_text("")
+    assert (home / "jobs" / partial / "graph.json").is_file()  # the kill came between graph and row
+    aged(home / "jobs" / partial, PARTIAL_AGE_S + 60)  # as if the restart came that much later
     second = start_server("killed", alone(tiny_config(run_seconds=20)), home=home)
-    yield Killed(second, key, graphs, running, queued, downloaded, old_worker, error, received)
+    yield Killed(second, key, graphs, running, queued, downloaded, old_worker, error, received, partial)
     second.stop()
 
 
@@ -140,6 +193,7 @@ def test_a_half_download_is_an_error_and_downloads_whole_after(killed: Killed, l
 
 def test_a_half_upload_leaves_nothing(killed: Killed) -> None:
     home = killed.server.home
+    until(lambda: not (home / "jobs" / killed.partial).exists(), "the half-written job to be swept")
     with killed.server.client(killed.key) as http:
         listed = {j["id"] for j in http.get("/v1/jobs").json()["jobs"]}
     assert listed == set(killed.graphs)

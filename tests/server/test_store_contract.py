@@ -5,6 +5,7 @@ unreachable database or bucket is a 503, keys hashed in PostgreSQL too)."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 
 from nnglass.errors import UnavailableError
-from nnglass.server.jobs import Job, JobStatus, new_job_id
+from nnglass.server.jobs import Job, JobStatus, SQLiteJobStore, new_job_id
+from nnglass.server.leftovers import PARTIAL_AGE_S, sweep_partial
 from nnglass.server.pg import MIGRATIONS, Database
 from nnglass.server.pg_events import Listener
 from nnglass.server.pg_queue import PgQueue
@@ -76,6 +78,26 @@ def test_local_files_carry_what_a_worker_writes(results: Any) -> None:
     files.commit()  # no result written: nothing stored
     files.close()
     assert results.result_size(bare) is None
+
+
+def test_half_written_jobs_are_swept_once_old_and_nothing_else(results: Any, tmp_path: Path) -> None:
+    """A job's files with no row (a submission killed before its row) go once older than
+    PARTIAL_AGE_S; a job with a row keeps its files, however old; a young rowless job
+    may be a submission in flight and stays."""
+    with SQLiteJobStore(tmp_path / "nnglass.db") as jobs:
+        kept = jobs.create(Job(key_id="k", model="m")).id
+        results.save_graph(kept, b"G", b"T")
+        results.write_result(kept, b"R")
+        partial, bare = new_job_id(), new_job_id()
+        results.save_graph(partial, b"G", b"T")
+        results.save_graph(bare, b"G")
+        assert set(results.stored_before(time.time() + 5)) == {kept, partial, bare}
+        assert sweep_partial(results, jobs) == []  # all young: may be in flight
+        later = time.time() + PARTIAL_AGE_S + 5
+        assert sorted(sweep_partial(results, jobs, now=later)) == sorted([partial, bare])
+        assert not results.has_graph(partial) and not results.has_graph(bare)
+        assert results.load_graph(kept) == (b"G", b"T") and results.result_size(kept) == 1
+        assert sweep_partial(results, jobs, now=later) == []
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "", "short", "x" * 65, "a" * 20 + "\x00", None])

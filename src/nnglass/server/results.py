@@ -12,6 +12,9 @@ Invariants:
   only a `.tmp-*` file that `delete` removes with the directory. Like the job store,
   files survive the process dying; no fsync per job (only an OS crash could lose the
   newest ones — a ~7 ms cost per job on this kind of disk, see docs/benchmarks.md).
+- `stored_before(when)` lists the jobs whose files are all older than `when`: the
+  service removes those with no row (a submission killed between its graph and its
+  row), never a folder young enough to be a submission still in flight.
 - A write that fails (a full disk, a read-only one) raises OSError and leaves nothing
   behind; callers turn it into a 503 (a submission) or the job's ERROR (a result), with
   `why_not_stored(e)`: the reason, never a path of the server's.
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-__all__ = ["DirResultStore", "LocalFiles", "ResultStore", "check_job_id", "why_not_stored"]
+__all__ = ["DirResultStore", "LocalFiles", "ResultStore", "check_job_id", "is_job_id", "why_not_stored"]
 
 GRAPH_FILE = "graph.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -43,9 +46,13 @@ RESULT_FILE = "result.safetensors"
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
+def is_job_id(name: object) -> bool:
+    return isinstance(name, str) and _JOB_ID.fullmatch(name) is not None
+
+
 def check_job_id(job_id: object) -> str:
     """`job_id` if it is a well-formed job id, else ValueError (it may come from a URL)."""
-    if not isinstance(job_id, str) or _JOB_ID.fullmatch(job_id) is None:
+    if not is_job_id(job_id):
         raise ValueError(f"not a job id: {str(job_id)[:80]!r} (expected 16-64 of [A-Za-z0-9_-])")
     return job_id
 
@@ -79,6 +86,7 @@ class ResultStore(Protocol):
     def result_size(self, job_id: str) -> int | None: ...
     def open(self, job_id: str) -> BinaryIO: ...
     def delete(self, job_id: str) -> bool: ...
+    def stored_before(self, when: float) -> list[str]: ...
 
 
 class DirResultStore:
@@ -160,3 +168,18 @@ class DirResultStore:
             return False
         shutil.rmtree(d)
         return True
+
+    def stored_before(self, when: float) -> list[str]:
+        """The jobs whose files were all last written before `when` (epoch seconds, the
+        file system's clock), a folder that vanishes meanwhile left out."""
+        out = []
+        for d in self.root.iterdir():
+            if not is_job_id(d.name) or d.is_symlink() or not d.is_dir():
+                continue
+            try:
+                newest = max([d.stat().st_mtime, *(f.lstat().st_mtime for f in d.iterdir())])
+            except FileNotFoundError:  # deleted (expired, refused) while we looked
+                continue
+            if newest < when:
+                out.append(d.name)
+        return out

@@ -41,7 +41,7 @@ import botocore.exceptions
 from botocore.config import Config
 
 from ..errors import UnavailableError
-from .results import GRAPH_FILE, RESULT_FILE, TENSORS_FILE, LocalFiles, check_job_id
+from .results import GRAPH_FILE, RESULT_FILE, TENSORS_FILE, LocalFiles, check_job_id, is_job_id
 
 __all__ = ["S3ResultStore"]
 
@@ -237,3 +237,16 @@ class S3ResultStore:
                 Bucket=self.bucket, Delete={"Objects": [{"Key": o["Key"]} for o in listed]}
             )
         return True
+
+    def stored_before(self, when: float) -> list[str]:
+        """The jobs whose objects were all last written before `when` (epoch seconds, the
+        storage's clock; S3 keeps whole seconds)."""
+        base = f"{self.prefix}/" if self.prefix else ""
+        newest: dict[str, float] = {}
+        with _reachable():
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                for o in page.get("Contents", []):
+                    job, slash, _ = o["Key"][len(base):].partition("/")
+                    if slash:
+                        newest[job] = max(newest.get(job, 0.0), o["LastModified"].timestamp())
+        return [job for job, t in newest.items() if t < when and is_job_id(job)]

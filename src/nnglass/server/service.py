@@ -20,7 +20,8 @@ Invariants:
 - The stores, the queue and the event hub come from `stores.open_stores` (SQLite, a
   folder and this process's memory by default; PostgreSQL and S3 shared by several
   frontends otherwise); nothing here asks which. Jobs no live process holds (a
-  previous run's, or a dead frontend's) are recovered at start and every few seconds.
+  previous run's, or a dead frontend's) are recovered at start and every few seconds;
+  the files of a submission killed before its row are removed (leftovers.py).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from .batching import GENERATION, cost_of, prompt_tokens, share_of
 from .config import ServerConfig
 from .engines import WorkerFactory, configured_worker
 from .jobs import Job, JobStatus
+from .leftovers import PARTIAL_AGE_S, sweep_partial
 from .model_state import ModelState
 from .policy import check_policy
 from .replica import Replica, Worker
@@ -347,10 +349,15 @@ class Service:
                 log.warning("cannot renew this frontend's lease: %s", e.message)
 
     def _upkeep_loop(self) -> None:
-        """Orphaned jobs (every _TICK_S), expired results (less often)."""
+        """Orphaned jobs (every _TICK_S), expired results (less often), half-written
+        jobs a killed server left (at start, then every PARTIAL_AGE_S)."""
         every, last = min(60.0, max(1.0, self.config.result_ttl_s / 4)), time.monotonic()
+        swept = -PARTIAL_AGE_S
         while not self._stop.wait(_TICK_S):
             try:
+                if time.monotonic() - swept >= PARTIAL_AGE_S:
+                    sweep_partial(self.results, self.jobs)
+                    swept = time.monotonic()
                 self._recover()
                 if time.monotonic() - last >= every:
                     last = time.monotonic()
