@@ -149,14 +149,17 @@ def test_post_jobs_never_fails_the_server(live: Live, recorded: Recorded, fuzz_l
     def framing(case: tuple[bytes, str]) -> None:
         send(live, *case)
 
+    steps = []  # server + worker RSS growth after each property: a leak climbs, a cache levels off
     for prop in (schema, mutations, tensors, framing):
         prop()
+        steps.append(f"{(rss(server_pid) + rss(worker_pid) - before) / MiB:+.1f}")
     refused = sum(n for status, n in live.answers.items() if status >= 400)
     assert live.answers.get(202, 0) > 0 and refused > 0, live.answers
     assert worker_pid == live.server.worker_pid("tiny"), "the worker restarted: a fuzz case killed it"
     grown = rss(server_pid) + rss(worker_pid) - before
-    print(f"\nfuzz answers {dict(sorted(live.answers.items()))}; server + worker RSS "
-          f"{before / MiB:.1f} MiB, grew {grown / MiB:.2f} MiB")  # shown with -s
+    print(f"\nfuzz answers {dict(sorted(live.answers.items()))} ({sum(live.answers.values())} in all); "
+          f"server + worker RSS {before / MiB:.1f} MiB, grew {grown / MiB:.2f} MiB "
+          f"(after each property: {' '.join(steps)} MiB)")  # shown with -s
     assert grown < RSS_MARGIN, f"server + worker RSS grew {grown / MiB:.1f} MiB over the fuzz run"
     # Still serving a normal job, with the right result.
     graph_json, tensor_bytes = wire.encode(small_graph(fuzz_lm))
