@@ -1,6 +1,7 @@
-"""Shared fixtures for the service tests (tests/server, tests/fuzz): a tiny model on disk,
-a real server on loopback (on either store combination). Each conftest that needs them
-imports the fixtures by name."""
+"""Shared fixtures for the service tests (tests/server, tests/fuzz, tests/faults): a tiny
+model on disk, a real server on loopback (on either store combination), the graphs they
+submit, and the client side (post, submit, wait_for, assert_as_alone). Each conftest that
+needs the fixtures imports them by name."""
 
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ import torch
 import transformers
 
 import nnglass
+from nnglass.graph import wire
+from nnglass.graph.results import decode_results
 from nnglass.server.auth import KeyStore
 from nnglass.server.config import load_config
 from nnglass.server.jobs import SQLiteJobStore
 from nnglass.server.pg import Database
 from nnglass.server.pg_stores import PgJobStore
 from nnglass.server.stores import open_keys
+from saved_values import assert_bitwise_equal  # tests/saved_values.py
 
 TINY = "tiny"
 
@@ -301,3 +305,64 @@ def slow_graph(lm: Any, n: int = 2000, k: int = 8) -> Any:
             m = m @ m
         m.sum().save()
     return tracer.graph
+
+
+PROMPTS = ["hello there", "goodbye you", "how are you", "whats up yo"]  # one padded width: one pass
+
+
+def record(lm: Any, prompt: str = PROMPTS[0]) -> Any:
+    """A forward-only graph that reads and writes (so a wrong row or a lost setter shows)."""
+    with recording(lm.trace(prompt)) as tracer:
+        lm.model.layers[0].output[:, -1] = 0
+        lm.model.layers[1].output.save()
+        lm.output.logits[:, -1].save()
+    return tracer.graph
+
+
+# --- the client side: submitting and waiting as a client does ---------------------------
+
+TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
+
+
+def post(http: httpx.Client, graph: Any) -> httpx.Response:
+    """Submit a graph as the client does (multipart when it carries tensors, as the token
+    ids of a recorded trace are)."""
+    json_bytes, tensors = wire.encode(graph)
+    if tensors is None:
+        return http.post("/v1/jobs", content=json_bytes, headers={"Content-Type": "application/json"})
+    files = {"graph": ("graph.json", json_bytes, "application/json"),
+             "tensors": ("t.safetensors", tensors, "application/octet-stream")}
+    return http.post("/v1/jobs", files=files)
+
+
+def submit(http: httpx.Client, graph: Any) -> str:
+    """The accepted job's id (a 202, else the test fails with the answer)."""
+    r = post(http, graph)
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def wait_for(http: httpx.Client, job: str, statuses: tuple[str, ...] = TERMINAL, timeout: float = 120.0,
+             *, unavailable_ok: bool = False) -> dict[str, Any]:
+    """The job's record once its status is one of `statuses`; any answer but a 200 fails,
+    except, with `unavailable_ok`, a 503 with Retry-After (a database coming back)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = http.get(f"/v1/jobs/{job}")
+        if unavailable_ok and r.status_code == 503:
+            assert "Retry-After" in r.headers, r.text
+        else:
+            assert r.status_code == 200, r.text
+            info = r.json()
+            if info["status"] in statuses:
+                return dict(info)
+        assert time.monotonic() < deadline, f"job still {r.status_code} {r.text[:300]} after {timeout} s"
+        time.sleep(0.05)
+
+
+def assert_as_alone(http: httpx.Client, job: str, lm: Any, graph: Any, *,
+                    unavailable_ok: bool = False) -> None:
+    """The job completed, and its saved values are bitwise what the graph gives run alone."""
+    info = wait_for(http, job, unavailable_ok=unavailable_ok)
+    assert info["status"] == "COMPLETED", info
+    assert_bitwise_equal(decode_results(http.get(f"/v1/jobs/{job}/result").content), lm.run_graph(graph))

@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from fault_kit import PROMPTS, assert_as_alone, record, submit, wait_for
 from live_service import Live, live
 
 from nnglass import LanguageModel
 from nnglass.server import clock
+from service_fixtures import PROMPTS, assert_as_alone, record, submit, wait_for
 
 TTL = 60.0
 STEP = 3600.0  # the clock goes back an hour

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fault_kit import PROMPTS, assert_as_alone, big, post, record, submit, wait_for
+from fault_kit import big
 from live_service import Live, live
 
 from nnglass import LanguageModel
 from nnglass.server import stores, worker
 from nnglass.server.config import ServerConfig
 from nnglass.server.results import GRAPH_FILE, RESULT_FILE, TENSORS_FILE, DirResultStore, LocalFiles
+from service_fixtures import PROMPTS, assert_as_alone, post, record, submit, wait_for
 
 FULL = os.strerror(errno.ENOSPC)  # "No space left on device"
 

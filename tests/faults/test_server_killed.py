@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from fault_kit import PROMPTS, TERMINAL, alive, assert_as_alone, big, post, record, submit, until, wait_for
+from fault_kit import alive, big, until
 
 from nnglass import LanguageModel
 from nnglass.graph import wire
@@ -48,7 +48,7 @@ from nnglass.server.jobs import SQLiteJobStore
 from nnglass.server.leftovers import PARTIAL_AGE_S
 from nnglass.server.worker import TEST_HANG
 from saved_values import assert_bitwise_equal
-from service_fixtures import slow_graph
+from service_fixtures import PROMPTS, TERMINAL, assert_as_alone, post, record, slow_graph, submit, wait_for
 
 
 @dataclass

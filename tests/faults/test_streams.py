@@ -20,13 +20,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fault_kit import PROMPTS, assert_as_alone, big, open_files, record, submit, until, wait_for
+from fault_kit import big, open_files, until
 from live_service import Live, live
 
 from nnglass import LanguageModel
 from nnglass.graph.results import decode_results
 from nnglass.server.results import RESULT_FILE
 from saved_values import assert_bitwise_equal
+from service_fixtures import PROMPTS, assert_as_alone, record, submit, wait_for
 
 ROUNDS = 5  # each drops two event streams and a download
 

@@ -24,13 +24,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from fault_kit import PROMPTS, TERMINAL, assert_as_alone, record, submit, until, wait_for
+from fault_kit import until
 
 from nnglass import LanguageModel
 from nnglass.graph.ir import Graph
 from nnglass.server.jobs import SQLiteJobStore
 from nnglass.server.worker import TEST_HANG
-from service_fixtures import recording, slow_graph
+from service_fixtures import (
+    PROMPTS,
+    TERMINAL,
+    assert_as_alone,
+    record,
+    recording,
+    slow_graph,
+    submit,
+    wait_for,
+)
 
 
 def generation(lm: LanguageModel, prompt: str) -> Graph:

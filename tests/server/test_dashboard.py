@@ -26,12 +26,16 @@ import httpx
 import pytest
 
 from nnglass import LanguageModel
-from nnglass.graph import wire
 from nnglass.graph.ir import Graph
-from service_fixtures import recording, slow_graph, small_graph  # tests/service_fixtures.py, shared
+from service_fixtures import (  # tests/service_fixtures.py, shared
+    recording,
+    slow_graph,
+    small_graph,
+    submit,
+    wait_for,
+)
 
 NAME = "tiny"
-TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HOSTILE_WHERE = '<img src=x id="pwned">.py:7'  # a "file:line" a client made up: shown as text
 
@@ -59,25 +63,6 @@ def failing_graph(lm: LanguageModel) -> Graph:
     graph = tracer.graph
     nodes = [dataclasses.replace(n, where=HOSTILE_WHERE) for n in graph.nodes]
     return dataclasses.replace(graph, nodes=nodes)
-
-
-def submit(http: httpx.Client, graph: Graph) -> str:
-    json_bytes, tensors = wire.encode(graph)
-    files = {"graph": ("graph.json", json_bytes, "application/json")}
-    if tensors is not None:
-        files["tensors"] = ("t.safetensors", tensors, "application/octet-stream")
-    r = http.post("/v1/jobs", files=files)
-    assert r.status_code == 202, r.text
-    return str(r.json()["id"])
-
-
-def wait_for(http: httpx.Client, job_id: str, statuses: tuple[str, ...] = TERMINAL) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
-    while True:
-        info = http.get(f"/v1/jobs/{job_id}").json()
-        if info["status"] in statuses or time.monotonic() > deadline:
-            return info
-        time.sleep(0.1)
 
 
 def client(server: Any, name: str) -> httpx.Client:

@@ -36,7 +36,6 @@ from fastapi.testclient import TestClient
 
 from nnglass import LanguageModel
 from nnglass.errors import UnavailableError
-from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
 from nnglass.server.app import create_app
@@ -45,11 +44,19 @@ from nnglass.server.config import ServerConfig
 from nnglass.server.jobs import SQLiteJobStore
 from nnglass.server.worker import TEST_CRASH, TEST_HANG
 from saved_values import assert_bitwise_equal  # tests/saved_values.py
-from service_fixtures import ON_BOTH_BACKENDS, recording, slow_graph
+from service_fixtures import (
+    ON_BOTH_BACKENDS,
+    PROMPTS,
+    TERMINAL,
+    assert_as_alone,
+    post,
+    record,
+    slow_graph,
+    submit,
+    wait_for,
+)
 
 NAME = "tiny"
-TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
-PROMPTS = ["hello there", "goodbye you", "how are you", "whats up yo"]  # one padded width: one pass
 RUN_SECONDS = 2  # the faulty server's time limit (its kill backstop is 10 s later)
 CRASHED = {"subprocess": "crashed (exit code 70)", "ray": "the worker crashed"}
 
@@ -66,55 +73,9 @@ def lm(tiny_dir: Path) -> LanguageModel:
     return LanguageModel(str(tiny_dir), name=NAME)
 
 
-def record(lm: LanguageModel, prompt: str) -> Graph:
-    """A forward-only graph that reads and writes (so a wrong row or a lost setter shows)."""
-    with recording(lm.trace(prompt)) as tracer:
-        lm.model.layers[0].output[:, -1] = 0
-        lm.model.layers[1].output.save()
-        lm.output.logits[:, -1].save()
-    return tracer.graph
-
-
 def slow(lm: LanguageModel, n: int = 2000, k: int = 8) -> Graph:
     """A job that keeps the worker busy for a second or two."""
     return slow_graph(lm, n, k)
-
-
-def post(http: httpx.Client, graph: Graph) -> httpx.Response:
-    """Submit a graph as the client does (multipart: the token ids travel as tensors)."""
-    json_bytes, tensors = wire.encode(graph)
-    if tensors is None:
-        return http.post("/v1/jobs", content=json_bytes, headers={"Content-Type": "application/json"})
-    files = {
-        "graph": ("graph.json", json_bytes, "application/json"),
-        "tensors": ("t.safetensors", tensors, "application/octet-stream"),
-    }
-    return http.post("/v1/jobs", files=files)
-
-
-def submit(http: httpx.Client, graph: Graph) -> str:
-    r = post(http, graph)
-    assert r.status_code == 202, r.text
-    return str(r.json()["id"])
-
-
-def wait_for(
-    http: httpx.Client, job: str, statuses: tuple[str, ...] = TERMINAL, timeout: float = 120.0
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = http.get(f"/v1/jobs/{job}").json()
-        if info["status"] in statuses:
-            return info
-        assert time.monotonic() < deadline, f"job still {info} after {timeout} s"
-        time.sleep(0.05)
-
-
-def assert_as_alone(http: httpx.Client, job: str, lm: LanguageModel, graph: Graph) -> None:
-    """The job completed, and its saved values are bitwise what the graph gives run alone."""
-    info = wait_for(http, job)
-    assert info["status"] == "COMPLETED", info
-    assert_bitwise_equal(decode_results(http.get(f"/v1/jobs/{job}/result").content), lm.run_graph(graph))
 
 
 # --- 1. a job that kills the worker in a shared pass fails only itself -----------------------

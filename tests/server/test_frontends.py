@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,16 +20,13 @@ import psycopg
 import pytest
 
 from nnglass import LanguageModel
-from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
 from saved_values import assert_bitwise_equal
-from service_fixtures import recording, small_graph
+from service_fixtures import TERMINAL, recording, small_graph, submit, wait_for
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 import load_frontends  # benchmarks/ is not a package
-
-TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
 
 
 def slow_graph(lm: LanguageModel, n: int = 1500, k: int = 10) -> Graph:
@@ -41,31 +37,6 @@ def slow_graph(lm: LanguageModel, n: int = 1500, k: int = 10) -> Graph:
             m = m @ m
         m.sum().save()
     return tracer.graph
-
-
-def post(http: httpx.Client, graph: Graph) -> httpx.Response:
-    json_bytes, tensors = wire.encode(graph)
-    files = {"graph": ("graph.json", json_bytes, "application/json")}
-    if tensors is not None:
-        files["tensors"] = ("t.safetensors", tensors, "application/octet-stream")
-    return http.post("/v1/jobs", files=files)
-
-
-def submit(http: httpx.Client, graph: Graph) -> str:
-    r = post(http, graph)
-    assert r.status_code == 202, r.text
-    return str(r.json()["id"])
-
-
-def wait_for(http: httpx.Client, job_id: str, statuses: tuple[str, ...] = TERMINAL,
-             timeout: float = 90.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = http.get(f"/v1/jobs/{job_id}").json()
-        if info["status"] in statuses:
-            return info
-        assert time.monotonic() < deadline, info
-        time.sleep(0.05)
 
 
 def running_on(server: Any, key: str) -> int:

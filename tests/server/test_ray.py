@@ -26,13 +26,11 @@ import pytest
 import torch
 
 from nnglass import LanguageModel
-from nnglass.graph import wire
 from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
-from service_fixtures import recording
+from service_fixtures import recording, submit, wait_for
 
 TINY, SIDE = "tiny", "side"
-TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
 
 
 def two_nodes_toml(tiny_dir: Path) -> str:
@@ -82,25 +80,6 @@ def record(lm: LanguageModel, prompt: str, size: int = 0) -> Graph:
             m.sum().save()
         lm.output.logits[:, -1].save()
     return tracer.graph
-
-
-def submit(http: httpx.Client, graph: Graph) -> str:
-    json_bytes, tensors = wire.encode(graph)
-    files = {"graph": ("graph.json", json_bytes, "application/json")}
-    if tensors is not None:
-        files["tensors"] = ("t.safetensors", tensors, "application/octet-stream")
-    r = http.post("/v1/jobs", files=files)
-    assert r.status_code == 202, r.text
-    return str(r.json()["id"])
-
-
-def wait_for(http: httpx.Client, job: str, statuses: tuple[str, ...] = TERMINAL,
-             timeout: float = 120.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while (info := http.get(f"/v1/jobs/{job}").json())["status"] not in statuses:
-        assert time.monotonic() < deadline, f"job still {info} after {timeout} s"
-        time.sleep(0.05)
-    return info
 
 
 def assert_as_local(http: httpx.Client, job: str, lm: LanguageModel, graph: Graph) -> None:

@@ -46,13 +46,19 @@ from nnglass import (
     TimeLimitError,
     _config,
 )
-from nnglass.graph import wire
-from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
-from service_fixtures import ON_BOTH_BACKENDS, recording, slow_graph, small_graph  # tests/service_fixtures.py
+from service_fixtures import (  # tests/service_fixtures.py
+    ON_BOTH_BACKENDS,
+    TERMINAL,
+    post,
+    recording,
+    slow_graph,
+    small_graph,
+    submit,
+    wait_for,
+)
 
 NAME, LOCKED = "tiny", "locked"
-TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
 
 
 def locked_model(source: Path, threads: int) -> str:
@@ -149,35 +155,6 @@ def line(offset: int = 0) -> str:
     """file:line of the caller's line plus `offset` (what a node made there records)."""
     frame = sys._getframe(1)
     return f"{frame.f_code.co_filename}:{frame.f_lineno + offset}"
-
-
-def post(http: httpx.Client, graph: Graph) -> httpx.Response:
-    """Submit a graph as the client does (multipart when it carries tensors)."""
-    json_bytes, tensor_bytes = wire.encode(graph)
-    if tensor_bytes is None:
-        return http.post("/v1/jobs", content=json_bytes, headers={"Content-Type": "application/json"})
-    files = {"graph": ("graph.json", json_bytes, "application/json"),
-             "tensors": ("t.safetensors", tensor_bytes, "application/octet-stream")}
-    return http.post("/v1/jobs", files=files)
-
-
-def submit(http: httpx.Client, graph: Graph) -> str:
-    r = post(http, graph)
-    assert r.status_code == 202, r.text
-    return str(r.json()["id"])
-
-
-def wait_for(http: httpx.Client, job_id: str, statuses: tuple[str, ...] = TERMINAL,
-             timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = http.get(f"/v1/jobs/{job_id}")
-        assert r.status_code == 200, r.text
-        info = r.json()
-        if info["status"] in statuses:
-            return info
-        assert time.monotonic() < deadline, f"job still {info} after {timeout} s"
-        time.sleep(0.05)
 
 
 def assert_same(a: Any, b: Any) -> None:
