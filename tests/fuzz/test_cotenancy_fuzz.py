@@ -75,7 +75,7 @@ def _close(a: Any, b: Any) -> None:
 def test_merged_pairs_equal_each_alone(fuzz_lm: LanguageModel) -> None:
     lm = fuzz_lm
 
-    @cases(40, deadline_s=60)
+    @cases(40)
     @given(job, job, st.integers(1, 12))
     def prop(a: Any, b: Any, width: int) -> None:
         graphs = [record(lm, a, width), record(lm, b, width)]

@@ -65,7 +65,7 @@ def live(start_server: Callable[..., Any], tiny_config: Callable[..., str],
 
 
 def send(live: Live, body: bytes, content_type: str) -> None:
-    r = live.http.post("/v1/jobs", content=body, headers={"Content-Type": content_type}, timeout=20)
+    r = live.http.post("/v1/jobs", content=body, headers={"Content-Type": content_type}, timeout=60)
     live.answers[r.status_code] = live.answers.get(r.status_code, 0) + 1
     assert r.status_code < 500, (r.status_code, r.text[:500])
     if r.status_code >= 400:
