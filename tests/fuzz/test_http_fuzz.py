@@ -31,9 +31,8 @@ from hypothesis import strategies as st
 from nnglass import LanguageModel
 from nnglass.graph import wire
 from nnglass.server.results import check_job_id
-from service_fixtures import small_graph
+from service_fixtures import TERMINAL, small_graph
 
-TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
 MiB = 2**20
 RSS_MARGIN = 24 * MiB  # server + worker growth allowed over the whole run (see docs/security.md)
 

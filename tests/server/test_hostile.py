@@ -31,10 +31,9 @@ from nnglass import LanguageModel
 from nnglass.graph import wire
 from nnglass.graph.ir import WIRE_VERSION
 from nnglass.graph.results import decode_results
-from service_fixtures import ON_BOTH_BACKENDS, slow_graph, small_graph  # tests/service_fixtures.py
+from service_fixtures import ON_BOTH_BACKENDS, slow_graph, small_graph, wait_for  # tests/service_fixtures.py
 
 NAME = "tiny"
-TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
 SECRET = "the-sentinel-outside-home-" + secrets.token_hex(8)
 Valid = tuple[dict[str, Any], bytes]  # a valid graph (as JSON data) and its tensors
 pytestmark = ON_BOTH_BACKENDS  # every test: embedded, then the cluster (Ray + PostgreSQL + S3)
@@ -131,16 +130,6 @@ def refused(r: httpx.Response, status: int, kind: str | None = None) -> dict[str
     if kind is not None:
         assert detail["type"] == kind, detail
     return detail
-
-
-def wait_for(http: httpx.Client, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = http.get(f"/v1/jobs/{job_id}").json()
-        if info["status"] in TERMINAL:
-            return info
-        assert time.monotonic() < deadline, info
-        time.sleep(0.05)
 
 
 def raw(server: Any, request: bytes, timeout: float = 10.0) -> tuple[int | None, bytes]:
