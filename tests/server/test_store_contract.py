@@ -213,8 +213,10 @@ def test_unreachable_database_is_unavailable() -> None:
 def test_a_locked_row_is_unavailable_and_writes_nothing(pg_clean: Database) -> None:
     jobs = PgJobStore(pg_clean)
     job = jobs.create(Job(key_id="k", model="m", status=JobStatus.QUEUED))
-    with pg_clean.tx() as conn:  # another process holds the row (a migration, a backup...)
-        conn.execute("SELECT * FROM jobs WHERE id = %s FOR UPDATE", (job.id,))
+    # Another process holds the row (a migration, a backup...): a connection of its own, since
+    # a tx() inside a tx() on one thread is the same transaction.
+    with pg_clean.connect() as other, other.transaction():
+        other.execute("SELECT * FROM jobs WHERE id = %s FOR UPDATE", (job.id,))
         with pytest.raises(UnavailableError):
             jobs.update(job.id, status=JobStatus.CANCELLED)
     assert jobs.get(job.id).status is JobStatus.QUEUED  # type: ignore[union-attr]

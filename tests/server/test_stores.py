@@ -163,6 +163,19 @@ def test_job_update_fields(jobs: SQLiteJobStore) -> None:
         jobs.update(job.id, colour="red")
 
 
+def test_job_start_only_from_queued(jobs: SQLiteJobStore) -> None:
+    job = jobs.create(Job(key_id="k", model="m", status=JobStatus.QUEUED))
+    started = jobs.start(job.id, 7.0)
+    assert started is not None and (started.id, started.status, started.started_at, started.attempts) == (
+        job.id, JobStatus.RUNNING, 7.0, 1)
+    assert jobs.get(job.id) == started  # what it answered is what is stored
+    assert jobs.start(job.id, 8.0) is None  # already running: not started twice
+    cancelled = jobs.create(Job(key_id="k", model="m", status=JobStatus.QUEUED))
+    assert jobs.update(cancelled.id, status=JobStatus.CANCELLED)
+    assert jobs.start(cancelled.id, 9.0) is None and jobs.get(cancelled.id).status is JobStatus.CANCELLED  # type: ignore[union-attr]
+    assert jobs.start("missing-job-id-0000", 9.0) is None
+
+
 def test_job_status_terminal() -> None:
     assert {s for s in JobStatus if s.terminal} == {JobStatus.COMPLETED, JobStatus.ERROR, JobStatus.CANCELLED}
     assert JobStatus("QUEUED") is JobStatus.QUEUED and JobStatus.QUEUED == "QUEUED"

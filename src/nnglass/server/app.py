@@ -148,7 +148,7 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
 
     @app.get("/v1/jobs/{job_id}")
     async def status(job_id: str, request: Request) -> dict[str, Any]:
-        return service.status(await asyncio.to_thread(service.get, request.state.key_id, job_id))
+        return await asyncio.to_thread(service.job_status, request.state.key_id, job_id)
 
     @app.get("/v1/jobs/{job_id}/events")
     async def events(job_id: str, request: Request, steps: bool = False) -> StreamingResponse:
@@ -165,7 +165,7 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
                         for line in lines:
                             yield line
                     try:
-                        current = service.status(await asyncio.to_thread(service.get, job.key_id, job_id))
+                        current = await asyncio.to_thread(service.job_status, job.key_id, job_id)
                     except UnavailableError:  # a locked database: the stream stays, and asks again soon
                         current, pause = last, float(RETRY_AFTER_S)
                     if current != last:

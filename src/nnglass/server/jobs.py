@@ -90,6 +90,7 @@ class JobStore(Protocol):
     def create(self, job: Job) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def update(self, job_id: str, **fields: Any) -> bool: ...
+    def start(self, job_id: str, started_at: float) -> Job | None: ...
     def by_status(self, *statuses: JobStatus, model: str | None = None) -> list[Job]: ...
     def by_key(self, key_id: str, limit: int, before: str | None = None) -> list[Job]: ...
     def unfinished(self) -> list[Job]: ...
@@ -120,6 +121,9 @@ CREATE INDEX IF NOT EXISTS jobs_key ON jobs(key_id, seq);
 _COLUMNS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Job))  # a table may hold more (a dropped field)
 _TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in JobStatus if s.terminal)
+# A queued job starts (both stores; SQLite's placeholders are "?").
+_START = ("UPDATE jobs SET status = 'RUNNING', started_at = %s, attempts = attempts + 1 "
+          "WHERE id = %s AND status = 'QUEUED' RETURNING *")
 
 
 def _to_sql(name: str, value: Any) -> Any:
@@ -188,6 +192,12 @@ class SQLiteJobStore:
         with self._db() as db:
             cur = db.execute(sql, params)
         return cur.rowcount == 1
+
+    def start(self, job_id: str, started_at: float) -> Job | None:
+        """The job, now RUNNING with one more attempt; None unless it was QUEUED."""
+        with self._db() as db:
+            rows = db.execute(_START.replace("%s", "?"), (started_at, job_id)).fetchall()  # all: the
+        return _from_row(rows[0]) if rows else None  # statement ends (and commits) before the lock goes
 
     def by_status(self, *statuses: JobStatus, model: str | None = None) -> list[Job]:
         """Jobs in any of `statuses` (optionally of one model), oldest first."""

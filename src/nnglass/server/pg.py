@@ -17,10 +17,19 @@ Invariants:
   (an idle one died with the outage), and the pool gives up a reconnection after
   `2 * timeout` rather than keep its doubling backoff, which after a long outage would
   wait about as long again; the next request then connects afresh.
+- A `tx()` opened inside another on the same thread is that same transaction (one
+  connection, one commit): callers group what must happen together, or what is cheaper
+  as one round of BEGIN..COMMIT (a job's row, its queue row and its NOTIFY), by opening
+  an outer `tx()`; an error anywhere in it rolls all of it back, so nothing inside may
+  catch a database error and go on writing (retries wrap the outer block).
+- `transactions` counts the transactions begun (outer ones only) by thread name, for
+  tests that pin how many a job makes (tests/server/test_pg_transactions.py).
 """
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -105,6 +114,9 @@ class Database:
 
     def __init__(self, url: str, timeout: float = TIMEOUT_S, max_size: int = 16) -> None:
         self.url, self.timeout = url, timeout
+        self.transactions: Counter[str] = Counter()  # thread name -> transactions it began
+        self._counting = threading.Lock()
+        self._open = threading.local()  # this thread's transaction, while one is open
         options = f"-c lock_timeout={int(timeout * 1000)} -c statement_timeout={int(timeout * 5000)}"
         self.pool = ConnectionPool(
             url,
@@ -126,10 +138,21 @@ class Database:
     @contextmanager
     def tx(self) -> Iterator[psycopg.Connection]:
         """A connection in a transaction: committed on success, rolled back on error; an
-        unreachable or locked database is UnavailableError."""
+        unreachable or locked database is UnavailableError. Inside another `tx()` on
+        this thread: the same connection and transaction."""
+        outer = getattr(self._open, "conn", None)
+        if outer is not None:
+            yield outer
+            return
+        with self._counting:
+            self.transactions[threading.current_thread().name] += 1
         try:
             with self.pool.connection() as conn:  # commits or rolls back on exit
-                yield conn
+                self._open.conn = conn
+                try:
+                    yield conn
+                finally:
+                    self._open.conn = None
         except PoolTimeout:
             raise UnavailableError(
                 "the server's database is busy or unreachable; try again in a few seconds"

@@ -26,6 +26,9 @@ Invariants:
   a job it still runs run again elsewhere: the first terminal status wins (jobs.py).
 - `next(..., skip=prefix)` claims as above among the keys whose next waiting job's share
   key does not start with `prefix` (scheduler.py's rule).
+- A job claimed when no other job of its model waited, or one that shares with nothing,
+  is taken alone: `take_sharing` answers [] without asking the database (a job queued
+  in the milliseconds between joins the next pass instead).
 - `hold(key_id)` is a transaction-scoped advisory lock on the key: the quota check and
   the queueing are one step across frontends.
 """
@@ -74,13 +77,15 @@ ORDER BY l.level + SUM(w.cost) OVER (PARTITION BY w.key_id ORDER BY w.pos) - w.c
          row_number() OVER (PARTITION BY w.key_id ORDER BY w.pos), l.place
 """
 _CLAIM = _WAITING + _LANES + """
-SELECT q.job_id, q.key_id, q.cost FROM queue q JOIN lanes l ON l.key_id = q.key_id
+SELECT q.job_id, q.key_id, q.cost, q.share, (SELECT count(*) FROM w) AS waiting
+FROM queue q JOIN lanes l ON l.key_id = q.key_id
 WHERE q.model = %(model)s AND q.claimed_by IS NULL
 ORDER BY l.level, l.place, q.pos LIMIT 1 FOR UPDATE OF q SKIP LOCKED
 """
 # As _CLAIM among the lanes whose next job's share key does not start with %(skip)s.
 _CLAIM_SKIP = _WAITING + _LANES + """
-SELECT q.job_id, q.key_id, q.cost FROM queue q JOIN lanes l ON l.key_id = q.key_id
+SELECT q.job_id, q.key_id, q.cost, q.share, (SELECT count(*) FROM w) AS waiting
+FROM queue q JOIN lanes l ON l.key_id = q.key_id
 WHERE q.model = %(model)s AND q.claimed_by IS NULL
   AND q.pos = (SELECT MIN(pos) FROM w WHERE w.key_id = q.key_id)
   AND (q.share IS NULL OR NOT starts_with(q.share::json->>0, %(skip)s))
@@ -128,6 +133,7 @@ class PgQueue:
         self.id = "fe_" + secrets.token_hex(8)
         self._wake = threading.Condition()
         self._closed = False
+        self._alone: set[str] = set()  # claimed here when no other job waited, or sharing nothing
         listener.on(QUEUE_CHANNEL, self._notified)
         self.tick()
 
@@ -160,6 +166,8 @@ class PgQueue:
                 return None
             conn.execute("UPDATE queue SET claimed_by = %s WHERE job_id = %s", (self.id, row["job_id"]))
             conn.execute(_CHARGE, {"model": model, "key": row["key_id"], "cost": row["cost"]})
+            if row["share"] is None or row["waiting"] <= 1:
+                self._alone.add(str(row["job_id"]))  # nothing to share with: `take_sharing` asks nobody
             return str(row["job_id"])
 
     def next(self, model: str, timeout: float | None = None, skip: str | None = None) -> str | None:
@@ -182,6 +190,9 @@ class PgQueue:
                      wait: float = 0.0) -> list[str]:
         """As `Scheduler.take_sharing`, within `limit` jobs and `tokens` padded tokens, from
         the jobs queued now (no wait window across frontends yet)."""
+        if job_id in self._alone:
+            self._alone.discard(job_id)
+            return []
         if limit <= 0:
             return []
         try:
@@ -220,6 +231,7 @@ class PgQueue:
 
     def release(self, job: Job) -> None:
         """A job this frontend claimed and could not run: unclaimed, for any frontend."""
+        self._alone.discard(job.id)
         with self.db.tx() as conn:
             conn.execute("UPDATE queue SET claimed_by = NULL WHERE job_id = %s AND claimed_by = %s",
                          (job.id, self.id))

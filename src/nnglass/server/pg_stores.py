@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 
 from .auth import _MAX_KEY_CHARS, KEY_PREFIX, _hash
-from .jobs import _COLUMNS, _FIELDS, _TERMINAL_SQL, _UPDATABLE, Job, JobStatus, _to_sql
+from .jobs import _COLUMNS, _FIELDS, _START, _TERMINAL_SQL, _UPDATABLE, Job, JobStatus, _to_sql
 from .pg import Database
 
 __all__ = ["PgJobStore", "PgKeyStore"]
@@ -71,6 +71,11 @@ class PgJobStore:
         with self.db.tx() as conn:
             cur = conn.execute(sql, [*(_to_sql(n, fields[n]) for n in names), job_id])
         return cur.rowcount == 1
+
+    def start(self, job_id: str, started_at: float) -> Job | None:
+        with self.db.tx() as conn:
+            row = conn.execute(_START, (started_at, job_id)).fetchone()
+        return None if row is None else _job(row)
 
     def by_status(self, *statuses: JobStatus, model: str | None = None) -> list[Job]:
         if not statuses:

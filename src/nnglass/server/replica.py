@@ -169,7 +169,7 @@ class Replica:
         if not requests:
             return
         service = self.service
-        service.publish_queue(self.state.config.name)
+        service.publish_queue(self.state.config.name, [r["job"] for r in requests])
         seconds = self.state.config.policy.limits.run_seconds
         tokens, began = service.pass_tokens([r["job"] for r in requests]), time.monotonic()
         try:
@@ -272,7 +272,7 @@ class Replica:
         others = service.scheduler.take_sharing(cfg.name, job_id, limit, tokens=cfg.share_tokens, wait=0)
         new = [r for r in (self._begin(j) for j in [job_id, *others]) if r is not None]
         if new:
-            service.publish_queue(cfg.name)
+            service.publish_queue(cfg.name, [r["job"] for r in new])
         return new
 
     def _rerun_alone(self, requests: list[dict[str, Any]], timeout: float) -> None:
@@ -292,15 +292,12 @@ class Replica:
             self._record(job.id, self._run([request], timeout))
 
     def _begin(self, job_id: str) -> dict[str, Any] | None:
-        """Mark a job RUNNING and build its request; None if it is no longer queued."""
+        """Mark a job RUNNING and build its request; None if it is no longer queued. Its
+        waiters learn of it from the caller's `publish_queue`."""
         service = self.service
-        job = service.durably(service.jobs.get, job_id)
-        if job is None or job.status != JobStatus.QUEUED:
+        job = service.durably(service.jobs.start, job_id, clock.now())
+        if job is None:
             return None  # cancelled meanwhile
-        if not service.durably(service.jobs.update, job_id, status=JobStatus.RUNNING.value,
-                               started_at=clock.now(), attempts=job.attempts + 1):
-            return None
-        service.hub.publish(job_id)
         self.state.passes.waited(clock.now() - (job.queued_at or job.created_at))
         try:
             files = self._files[job_id] = service.durably(service.results.local_files, job_id)

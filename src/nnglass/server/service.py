@@ -27,7 +27,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -148,34 +147,47 @@ class Service:
         for trace in graph.children if graph.mode == SESSION else [graph]:
             check_prompts(trace)  # the layout every later check and the worker rely on (422)
         check_policy(graph, policy, state.paths or state.paths_from_config(), state.lookups)
-        with self.scheduler.hold(key_id):  # the quota check and the queueing are one step per key
-            if self.scheduler.queued_by(key_id) >= self.config.max_queued_per_key:
-                raise QuotaError(f"this key already has {self.config.max_queued_per_key} jobs waiting; "
-                                 "wait for some to finish")
-            job = Job(key_id=key_id, model=graph.model, mode=graph.mode, status=JobStatus.QUEUED)
-            job.queued_at = job.created_at
-            try:  # the graph first, then the row: a row always has its graph (recovery relies on it)
+        job = Job(key_id=key_id, model=graph.model, mode=graph.mode, status=JobStatus.QUEUED)
+        job.queued_at = job.created_at
+        share = share_of(graph)
+        try:
+            # The quota check and the queueing are one step per key; with PostgreSQL the
+            # check, the row, the queue row and the NOTIFY are one transaction (stores.py).
+            with self.scheduler.hold(key_id):
+                if self.scheduler.queued_by(key_id) >= self.config.max_queued_per_key:
+                    raise QuotaError(f"this key already has {self.config.max_queued_per_key} jobs waiting; "
+                                     "wait for some to finish")
+                # The graph first, then the row: a row always has its graph (recovery relies on it).
                 self.results.save_graph(job.id, graph_json, tensors)
                 job = self.jobs.create(job)
-            except (UnavailableError, OSError) as e:
-                with contextlib.suppress(OSError):
-                    self.results.delete(job.id)  # not accepted: leave nothing behind
-                if isinstance(e, OSError):  # a full disk: the server's trouble, for now
-                    raise UnavailableError(f"the server cannot store a job now ({why_not_stored(e)}); "
-                                           "try again later") from None
-                raise
-            share = share_of(graph)
-            if share is not None and share.key.startswith(GENERATION):
-                with self._lock:
-                    self._generating.add(job.id)
-            self.scheduler.submit(graph.model, key_id, job.id, share=share, cost=cost_of(graph))
-            with self._lock:
-                self._prompt_tokens[job.id] = prompt_tokens(graph)
-                if share is not None:
-                    self._padded[job.id] = (share.rows, share.width)
+                self._note(job.id, graph, share)  # before a replica can take it
+                self.scheduler.submit(graph.model, key_id, job.id, share=share, cost=cost_of(graph))
+                self.hub.publish(job.id)  # a live view of all this key's jobs learns of it now
+        except (UnavailableError, OSError) as e:
+            self._forget(job.id)
+            with contextlib.suppress(OSError, UnavailableError):
+                self.results.delete(job.id)  # not accepted: leave nothing behind
+            if isinstance(e, OSError):  # a full disk: the server's trouble, for now
+                raise UnavailableError(f"the server cannot store a job now ({why_not_stored(e)}); "
+                                       "try again later") from None
+            raise
         self.count("jobs_submitted_total")
-        self.hub.publish(job.id)  # a live view of all this key's jobs learns of it now
         return job  # not read back: once the row exists the job is accepted, locked database or not
+
+    def _note(self, job_id: str, graph: Any, share: Any) -> None:
+        """What this process keeps of a job it queued, until it ends (`job_ended`)."""
+        with self._lock:
+            if share is not None and share.key.startswith(GENERATION):
+                self._generating.add(job_id)
+            self._prompt_tokens[job_id] = prompt_tokens(graph)
+            if share is not None:
+                self._padded[job_id] = (share.rows, share.width)
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._generating.discard(job_id)
+            self._prompt_tokens.pop(job_id, None)
+            self._padded.pop(job_id, None)
 
     def get(self, key_id: str, job_id: str) -> Job:
         try:
@@ -202,10 +214,7 @@ class Service:
         # job is still queued); a replica that takes the job meanwhile sees CANCELLED.
         self.finish(job.id, JobStatus.CANCELLED, retry=False)
         self.scheduler.cancel(job.model, job.id)
-        with self._lock:
-            self._prompt_tokens.pop(job.id, None)
-            self._padded.pop(job.id, None)
-            self._generating.discard(job.id)
+        self._forget(job.id)
         state = self.models[job.model]
         worker = state.running.get(job.id)
         if worker is not None:
@@ -314,10 +323,15 @@ class Service:
         which must not lose it); else a locked database raises UnavailableError."""
         now = clock.now()
         fields.update(status=status.value, finished_at=now, expires_at=now + self.config.result_ttl_s)
-        write = functools.partial(self.jobs.update, job_id, **fields)
+
+        def write() -> bool:
+            with self.stores.together():  # the status and its NOTIFY: one transaction
+                done = self.jobs.update(job_id, **fields)
+                self.hub.publish(job_id)
+            return bool(done)
+
         if self.durably(write) if retry else write():
             self.count(f'jobs_finished_total{{status="{status.value}"}}')
-        self.hub.publish(job_id)
 
     def durably(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`call(...)` on a store, waiting while the database is locked (by another process,
@@ -333,12 +347,19 @@ class Service:
                 if self._stop.wait(_RETRY_S):
                     raise
 
-    def publish_queue(self, model: str) -> None:
+    def publish_queue(self, model: str, started: list[str] | tuple[str, ...] = ()) -> None:
+        """Tell the waiters of jobs that just `started`, and of those still queued (their
+        positions moved): one transaction with PostgreSQL."""
         try:
-            waiting = self.scheduler.positions(model)
-        except UnavailableError:  # the waiters re-read on their own timeout
-            return
-        self.hub.publish_many(list(waiting))
+            with self.stores.together():
+                self.hub.publish_many([*started, *self.scheduler.positions(model)])
+        except UnavailableError:  # the queued ones' waiters re-read on their own timeout
+            self.hub.publish_many(list(started))  # (a hub that cannot send delivers here)
+
+    def job_status(self, key_id: str, job_id: str) -> dict[str, Any]:
+        """`status(get(...))`: the row and a queued job's position in one read."""
+        with self.stores.together():
+            return self.status(self.get(key_id, job_id))
 
     def _lease_loop(self) -> None:
         """The queue's lease, renewed in a thread of its own: slow upkeep never lets it lapse."""

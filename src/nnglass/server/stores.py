@@ -5,11 +5,16 @@ means SQLite in `home` with a process-local queue and event hub (the embedded
 default); "postgresql://..." means the job store, the key store, the queue and the
 event hub all in that database, shared by every frontend pointed at it.
 `[server] results` empty means a folder in `home`; "s3://bucket/prefix" means S3.
+`together()` makes the store calls made inside it on this thread one database
+transaction where the stores share a database (PostgreSQL: one BEGIN..COMMIT, NOTIFYs
+sent at its commit); elsewhere each call stands alone, as it would anyway. It is a cost
+measure, never needed for correctness: each call is atomic by itself either way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ class Stores:
     scheduler: Queue
     hub: EventHub
     close: Callable[[], None]
+    together: Callable[[], AbstractContextManager[Any]] = nullcontext
 
 
 def open_results(config: ServerConfig) -> ResultStore:
@@ -69,7 +75,7 @@ def open_stores(config: ServerConfig, models: list[str]) -> Stores:
         listener.close()
         db.close()
 
-    return Stores(PgKeyStore(db), PgJobStore(db), results, queue, hub, close_pg)
+    return Stores(PgKeyStore(db), PgJobStore(db), results, queue, hub, close_pg, together=db.tx)
 
 
 def open_keys(config: ServerConfig) -> Any:
