@@ -71,7 +71,7 @@ def pg_database(postgres: Any) -> Iterator[Database]:
 def pg_clean(pg_database: Database) -> Database:
     """`pg_database` with every table emptied: each test starts from nothing."""
     with pg_database.tx() as conn:
-        conn.execute("TRUNCATE jobs, api_keys, queue, queue_turns, queue_clock, frontends")
+        conn.execute("TRUNCATE jobs, api_keys, queue, queue_turns, queue_clock, frontends, small_objects")
     return pg_database
 
 

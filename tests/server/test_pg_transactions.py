@@ -7,7 +7,8 @@ The service runs in this process, not started (no lease or upkeep threads), its 
 replica a `ThreadWorker` (tests/faults/live_service.py: worker.py's model in this
 thread), on the session's PostgreSQL and S3; the test drives the replica's steps itself
 and counts the transactions this thread begins in each. The result is checked against
-the plain local run of the same graph.
+the plain local run of the same graph. A small graph makes no S3 request (it is a row in
+the submission's transaction, s3.py `small`); the result is one PUT.
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ def test_a_job_makes_few_transactions(tmp_path: Path, tiny_config: Any, tiny_dir
             return out
 
         job = counted("submit", lambda: service.submit(key_id, graph_json, tensors))
+        results = service.results
+
+        def objects() -> list[str]:
+            listed = results.s3.list_objects_v2(Bucket=results.bucket, Prefix=f"{results.prefix}/{job.id}/")
+            return [o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])]
+
+        assert objects() == []  # a small graph: in the submission's transaction, no S3 PUT
         assert counted("status", lambda: service.job_status(key_id, job.id))["status"] == "QUEUED"
         taken = counted("claim", lambda: service.scheduler.next(TINY, timeout=5))
         assert taken == job.id
@@ -88,6 +96,7 @@ def test_a_job_makes_few_transactions(tmp_path: Path, tiny_config: Any, tiny_dir
             TINY, job.id, state.config.share_jobs - 1, tokens=state.config.share_tokens))
         assert others == []
         counted("run", lambda: replica.run_jobs([job.id]))
+        assert objects() == ["result.safetensors"]  # results always go to S3
         assert counted("done", lambda: service.job_status(key_id, job.id))["status"] == "COMPLETED"
         stream, _ = counted("download", lambda: service.open_result(key_id, job.id))
         with stream:

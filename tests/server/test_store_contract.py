@@ -18,18 +18,21 @@ from nnglass.server.leftovers import PARTIAL_AGE_S, sweep_partial
 from nnglass.server.pg import MIGRATIONS, Database
 from nnglass.server.pg_events import Listener
 from nnglass.server.pg_queue import PgQueue
-from nnglass.server.pg_stores import PgJobStore, PgKeyStore
+from nnglass.server.pg_stores import PgJobStore, PgKeyStore, PgSmallObjects
 from nnglass.server.results import DirResultStore
-from nnglass.server.s3 import S3ResultStore
+from nnglass.server.s3 import SMALL_BYTES, S3ResultStore
 from nnglass.server.scheduler import Scheduler, Share
 
 # --- result stores --------------------------------------------------------------------
 
 
-@pytest.fixture(params=["folder", "s3"])
+@pytest.fixture(params=["folder", "s3", "s3+postgresql"])
 def results(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if request.param == "s3":
         return S3ResultStore(request.getfixturevalue("s3").url())
+    if request.param == "s3+postgresql":  # the cluster's: small graphs next to the job rows
+        small = PgSmallObjects(request.getfixturevalue("pg_clean"))
+        return S3ResultStore(request.getfixturevalue("s3").url(), small)
     return DirResultStore(tmp_path / "results")
 
 
@@ -120,6 +123,31 @@ def test_s3_store_creates_its_bucket_and_keeps_to_its_prefix(s3: Any) -> None:
     assert b.result_size(jid) is None  # same bucket, another prefix
     listed = boto3.client("s3").list_objects_v2(Bucket=a.bucket)["Contents"]
     assert [o["Key"] for o in listed] == [f"results/{jid}/result.safetensors"]
+
+
+def test_small_graphs_live_next_to_the_rows(s3: Any, pg_clean: Database) -> None:
+    """With the job store's database, a small graph is a row written in the transaction
+    open on this thread (no S3 object; rolled back with it), a large one an S3 object;
+    another frontend reads both; a delete removes both."""
+    url = s3.url()
+    writer, other = S3ResultStore(url, PgSmallObjects(pg_clean)), S3ResultStore(url, PgSmallObjects(pg_clean))
+    small, large, dropped = new_job_id(), new_job_id(), new_job_id()
+    big = b"T" * SMALL_BYTES
+    writer.save_graph(small, b"GRAPH", b"T")
+    writer.save_graph(large, b"GRAPH", big)
+    with pytest.raises(RuntimeError), pg_clean.tx():
+        writer.save_graph(dropped, b"GRAPH")
+        raise RuntimeError("the submission failed after its graph: nothing stays")
+
+    def objects(jid: str) -> list[str]:
+        return [o["Key"] for o in writer.s3.list_objects_v2(Bucket=writer.bucket, Prefix=f"results/{jid}/")
+                .get("Contents", [])]
+
+    assert objects(small) == [] and objects(large) == [f"results/{large}/graph"]
+    assert other.load_graph(small) == (b"GRAPH", b"T") and other.load_graph(large) == (b"GRAPH", big)
+    assert other.has_graph(small) and not other.has_graph(dropped)
+    assert writer.delete(small) and writer.delete(large)
+    assert not other.has_graph(small) and not other.has_graph(large) and objects(large) == []
 
 
 def test_s3_store_reads_what_it_wrote_from_memory_and_others_from_storage(

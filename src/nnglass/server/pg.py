@@ -106,6 +106,15 @@ MIGRATIONS: list[str] = [
         clock BIGINT NOT NULL
     );
     """,
+    # 3: small graphs inline, next to their job's row (pg_stores.PgSmallObjects, s3.py)
+    """
+    CREATE TABLE small_objects (
+        job_id TEXT NOT NULL,
+        name   TEXT NOT NULL,
+        data   BYTEA NOT NULL,
+        PRIMARY KEY (job_id, name)
+    );
+    """,
 ]
 
 

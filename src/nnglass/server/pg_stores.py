@@ -5,7 +5,8 @@ tests/server/test_store_contract.py run against both): each write is one stateme
 so atomic across threads, processes and frontends; a terminal status is final (the
 guard is in the UPDATE's WHERE); keys are stored as SHA-256 hashes only and `list()`
 never returns a key or a hash; an unreachable database is UnavailableError from any
-method, and then nothing was written. PostgreSQL text cannot hold a NUL character: an
+method, and then nothing was written. `PgSmallObjects` holds the job objects small
+enough to live next to the job's row (s3.py's `small`). PostgreSQL text cannot hold a NUL character: an
 id with one names no job (as in SQLite), a key name with one is a ValueError.
 """
 
@@ -24,7 +25,7 @@ from .auth import _MAX_KEY_CHARS, KEY_PREFIX, _hash
 from .jobs import _COLUMNS, _FIELDS, _START, _TERMINAL_SQL, _UPDATABLE, Job, JobStatus, _to_sql
 from .pg import Database
 
-__all__ = ["PgJobStore", "PgKeyStore"]
+__all__ = ["PgJobStore", "PgKeyStore", "PgSmallObjects"]
 
 
 def _job(row: dict[str, Any]) -> Job:
@@ -167,3 +168,30 @@ class PgKeyStore:
 
     def close(self) -> None:
         pass
+
+
+class PgSmallObjects:
+    """Job objects (a small graph) in the database: written in the transaction that is
+    open on this thread (the job's submission: the graph and the row commit together)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def put(self, job_id: str, name: str, data: bytes) -> None:
+        with self.db.tx() as conn:
+            conn.execute(
+                "INSERT INTO small_objects (job_id, name, data) VALUES (%s, %s, %s) "
+                "ON CONFLICT (job_id, name) DO UPDATE SET data = EXCLUDED.data",
+                (job_id, name, data),
+            )
+
+    def get(self, job_id: str, name: str) -> bytes | None:
+        with self.db.tx() as conn:
+            row = conn.execute(
+                "SELECT data FROM small_objects WHERE job_id = %s AND name = %s", (job_id, name)
+            ).fetchone()
+        return None if row is None else bytes(row["data"])
+
+    def delete(self, job_id: str) -> bool:
+        with self.db.tx() as conn:
+            return conn.execute("DELETE FROM small_objects WHERE job_id = %s", (job_id,)).rowcount > 0

@@ -9,6 +9,10 @@ Invariants:
   request costs a round trip) and `result.safetensors`. Every method checks the job id
   first (`check_job_id`): a key is never built from an unchecked string.
 - A PUT is atomic in S3: a reader sees the old object, the new one, or none.
+- With `small` (the job store's database, stores.py), a job's graph of at most
+  `SMALL_BYTES` packed is kept there instead of in S3: written in the submission's own
+  transaction (no PUT on the way to the client's answer; the row and its graph commit
+  together), read by any frontend from there. Results always go to S3.
 - Results leave only through the API after the key check (`open` streams the object);
   no presigned URL is ever made: a link would be a bearer token that outlives the key.
 - Storage that cannot be reached is `UnavailableError` (503); a missing object is
@@ -34,7 +38,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 import boto3
 import botocore.exceptions
@@ -63,6 +67,15 @@ def _unpack(data: bytes) -> tuple[bytes, bytes | None]:
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 RECENT_BYTES = 64 * 2**20  # what this process remembers of what it wrote, in all
 RECENT_OBJECT = 8 * 2**20  # a larger object is never remembered
+SMALL_BYTES = 64 * 2**10  # a packed graph this small goes to `small`, when there is one
+
+
+class SmallObjects(Protocol):
+    """Where small job objects live instead (pg_stores.PgSmallObjects)."""
+
+    def put(self, job_id: str, name: str, data: bytes) -> None: ...
+    def get(self, job_id: str, name: str) -> bytes | None: ...
+    def delete(self, job_id: str) -> bool: ...
 
 
 class Recent:
@@ -128,14 +141,14 @@ def _reachable() -> Iterator[None]:
 class S3ResultStore:
     """Job files under `s3://bucket/prefix`."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, small: SmallObjects | None = None) -> None:
         if not url.startswith("s3://"):
             raise ValueError(f"not an s3:// URL: {url!r}")
         bucket, _, prefix = url[5:].partition("/")
         if not bucket:
             raise ValueError(f"{url!r} names no bucket (s3://bucket/prefix)")
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        self.recent = Recent()
+        self.recent, self.small = Recent(), small
         config = Config(connect_timeout=2, read_timeout=30, retries={"max_attempts": 2})
         self.s3 = boto3.client("s3", config=config)
         with _reachable():
@@ -152,13 +165,18 @@ class S3ResultStore:
 
     def _put(self, job_id: str, name: str, data: bytes) -> None:
         key = self._key(job_id, name)
-        with _reachable():
-            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+        if self.small is not None and name == GRAPH_OBJECT and len(data) <= SMALL_BYTES:
+            self.small.put(job_id, name, data)
+        else:
+            with _reachable():
+                self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
         self.recent.put(key, data)  # stored: from now on what a read would answer
 
     def _get(self, job_id: str, name: str) -> bytes:
         key = self._key(job_id, name)
         data = self.recent.get(key)
+        if data is None and self.small is not None and name == GRAPH_OBJECT:
+            data = self.small.get(job_id, name)
         if data is not None:
             return data
         with _reachable():
@@ -166,6 +184,8 @@ class S3ResultStore:
 
     def _size(self, job_id: str, name: str) -> int | None:
         data = self.recent.get(self._key(job_id, name))
+        if data is None and self.small is not None and name == GRAPH_OBJECT:
+            data = self.small.get(job_id, name)
         if data is not None:
             return len(data)
         try:
@@ -229,10 +249,11 @@ class S3ResultStore:
     def delete(self, job_id: str) -> bool:
         folder = self._key(job_id)
         self.recent.forget(folder)
+        small = self.small is not None and self.small.delete(job_id)
         with _reachable():
             listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=folder).get("Contents", [])
             if not listed:
-                return False
+                return small
             self.s3.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": [{"Key": o["Key"]} for o in listed]}
             )

@@ -40,17 +40,18 @@ class Stores:
     together: Callable[[], AbstractContextManager[Any]] = nullcontext
 
 
-def open_results(config: ServerConfig) -> ResultStore:
+def open_results(config: ServerConfig, small: Any = None) -> ResultStore:
+    """`small`: where S3 keeps small graphs instead (the job store's database)."""
     if config.results.startswith("s3://"):
         from .s3 import S3ResultStore  # boto3 only where S3 is asked for
 
-        return S3ResultStore(config.results)
+        return S3ResultStore(config.results, small)
     return DirResultStore(Path(config.home) / "jobs")
 
 
 def open_stores(config: ServerConfig, models: list[str]) -> Stores:
-    results = open_results(config)
     if not config.database:
+        results = open_results(config)
         home = Path(config.home)
         keys, jobs = KeyStore(home / "nnglass.db"), SQLiteJobStore(home / "nnglass.db")
 
@@ -62,9 +63,10 @@ def open_stores(config: ServerConfig, models: list[str]) -> Stores:
     from .pg import Database  # psycopg only where PostgreSQL is asked for
     from .pg_events import Listener, PgHub
     from .pg_queue import PgQueue
-    from .pg_stores import PgJobStore, PgKeyStore
+    from .pg_stores import PgJobStore, PgKeyStore, PgSmallObjects
 
     db = Database(config.database, max_size=32)
+    results = open_results(config, PgSmallObjects(db))
     listener = Listener(db)
     hub, queue = PgHub(db, listener), PgQueue(db, listener, models)
     listener.start()
