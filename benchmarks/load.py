@@ -155,37 +155,49 @@ def plan(lm: LanguageModel, index: int, jobs: int) -> list[Planned]:
 def client(url: str, key: str, planned: list[Planned], index: int, tally: Tally, timeout: float,
            go: threading.Event) -> None:
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
-        mine = []
         go.wait()
-        for k, job_plan in enumerate(planned):
-            kind, graph, expected = job_plan.kind, job_plan.graph, job_plan.expected
-            graph_json, tensors = job_plan.body
-            files = {"graph": ("g.json", graph_json, "application/json")}
-            if tensors is not None:
-                files["tensors"] = ("t.safetensors", tensors, "application/octet-stream")
-            start = time.monotonic()
-            r = http.post("/v1/jobs", files=files)
-            if r.status_code != 202:
-                tally.note("wrong", f"{index}/{k} {kind}: submit answered {r.status_code} {r.text[:200]}")
-                continue
-            job = r.json()["id"]
-            mine.append(job)
-            if kind == "cancel":
-                http.delete(f"/v1/jobs/{job}")
-            info = follow(http, job, start + timeout)
-            if info["status"] not in TERMINAL:
-                tally.note("stuck", f"{job} {kind} {info['status']}")
-            else:
-                with tally.lock:
-                    tally.latencies.append(time.monotonic() - start)
-                    outcome = f"{kind}:{info['status']}"
-                    tally.by_kind[outcome] = tally.by_kind.get(outcome, 0) + 1
-                if not _as_expected(http, job, kind, info, expected, graph):
-                    tally.note("wrong", f"{job} {kind} {info['status']} {str(info.get('error'))[:200]}")
-        listed = {j["id"] for j in http.get("/v1/jobs", params={"limit": 200}).json()["jobs"]}
-        for job in mine:
-            if job not in listed:
-                tally.note("lost", job)
+        mine = [job for k, p in enumerate(planned)
+                if (job := one_job(http, http, p, f"{index}/{k}", tally, timeout))]
+        check_listed(http, mine, tally)
+
+
+def one_job(submit_to: httpx.Client, watch: httpx.Client, job_plan: Planned, label: str, tally: Tally,
+            timeout: float) -> str | None:
+    """Submit one planned job through `submit_to`; cancel (a cancel job), follow and check
+    it through `watch` (the same client, or another frontend's), noting the outcome in
+    `tally`; the job's id, or None if the submission was refused."""
+    kind, graph, expected = job_plan.kind, job_plan.graph, job_plan.expected
+    graph_json, tensors = job_plan.body
+    files = {"graph": ("g.json", graph_json, "application/json")}
+    if tensors is not None:
+        files["tensors"] = ("t.safetensors", tensors, "application/octet-stream")
+    start = time.monotonic()
+    r = submit_to.post("/v1/jobs", files=files)
+    if r.status_code != 202:
+        tally.note("wrong", f"{label} {kind}: submit answered {r.status_code} {r.text[:200]}")
+        return None
+    job = r.json()["id"]
+    if kind == "cancel":
+        watch.delete(f"/v1/jobs/{job}")
+    info = follow(watch, job, start + timeout)
+    if info["status"] not in TERMINAL:
+        tally.note("stuck", f"{job} {kind} {info['status']}")
+        return job
+    with tally.lock:
+        tally.latencies.append(time.monotonic() - start)
+        outcome = f"{kind}:{info['status']}"
+        tally.by_kind[outcome] = tally.by_kind.get(outcome, 0) + 1
+    if not _as_expected(watch, job, kind, info, expected, graph):
+        tally.note("wrong", f"{job} {kind} {info['status']} {str(info.get('error'))[:200]}")
+    return job
+
+
+def check_listed(http: httpx.Client, mine: list[str], tally: Tally) -> None:
+    """Every job of this client is listed under its key (else: lost)."""
+    listed = {j["id"] for j in http.get("/v1/jobs", params={"limit": 200}).json()["jobs"]}
+    for job in mine:
+        if job not in listed:
+            tally.note("lost", f"{job} (not listed on {http.base_url})")
 
 
 def follow(http: httpx.Client, job: str, deadline: float) -> dict[str, Any]:

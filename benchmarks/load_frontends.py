@@ -9,8 +9,9 @@ PostgreSQL 15 and moto's S3 server start on loopback as the tests start them
 for the tiny random Llama (`share_jobs = 8`). Each client is a thread with its own API key.
 Its jobs are those of benchmarks/load.py (traces, generations, sessions, errors, cancels;
 a prompt unique to the client and job, the expected values computed locally before it
-submits). Job k of client i is submitted to frontend (i + k) % 2 and then watched,
-cancelled and downloaded through the *other* one, so every answer crosses frontends.
+submits). Job k of client i is submitted to frontend (i + k) % 2 and then watched (its
+event stream), cancelled and downloaded through the *other* one, so every answer crosses
+frontends: the same loop as load.py's clients (`load.one_job`), two clients in place of one.
 
 Checks: 0 lost (every accepted job ends and is listed under its key, on both frontends),
 0 wrong (values as the local run; an error at its line; a cancel CANCELLED or COMPLETED),
@@ -70,45 +71,16 @@ new_tokens = 8
 def client(urls: list[str], key: str, planned: list[load.Planned], index: int, tally: load.Tally,
            timeout: float, done: dict[int, list[str]]) -> None:
     """One client: job k (recorded and run locally before the load, load.plan) submitted to
-    frontend (index + k) % 2, watched through the other; `done[index]`: its job ids, once it
-    has checked them all."""
+    frontend (index + k) % 2, watched through the other (load.one_job); `done[index]`: its
+    job ids, once it has checked them all."""
     auth = {"Authorization": f"Bearer {key}"}
     https = [httpx.Client(base_url=u, headers=auth, timeout=60) for u in urls]
     try:
-        mine = []
-        for k, job_plan in enumerate(planned):
-            kind, graph, expected = job_plan.kind, job_plan.graph, job_plan.expected
-            graph_json, tensors = job_plan.body
-            files = {"graph": ("g.json", graph_json, "application/json")}
-            if tensors is not None:
-                files["tensors"] = ("t.safetensors", tensors, "application/octet-stream")
-            submit_to, watch = https[(index + k) % 2], https[(index + k + 1) % 2]
-            start = time.monotonic()
-            r = submit_to.post("/v1/jobs", files=files)
-            if r.status_code != 202:
-                tally.note("wrong", f"{index}/{k} {kind}: submit answered {r.status_code} {r.text[:200]}")
-                continue
-            job = r.json()["id"]
-            mine.append(job)
-            if kind == "cancel":
-                watch.delete(f"/v1/jobs/{job}")
-            while (info := watch.get(f"/v1/jobs/{job}").json())["status"] not in load.TERMINAL:
-                if time.monotonic() - start > timeout:
-                    tally.note("stuck", f"{job} {kind} {info['status']}")
-                    break
-                time.sleep(0.1)
-            else:
-                with tally.lock:
-                    tally.latencies.append(time.monotonic() - start)
-                    outcome = f"{kind}:{info['status']}"
-                    tally.by_kind[outcome] = tally.by_kind.get(outcome, 0) + 1
-                if not load._as_expected(watch, job, kind, info, expected, graph):
-                    tally.note("wrong", f"{job} {kind} {info['status']} {str(info.get('error'))[:200]}")
+        mine = [job for k, p in enumerate(planned)
+                if (job := load.one_job(https[(index + k) % 2], https[(index + k + 1) % 2], p, f"{index}/{k}",
+                                        tally, timeout))]
         for http in https:
-            listed = {j["id"] for j in http.get("/v1/jobs", params={"limit": 200}).json()["jobs"]}
-            for job in mine:
-                if job not in listed:
-                    tally.note("lost", f"{job} (not listed on {http.base_url})")
+            load.check_listed(http, mine, tally)
         done[index] = mine
     finally:
         for http in https:
