@@ -14,27 +14,34 @@ the submission's transaction, s3.py `small`); the result is one PUT.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from faults.live_service import ThreadWorker
 from nnglass import LanguageModel
+from nnglass.errors import NotFoundError
 from nnglass.graph import wire
 from nnglass.graph.results import decode_results
 from nnglass.server.config import load_config
+from nnglass.server.jobs import JobStatus
 from nnglass.server.pg import Database
+from nnglass.server.pg_stores import PgSmallObjects
 from nnglass.server.replica import Replica
+from nnglass.server.s3 import S3ResultStore
 from nnglass.server.service import Service
+from saved_values import assert_bitwise_equal
 from service_fixtures import TINY, small_graph, with_stores
 
-# Per job, on the cluster stores: the request side (quota check, job row, queue row and
-# NOTIFY in one; a status read with its queue position in one) and the replica's (the
-# claim; RUNNING; the NOTIFYs of it and of the queue's moved positions; the final status
-# and its NOTIFY). Raise one only for a reason the commit message gives.
-PER_JOB = {"submit": 1, "status": 1, "claim": 1, "share": 0, "run": 3, "done": 1, "download": 1}
+# Per job, on the cluster stores: the request side (quota check, graph, job row, queue row
+# and NOTIFY in one; a status read with its queue position in one) and the replica's
+# (the claim, with no round trip for sharing when nothing else waits; RUNNING; the NOTIFYs
+# of it and of the queue's moved positions; the final status and its NOTIFY). Raise one
+# only for a reason the commit message gives.
+PER_JOB = {"submit": 1, "status": 1, "run": 4, "done": 1, "download": 1}
 
 
 def test_nested_transactions_are_one(pg_clean: Database) -> None:
@@ -55,11 +62,36 @@ def test_nested_transactions_are_one(pg_clean: Database) -> None:
         conn.execute("DROP TABLE t")
 
 
-def test_a_job_makes_few_transactions(tmp_path: Path, tiny_config: Any, tiny_dir: Path,
-                                      postgres: Any, s3: Any) -> None:
+@dataclass
+class InProcess:
+    service: Service
+    replica: Replica
+    key_id: str
+    lm: LanguageModel
+
+    def run(self, job_id: str) -> None:
+        """The replica's steps for one queued job, as its thread takes them."""
+        service, config = self.service, self.replica.state.config
+        assert service.scheduler.next(TINY, timeout=5) == job_id
+        others = service.scheduler.take_sharing(TINY, job_id, config.share_jobs - 1, config.share_tokens)
+        assert others == []
+        self.replica.run_jobs([job_id])
+
+    def objects(self, job_id: str) -> list[str]:
+        """The names of the job's S3 objects."""
+        results = self.service.results
+        listed = results.s3.list_objects_v2(Bucket=results.bucket, Prefix=f"{results.prefix}/{job_id}/")
+        return [o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def here(tmp_path_factory: pytest.TempPathFactory, tiny_config: Any, tiny_dir: Path, postgres: Any,
+         s3: Any) -> Iterator[InProcess]:
+    """The service on the cluster stores, in this process and not started."""
+    home = tmp_path_factory.mktemp("in-process")
     stores = {"database": postgres.fresh_database(), "results": s3.url()}
-    path = tmp_path / "server.toml"
-    path.write_text(with_stores(tiny_config(), stores).replace("PORT", "0").replace("HOME", str(tmp_path)))
+    path = home / "server.toml"
+    path.write_text(with_stores(tiny_config(), stores).replace("PORT", "0").replace("HOME", str(home)))
     config = load_config(path)
     gate = threading.Event()
     gate.set()
@@ -68,43 +100,53 @@ def test_a_job_makes_few_transactions(tmp_path: Path, tiny_config: Any, tiny_dir
         state = service.models[TINY]
         replica = Replica(service, state, ThreadWorker(state.config, config, gate))
         assert replica._start()  # the model loaded: what a graph may name is known
-        key_id, _ = service.keys.create("alice")
         lm = LanguageModel(str(tiny_dir), name=TINY)
-        graph = small_graph(lm)
-        graph_json, tensors = wire.encode(graph)
-        db, me = service.jobs.db, threading.current_thread().name
-        counts: dict[str, int] = {}
-
-        def counted(step: str, call: Any) -> Any:
-            before = db.transactions[me]
-            out = call()
-            counts[step] = db.transactions[me] - before
-            return out
-
-        job = counted("submit", lambda: service.submit(key_id, graph_json, tensors))
-        results = service.results
-
-        def objects() -> list[str]:
-            listed = results.s3.list_objects_v2(Bucket=results.bucket, Prefix=f"{results.prefix}/{job.id}/")
-            return [o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])]
-
-        assert objects() == []  # a small graph: in the submission's transaction, no S3 PUT
-        assert counted("status", lambda: service.job_status(key_id, job.id))["status"] == "QUEUED"
-        taken = counted("claim", lambda: service.scheduler.next(TINY, timeout=5))
-        assert taken == job.id
-        others = counted("share", lambda: service.scheduler.take_sharing(
-            TINY, job.id, state.config.share_jobs - 1, tokens=state.config.share_tokens))
-        assert others == []
-        counted("run", lambda: replica.run_jobs([job.id]))
-        assert objects() == ["result.safetensors"]  # results always go to S3
-        assert counted("done", lambda: service.job_status(key_id, job.id))["status"] == "COMPLETED"
-        stream, _ = counted("download", lambda: service.open_result(key_id, job.id))
-        with stream:
-            remote = decode_results(stream.read())
-        assert counts == PER_JOB
-        local = lm.run_graph(graph)
-        assert remote.keys() == local.keys()
-        for node in local:
-            assert torch.equal(remote[node], local[node])
+        yield InProcess(service, replica, service.keys.create("alice")[0], lm)
     finally:
         service.stop()
+
+
+def test_a_job_makes_few_transactions(here: InProcess) -> None:
+    service, key_id = here.service, here.key_id
+    graph = small_graph(here.lm)
+    graph_json, tensors = wire.encode(graph)
+    db, me = service.jobs.db, threading.current_thread().name
+    counts: dict[str, int] = {}
+
+    def counted(step: str, call: Any) -> Any:
+        before = db.transactions[me]
+        out = call()
+        counts[step] = db.transactions[me] - before
+        return out
+
+    job = counted("submit", lambda: service.submit(key_id, graph_json, tensors))
+    assert here.objects(job.id) == []  # a small graph: in the submission's transaction, no S3 PUT
+    assert counted("status", lambda: service.job_status(key_id, job.id))["status"] == "QUEUED"
+    counted("run", lambda: here.run(job.id))
+    assert here.objects(job.id) == ["result.safetensors"]  # results always go to S3
+    assert counted("done", lambda: service.job_status(key_id, job.id))["status"] == "COMPLETED"
+    stream, _ = counted("download", lambda: service.open_result(key_id, job.id))
+    with stream:
+        assert_bitwise_equal(decode_results(stream.read()), here.lm.run_graph(graph))
+    assert counts == PER_JOB
+
+
+def test_results_expire_from_s3(here: InProcess) -> None:
+    """Past its `expires_at` a job's result and graph leave S3 and the database (the
+    upkeep loop's `expire`); its row stays, COMPLETED, and the result is a 404."""
+    service, key_id = here.service, here.key_id
+    graph = small_graph(here.lm, "expiring")
+    job = service.submit(key_id, *wire.encode(graph))
+    here.run(job.id)
+    done = service.get(key_id, job.id)
+    assert done.status is JobStatus.COMPLETED and here.objects(job.id) == ["result.safetensors"]
+    assert service.results.has_graph(job.id)
+    service.expire(done.expires_at - 1)  # not yet
+    assert here.objects(job.id) == ["result.safetensors"]
+    service.expire(done.expires_at)
+    assert here.objects(job.id) == [] and not service.results.has_graph(job.id)
+    fresh = S3ResultStore(service.config.results, PgSmallObjects(service.jobs.db))  # another frontend
+    assert not fresh.has_graph(job.id) and fresh.result_size(job.id) is None
+    with pytest.raises(NotFoundError, match="no result"):
+        service.open_result(key_id, job.id)
+    assert service.get(key_id, job.id).status is JobStatus.COMPLETED  # the record stays

@@ -3,8 +3,9 @@ worker subprocesses, the HTTP API of docs/service.md, and the client's `remote=T
 The tests marked ON_BOTH_BACKENDS run again on the cluster combination (Ray actors on the
 session's two-node cluster, PostgreSQL, S3: tests/server/conftest.py): the same answers,
 bit for bit, events, positions, fairness, cancels, a shared pass, policy limits that only
-the worker can see, isolation. The rest (restarts, result expiry, a worker's own process,
-the CLI on SQLite) are about the embedded default's own parts.
+the worker can see, isolation, a server restarted with jobs in flight, a worker process
+killed mid-job. The rest (result expiry and time limits on a server of their own, the CLI
+on SQLite) run on the embedded default; result expiry on S3 is in test_pg_transactions.py.
 
 Remote runs are checked against the same experiment run in this process, bit for bit
 (`torch.equal`). On one machine that holds when both sides use the same number of torch
@@ -445,13 +446,13 @@ def test_models_health_metrics_docs(server: Any, http: httpx.Client) -> None:
 # --- 3. jobs outlive the server; results expire -----------------------------------------
 
 
+@ON_BOTH_BACKENDS
 def test_restart_keeps_every_job(start_server: Callable[..., Any], tiny_config: Callable[..., str],
                                  tmp_path_factory: pytest.TempPathFactory,
                                  lm: LanguageModel, backend: Any) -> None:
     """SIGKILL mid-job, then a new server on the same stores (the same home; on the
-    cluster the same database and bucket: its dead lease hands the jobs over). Embedded
-    only in `make test` (on the cluster it waits out the 10 s lease and two starts of
-    every actor; test_frontends.py kills a frontend mid-job on PostgreSQL + S3)."""
+    cluster the same database and bucket, nothing else alive meanwhile: its dead lease
+    hands the jobs over once it lapses, 10 s)."""
     home = tmp_path_factory.mktemp("restart")
     first = start_server("restart", tiny_config(), home=home, backend=backend)
     key = first.keys.create("r")[1]
@@ -670,12 +671,16 @@ def test_time_limit_stops_the_run(short: Any, lm: LanguageModel) -> None:
     assert_same(remote, getter_save(lm, False))
 
 
+@ON_BOTH_BACKENDS
 def test_worker_crash_fails_only_its_job(server: Any, key: str, http: httpx.Client,
-                                         lm: LanguageModel) -> None:
+                                         lm: LanguageModel, backend: Any) -> None:
+    """The worker's process SIGKILLed mid-job (as the out-of-memory killer does): the
+    server's own child, or on the cluster the Ray actor's process on its node."""
     restarts = server.metric(key, "nnglass_worker_restarts_total")
     pid = server.worker_pid(NAME)
     stat = Path(f"/proc/{pid}/stat").read_text()
-    assert int(stat.rpartition(")")[2].split()[1]) == server.proc.pid  # the server's own child
+    parent = int(stat.rpartition(")")[2].split()[1])
+    assert (parent == server.proc.pid) == (backend.name == "embedded")  # a raylet's child on Ray
     job = submit(http, slow_graph(lm))
     wait_for(http, job, ("RUNNING",))
     os.kill(pid, signal.SIGKILL)
