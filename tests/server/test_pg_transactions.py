@@ -150,3 +150,21 @@ def test_results_expire_from_s3(here: InProcess) -> None:
     with pytest.raises(NotFoundError, match="no result"):
         service.open_result(key_id, job.id)
     assert service.get(key_id, job.id).status is JobStatus.COMPLETED  # the record stays
+
+
+def test_a_page_of_queued_jobs_reads_the_queue_once(here: InProcess) -> None:
+    """`GET /v1/jobs` of N queued jobs: the page and one read of the queue, not N."""
+    service, key_id = here.service, here.key_id
+    jobs = [service.submit(key_id, *wire.encode(small_graph(here.lm, f"page {i}"))) for i in range(3)]
+    try:
+        db, me = service.jobs.db, threading.current_thread().name
+        before = db.transactions[me]
+        page, _ = service.list_jobs(key_id, 10)
+        shown = service.statuses(page)
+        assert db.transactions[me] - before == 2
+        queued = {s["id"]: s["position"] for s in shown if s["status"] == "QUEUED"}
+        assert queued == {job.id: i for i, job in enumerate(jobs)}
+        assert [s["id"] for s in shown] == [j.id for j in page]  # in the page's order
+    finally:
+        for job in jobs:
+            service.cancel(key_id, job.id)

@@ -142,7 +142,7 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
 
         def page() -> dict[str, Any]:  # the caller's jobs, newest first; `next` is the next `before`
             jobs, cursor = service.list_jobs(key_id, n, before)
-            return {"jobs": [service.status(job) for job in jobs], "next": cursor}
+            return {"jobs": service.statuses(jobs), "next": cursor}
 
         return await asyncio.to_thread(page)
 

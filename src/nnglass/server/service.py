@@ -264,14 +264,16 @@ class Service:
                 if job is not None and job.status == JobStatus.CANCELLED:
                     self._halt(state, worker, job_id)
 
-    def status(self, job: Job) -> dict[str, Any]:
+    def status(self, job: Job, positions: dict[str, int] | None = None) -> dict[str, Any]:
+        """The job as the API shows it; `positions`: its model's queue, if already read."""
         out: dict[str, Any] = {
             "id": job.id, "model": job.model, "status": job.status.value, "created_at": job.created_at,
             "queued_at": job.queued_at, "started_at": job.started_at, "finished_at": job.finished_at,
             "expires_at": job.expires_at, "result_bytes": job.result_bytes,
         }
         if job.status == JobStatus.QUEUED:
-            out["position"] = self.scheduler.positions(job.model).get(job.id, 0)
+            queue = self.scheduler.positions(job.model) if positions is None else positions
+            out["position"] = queue.get(job.id, 0)
         if job.error:
             out["error"] = job.error
         return out
@@ -355,6 +357,14 @@ class Service:
                 self.hub.publish_many([*started, *self.scheduler.positions(model)])
         except UnavailableError:  # the queued ones' waiters re-read on their own timeout
             self.hub.publish_many(list(started))  # (a hub that cannot send delivers here)
+
+    def statuses(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        """`status` of each, each model's queue read once (a page of N queued jobs is one
+        query of the queue, not N), in one transaction."""
+        with self.stores.together():
+            models = {job.model for job in jobs if job.status == JobStatus.QUEUED}
+            queues = {model: self.scheduler.positions(model) for model in models}
+            return [self.status(job, queues.get(job.model)) for job in jobs]
 
     def job_status(self, key_id: str, job_id: str) -> dict[str, Any]:
         """`status(get(...))`: the row and a queued job's position in one read."""
