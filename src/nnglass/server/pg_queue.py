@@ -16,6 +16,8 @@ Invariants:
   submission order. Whatever reads or charges the tokens (a submit, a claim, a shared
   pass's takes) holds the model's advisory lock for its transaction, so frontends
   charge one after another (and never deadlock on the rows).
+- An idle replica waits for a NOTIFY (`_POLL_S` at most); one that lands while its claim
+  looks is never waited past (a count of notifications, read before the claim).
 - Each frontend renews its lease (`frontends.heartbeat`, the database's clock) every
   `tick`; a frontend silent for `LEASE_S` is dead. `orphans` hands back, once, the
   unfinished jobs that no live frontend holds (claimed by a dead one, or with no row
@@ -132,6 +134,7 @@ class PgQueue:
         self.db, self.models = db, list(models)
         self.id = "fe_" + secrets.token_hex(8)
         self._wake = threading.Condition()
+        self._notes = 0  # notifications so far: one that lands during a claim is not waited past
         self._closed = False
         self._alone: set[str] = set()  # claimed here when no other job waited, or sharing nothing
         listener.on(QUEUE_CHANNEL, self._notified)
@@ -139,6 +142,7 @@ class PgQueue:
 
     def _notified(self, model: str) -> None:
         with self._wake:
+            self._notes += 1
             self._wake.notify_all()
 
     def submit(self, model: str, key_id: str, job_id: str, share: Share | None = None,
@@ -173,6 +177,8 @@ class PgQueue:
     def next(self, model: str, timeout: float | None = None, skip: str | None = None) -> str | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._closed:
+            with self._wake:
+                seen = self._notes
             try:
                 job_id = self._claim(model, skip)
             except UnavailableError:  # the replica waits it out, like an empty queue
@@ -183,7 +189,8 @@ class PgQueue:
             if left <= 0:
                 return None
             with self._wake:
-                self._wake.wait(left)
+                if self._notes == seen:  # else a job came while this claim looked: look again now
+                    self._wake.wait(left)
         return None
 
     def take_sharing(self, model: str, job_id: str, limit: int, tokens: int | None = None,
