@@ -17,7 +17,8 @@ Invariants:
   longer than `busy_timeout` (db.py) is an `UnavailableError` from any method (`verify`
   too: "cannot tell now" is not "no such key").
 - `Keys` is the seam: this SQLite `KeyStore` and `pg_stores.PgKeyStore` keep the same
-  contract; callers never branch on which one they hold.
+  contract; callers never branch on which one they hold. Both are `SqlKeys` (the logic,
+  written once) over their own connection.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, Protocol
 
 from .db import BUSY_TIMEOUT_S, connect, unavailable_when_locked
 
-__all__ = ["KEY_PREFIX", "KeyStore", "Keys"]
+__all__ = ["KEY_PREFIX", "KeyStore", "Keys", "SqlKeys"]
 
 KEY_PREFIX = "nng_"
 _MAX_KEY_CHARS = 128  # a real key is 47 characters; anything far longer is not one
@@ -64,9 +65,83 @@ def _hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-class KeyStore:
+class SqlKeys:
+    """The key store's logic in SQL, for any driver: a subclass gives `_db()` (a
+    connection whose `execute(sql, params)` answers a cursor; the statements in one `with`
+    are one transaction), `_sql(text)` (its placeholders, written here as "?"),
+    `_duplicate` (its unique-violation error) and `_tiebreak` (the column that orders keys
+    created at the same instant). PostgreSQL text cannot hold a NUL: no key name has one."""
+
+    _duplicate: type[Exception] = Exception
+    _tiebreak = "id"
+
+    def _db(self) -> Any:
+        raise NotImplementedError
+
+    def _sql(self, text: str) -> str:
+        return text
+
+    def create(self, name: str) -> tuple[str, str]:
+        """Make a new key named `name`; return `(key_id, key)`. The key is shown only now."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("a key needs a non-empty name, e.g. `nnglass keys create alice`")
+        name = name.strip()
+        if "\x00" in name:
+            raise ValueError("a key name cannot contain a NUL character")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = "key_" + secrets.token_hex(8)
+        try:
+            with self._db() as db:
+                db.execute(self._sql("INSERT INTO api_keys (id, name, hash, created) VALUES (?, ?, ?, ?)"),
+                           (key_id, name, _hash(key), time.time()))
+        except self._duplicate:
+            raise ValueError(
+                f"a live key named {name!r} already exists; revoke it first "
+                f"(`nnglass keys revoke {name}`) or pick another name"
+            ) from None
+        return key_id, key
+
+    def verify(self, key: str | None) -> str | None:
+        """The key_id of the live key `key`, or None (missing, malformed, unknown, revoked)."""
+        if not isinstance(key, str) or not key.startswith(KEY_PREFIX) or len(key) > _MAX_KEY_CHARS:
+            return None
+        digest = _hash(key)
+        with self._db() as db:
+            row = db.execute(self._sql("SELECT id, hash FROM api_keys WHERE hash = ? AND revoked IS NULL"),
+                             (digest,)).fetchone()
+        if row is None or not hmac.compare_digest(row["hash"], digest):
+            return None
+        return str(row["id"])
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every key, oldest first: id, name, created, revoked (epoch seconds or None)."""
+        with self._db() as db:
+            rows = db.execute(
+                f"SELECT id, name, created, revoked FROM api_keys ORDER BY created, {self._tiebreak}"
+            ).fetchall()
+        return [{k: r[k] for k in ("id", "name", "created", "revoked")} for r in rows]
+
+    def revoke(self, name_or_id: str) -> bool:
+        """Revoke the live key with this id (else this name); False if there is none."""
+        if "\x00" in name_or_id:
+            return False  # no key has one
+        now = time.time()
+        with self._db() as db:
+            # An id match wins, so a name that happens to look like another key's id
+            # never revokes two keys at once.
+            for column in ("id", "name"):
+                sql = f"UPDATE api_keys SET revoked = ? WHERE {column} = ? AND revoked IS NULL"
+                cur = db.execute(self._sql(sql), (now, name_or_id))
+                if cur.rowcount:
+                    return True
+        return False
+
+
+class KeyStore(SqlKeys):
     """API keys in the SQLite file `db_path` (created if missing). `busy_timeout`: how
     long a statement waits for another process's lock."""
+
+    _duplicate, _tiebreak = sqlite3.IntegrityError, "rowid"
 
     def __init__(self, db_path: Path, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
         self.db_path = Path(db_path)
@@ -80,64 +155,6 @@ class KeyStore:
         """The connection: this store's lock held, a too-long lock turned into UnavailableError."""
         with self._lock, unavailable_when_locked():
             yield self._conn
-
-    def create(self, name: str) -> tuple[str, str]:
-        """Make a new key named `name`; return `(key_id, key)`. The key is shown only now."""
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError("a key needs a non-empty name, e.g. `nnglass keys create alice`")
-        name = name.strip()
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
-        key_id = "key_" + secrets.token_hex(8)
-        try:
-            with self._db() as db:
-                db.execute(
-                    "INSERT INTO api_keys (id, name, hash, created) VALUES (?, ?, ?, ?)",
-                    (key_id, name, _hash(key), time.time()),
-                )
-        except sqlite3.IntegrityError:
-            raise ValueError(
-                f"a live key named {name!r} already exists; revoke it first "
-                f"(`nnglass keys revoke {name}`) or pick another name"
-            ) from None
-        return key_id, key
-
-    def verify(self, key: str | None) -> str | None:
-        """The key_id of the live key `key`, or None (missing, malformed, unknown, revoked)."""
-        if not isinstance(key, str) or not key.startswith(KEY_PREFIX) or len(key) > _MAX_KEY_CHARS:
-            return None
-        digest = _hash(key)
-        with self._db() as db:
-            row = db.execute(
-                "SELECT id, hash FROM api_keys WHERE hash = ? AND revoked IS NULL", (digest,)
-            ).fetchone()
-        if row is None or not hmac.compare_digest(row["hash"], digest):
-            return None
-        return str(row["id"])
-
-    def list(self) -> list[dict[str, Any]]:
-        """Every key, oldest first: id, name, created, revoked (epoch seconds or None)."""
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT id, name, created, revoked FROM api_keys ORDER BY created, rowid"
-            ).fetchall()
-        return [
-            {"id": r["id"], "name": r["name"], "created": r["created"], "revoked": r["revoked"]} for r in rows
-        ]
-
-    def revoke(self, name_or_id: str) -> bool:
-        """Revoke the live key with this id (else this name); False if there is none."""
-        now = time.time()
-        with self._db() as db:
-            # An id match wins, so a name that happens to look like another key's id
-            # never revokes two keys at once.
-            for column in ("id", "name"):
-                cur = db.execute(
-                    f"UPDATE api_keys SET revoked = ? WHERE {column} = ? AND revoked IS NULL",
-                    (now, name_or_id),
-                )
-                if cur.rowcount:
-                    return True
-        return False
 
     def close(self) -> None:
         with self._lock:

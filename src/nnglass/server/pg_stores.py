@@ -13,15 +13,12 @@ id with one names no job (as in SQLite), a key name with one is a ValueError.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import json
-import secrets
-import time
 from typing import Any
 
 import psycopg
 
-from .auth import _MAX_KEY_CHARS, KEY_PREFIX, _hash
+from .auth import SqlKeys
 from .jobs import _COLUMNS, _FIELDS, _START, _TERMINAL_SQL, _UPDATABLE, Job, JobStatus, _to_sql
 from .pg import Database
 
@@ -109,62 +106,17 @@ class PgJobStore:
         pass  # the Database is closed by whoever opened it
 
 
-class PgKeyStore:
+class PgKeyStore(SqlKeys):
+    _duplicate = psycopg.errors.UniqueViolation
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def create(self, name: str) -> tuple[str, str]:
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError("a key needs a non-empty name, e.g. `nnglass keys create alice`")
-        name = name.strip()
-        if "\x00" in name:
-            raise ValueError("a key name cannot contain a NUL character")
-        key, key_id = KEY_PREFIX + secrets.token_urlsafe(32), "key_" + secrets.token_hex(8)
-        try:
-            with self.db.tx() as conn:
-                conn.execute(
-                    "INSERT INTO api_keys (id, name, hash, created) VALUES (%s, %s, %s, %s)",
-                    (key_id, name, _hash(key), time.time()),
-                )
-        except psycopg.errors.UniqueViolation:
-            raise ValueError(
-                f"a live key named {name!r} already exists; revoke it first "
-                f"(`nnglass keys revoke {name}`) or pick another name"
-            ) from None
-        return key_id, key
+    def _db(self) -> Any:
+        return self.db.tx()
 
-    def verify(self, key: str | None) -> str | None:
-        if not isinstance(key, str) or not key.startswith(KEY_PREFIX) or len(key) > _MAX_KEY_CHARS:
-            return None
-        digest = _hash(key)
-        with self.db.tx() as conn:
-            row = conn.execute(
-                "SELECT id, hash FROM api_keys WHERE hash = %s AND revoked IS NULL", (digest,)
-            ).fetchone()
-        if row is None or not hmac.compare_digest(row["hash"], digest):
-            return None
-        return str(row["id"])
-
-    def list(self) -> list[dict[str, Any]]:
-        with self.db.tx() as conn:
-            rows = conn.execute(
-                "SELECT id, name, created, revoked FROM api_keys ORDER BY created, id"
-            ).fetchall()
-        return [dict(r) for r in rows]
-
-    def revoke(self, name_or_id: str) -> bool:
-        if "\x00" in name_or_id:
-            return False  # no key has it
-        now = time.time()
-        with self.db.tx() as conn:
-            for column in ("id", "name"):  # an id match wins, as in auth.KeyStore
-                cur = conn.execute(
-                    f"UPDATE api_keys SET revoked = %s WHERE {column} = %s AND revoked IS NULL",
-                    (now, name_or_id),
-                )
-                if cur.rowcount:
-                    return True
-        return False
+    def _sql(self, text: str) -> str:
+        return text.replace("?", "%s")
 
     def close(self) -> None:
         pass
