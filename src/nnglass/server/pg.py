@@ -112,6 +112,7 @@ MIGRATIONS: list[str] = [
         job_id TEXT NOT NULL,
         name   TEXT NOT NULL,
         data   BYTEA NOT NULL,
+        written DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM now()),
         PRIMARY KEY (job_id, name)
     );
     """,

@@ -133,7 +133,7 @@ class PgSmallObjects:
         with self.db.tx() as conn:
             conn.execute(
                 "INSERT INTO small_objects (job_id, name, data) VALUES (%s, %s, %s) "
-                "ON CONFLICT (job_id, name) DO UPDATE SET data = EXCLUDED.data",
+                "ON CONFLICT (job_id, name) DO UPDATE SET data = EXCLUDED.data, written = EXCLUDED.written",
                 (job_id, name, data),
             )
 
@@ -147,3 +147,10 @@ class PgSmallObjects:
     def delete(self, job_id: str) -> bool:
         with self.db.tx() as conn:
             return conn.execute("DELETE FROM small_objects WHERE job_id = %s", (job_id,)).rowcount > 0
+
+    def written(self) -> dict[str, float]:
+        """Each job's newest object's time (epoch seconds, the database's clock)."""
+        with self.db.tx() as conn:
+            sql = "SELECT job_id, max(written) AS t FROM small_objects GROUP BY job_id"
+            rows = conn.execute(sql).fetchall()
+        return {r["job_id"]: float(r["t"]) for r in rows}

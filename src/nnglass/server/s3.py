@@ -12,7 +12,8 @@ Invariants:
 - With `small` (the job store's database, stores.py), a job's graph of at most
   `SMALL_BYTES` packed is kept there instead of in S3: written in the submission's own
   transaction (no PUT on the way to the client's answer; the row and its graph commit
-  together), read by any frontend from there. Results always go to S3.
+  together), read by any frontend from there; `stored_before` counts it as one of the
+  job's objects (with the time the database wrote it). Results always go to S3.
 - Results leave only through the API after the key check (`open` streams the object);
   no presigned URL is ever made: a link would be a bearer token that outlives the key.
 - Storage that cannot be reached is `UnavailableError` (503); a missing object is
@@ -76,6 +77,7 @@ class SmallObjects(Protocol):
     def put(self, job_id: str, name: str, data: bytes) -> None: ...
     def get(self, job_id: str, name: str) -> bytes | None: ...
     def delete(self, job_id: str) -> bool: ...
+    def written(self) -> dict[str, float]: ...
 
 
 class Recent:
@@ -270,4 +272,6 @@ class S3ResultStore:
                     job, slash, _ = o["Key"][len(base):].partition("/")
                     if slash:
                         newest[job] = max(newest.get(job, 0.0), o["LastModified"].timestamp())
+        for job, t in (self.small.written() if self.small is not None else {}).items():
+            newest[job] = max(newest.get(job, 0.0), t)  # a small graph counts as one of its objects
         return [job for job, t in newest.items() if t < when and is_job_id(job)]
