@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,12 +39,11 @@ from ..graph.check import Limits as WireLimits
 from ..graph.ir import SESSION
 from ..models.batched_generate import generation_key
 from ..models.prompts import check_prompts
-from . import clock
+from . import clock, upkeep
 from .batching import GENERATION, cost_of, prompt_tokens, share_of
 from .config import ServerConfig
 from .engines import WorkerFactory, configured_worker
 from .jobs import Job, JobStatus
-from .leftovers import PARTIAL_AGE_S, sweep_partial
 from .model_state import ModelState
 from .policy import check_policy
 from .replica import Replica, Worker
@@ -55,7 +53,6 @@ from .stores import open_stores
 
 log = logging.getLogger(__name__)
 _RETRY_S = 0.5  # how often a background thread tries a locked database again
-_TICK_S = 2.0  # how often the queue's lease is renewed and orphaned jobs are looked for
 
 
 class Service:
@@ -83,14 +80,14 @@ class Service:
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        self._recover()
+        upkeep.recover(self)
         for state in self.models.values():
             for _ in range(state.config.replicas):
                 worker = self._worker(state.config, self.config)
                 state.workers.append(worker)
                 self._spawn(Replica(self, state, worker).serve)
-        self._spawn(self._upkeep_loop)
-        self._spawn(self._lease_loop)
+        self._spawn(upkeep.upkeep_loop, self)
+        self._spawn(upkeep.lease_loop, self)
 
     def stop(self) -> None:
         self._stop.set()
@@ -115,23 +112,6 @@ class Service:
         t = threading.Thread(target=target, args=args, daemon=True, name=f"nnglass-{name}")
         t.start()
         self._threads.append(t)
-
-    def _recover(self) -> None:
-        """Jobs no live process holds (a previous run left them, or a frontend that died)
-        run again, or fail with a reason."""
-        for job in self.durably(self.scheduler.orphans, self.jobs.unfinished):
-            if job.model not in self.models or not self.results.has_graph(job.id):
-                self.finish(job.id, JobStatus.ERROR, error={
-                    "type": "RemoteError", "where": "",
-                    "message": "the server restarted and this job's model or graph is gone"})
-            elif job.status == JobStatus.RUNNING and job.attempts >= 2:
-                self.finish(job.id, JobStatus.ERROR, error={
-                    "type": "RemoteError", "where": "",
-                    "message": "this job was started twice and the server or its worker stopped "
-                               "both times before it finished"})
-            else:
-                self.durably(self.jobs.update, job.id, status=JobStatus.QUEUED.value, queued_at=clock.now())
-                self.scheduler.submit(job.model, job.key_id, job.id)
 
     # --- requests --------------------------------------------------------------------------
     def submit(self, key_id: str, graph_json: bytes, tensors: bytes | None) -> Job:
@@ -370,31 +350,6 @@ class Service:
         """`status(get(...))`: the row and a queued job's position in one read."""
         with self.stores.together():
             return self.status(self.get(key_id, job_id))
-
-    def _lease_loop(self) -> None:
-        """The queue's lease, renewed in a thread of its own: slow upkeep never lets it lapse."""
-        while not self._stop.wait(_TICK_S):
-            try:
-                self.scheduler.tick()
-            except UnavailableError as e:
-                log.warning("cannot renew this frontend's lease: %s", e.message)
-
-    def _upkeep_loop(self) -> None:
-        """Orphaned jobs (every _TICK_S), expired results (less often), half-written
-        jobs a killed server left (at start, then every PARTIAL_AGE_S)."""
-        every, last = min(60.0, max(1.0, self.config.result_ttl_s / 4)), time.monotonic()
-        swept = -PARTIAL_AGE_S
-        while not self._stop.wait(_TICK_S):
-            try:
-                if time.monotonic() - swept >= PARTIAL_AGE_S:
-                    sweep_partial(self.results, self.jobs)
-                    swept = time.monotonic()
-                self._recover()
-                if time.monotonic() - last >= every:
-                    last = time.monotonic()
-                    self.expire(clock.now())
-            except UnavailableError as e:  # a locked database: the next round does it
-                log.info("upkeep later: %s", e.message)
 
     def expire(self, now: float) -> None:
         """Results whose time is up by `now` go; the jobs' records stay (their status still
