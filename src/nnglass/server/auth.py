@@ -27,14 +27,11 @@ import hashlib
 import hmac
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from .db import BUSY_TIMEOUT_S, connect, unavailable_when_locked
+from .db import BUSY_TIMEOUT_S, SQLiteFile
 
 __all__ = ["KEY_PREFIX", "KeyStore", "Keys", "SqlKeys"]
 
@@ -137,28 +134,16 @@ class SqlKeys:
         return False
 
 
-class KeyStore(SqlKeys):
+class KeyStore(SqlKeys, SQLiteFile):
     """API keys in the SQLite file `db_path` (created if missing). `busy_timeout`: how
     long a statement waits for another process's lock."""
 
     _duplicate, _tiebreak = sqlite3.IntegrityError, "rowid"
 
     def __init__(self, db_path: Path, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
-        self.db_path = Path(db_path)
-        self._lock = threading.Lock()
-        self._conn = connect(self.db_path, busy_timeout)
-        with self._db():
-            self._conn.executescript(_SCHEMA)
+        SQLiteFile.__init__(self, db_path, _SCHEMA, busy_timeout)
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        """The connection: this store's lock held, a too-long lock turned into UnavailableError."""
-        with self._lock, unavailable_when_locked():
-            yield self._conn
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+    _db = SQLiteFile._db  # SqlKeys asks for `_db()`: the file's
 
     def __enter__(self) -> KeyStore:
         return self

@@ -1,4 +1,4 @@
-"""The SQLite connection the key store and the job store each hold.
+"""The SQLite connection the key store and the job store each hold (`SQLiteFile`).
 
 Invariants:
 - A statement waits at most `BUSY_TIMEOUT_S` for a lock another process holds (a backup,
@@ -12,13 +12,14 @@ Invariants:
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UnavailableError
 
-__all__ = ["BUSY_TIMEOUT_S", "connect", "unavailable_when_locked"]
+__all__ = ["BUSY_TIMEOUT_S", "SQLiteFile", "connect", "unavailable_when_locked"]
 
 BUSY_TIMEOUT_S = 2.0
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes; extended codes add high bits
@@ -59,3 +60,25 @@ def unavailable_when_locked() -> Iterator[None]:
         raise UnavailableError(
             "the server's database is locked by another process; try again in a few seconds"
         ) from None
+
+
+class SQLiteFile:
+    """A store's SQLite file (created if missing, `schema` run on open): one connection its
+    threads share under one lock. `_db()` is that connection for one statement, a lock
+    another process holds too long turned into UnavailableError."""
+
+    def __init__(self, db_path: Path, schema: str, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
+        self.db_path = Path(db_path)
+        self._lock = threading.Lock()
+        self._conn = connect(self.db_path, busy_timeout)
+        with self._db():
+            self._conn.executescript(schema)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, unavailable_when_locked():
+            yield self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

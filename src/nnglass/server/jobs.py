@@ -27,16 +27,13 @@ import dataclasses
 import json
 import secrets
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import clock
-from .db import BUSY_TIMEOUT_S, connect, unavailable_when_locked
+from .db import BUSY_TIMEOUT_S, SQLiteFile
 
 __all__ = ["Job", "JobStatus", "JobStore", "SQLiteJobStore", "new_job_id"]
 
@@ -141,23 +138,12 @@ def _from_row(row: sqlite3.Row) -> Job:
     return Job(**d)
 
 
-class SQLiteJobStore:
+class SQLiteJobStore(SQLiteFile):
     """Jobs in the SQLite file `db_path` (created if missing; may be shared with KeyStore).
     `busy_timeout`: how long a statement waits for another process's lock."""
 
     def __init__(self, db_path: Path, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
-        self.db_path = Path(db_path)
-        self._lock = threading.Lock()
-        self._conn = connect(self.db_path, busy_timeout)
-        with self._db():
-            self._conn.executescript(_SCHEMA)
-
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        """The connection, for one statement: this store's lock held, a lock that another
-        process holds too long turned into UnavailableError."""
-        with self._lock, unavailable_when_locked():
-            yield self._conn
+        super().__init__(db_path, _SCHEMA, busy_timeout)
 
     def create(self, job: Job) -> Job:
         """Persist a new job; return it with `seq` set. A duplicate id is a ValueError."""
@@ -234,9 +220,6 @@ class SQLiteJobStore:
             rows = db.execute(sql, (now,)).fetchall()
         return [_from_row(r) for r in rows]
 
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
 
     def __enter__(self) -> SQLiteJobStore:
         return self
