@@ -69,22 +69,6 @@ def test_jobs_that_can_share_a_forward_pass_are_taken_together_in_start_order() 
     assert s.take_sharing("m", "c1", limit=5) == []
 
 
-def test_fairness_is_counted_in_tokens_not_jobs() -> None:
-    """A key whose jobs are long is served as many tokens as a key of short jobs, and a
-    key arriving with one job behind 100 long ones starts after at most one of them."""
-    s = Scheduler(["m"])
-    for i in range(100):
-        s.submit("m", "heavy", f"h{i}", cost=1000)
-    assert s.next("m", timeout=0) == "h0"
-    s.submit("m", "light", "l0", cost=10)
-    assert s.positions("m")["l0"] == 0
-    for i in range(1, 101):
-        s.submit("m", "light", f"l{i}", cost=10)
-    order = [s.next("m", timeout=0) for _ in range(103)]
-    assert order[:100] == [f"l{i}" for i in range(100)]  # 1000 tokens: level with heavy's 1000
-    assert order[100:] == ["h1", "l100", "h2"]
-
-
 def test_a_shared_pass_stays_within_its_token_budget() -> None:
     s = Scheduler(["m"])
     s.submit("m", "a", "a1", share=Share("k", 1, 10))

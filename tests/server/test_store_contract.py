@@ -288,8 +288,8 @@ def test_queue_is_fair_across_keys_and_in_order_within_one(queue: Any) -> None:
 
 def test_fairness_is_counted_in_tokens_not_jobs(queue: Any) -> None:
     """A key whose jobs are long is served as many tokens as a key of short jobs, and a key
-    arriving with one job behind 100 long ones starts after at most one of them (as
-    test_scheduler's, on both queues)."""
+    arriving with one job behind 100 long ones starts after at most one of them (on both
+    queues: the in-memory Scheduler and PostgreSQL's)."""
     for i in range(100):
         queue.submit("m", "heavy", f"h{i}", cost=1000)
     assert queue.next("m", timeout=1) == "h0"
