@@ -19,6 +19,7 @@ import uvicorn
 
 from nnglass.server.app import create_app
 from nnglass.server.config import ModelConfig, ServerConfig, load_config
+from nnglass.server.generation import run_session
 from nnglass.server.service import Service
 from nnglass.server.worker import LoadedModel, answer, ready_message
 from service_fixtures import free_port
@@ -51,6 +52,14 @@ class ThreadWorker:
         assert self.replica is not None
         self.gate.wait()
         return answer(self.replica, request, on_step)  # step lines straight to the service
+
+    def stream(self, requests: list[dict[str, Any]], on_step: Callable[[dict[str, Any]], dict[str, Any]],
+               timeout: float, on_line: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """A generation session in this thread: worker.py's session, its messages straight
+        to the replica's `on_step`."""
+        assert self.replica is not None
+        self.gate.wait()
+        run_session(self.replica, requests, on_step, on_line)
 
     def stop_job(self, job: Any) -> bool:
         return False

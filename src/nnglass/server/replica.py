@@ -221,9 +221,7 @@ class Replica:
         def untrack(job: str) -> None:
             self.service.steps.end(job)
             live.pop(job, None)
-            state.running.pop(job, None)
-            state.sharing.discard(job)
-            state.dropping.discard(job)
+            self._untrack(job)
 
         def on_step(message: dict[str, Any]) -> dict[str, Any]:
             debug = {k: message[k] for k in ("checksum", "has_grad") if k in message}
@@ -239,6 +237,9 @@ class Replica:
             for j in drop:
                 untrack(j)
             more = self._more(len(live)) if message.get("running") and not service.stopping else []
+            for r in [r for r in more if r["job"] in state.dropping]:  # cancelled as it began
+                more.remove(r)
+                self._untrack(r["job"])
             track(more)
             return {"more": more, "drop": drop, "timeout": seconds * (len(more) + 2) + GRACE_SECONDS}
 
@@ -270,7 +271,7 @@ class Replica:
             return []
         limit = cfg.share_jobs - running - 1 if service.generates(job_id) else cfg.share_jobs - 1
         others = service.scheduler.take_sharing(cfg.name, job_id, limit, tokens=cfg.share_tokens, wait=0)
-        new = [r for r in (self._begin(j) for j in [job_id, *others]) if r is not None]
+        new = [r for r in (self._begin(j, joining=True) for j in [job_id, *others]) if r is not None]
         if new:
             service.publish_queue(cfg.name, [r["job"] for r in new])
         return new
@@ -291,9 +292,32 @@ class Replica:
             service.durably(service.jobs.update, job.id, attempts=job.attempts + 1)
             self._record(job.id, self._run([request], timeout))
 
-    def _begin(self, job_id: str) -> dict[str, Any] | None:
+    def _begin(self, job_id: str, joining: bool = False) -> dict[str, Any] | None:
         """Mark a job RUNNING and build its request; None if it is no longer queued. Its
-        waiters learn of it from the caller's `publish_queue`."""
+        waiters learn of it from the caller's `publish_queue`. `joining`: it joins the
+        running generation session, where a cancel drops it at a step.
+
+        The job is in `state.running` before its row says RUNNING, so no cancel falls
+        between the two: one before finds it queued (`start` says None), one after finds
+        it here (service._halt), and a job cancelled before its worker has it never goes."""
+        self.state.running[job_id] = self.worker
+        if joining:
+            self.state.sharing.add(job_id)
+        request = None
+        try:
+            request = self._request(job_id)
+        finally:
+            if request is None:  # not running here after all (or the store failed)
+                self._untrack(job_id)
+        return request
+
+    def _untrack(self, job_id: str) -> None:
+        state = self.state
+        state.running.pop(job_id, None)
+        state.sharing.discard(job_id)
+        state.dropping.discard(job_id)
+
+    def _request(self, job_id: str) -> dict[str, Any] | None:
         service = self.service
         job = service.durably(service.jobs.start, job_id, clock.now())
         if job is None:
@@ -324,17 +348,19 @@ class Replica:
         state.last_pass = len(requests)
         request = requests[0] if len(requests) == 1 else {"batch": requests}
         try:
+            if request.get("job") in state.dropping:  # cancelled before its worker had it
+                return {"status": "CANCELLED"}
             return self.worker.run(request, timeout=timeout, on_step=self.service.step_line)
         finally:
             for request in requests:
                 self.service.steps.end(request["job"])
-                state.running.pop(request["job"], None)
-                state.sharing.discard(request["job"])
-                state.dropping.discard(request["job"])
+                self._untrack(request["job"])
 
     def _record(self, job_id: str, answer: dict[str, Any]) -> None:
         state, service = self.state, self.service
         service.job_ended(state, job_id)
+        if answer.get("status") == "CANCELLED":
+            return  # its row already says so
         if answer.get("checksum"):
             state.checksums.add(answer["checksum"])
             state.grad_seen = state.grad_seen or bool(answer.get("has_grad"))

@@ -207,11 +207,10 @@ class Service:
         """A cancelled job that runs here: a job alone stops its worker (its thread sees
         the worker die and restarts it); one in a generation session is dropped at its next
         step, and one in a shared pass has its answer dropped: the others go on, and the
-        worker lives. CANCELLED stays either way."""
-        if job_id in state.sharing:
+        worker lives. One whose worker does not have it yet (replica._begin) never goes to
+        it. CANCELLED stays either way."""
+        if job_id in state.sharing or not worker.stop_job(job_id):
             state.dropping.add(job_id)
-        else:
-            worker.stop_job(job_id)
 
     def release(self, job_id: str) -> None:
         """A replica took a job it cannot run now (its worker died meanwhile): back to the
