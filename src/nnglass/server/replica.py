@@ -7,7 +7,8 @@ never asks which one it has.
 Invariants:
 - A job is marked RUNNING (and its attempt counted) before its request goes out; its
   answer becomes its final status. A job never meets a dead worker: the loop restarts
-  it first.
+  it first. It is where a cancel finds it (`state.running`) from before its row says
+  RUNNING, so a cancel as it begins stops it too: it never reaches its worker.
 - A replica takes its model's next job only when its worker is idle, so with N replicas
   a job goes to one that is free (the least loaded) and never waits behind a busy one.
 - An answer that carries its result's bytes (`data`: a worker on another machine, such
