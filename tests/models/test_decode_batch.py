@@ -35,11 +35,13 @@ def record(lm: LanguageModel, prompt: Any, n: int, body: Any, **kwargs: Any) -> 
 
 
 def run_batch(lm: LanguageModel, graphs: list[Graph], joins: dict[int, list[Graph]] | None = None,
-              drop: dict[int, int] | None = None) -> tuple[dict[int, Any], list[tuple[str, int, int]]]:
+              drop: dict[int, int] | None = None, prefill_tokens: int | None = None,
+              ) -> tuple[dict[int, Any], list[tuple[str, int, int]]]:
     """Run `graphs` in one batch; `joins[s]`: graphs added after step s; `drop[s]`: the job
     cancelled after step s. Each job's Finished by its index, and the passes (kind, rows, jobs)."""
     passes: list[tuple[str, int, int]] = []
-    batch = decode_batch(lm, observe=lambda kind, rows, jobs, s: passes.append((kind, rows, jobs)))
+    batch = decode_batch(lm, observe=lambda kind, rows, jobs, s: passes.append((kind, rows, jobs)),
+                         prefill_tokens=prefill_tokens)
     order = list(graphs)
     for i, g in enumerate(graphs):
         batch.add(generate_job(lm, g, i))
@@ -113,6 +115,24 @@ def test_mixed_jobs_in_one_batch_equal_their_lone_runs(lm: LanguageModel) -> Non
     plain = lm.run_graph(record(lm, "hi", 6, lambda t: t.result.save()))
     result = next(i for i, n in enumerate(graphs[0].nodes) if n.save and n.site and n.site.kind == "result")
     assert not torch.equal(lmf.unwrap(plain[max(plain)]), lmf.unwrap(alone[0][result])), "no steer"
+
+
+def test_joiners_over_the_prefill_budget_join_at_the_next_steps(lm: LanguageModel) -> None:
+    """At most `prefill_tokens` padded prompt tokens join in one step (the first joiner
+    always); the others join, in order, at the next steps, and every job's numbers are
+    still its lone run's."""
+    graphs = [record(lm, p, n, steered(lm, i % 2, 0.2 * (i + 1)), min_new_tokens=n)
+              for i, (p, n) in enumerate([("abcd", 4), (["wxyz", "qrst"], 3), ("efgh", 5), ("ijkl", 2),
+                                          ("a much longer prompt", 3)])]
+    width = lm.tokenizer("abcd", return_tensors="pt")["input_ids"].shape[1]
+    shared, passes = run_batch(lm, graphs, prefill_tokens=3 * width)
+    for i, g in enumerate(graphs):
+        assert shared[i].error is None, shared[i].error
+        same(lm.run_graph(g), shared[i].saved)
+    # rows x widest prompt within 3 widths: 1 + 2 rows, then 1 + 1 (a third would be 3 x 4),
+    # then the long prompt alone (over the budget by itself: the first joiner always joins)
+    prefills = [p for p in passes if p[0] == "prefill"]
+    assert prefills == [("prefill", 3, 2), ("prefill", 2, 2), ("prefill", 1, 1)]
 
 
 def test_eos_cancel_and_failure_leave_only_that_job(lm: LanguageModel) -> None:

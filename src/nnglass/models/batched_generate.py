@@ -84,8 +84,10 @@ def generate_job(lm: LanguageModel, graph: Graph, key: Any, limits: RunLimits = 
                        graph.options.get(SEED), RunConfig(limits, can_stop=False), on_step)
 
 
-def decode_batch(lm: LanguageModel, observe: StepObserver | None = None) -> DecodeBatch:
-    """An empty continuous batch over `lm`'s model."""
+def decode_batch(lm: LanguageModel, observe: StepObserver | None = None,
+                 prefill_tokens: int | None = None) -> DecodeBatch:
+    """An empty continuous batch over `lm`'s model; `prefill_tokens`: the most padded prompt
+    tokens that join it in one step (None: all that wait)."""
     if lm._sizes is None:
         object.__setattr__(lm, "_sizes", model_sizes(lm.module))
-    return DecodeBatch(lm.module, lm.tokenizer.pad_token_id, lm._sizes, observe)
+    return DecodeBatch(lm.module, lm.tokenizer.pad_token_id, lm._sizes, observe, prefill_tokens)

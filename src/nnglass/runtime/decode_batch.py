@@ -3,10 +3,11 @@ pass, over one left-padded KV cache; each joins at a step boundary and leaves at
 own end (its `max_new_tokens`, or EOS on all of its rows).
 
 One `step()`: the jobs that joined run their prompt (step 0) in one forward, left-padded
-to one width, and their rows of the KV cache join the batch's; then every running job
+to one width (at most `prefill_tokens` padded tokens of them: the others, in order, at the
+next step), and their rows of the KV cache join the batch's; then every running job
 runs its next step in one decode forward (one new token a row, the attention mask and
 position ids per row). Finished jobs leave by index-select of the cache; columns no row
-needs any more are dropped from its left.
+needs any more are dropped from its left (runtime/kv_rows.py).
 
 Invariants:
 - A job's numbers are the ones it gets alone. Each row keeps its own position ids and
@@ -45,6 +46,7 @@ from ..graph.ops import REGISTRY
 from .finish import check_finished, culprit
 from .hooks import install, uninstall
 from .interpreter import Interpreter
+from .kv_rows import KVRows, check_cache
 from .limited import LimitedInterpreter
 from .limits import RunConfig
 from .multiplex import Multiplex, member_kind
@@ -107,13 +109,12 @@ class DecodeBatch:
     """The running batch of one model. Not thread-safe: one driver calls add/drop/step."""
 
     def __init__(self, model: torch.nn.Module, pad_id: int, sizes: frozenset[int],
-                 observe: StepObserver | None = None) -> None:
+                 observe: StepObserver | None = None, prefill_tokens: int | None = None) -> None:
         self.model, self.pad_id, self.sizes, self.observe = model, pad_id, sizes, observe
+        self.prefill_tokens = prefill_tokens  # most padded prompt tokens joining in one step
         self.waiting: list[GenerateJob] = []
         self.running: list[_Running] = []  # in row order
-        self.cache: Any = None  # the model's DynamicCache over every running row
-        self.mask: torch.Tensor | None = None  # [rows, cache length]
-        self.positions: torch.Tensor | None = None  # [rows]: each row's last position id
+        self.kv = KVRows()  # the running rows' cache, mask and positions
         self._dropped: set[Any] = set()
 
     def __len__(self) -> int:
@@ -141,7 +142,8 @@ class DecodeBatch:
             self._keep([r for r in self.running if r.job.key not in self._dropped])
             self._dropped.clear()
         if self.waiting:
-            joining, self.waiting = self.waiting, []
+            n = _within(self.waiting, self.prefill_tokens)
+            joining, self.waiting = self.waiting[:n], self.waiting[n:]
             done += self._prefill(joining)
         if self.running:
             done += self._decode()
@@ -179,7 +181,7 @@ class DecodeBatch:
             return done
         cache = out["cache"]
         try:
-            _check_cache(cache)
+            check_cache(cache)
         except NotImplementedError as e:
             for r in keep:
                 done.append(Finished(r.job.key, None, e, disrupted=True))
@@ -203,25 +205,26 @@ class DecodeBatch:
         self._keep(going)
         if not going:
             return done
-        assert self.mask is not None and self.positions is not None
-        full = self.mask.shape[1] + 1
+        kv = self.kv
+        assert kv.mask is not None and kv.positions is not None
+        full = kv.mask.shape[1] + 1
         owns = [r.width + r.forwards for r in going]
         while full in self.sizes and min(owns) < full:  # a hidden position axis must be findable
-            self._pad_left(1)
+            kv.pad_left(1)
             full += 1
         ids = torch.cat([r.ids[:, -1:] for r in going])
-        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        positions = (self.positions + 1)[:, None]
+        mask = torch.cat([kv.mask, kv.mask.new_ones(kv.mask.shape[0], 1)], dim=1)
+        positions = (kv.positions + 1)[:, None]
         offset = 0
         for r, own in zip(going, owns):
             r.interp.rows, r.interp.batch_size = r.windows(offset, full, own), ids.shape[0]
             offset += r.rows
         out, ok = self._forward("decode", going, done, dict(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache))
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv.cache))
         if out is None:
             self._keep([])
             return done
-        self.mask, self.positions = mask, positions[:, 0]
+        kv.mask, kv.positions = mask, positions[:, 0]
         self._keep(self._choose(going, ok, out.logits[:, -1], done))
         return done
 
@@ -310,20 +313,11 @@ class DecodeBatch:
         except Exception:
             return None
 
-    # --- the cache ---------------------------------------------------------------------
+    # --- the cache rows ------------------------------------------------------------------
     def _join(self, new: list[_Running], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        if self.cache is None or not self.running:
-            self.cache, self.mask, self.positions, self.running = cache, mask, positions, list(new)
-            return
-        assert self.mask is not None and self.positions is not None
-        length = max(self.mask.shape[1], mask.shape[1])
-        self._pad_left(length - self.mask.shape[1])
-        extra = length - mask.shape[1]
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([mine.keys, _pad_seq(theirs.keys, extra)])
-            mine.values = torch.cat([mine.values, _pad_seq(theirs.values, extra)])
-        self.mask = torch.cat([self.mask, torch.nn.functional.pad(mask, (extra, 0), value=0)])
-        self.positions = torch.cat([self.positions, positions])
+        if not self.running:
+            self.kv.clear()
+        self.kv.join(cache, mask, positions)
         self.running = [*self.running, *new]
 
     def _keep(self, keep: list[_Running]) -> None:
@@ -331,27 +325,12 @@ class DecodeBatch:
         if [id(r) for r in keep] == [id(r) for r in self.running]:
             return
         if not keep:
-            self.running, self.cache, self.mask, self.positions = [], None, None, None
+            self.running = []
+            self.kv.clear()
             return
         rows = torch.tensor([i for r in keep for i in _rows_of(self.running, r)], dtype=torch.long)
-        assert self.mask is not None and self.positions is not None
-        self.cache.batch_select_indices(rows.to(self.mask.device))
-        self.mask, self.positions, self.running = self.mask[rows], self.positions[rows], keep
-        # Columns no row attends to any more go (never into a job's own width).
-        unused = int((self.mask.cumsum(1) == 0).sum(1).min())
-        unused = min(unused, *(self.mask.shape[1] - (r.width + r.forwards - 1) for r in keep))
-        if unused > 0:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
-            self.mask = self.mask[:, unused:]
-
-    def _pad_left(self, n: int) -> None:
-        if n <= 0:
-            return
-        for layer in self.cache.layers:
-            layer.keys, layer.values = _pad_seq(layer.keys, n), _pad_seq(layer.values, n)
-        assert self.mask is not None
-        self.mask = torch.nn.functional.pad(self.mask, (n, 0), value=0)
+        self.kv.keep(rows, [r.width + r.forwards - 1 for r in keep])  # never into a job's own width
+        self.running = keep
 
 
 def _interpreter(job: GenerateJob, model: torch.nn.Module) -> Interpreter:
@@ -361,6 +340,17 @@ def _interpreter(job: GenerateJob, model: torch.nn.Module) -> Interpreter:
     return member_kind(kind)(plan, job.graph, model, rows, job.ids.shape[0], job.config)
 
 
+def _within(jobs: list[GenerateJob], tokens: int | None) -> int:
+    """How many of the first jobs join now: their rows x widest prompt within `tokens`
+    (the first always; None: all)."""
+    rows = width = 0
+    for n, job in enumerate(jobs):
+        rows, width = rows + job.ids.shape[0], max(width, job.ids.shape[1])
+        if n and tokens is not None and rows * width > tokens:
+            return n
+    return len(jobs)
+
+
 def _rows_of(order: list[_Running], r: _Running) -> range:
     offset = 0
     for other in order:
@@ -368,18 +358,6 @@ def _rows_of(order: list[_Running], r: _Running) -> range:
             return range(offset, offset + r.rows)
         offset += other.rows
     raise KeyError(r.job.key)
-
-
-def _pad_seq(t: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, 0, n, 0)) if n > 0 else t
-
-
-def _check_cache(cache: Any) -> None:
-    from transformers.cache_utils import DynamicLayer
-
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
-        raise NotImplementedError("this model's KV cache is not a plain one (sliding window, linear "
-                                  "attention): its generations cannot share a batch")
 
 
 def _failed(key: Any, e: BaseException, interp: Interpreter | None = None) -> Finished:
