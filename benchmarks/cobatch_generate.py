@@ -1,11 +1,11 @@
 """Co-batching of generation on the server: 32 concurrent generate jobs in one continuous batch.
 
     python benchmarks/cobatch_generate.py            # the issue's size (a quiet machine: ~5 min)
-    python benchmarks/cobatch_generate.py --clients 8 --new 8 --alone 2 --probes 3 --threads 1 \
+    python benchmarks/cobatch_generate.py --clients 8 --new 8 --alone 2 --probes 10 --threads 1 \
         --out /tmp/cobatch_generate.small.json       # small, for direction while developing
 
 The defaults are the full size: 32 jobs, 32 new tokens each, 2 torch threads, 8 of the
-jobs run alone (scaled), 10 small-job probes each way, 3 rounds of the in-process rows.
+jobs run alone (scaled), up to 40 small-job probes each way, 3 rounds of the in-process rows.
 
 Method. SmolLM2-135M (float32), the 32 mixed prompts of benchmarks/cobatch.py (4..24 tokens).
 Each job generates exactly `--new` tokens (greedy; min_new_tokens = max_new_tokens, so EOS
@@ -20,7 +20,14 @@ median; its CPU seconds too, which a busy machine inflates far less than wall ti
 - the server (`_service_server.py`, defaults): 32 clients submit at once; new tokens /
   (last result decoded - first POST). Every server result is checked against the lone run.
 - latency of a small job (one trace of 8 tokens, one save) on the idle server, and
-  submitted while the 32 generations run (p95 of `--probes` each).
+  submitted while the 32 generations run: p50 and p95 of up to `--probes` each, one after
+  another, each after a random pause of up to `--probe-gap` s (seeded), so that it arrives
+  at a random moment of the step that runs then (right after the previous answer it would
+  always come just after a step boundary, and wait for nearly a whole step); busy probes
+  stop when the generations end, and one that ended after them is not counted.
+- where the generate jobs' time went: the submissions' arrival (first POST to last 202),
+  each job's submit, queue, run, notify and download (median, max); the server's batching
+  counters (`/v1/models`: forwards, rows per forward, the joiners' prompt forwards).
 Prints a table, writes `--out` (benchmarks/results/cobatch_generate.json).
 """
 
@@ -98,12 +105,29 @@ def in_process(lm: LanguageModel, graphs: list[Graph]) -> list[Any]:
     return out
 
 
-def latency(server: Server, graph: Graph, n: int) -> list[float]:
+def latency(server: Server, graph: Graph, n: int, gap: float, seed: int,
+            running: Any = None) -> list[float]:
+    """Up to `n` small jobs one after another, each after a random pause of 0..`gap` s (so
+    each arrives at a random moment of the step running then, as a user's job does, not
+    just after a step boundary, where the previous answer left it); `running()` false:
+    stop, and drop a probe that ended after it went false (it did not run under load)."""
+    rng = np.random.default_rng(seed)
     times = []
-    for _ in range(n):
+    while len(times) < n and (running is None or running()):
+        time.sleep(float(rng.uniform(0, gap)))
         r = job(server.url, server.keys[-1], graph, threading.Barrier(1))
-        times.append(r["t3"] - r["t0"])
+        if running is None or running():
+            times.append(r["t3"] - r["t0"])
     return times
+
+
+def phases(out: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the generate jobs' time went: median and max of each phase (benchmarks/cobatch.py
+    `job`), and how long the 32 submissions took to arrive (first POST to last 202)."""
+    names = ("submit", "queue", "run", "notify", "download")
+    return {"arrivals_s": max(r["t0"] + r["submit"] for r in out) - min(r["t0"] for r in out),
+            **{k: {"median": float(np.median([r[k] for r in out])), "max": float(max(r[k] for r in out))}
+               for k in names}}
 
 
 def main() -> None:
@@ -112,7 +136,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--alone", type=int, default=8)
-    parser.add_argument("--probes", type=int, default=10)
+    parser.add_argument("--probes", type=int, default=40, help="most small-job probes each way")
+    parser.add_argument("--probe-gap", type=float, default=0.2,
+                        help="a probe's random pause before it, at most")
     parser.add_argument("--run-seconds", type=float, default=600, help="the server's per-job time limit")
     parser.add_argument("--rounds", type=int, default=3, help="times each in-process row runs (median)")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -180,8 +206,8 @@ def main() -> None:
     server = Server(home, args.threads, f"[models.policy.limits]\nrun_seconds = {args.run_seconds:g}", n + 1)
     try:
         job(server.url, server.keys[0], graphs[0], threading.Barrier(1))  # warm
-        idle = latency(server, probe, args.probes)
-        print(f"idle small-job latencies {idle}", file=sys.stderr, flush=True)
+        idle = latency(server, probe, args.probes, args.probe_gap, 0)
+        print(f"idle small-job latencies {np.round(idle, 3).tolist()}", file=sys.stderr, flush=True)
         start = threading.Barrier(n + 1)
         out: list[Any] = [None] * n
         threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, job(
@@ -189,10 +215,12 @@ def main() -> None:
         for t in threads:
             t.start()
         start.wait()
-        time.sleep(1.0)  # the batch is running
-        busy = latency(server, probe, args.probes)
+        time.sleep(0.5)  # the submissions are in
+        busy = latency(server, probe, args.probes, args.probe_gap, 1,
+                       running=lambda: any(r is None for r in out))
         for t in threads:
             t.join()
+        print(f"busy small-job latencies {np.round(busy, 3).tolist()}", file=sys.stderr, flush=True)
         for got, ref in zip(out, shared):
             assert all(torch.equal(got["saved"][k], ref[k]) for k in ref), "server result differs"
         note(f"server, {n} concurrent steered generate jobs", tokens / (
@@ -203,8 +231,10 @@ def main() -> None:
     result = {"model": MODEL, "clients": n, "new_tokens": new, "threads": args.threads,
               "rounds": args.rounds, "tokens_per_s": rates, "cpu_s_in_process": cpu,
               "small_job_s": {"idle_p95": float(np.percentile(idle, 95)),
-                              "busy_p95": float(np.percentile(busy, 95)), "idle": idle, "busy": busy},
-              "batching": batching, "torch": torch.__version__,
+                              "busy_p95": float(np.percentile(busy, 95)),
+                              "idle_p50": float(np.median(idle)), "busy_p50": float(np.median(busy)),
+                              "idle": idle, "busy": busy},
+              "generate_jobs": phases(out), "batching": batching, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.write_text(json.dumps(result, indent=2))
     partial.unlink(missing_ok=True)
@@ -215,7 +245,10 @@ def main() -> None:
               f"| {k} | {v:.1f} | {v / best:.2f} | |" for k, v in rates.items()]
     s = result["small_job_s"]
     lines.append(f"\nsmall job p95: idle {s['idle_p95']:.3f} s, during the generations "
-                 f"{s['busy_p95']:.3f} s ({s['busy_p95'] / s['idle_p95']:.1f}x)")
+                 f"{s['busy_p95']:.3f} s ({s['busy_p95'] / s['idle_p95']:.2f}x); p50 {s['idle_p50']:.3f} s, "
+                 f"{s['busy_p50']:.3f} s ({s['busy_p50'] / s['idle_p50']:.2f}x); "
+                 f"{len(idle)} and {len(busy)} probes")
+    lines.append("generate jobs (s): " + json.dumps(result["generate_jobs"]))
     lines.append("batching: " + json.dumps(batching))
     print("\n".join(lines))
 

@@ -20,6 +20,7 @@ class Replica:
 
     def __init__(self, lm: LanguageModel, graphs: dict[str, Any]) -> None:
         self.lm, self.graphs = lm, graphs
+        self.join_tokens = None  # every joiner's prompt in one forward
         self.saved: dict[str, Any] = {}
 
     def _load(self, request: dict[str, Any]) -> Any:

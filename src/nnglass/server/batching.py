@@ -6,7 +6,8 @@ Invariants:
   tokens in generation: the unit the scheduler is fair in and a pass is budgeted in.
 - Statistics are what this process saw (no estimates): per pass, the jobs in it, its
   padded tokens, the time it took; per job, how long it waited in the queue; per forward
-  of a shared generation, its rows and seconds (what the worker measured).
+  of a shared generation, its rows and seconds (what the worker measured), the joiners'
+  prompt forwards (prefills) also on their own.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class PassStats:
         self.waits = Histogram(SECOND_BUCKETS)
         self.step_rows = Histogram(JOB_BUCKETS)  # rows in one forward of a shared generation
         self.step_seconds = Histogram(SECOND_BUCKETS)
+        self.prefill_rows = Histogram(JOB_BUCKETS)  # rows of the joiners' prompt forwards, of those
+        self.prefill_seconds = Histogram(SECOND_BUCKETS)
 
     def waited(self, seconds: float) -> None:
         with self._lock:
@@ -100,18 +103,25 @@ class PassStats:
             self.seconds.observe(seconds)
 
     def stepped(self, steps: list[Any]) -> None:
-        """A shared generation's forwards, as the worker sent them: [[rows, seconds], ...]."""
+        """A shared generation's forwards, as the worker sent them: [[rows, seconds, kind],
+        ...] (kind "prefill": joiners' prompts; "decode")."""
         with self._lock:
-            for rows, seconds in steps[:100_000]:
+            for rows, seconds, *kind in steps[:100_000]:
                 self.step_rows.observe(int(rows))
                 self.step_seconds.observe(float(seconds))
+                if kind == ["prefill"]:
+                    self.prefill_rows.observe(int(rows))
+                    self.prefill_seconds.observe(float(seconds))
 
     def summary(self) -> dict[str, Any]:
         with self._lock:
             return {"passes": self.jobs.n, "mean_jobs_per_pass": self.jobs.mean(),
                     "mean_tokens_per_pass": self.tokens.mean(), "mean_pass_s": self.seconds.mean(),
                     "mean_queue_wait_s": self.waits.mean(), "generation_steps": self.step_rows.n,
-                    "mean_rows_per_step": self.step_rows.mean(), "mean_step_s": self.step_seconds.mean()}
+                    "mean_rows_per_step": self.step_rows.mean(), "mean_step_s": self.step_seconds.mean(),
+                    "generation_prefills": self.prefill_rows.n,
+                    "mean_rows_per_prefill": self.prefill_rows.mean(),
+                    "mean_prefill_s": self.prefill_seconds.mean()}
 
     def lines(self, model: str) -> list[str]:
         labels = f'model="{model}"'
@@ -121,7 +131,9 @@ class PassStats:
                     *self.seconds.lines("nnglass_pass_seconds", labels),
                     *self.waits.lines("nnglass_queue_wait_seconds", labels),
                     *self.step_rows.lines("nnglass_generation_step_rows", labels),
-                    *self.step_seconds.lines("nnglass_generation_step_seconds", labels)]
+                    *self.step_seconds.lines("nnglass_generation_step_seconds", labels),
+                    *self.prefill_rows.lines("nnglass_generation_prefill_rows", labels),
+                    *self.prefill_seconds.lines("nnglass_generation_prefill_seconds", labels)]
 
 
 def prompt_tokens(graph: Graph) -> int:

@@ -97,6 +97,12 @@ class ModelConfig:
     share_jobs: int = 32  # co-tenancy: most queued jobs merged into one forward pass (1: never)
     share_tokens: int = 4096  # most padded tokens (rows x widest prompt) in one shared pass
     share_wait_s: float = 0.005  # how long a pass that is not full waits for more jobs to arrive
+    # Generate jobs joining a running generation (server/generation.py) at a step boundary:
+    # while more keep arriving, gaps under join_wait_s, they are gathered into one prompt
+    # forward of at most join_tokens padded tokens (the batch waits meanwhile, bounded);
+    # the others join at the next boundary. A session's first prompt forward has the same budget.
+    join_wait_s: float = 0.02
+    join_tokens: int = 128
     policy: Policy = field(default_factory=Policy)
     # engine = "ray": what each replica's actor asks of its node (num_cpus, num_gpus, memory,
     # or any custom resource of `ray start --resources`); num_cpus defaults to `threads`.
@@ -214,7 +220,8 @@ def _model(raw: object, where: str) -> ModelConfig:
     policy = _policy(table.get("policy", {}), f"{where}.policy")
     resources = _resources(table.get("resources", {}), f"{where}.resources")
     cfg = ModelConfig(policy=policy, resources=resources, **kw)
-    _positive(cfg, where, ("replicas", "shards", "threads", "share_jobs", "share_tokens"))
+    _positive(cfg, where, ("replicas", "shards", "threads", "share_jobs", "share_tokens",
+                           "join_tokens"))
     if cfg.device_map and cfg.shards > 1:
         raise ConfigError(f"{where}: device_map and shards > 1 are two ways to split a model; give one")
     if cfg.shard_placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
@@ -222,6 +229,8 @@ def _model(raw: object, where: str) -> ModelConfig:
                           "STRICT_PACK, STRICT_SPREAD")
     if not 0 <= cfg.share_wait_s <= 1:
         raise ConfigError(f"{where}.share_wait_s: must be 0..1 seconds, got {cfg.share_wait_s}")
+    if not 0 <= cfg.join_wait_s <= 0.25:  # the running batch waits, at most WAIT_ROUNDS times this
+        raise ConfigError(f"{where}.join_wait_s: must be 0..0.25 seconds, got {cfg.join_wait_s}")
     return cfg
 
 

@@ -17,7 +17,8 @@ def subprocess_worker(model: ModelConfig, server: ServerConfig) -> Worker:
     return WorkerHandle({"name": model.name, "source": model.source, "dtype": model.dtype,
                          "attention": model.attention, "threads": model.threads,
                          "debug_checksums": server.debug_checksums,
-                         "shards": model.shards, "device_map": model.device_map})
+                         "shards": model.shards, "device_map": model.device_map,
+                         "join_tokens": model.join_tokens})
 
 
 def ray_worker(model: ModelConfig, server: ServerConfig) -> Worker:

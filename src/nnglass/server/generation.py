@@ -1,13 +1,16 @@
 """The worker's side of a continuous generation session: generate jobs join and leave one
 running batch (runtime/decode_batch.py) at step boundaries, and other jobs run between
-two steps, so a small trace waits at most one step for a worker busy generating.
+two steps, so a small trace waits at most one step for a worker busy generating. The
+joiners' prompts take at most the model's `join_tokens` padded tokens a step (the worker's
+start config; the rest join at the next steps), so a step that admits them stays short.
 
 Protocol (JSON lines, in lockstep, so neither side ever guesses what the other knows):
   parent → child: {"stream": [request, ...]}
   child → parent, after every step: {"session": true, "answers": [answer, ...], "running": n,
-                                     "steps": [[rows, seconds], ...]}
+                                     "steps": [[rows, seconds, kind], ...]}
                   answers: the jobs that ended in it (or ran between steps); running: the
                   jobs still generating; steps: the batch's forwards since the last message
+                  (kind: "prefill", the joiners' prompts, or "decode")
   parent → child, the reply: {"more": [request, ...], "drop": [job, ...]}
                   more: jobs to admit now; drop: cancelled jobs to remove (never answered)
   The session ends when a step message says running 0 and its reply admits nothing.
@@ -49,8 +52,9 @@ def run_session(replica: LoadedModel, requests: list[dict[str, Any]], converse: 
     from .steps import step_sender
     from .worker import _error, _limits
 
-    steps: list[list[float]] = []
-    batch = decode_batch(replica.lm, observe=lambda kind, rows, jobs, s: steps.append([rows, round(s, 6)]))
+    steps: list[list[Any]] = []  # [rows, seconds, kind] of each forward since the last message
+    batch = decode_batch(replica.lm, prefill_tokens=replica.join_tokens,
+                         observe=lambda kind, rows, jobs, s: steps.append([rows, round(s, 6), kind]))
     jobs: dict[Any, tuple[dict[str, Any], Any]] = {}  # job -> (request, graph), while in the batch
     answers: list[dict[str, Any]] = []
 

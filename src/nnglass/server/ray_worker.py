@@ -144,7 +144,7 @@ def ray_worker(model: ModelConfig, server: ServerConfig) -> RayWorker:
     connect(server)
     config = {"name": model.name, "source": model.source, "dtype": model.dtype, "attention": model.attention,
               "threads": model.threads, "debug_checksums": server.debug_checksums, "shards": model.shards,
-              "device_map": model.device_map}
+              "device_map": model.device_map, "join_tokens": model.join_tokens}
     options = actor_options(model)
     if model.shards == 1:
         return RayWorker(config, options)

@@ -5,7 +5,8 @@ and `answer` are the replica itself, whatever hosts it (this child, or a Ray act
 
 Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   parent → child, once: {"name", "source", "dtype", "threads", "debug_checksums"[, "attention", "limits"]
-                          [, "shards": N: this child is rank 0 of N tensor-parallel ranks, shards/]}
+                          [, "shards": N: this child is rank 0 of N tensor-parallel ranks, shards/]
+                          [, "join_tokens": the most prompt tokens joining a generation per step]}
   child → parent:       {"ready": true, "paths": [...], "operations": [...], "lookups": [[path, kind], ...],
                          "pid": n} (operations: the `.source` paths a forward makes, exposure.py)
                         or {"ready": false, "error": {...}} (then it exits)
@@ -20,7 +21,7 @@ Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   parent → child, several jobs sharing one forward pass (co-tenancy): {"batch": [job, ...]}
   child → parent:       {"batch": [answer, ...]}, one answer a job, in order
   Generate jobs in a batch run as one continuous generation (runtime/decode_batch.py); the
-  first answer then carries "steps": [[rows, seconds], ...], one per shared forward.
+  first answer then carries "steps": [[rows, seconds, kind], ...], one per shared forward.
   parent → child, a generation session that jobs join while it runs: {"stream": [job, ...]},
   then step messages and replies in lockstep (server/generation.py states them).
   With debug_checksums, "ready" and every answer also carry "checksum" (sha256 over all
@@ -149,6 +150,8 @@ class LoadedModel:
             self.lm = LanguageModel(config["source"], dtype=DTYPES[dtype], name=self.name, **placed)
         self.module = self.lm.module  # load the weights now, not on the first job
         self.outbox: dict[Any, bytes] = {}  # job -> its result, for a request without a result path
+        # The most padded prompt tokens that join a generation session's batch in one step.
+        self.join_tokens: int | None = config.get("join_tokens")
 
     def debug_info(self) -> dict[str, Any]:
         if not self.debug:
@@ -216,7 +219,7 @@ class LoadedModel:
 
     def _generation(self, requests: list[dict[str, Any]], send: Send | None = None) -> list[dict[str, Any]]:
         """Generate jobs in one continuous batch (server/generation.py), none joining later;
-        the batch's forwards (rows, seconds) go back in the first answer's "steps"."""
+        the batch's forwards (rows, seconds, kind) go back in the first answer's "steps"."""
         answers: dict[Any, dict[str, Any]] = {}
         steps: list[Any] = []
 
