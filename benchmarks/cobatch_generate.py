@@ -20,11 +20,13 @@ median; its CPU seconds too, which a busy machine inflates far less than wall ti
 - the server (`_service_server.py`, defaults): 32 clients submit at once; new tokens /
   (last result decoded - first POST). Every server result is checked against the lone run.
 - latency of a small job (one trace of 8 tokens, one save) on the idle server, and
-  submitted while the 32 generations run: p50 and p95 of up to `--probes` each, one after
-  another, each after a random pause of up to `--probe-gap` s (seeded), so that it arrives
-  at a random moment of the step that runs then (right after the previous answer it would
-  always come just after a step boundary, and wait for nearly a whole step); busy probes
-  stop when the generations end, and one that ended after them is not counted.
+  submitted while the 32 generations run again (a second round after the throughput one,
+  so that the probes' own work on the worker is not in the throughput row): p50 and p95 of
+  up to `--probes` each, one after another, each after a random pause of up to
+  `--probe-gap` s (seeded), so that it arrives at a random moment of the step that runs
+  then (right after the previous answer it would always come just after a step boundary,
+  and wait for nearly a whole step); busy probes stop when the generations end, and one
+  that ended after them is not counted.
 - where the generate jobs' time went: the submissions' arrival (first POST to last 202),
   each job's submit, queue, run, notify and download (median, max); the server's batching
   counters (`/v1/models`: forwards, rows per forward, the joiners' prompt forwards).
@@ -121,6 +123,30 @@ def latency(server: Server, graph: Graph, n: int, gap: float, seed: int,
     return times
 
 
+def generations(server: Server, graphs: list[Graph], refs: list[Any],
+                probes: Any = None) -> tuple[list[dict[str, Any]], list[float]]:
+    """The generate jobs submitted at once, one client each, every result checked against
+    its lone run; `probes(running)`: small jobs meanwhile, from half a second after the
+    submissions (their latencies)."""
+    n = len(graphs)
+    start = threading.Barrier(n + 1)
+    out: list[Any] = [None] * n
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, job(
+        server.url, server.keys[i], graphs[i], start))) for i in range(n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    busy: list[float] = []
+    if probes is not None:
+        time.sleep(0.5)  # the submissions are in
+        busy = probes(lambda: any(r is None for r in out))
+    for t in threads:
+        t.join()
+    for got, ref in zip(out, refs):
+        assert all(torch.equal(got["saved"][k], ref[k]) for k in ref), "server result differs"
+    return out, busy
+
+
 def phases(out: list[dict[str, Any]]) -> dict[str, Any]:
     """Where the generate jobs' time went: median and max of each phase (benchmarks/cobatch.py
     `job`), and how long the 32 submissions took to arrive (first POST to last 202)."""
@@ -208,23 +234,12 @@ def main() -> None:
         job(server.url, server.keys[0], graphs[0], threading.Barrier(1))  # warm
         idle = latency(server, probe, args.probes, args.probe_gap, 0)
         print(f"idle small-job latencies {np.round(idle, 3).tolist()}", file=sys.stderr, flush=True)
-        start = threading.Barrier(n + 1)
-        out: list[Any] = [None] * n
-        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, job(
-            server.url, server.keys[i], graphs[i], start))) for i in range(n)]
-        for t in threads:
-            t.start()
-        start.wait()
-        time.sleep(0.5)  # the submissions are in
-        busy = latency(server, probe, args.probes, args.probe_gap, 1,
-                       running=lambda: any(r is None for r in out))
-        for t in threads:
-            t.join()
-        print(f"busy small-job latencies {np.round(busy, 3).tolist()}", file=sys.stderr, flush=True)
-        for got, ref in zip(out, shared):
-            assert all(torch.equal(got["saved"][k], ref[k]) for k in ref), "server result differs"
+        out, _ = generations(server, graphs, shared)
         note(f"server, {n} concurrent steered generate jobs", tokens / (
             max(r["t3"] for r in out) - min(r["t0"] for r in out)))
+        _, busy = generations(server, graphs, shared, lambda running: latency(
+            server, probe, args.probes, args.probe_gap, 1, running))
+        print(f"busy small-job latencies {np.round(busy, 3).tolist()}", file=sys.stderr, flush=True)
         batching = server.batching()
     finally:
         server.stop()
