@@ -119,8 +119,8 @@ def test_mixed_jobs_in_one_batch_equal_their_lone_runs(lm: LanguageModel) -> Non
 
 def test_joiners_over_the_prefill_budget_join_at_the_next_steps(lm: LanguageModel) -> None:
     """At most `prefill_tokens` padded prompt tokens join in one step (the first joiner
-    always); the others join, in order, at the next steps, and every job's numbers are
-    still its lone run's."""
+    always); the others join, in order, at the next steps, before the decode while more
+    rows wait than run; every job's numbers are still its lone run's."""
     graphs = [record(lm, p, n, steered(lm, i % 2, 0.2 * (i + 1)), min_new_tokens=n)
               for i, (p, n) in enumerate([("abcd", 4), (["wxyz", "qrst"], 3), ("efgh", 5), ("ijkl", 2),
                                           ("a much longer prompt", 3)])]
@@ -133,6 +133,16 @@ def test_joiners_over_the_prefill_budget_join_at_the_next_steps(lm: LanguageMode
     # then the long prompt alone (over the budget by itself: the first joiner always joins)
     prefills = [p for p in passes if p[0] == "prefill"]
     assert prefills == [("prefill", 3, 2), ("prefill", 2, 2), ("prefill", 1, 1)]
+    # One running row, four joiners of one width each: while more rows wait than run, a
+    # step is only the next joiner's prompt (the running row waits; all end together).
+    first = record(lm, "abcd", 6, steered(lm, 0, 0.3), min_new_tokens=6)
+    late = [record(lm, p, 6, steered(lm, 1, 0.1), min_new_tokens=6) for p in ("efgh", "ijkl", "mnop", "qrst")]
+    shared, passes = run_batch(lm, [first], joins={1: late}, prefill_tokens=width)
+    for i, g in enumerate([first, *late]):
+        same(lm.run_graph(g), shared[i].saved)
+    assert [(kind, rows) for kind, rows, _ in passes[:9]] == [
+        ("prefill", 1), ("decode", 1), ("prefill", 1), ("prefill", 1), ("decode", 3), ("prefill", 1),
+        ("decode", 4), ("prefill", 1), ("decode", 5)]
 
 
 def test_eos_cancel_and_failure_leave_only_that_job(lm: LanguageModel) -> None:

@@ -4,10 +4,12 @@ own end (its `max_new_tokens`, or EOS on all of its rows).
 
 One `step()`: the jobs that joined run their prompt (step 0) in one forward, left-padded
 to one width (at most `prefill_tokens` padded tokens of them: the others, in order, at the
-next step), and their rows of the KV cache join the batch's; then every running job
+next steps), and their rows of the KV cache join the batch's; then every running job
 runs its next step in one decode forward (one new token a row, the attention mask and
-position ids per row). Finished jobs leave by index-select of the cache; columns no row
-needs any more are dropped from its left (runtime/kv_rows.py).
+position ids per row), unless more rows still wait to join than run: then the next
+joiners' prompt goes first (a step is one bounded forward, and the rows end together).
+Finished jobs leave by index-select of the cache; columns no row needs any more are
+dropped from its left (runtime/kv_rows.py).
 
 Invariants:
 - A job's numbers are the ones it gets alone. Each row keeps its own position ids and
@@ -132,7 +134,8 @@ class DecodeBatch:
         return here
 
     def step(self) -> list[Finished]:
-        """Prefill the joiners, then one decode step of every running job; the jobs that ended."""
+        """Prefill the joiners (within `prefill_tokens`), then one decode step of every running
+        job unless more rows still wait to join than run; the jobs that ended."""
         done: list[Finished] = []
         if self._dropped:
             self.waiting = [j for j in self.waiting if j.key not in self._dropped]
@@ -145,7 +148,9 @@ class DecodeBatch:
             n = _within(self.waiting, self.prefill_tokens)
             joining, self.waiting = self.waiting[:n], self.waiting[n:]
             done += self._prefill(joining)
-        if self.running:
+        # More rows still to join than run: their prompts go first, so that all end together
+        # (no tail of few-row steps). The decode waits at most one step per waiting job.
+        if self.running and sum(j.ids.shape[0] for j in self.waiting) <= sum(r.rows for r in self.running):
             done += self._decode()
         return done
 

@@ -97,10 +97,10 @@ class ModelConfig:
     share_jobs: int = 32  # co-tenancy: most queued jobs merged into one forward pass (1: never)
     share_tokens: int = 4096  # most padded tokens (rows x widest prompt) in one shared pass
     share_wait_s: float = 0.005  # how long a pass that is not full waits for more jobs to arrive
-    # Generate jobs joining a running generation (server/generation.py) at a step boundary:
-    # while more keep arriving, gaps under join_wait_s, they are gathered into one prompt
-    # forward of at most join_tokens padded tokens (the batch waits meanwhile, bounded);
-    # the others join at the next boundary. A session's first prompt forward has the same budget.
+    # Generate jobs joining a running generation (server/generation.py) at a step boundary
+    # are gathered while more keep arriving, gaps under join_wait_s (the batch waits
+    # meanwhile, at most 20x it); a step runs at most join_tokens padded tokens of their
+    # prompts (the rest at the next steps, before the decode while more rows wait than run).
     join_wait_s: float = 0.02
     join_tokens: int = 128
     policy: Policy = field(default_factory=Policy)

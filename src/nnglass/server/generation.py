@@ -2,7 +2,7 @@
 running batch (runtime/decode_batch.py) at step boundaries, and other jobs run between
 two steps, so a small trace waits at most one step for a worker busy generating. The
 joiners' prompts take at most the model's `join_tokens` padded tokens a step (the worker's
-start config; the rest join at the next steps), so a step that admits them stays short.
+start config; the rest at the next steps), so a step that admits them stays short.
 
 Protocol (JSON lines, in lockstep, so neither side ever guesses what the other knows):
   parent → child: {"stream": [request, ...]}

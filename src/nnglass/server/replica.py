@@ -112,7 +112,8 @@ class Replica:
             if job_id is not None:
                 # A generation's first joiners are gathered as at a step boundary, at least.
                 wait = max(cfg.share_wait_s, cfg.join_wait_s if service.generates(job_id) else 0)
-                others = self._sharing(job_id, cfg.share_jobs - 1, wait)
+                others = service.scheduler.take_sharing(cfg.name, job_id, cfg.share_jobs - 1,
+                                                        tokens=cfg.share_tokens, wait=wait)
                 try:
                     self.run_jobs([job_id, *others])
                 except Exception as e:  # a defect, or a store failing past its retries: the
@@ -272,24 +273,18 @@ class Replica:
         skip = GENERATION if running >= cfg.share_jobs else None
         taken: list[str] = []
         while (job_id := service.scheduler.next(cfg.name, timeout=0, skip=skip)) is not None:
-            if service.generates(job_id):  # joiners arriving meanwhile share its prompt forward
-                taken += [job_id, *self._sharing(job_id, cfg.share_jobs - running - 1, cfg.join_wait_s)]
-                skip = GENERATION
-                continue
-            taken += [job_id, *self._sharing(job_id, cfg.share_jobs - 1, 0)]
-            break
+            joining = service.generates(job_id)  # joiners arriving meanwhile join with it
+            limit = cfg.share_jobs - running - 1 if joining else cfg.share_jobs - 1
+            wait = cfg.join_wait_s if joining else 0
+            taken += [job_id, *service.scheduler.take_sharing(cfg.name, job_id, limit,
+                                                              tokens=cfg.share_tokens, wait=wait)]
+            if not joining:
+                break
+            skip = GENERATION
         new = [r for r in (self._begin(j, joining=True) for j in taken) if r is not None]
         if new:
             service.publish_queue(cfg.name, [r["job"] for r in new])
         return new
-
-    def _sharing(self, job_id: str, limit: int, wait: float) -> list[str]:
-        """The queued jobs that share a pass with `job_id`, gathered for `wait` while they
-        keep arriving: for a generate job within the prompt forward's budget (`join_tokens`),
-        so that a step that admits joiners stays about as short as a decode step."""
-        cfg = self.state.config
-        tokens = cfg.join_tokens if self.service.generates(job_id) else cfg.share_tokens
-        return self.service.scheduler.take_sharing(cfg.name, job_id, limit, tokens=tokens, wait=wait)
 
     def _rerun_alone(self, requests: list[dict[str, Any]], timeout: float) -> None:
         """Each job of a shared pass that killed the worker (a hang past the time limit, a
