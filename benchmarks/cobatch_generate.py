@@ -1,6 +1,8 @@
 """Co-batching of generation on the server: 32 concurrent generate jobs in one continuous batch.
 
-    python benchmarks/cobatch_generate.py            # the issue's size (a quiet machine: ~5 min)
+    python benchmarks/cobatch_generate.py            # the issue's size (a quiet machine: ~6 min)
+    python benchmarks/cobatch_generate.py --join-tokens 100000 --join-wait-s 0   # as before the
+                                                     # join budget and window, to compare
     python benchmarks/cobatch_generate.py --clients 8 --new 8 --alone 2 --probes 10 --threads 1 \
         --out /tmp/cobatch_generate.small.json       # small, for direction while developing
 
@@ -166,6 +168,8 @@ def main() -> None:
     parser.add_argument("--probe-gap", type=float, default=0.2,
                         help="a probe's random pause before it, at most")
     parser.add_argument("--run-seconds", type=float, default=600, help="the server's per-job time limit")
+    parser.add_argument("--join-tokens", type=int, help="the server's join_tokens (default: its own)")
+    parser.add_argument("--join-wait-s", type=float, help="the server's join_wait_s (default: its own)")
     parser.add_argument("--rounds", type=int, default=3, help="times each in-process row runs (median)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -229,7 +233,10 @@ def main() -> None:
         assert all(torch.equal(a[k], b[k]) for k in a), "the batch differs from the lone run"
     probe = record(lm, ps[-1][:, :8])
     home = Path(tempfile.mkdtemp(prefix="cobatch-gen-"))
-    server = Server(home, args.threads, f"[models.policy.limits]\nrun_seconds = {args.run_seconds:g}", n + 1)
+    model = "".join(f"{k} = {v}\n" for k, v in (("join_tokens", args.join_tokens),
+                                                 ("join_wait_s", args.join_wait_s)) if v is not None)
+    limits = f"[models.policy.limits]\nrun_seconds = {args.run_seconds:g}"
+    server = Server(home, args.threads, model + limits, n + 1)
     try:
         job(server.url, server.keys[0], graphs[0], threading.Barrier(1))  # warm
         idle = latency(server, probe, args.probes, args.probe_gap, 0)
