@@ -166,6 +166,8 @@ def test_wrong_types_are_refused(tmp_path: Path, text: str, key: str) -> None:
     (MINIMAL + 'dtype = "fp32"\n', "models[0].dtype: 'fp32' is not one of"),
     (MINIMAL + 'replicas = 0\n', "models[0].replicas: must be > 0"),
     (MINIMAL + 'threads = -1\n', "models[0].threads: must be > 0"),
+    (MINIMAL + 'join_tokens = 0\n', "models[0].join_tokens: must be > 0"),
+    (MINIMAL + 'join_wait_s = 0.5\n', "models[0].join_wait_s: must be 0..0.25 seconds"),
     (MINIMAL + '[models.policy.limits]\nnew_tokens = 0\n', "models[0].policy.limits.new_tokens: must be > 0"),
     ('[server]\nport = 70000\n' + MINIMAL, "server.port: must be 0..65535"),
     ('[server]\nmax_queued_per_key = 0\n' + MINIMAL, "server.max_queued_per_key: must be > 0"),
