@@ -45,6 +45,7 @@ policy did not see as a write cannot happen.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -113,7 +114,7 @@ def check_policy(graph: Graph, policy: Policy, module_paths: set[str],
     (`server.exposure.lookup_sites`); unreadable while weights are hidden, unless the
     policy sets `expose_embeddings`.
     """
-    paths = set(module_paths) | {""}  # modules', and the `.source` operations' a worker measured
+    paths, modules = _names(frozenset(module_paths))
     nodes = sum(len(g.nodes) for g in _traces(graph))
     if nodes > policy.limits.graph_nodes:
         raise PolicyError(f"the graph has {nodes} nodes; model {graph.model!r} allows at most "
@@ -123,9 +124,18 @@ def check_policy(graph: Graph, policy: Policy, module_paths: set[str],
         raise PolicyError("only a session may hold traces, and only one level deep")
     earlier: list[_Check] = []
     for trace in traces:
-        check = _Check(trace, policy, paths, earlier, lookups or frozenset())
+        check = _Check(trace, policy, paths, modules, earlier, lookups or frozenset())
         check.run()
         earlier.append(check)
+
+
+@functools.lru_cache(maxsize=16)
+def _names(module_paths: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """What a site may name (the modules' paths, the root, the `.source` operations a worker
+    measured) and what `module`/`param` may name (modules only). Once per set of paths, not
+    per submission: splitting ~500 paths was most of a small graph's check."""
+    paths = module_paths | {""}
+    return paths, frozenset(p for p in paths if split_source(p) is None)
 
 
 def _traces(graph: Graph) -> Iterator[Graph]:
@@ -139,10 +149,10 @@ def _traces(graph: Graph) -> Iterator[Graph]:
 class _Check:
     """One trace against the policy: options and limits first, then node by node."""
 
-    def __init__(self, graph: Graph, policy: Policy, paths: set[str], earlier: list[_Check],
-                 lookups: frozenset[tuple[str, str]]) -> None:
+    def __init__(self, graph: Graph, policy: Policy, paths: frozenset[str], modules: frozenset[str],
+                 earlier: list[_Check], lookups: frozenset[tuple[str, str]]) -> None:
         self.graph, self.policy, self.paths, self.earlier = graph, policy, paths, earlier
-        self.modules = {p for p in paths if split_source(p) is None}  # what `module`/`param` may name
+        self.modules = modules  # what `module`/`param` may name
         hidden = not (policy.weights_visible or policy.expose_embeddings)
         self.hidden_lookups = lookups if hidden else frozenset()
         self.model = graph.model
