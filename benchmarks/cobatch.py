@@ -10,7 +10,9 @@ Side by side, in rotating order, `--rounds` times:
 - limit: one plain padded batched forward of the 32 prompts (transformers, left padding, the
   attention mask, position ids from the mask): prompts / its time;
 - one at a time: 32 plain forwards of one prompt each;
-- server, sharing off (`share_jobs = 1`) and on (the defaults): two real servers on loopback
+- server, sharing off (`share_jobs = 1`), on without waiting for the submissions in flight
+  when a pass is due (`share_settle_s = 0`: what the server did before server/arrivals.py),
+  and on (the defaults): three real servers on loopback
   (`_service_server.py`: `nnglass serve --config`'s app), each worker with `--threads` torch
   threads. 32 client threads, one API key each, submit their job at once through raw httpx
   calls that mirror the client (POST the wire bytes, follow the SSE stream, GET and decode the
@@ -20,7 +22,8 @@ Side by side, in rotating order, `--rounds` times:
 Every server result is checked against the plain forward of its prompt alone (allclose 1e-4).
 Where the time goes: per job, submit (POST until 202), queue (queued_at -> started_at), run
 (started_at -> finished_at), notify (finished_at -> COMPLETED read on the stream), download
-(GET + decode); per pass, the jobs in it and its seconds (`/v1/models` "batching").
+(GET + decode); per pass, the jobs in it and its seconds (`/v1/models` "batching"); per
+round, the passes it took.
 Prints a table, writes benchmarks/results/cobatch.json. Generation (32 concurrent generate
 jobs in one continuous batch) is measured by benchmarks/cobatch_generate.py.
 """
@@ -152,6 +155,7 @@ def job(url: str, key: str, graph: Graph, start: threading.Barrier) -> dict[str,
 def serve_round(server: Server, graphs: list[Graph], refs: list[torch.Tensor]) -> dict[str, Any]:
     start = threading.Barrier(len(graphs))
     out: list[Any] = [None] * len(graphs)
+    passes = server.batching()["passes"]
 
     def client(i: int) -> None:
         out[i] = job(server.url, server.keys[i], graphs[i], start)
@@ -167,7 +171,7 @@ def serve_round(server: Server, graphs: list[Graph], refs: list[torch.Tensor]) -
     seconds = max(r["t3"] for r in out) - min(r["t0"] for r in out)
     names = ("submit", "queue", "run", "notify", "download")
     phases = {k: float(np.median([r[k] for r in out]) * 1e3) for k in names}
-    return {"seconds": seconds, "phases_ms_median": phases}
+    return {"seconds": seconds, "phases_ms_median": phases, "passes": server.batching()["passes"] - passes}
 
 
 def main() -> None:
@@ -185,11 +189,13 @@ def main() -> None:
     t = time.perf_counter()
     graphs = {kind: [record(lm, p) for p in ps] for kind, ps in sets.items()}
     record_ms = (time.perf_counter() - t) * 1e3 / (2 * args.clients)
-    homes = [Path(tempfile.mkdtemp(prefix=f"cobatch-{n}-")) for n in ("off", "on")]
+    homes = [Path(tempfile.mkdtemp(prefix=f"cobatch-{n}-")) for n in ("off", "on", "nosettle")]
     servers = {"sharing off": Server(homes[0], args.threads, "share_jobs = 1", args.clients),
+               "sharing on, no settle": Server(homes[2], args.threads, "share_settle_s = 0", args.clients),
                "sharing on": Server(homes[1], args.threads, "", args.clients)}
     rows: dict[str, dict[str, list[float]]] = {kind: {} for kind in sets}
     phases: dict[str, Any] = {}
+    passes: dict[str, Any] = {}  # per round
     try:
         for kind, ps in sets.items():  # warm: every width once, on each server
             batched(model, ps, pad)
@@ -213,13 +219,14 @@ def main() -> None:
                           flush=True)
                     if isinstance(got, dict):
                         phases.setdefault(kind, {}).setdefault(name, []).append(got["phases_ms_median"])
+                        passes.setdefault(kind, {}).setdefault(name, []).append(got["passes"])
         batching = {name: s.batching() for name, s in servers.items()}
     finally:
         for s in servers.values():
             s.stop()
     result = {"model": MODEL, "clients": args.clients, "threads": args.threads, "rounds": args.rounds,
               "record_ms_per_trace": record_ms, "prompts_per_s": rows, "phases_ms": phases,
-              "batching": batching, "torch": torch.__version__,
+              "passes_per_round": passes, "batching": batching, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
@@ -245,6 +252,8 @@ def render(result: dict[str, Any]) -> str:
             ph = {p: np.median([r[p] for r in runs]) for p in runs[0]}
             each = ", ".join(f"{p} {v:.0f}" for p, v in ph.items())
             lines.append(f"{k}, {name}: per-job medians (ms) {each}")
+    for k, by in result.get("passes_per_round", {}).items():
+        lines.append(f"{k}: passes per round " + ", ".join(f"{name} {runs}" for name, runs in by.items()))
     lines.append("batching: " + json.dumps(result["batching"]))
     return "\n".join(lines)
 

@@ -58,6 +58,7 @@ STATUS: list[tuple[type[NNglassError], int]] = [
     (UnavailableError, 503),
     (NNglassError, 400),
 ]
+SUBMISSIONS = frozenset({"/v1/jobs", *OPENAI_PATHS})  # POSTs that queue a job
 _OPEN_PATHS = frozenset({"/health", *DASHBOARD_PATHS})  # compared whole: no prefix is open
 RETRY_AFTER_S = 2  # what a 503 tells the client to wait: about one busy timeout (db.py)
 LIST_LIMIT = 50  # jobs a page of `GET /v1/jobs` holds unless `limit` says fewer (at most MAX)
@@ -82,6 +83,18 @@ class Guard:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] != "POST" or scope["path"] not in SUBMISSIONS:
+            return await self._call(scope, receive, send)
+        # A pass about to start waits for this job (arrivals.py); the route closes it once
+        # the job is queued, this when the request ends, whichever comes first.
+        closer = self.service.arrivals.open()
+        scope.setdefault("state", {})["arrived"] = closer
+        try:
+            return await self._call(scope, receive, send)
+        finally:
+            closer()
+
+    async def _call(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         refuse = openai_error if scope["path"] in OPENAI_PATHS else error_response  # each API its shape
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if scope["path"] not in _OPEN_PATHS:
@@ -132,8 +145,11 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
 
     @app.post("/v1/jobs", status_code=202)
     async def submit(request: Request) -> dict[str, Any]:
-        graph_json, tensors = await _read_graph(request, config.max_request_bytes)
-        job = await asyncio.to_thread(service.submit, request.state.key_id, graph_json, tensors)
+        try:
+            graph_json, tensors = await _read_graph(request, config.max_request_bytes)
+            job = await asyncio.to_thread(service.submit, request.state.key_id, graph_json, tensors)
+        finally:
+            request.state.arrived()  # queued or refused (arrivals.py)
         return service.status(job)
 
     @app.get("/v1/jobs")

@@ -103,6 +103,9 @@ class ModelConfig:
     # prompts (the rest at the next steps, before the decode while more rows wait than run).
     join_wait_s: float = 0.02
     join_tokens: int = 128
+    # How long a pass may wait for the submissions this server is already taking in when it
+    # is due (jobs sent together run together: server/arrivals.py); 0: never.
+    share_settle_s: float = 0.5
     policy: Policy = field(default_factory=Policy)
     # engine = "ray": what each replica's actor asks of its node (num_cpus, num_gpus, memory,
     # or any custom resource of `ray start --resources`); num_cpus defaults to `threads`.
@@ -231,6 +234,8 @@ def _model(raw: object, where: str) -> ModelConfig:
         raise ConfigError(f"{where}.share_wait_s: must be 0..1 seconds, got {cfg.share_wait_s}")
     if not 0 <= cfg.join_wait_s <= 0.25:  # the running batch waits, at most WAIT_ROUNDS times this
         raise ConfigError(f"{where}.join_wait_s: must be 0..0.25 seconds, got {cfg.join_wait_s}")
+    if not 0 <= cfg.share_settle_s <= 5:
+        raise ConfigError(f"{where}.share_settle_s: must be 0..5 seconds, got {cfg.share_settle_s}")
     return cfg
 
 

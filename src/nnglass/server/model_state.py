@@ -72,8 +72,8 @@ class ModelState:
             "jobs_last_minute": ended,
             "prompt_tokens_per_s": round(tokens / 60, 2),  # of the jobs that ended in the last minute
             "batching": {"share_jobs": c.share_jobs, "share_tokens": c.share_tokens,
-                         "share_wait_s": c.share_wait_s, "join_wait_s": c.join_wait_s,
-                         "join_tokens": c.join_tokens, **self.passes.summary()},
+                         "share_wait_s": c.share_wait_s, "share_settle_s": c.share_settle_s,
+                         "join_wait_s": c.join_wait_s, "join_tokens": c.join_tokens, **self.passes.summary()},
         }
 
     def metric_lines(self, queue_depth: int) -> list[str]:

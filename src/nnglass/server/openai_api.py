@@ -61,9 +61,13 @@ def add_openai(app: FastAPI, service: Service, frontends: Frontends) -> None:
 
 async def _complete(request: Request, service: Service, frontends: Frontends, chat: bool) -> Any:
     try:
-        body = await _read_json(request, service.config.max_request_bytes)
-        req = parse_request(body, chat)
-        frontend, job, plan = await asyncio.to_thread(_submit, service, frontends, req, request.state.key_id)
+        try:
+            body = await _read_json(request, service.config.max_request_bytes)
+            req = parse_request(body, chat)
+            frontend, job, plan = await asyncio.to_thread(_submit, service, frontends, req,
+                                                          request.state.key_id)
+        finally:  # queued or refused: a pass due now waits no more for it (arrivals.py)
+            request.state.arrived()
     except NNglassError as e:
         return openai_error(e)
     except Exception as e:  # a bug of ours, not the client's: logged, answered in OpenAI's shape

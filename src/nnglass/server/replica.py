@@ -110,6 +110,8 @@ class Replica:
                 if not self._restart():
                     return
             if job_id is not None:
+                if cfg.share_jobs > 1:  # the jobs being submitted now join this pass
+                    service.arrivals.settle(cfg.share_settle_s)
                 # A generation's first joiners are gathered as at a step boundary, at least.
                 wait = max(cfg.share_wait_s, cfg.join_wait_s if service.generates(job_id) else 0)
                 others = service.scheduler.take_sharing(cfg.name, job_id, cfg.share_jobs - 1,

@@ -40,6 +40,7 @@ from ..graph.ir import SESSION
 from ..models.batched_generate import generation_key
 from ..models.prompts import check_prompts
 from . import clock, upkeep
+from .arrivals import Arrivals
 from .batching import GENERATION, cost_of, prompt_tokens, share_of
 from .config import ServerConfig
 from .engines import WorkerFactory, configured_worker
@@ -66,6 +67,7 @@ class Service:
         self.stores = open_stores(config, list(self.models))
         self.keys, self.jobs, self.results = self.stores.keys, self.stores.jobs, self.stores.results
         self.scheduler, self.hub = self.stores.scheduler, self.stores.hub
+        self.arrivals = Arrivals()  # submissions being taken in, which a pass due now waits for
         self.steps = StepLog(self.hub.wake)  # running generations' latest steps, for streams
         self.hub.relay.attach(self.steps)  # (and those of jobs run by another frontend)
         self.hub.observe(self._changed)

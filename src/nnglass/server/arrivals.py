@@ -1,0 +1,64 @@
+"""Submissions this process is taking in and has not yet queued (or refused): what a pass
+that is about to start may wait for, so that jobs sent together run together.
+
+Thirty-two clients that submit at once reach the queue over a few hundred milliseconds
+(each request is authenticated, read, decoded, validated, stored and queued, interleaved
+with the others); the first of them used to start a pass nearly alone while the rest
+queued behind it for a second pass. `settle` lets a pass wait for the submissions in hand
+when it was due.
+
+Invariants:
+- A submission is open from the moment its request reaches the server (`app.Guard`, before
+  the key check) until it is queued or refused, whatever the outcome; `open()`'s closer may
+  be called any number of times.
+- `settle` waits only for the submissions open when it is called, never for later ones,
+  and at most its timeout. A submission open for longer than that timeout (a client that
+  uploads slowly) is no longer waited for at all, so no client holds passes back by more
+  than one timeout, once: a steady stream of arrivals delays a pass by at most one
+  submission's intake, or the bound.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+
+class Arrivals:
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._open: dict[int, float] = {}  # ticket -> when the submission opened (monotonic)
+        self._tickets = itertools.count()
+
+    def open(self) -> Callable[[], None]:
+        """A submission arrives; call what this returns once it is queued or refused."""
+        with self._changed:
+            ticket = next(self._tickets)
+            self._open[ticket] = time.monotonic()
+
+        def close() -> None:
+            with self._changed:
+                if self._open.pop(ticket, None) is not None:
+                    self._changed.notify_all()
+
+        return close
+
+    @property
+    def pending(self) -> int:
+        """Submissions open now."""
+        with self._changed:
+            return len(self._open)
+
+    def settle(self, timeout: float) -> int:
+        """Wait until every submission open now (and opened less than `timeout` ago) has
+        been queued or refused, at most `timeout` seconds; how many it waited for."""
+        with self._changed:
+            now = time.monotonic()
+            waiting = {t for t, opened in self._open.items() if now - opened < timeout}
+            deadline, count = now + timeout, len(waiting)
+            while waiting and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+                waiting &= self._open.keys()
+            return count
