@@ -11,11 +11,11 @@ Invariants:
 - A submission is open from the moment its request reaches the server (`app.Guard`, before
   the key check) until it is queued or refused, whatever the outcome; `open()`'s closer may
   be called any number of times.
-- `settle` waits only for the submissions open when it is called, never for later ones,
-  and at most its timeout. A submission open for longer than that timeout (a client that
-  uploads slowly) is no longer waited for at all, so no client holds passes back by more
-  than one timeout, once: a steady stream of arrivals delays a pass by at most one
-  submission's intake, or the bound.
+- `settle` waits while submissions are open (those open when it is called, and any that
+  open meanwhile: clients that send at once reach the server over tens of milliseconds),
+  at most its timeout in all, so a steady stream of arrivals delays a pass by at most the
+  timeout. A submission open for longer than the timeout (a client that uploads slowly)
+  is not waited for at all: no client holds passes back by more than one timeout, once.
 """
 
 from __future__ import annotations
@@ -52,13 +52,14 @@ class Arrivals:
             return len(self._open)
 
     def settle(self, timeout: float) -> int:
-        """Wait until every submission open now (and opened less than `timeout` ago) has
-        been queued or refused, at most `timeout` seconds; how many it waited for."""
+        """Wait while submissions are open (each opened less than `timeout` ago), at most
+        `timeout` seconds in all: until none is; how many it waited for."""
         with self._changed:
-            now = time.monotonic()
-            waiting = {t for t, opened in self._open.items() if now - opened < timeout}
-            deadline, count = now + timeout, len(waiting)
-            while waiting and (left := deadline - time.monotonic()) > 0:
-                self._changed.wait(left)
-                waiting &= self._open.keys()
-            return count
+            deadline, seen = time.monotonic() + timeout, set()
+            while True:
+                now = time.monotonic()
+                waiting = {t for t, opened in self._open.items() if now - opened < timeout}
+                seen |= waiting
+                if not waiting or now >= deadline:
+                    return len(seen)
+                self._changed.wait(deadline - now)
