@@ -17,7 +17,7 @@ from faults.live_service import live
 from nnglass import LanguageModel
 from nnglass.graph import wire
 from nnglass.graph.results import decode_results
-from nnglass.server.arrivals import Arrivals
+from nnglass.server.arrivals import Arrivals, closing
 from nnglass.server.jobs import JobStatus
 from service_fixtures import TINY, recording
 
@@ -64,6 +64,22 @@ def test_settle_is_bounded_and_ignores_a_submission_older_than_its_bound() -> No
     assert time.monotonic() - began >= 0.05
     assert arrivals.settle(0.05) == 0  # open longer than the bound: not waited for again
     stuck()
+
+
+def test_closing_closes_in_the_submitting_thread_whether_the_call_returns_or_raises() -> None:
+    arrivals = Arrivals()
+    seen: list[int] = []
+
+    def submit(value: int) -> int:
+        seen.append(arrivals.pending)  # open while the call runs
+        if value < 0:
+            raise ValueError("refused")
+        return value
+
+    assert closing(arrivals.open(), submit)(3) == 3 and arrivals.pending == 0
+    with pytest.raises(ValueError):
+        closing(arrivals.open(), submit)(-1)
+    assert arrivals.pending == 0 and seen == [1, 1]
 
 
 @pytest.fixture(scope="module")

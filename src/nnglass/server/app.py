@@ -35,6 +35,7 @@ from ..errors import (
     UnavailableError,
     VersionError,
 )
+from .arrivals import closing
 from .config import ServerConfig
 from .dashboard import OPEN_PATHS as DASHBOARD_PATHS
 from .dashboard import add_dashboard
@@ -147,9 +148,10 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
     async def submit(request: Request) -> dict[str, Any]:
         try:
             graph_json, tensors = await _read_graph(request, config.max_request_bytes)
-            job = await asyncio.to_thread(service.submit, request.state.key_id, graph_json, tensors)
+            submit = closing(request.state.arrived, service.submit)  # closed once queued
+            job = await asyncio.to_thread(submit, request.state.key_id, graph_json, tensors)
         finally:
-            request.state.arrived()  # queued or refused (arrivals.py)
+            request.state.arrived()  # refused before it (arrivals.py)
         return service.status(job)
 
     @app.get("/v1/jobs")

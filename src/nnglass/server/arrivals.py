@@ -24,6 +24,9 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class Arrivals:
@@ -63,3 +66,16 @@ class Arrivals:
                 if not waiting or now >= deadline:
                     return len(seen)
                 self._changed.wait(deadline - now)
+
+
+def closing(close: Callable[[], None], call: Callable[..., T]) -> Callable[..., T]:
+    """`call`, then `close` in the same thread as it returns or raises: the pass its queueing
+    wakes finds the submission closed, instead of waiting for the event loop to close it."""
+
+    def run(*args: Any) -> T:
+        try:
+            return call(*args)
+        finally:
+            close()
+
+    return run

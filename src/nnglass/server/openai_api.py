@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from ..errors import MalformedError, NNglassError, RemoteError, TooLargeError
+from .arrivals import closing
 from .jobs import Job
 from .openai_answer import Answer, extension_json, logprobs_json, make_answer, usage
 from .openai_errors import OPENAI_STATUS as OPENAI_STATUS
@@ -64,7 +65,8 @@ async def _complete(request: Request, service: Service, frontends: Frontends, ch
         try:
             body = await _read_json(request, service.config.max_request_bytes)
             req = parse_request(body, chat)
-            frontend, job, plan = await asyncio.to_thread(_submit, service, frontends, req,
+            submit = closing(request.state.arrived, _submit)  # closed once queued
+            frontend, job, plan = await asyncio.to_thread(submit, service, frontends, req,
                                                           request.state.key_id)
         finally:  # queued or refused: a pass due now waits no more for it (arrivals.py)
             request.state.arrived()
