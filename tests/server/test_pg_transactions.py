@@ -7,8 +7,9 @@ The service runs in this process, not started (no lease or upkeep threads), its 
 replica a `ThreadWorker` (tests/faults/live_service.py: worker.py's model in this
 thread), on the session's PostgreSQL and S3; the test drives the replica's steps itself
 and counts the transactions this thread begins in each. The result is checked against
-the plain local run of the same graph. A small graph makes no S3 request (it is a row in
-the submission's transaction, s3.py `small`); the result is one PUT.
+the plain local run of the same graph. A small job makes no S3 request: its graph is a row
+in the submission's transaction, its result a row in the transaction that marks it
+COMPLETED (s3.py `small`); a large result is one PUT.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from nnglass.server.jobs import JobStatus
 from nnglass.server.pg import Database
 from nnglass.server.pg_stores import PgSmallObjects
 from nnglass.server.replica import Replica
-from nnglass.server.s3 import S3ResultStore
+from nnglass.server.s3 import SMALL_BYTES, S3ResultStore
 from nnglass.server.service import Service
 from saved_values import assert_bitwise_equal
-from service_fixtures import TINY, small_graph, with_stores
+from service_fixtures import TINY, recording, small_graph, with_stores
 
 # Per job, on the cluster stores: the request side (quota check, graph, job row, queue row
 # and NOTIFY in one; a status read with its queue position in one) and the replica's
@@ -42,6 +43,28 @@ from service_fixtures import TINY, small_graph, with_stores
 # of it and of the queue's moved positions; the final status and its NOTIFY). Raise one
 # only for a reason the commit message gives.
 PER_JOB = {"submit": 1, "status": 1, "run": 4, "done": 1, "download": 1}
+
+
+def large_graph(lm: LanguageModel, prompt: str = "hi") -> Any:
+    """A trace whose result is larger than SMALL_BYTES (an S3 object, not a row)."""
+    with recording(lm.trace(prompt)) as tracer:
+        lm.model.layers[0].output.sum().expand(SMALL_BYTES // 4 + 1024).contiguous().save()
+    return tracer.graph
+
+
+def test_after_commit_runs_once_committed_and_never_after_a_rollback(pg_clean: Database) -> None:
+    calls: list[str] = []
+    with pg_clean.tx() as conn:
+        conn.execute("SELECT 1")
+        with pg_clean.tx():
+            pg_clean.after_commit(lambda: calls.append("inner"))
+        assert calls == []  # the inner block is the same transaction: not committed yet
+    assert calls == ["inner"]
+    with pytest.raises(RuntimeError), pg_clean.tx():
+        pg_clean.after_commit(lambda: calls.append("rolled back"))
+        raise RuntimeError("rolled back: the call never runs")
+    pg_clean.after_commit(lambda: calls.append("alone"))  # no transaction open: now
+    assert calls == ["inner", "alone"]
 
 
 def test_nested_transactions_are_one(pg_clean: Database) -> None:
@@ -76,6 +99,10 @@ class InProcess:
         others = service.scheduler.take_sharing(TINY, job_id, config.share_jobs - 1, config.share_tokens)
         assert others == []
         self.replica.run_jobs([job_id])
+
+    def another_frontend(self) -> S3ResultStore:
+        """The result store as another frontend holds it (nothing of this one's memory)."""
+        return S3ResultStore(self.service.config.results, PgSmallObjects(self.service.jobs.db))
 
     def objects(self, job_id: str) -> list[str]:
         """The names of the job's S3 objects."""
@@ -123,29 +150,49 @@ def test_a_job_makes_few_transactions(here: InProcess) -> None:
     assert here.objects(job.id) == []  # a small graph: in the submission's transaction, no S3 PUT
     assert counted("status", lambda: service.job_status(key_id, job.id))["status"] == "QUEUED"
     counted("run", lambda: here.run(job.id))
-    assert here.objects(job.id) == ["result.safetensors"]  # results always go to S3
+    assert here.objects(job.id) == []  # a small result: a row, committed with COMPLETED
     assert counted("done", lambda: service.job_status(key_id, job.id))["status"] == "COMPLETED"
     stream, _ = counted("download", lambda: service.open_result(key_id, job.id))
     with stream:
         assert_bitwise_equal(decode_results(stream.read()), here.lm.run_graph(graph))
     assert counts == PER_JOB
+    with here.another_frontend().open(job.id) as stream:  # any frontend serves it, from the row
+        assert_bitwise_equal(decode_results(stream.read()), here.lm.run_graph(graph))
 
 
-def test_results_expire_from_s3(here: InProcess) -> None:
-    """Past its `expires_at` a job's result and graph leave S3 and the database (the
-    upkeep loop's `expire`); its row stays, COMPLETED, and the result is a 404."""
+def test_a_large_result_is_an_s3_object(here: InProcess) -> None:
     service, key_id = here.service, here.key_id
-    graph = small_graph(here.lm, "expiring")
+    graph = large_graph(here.lm)
+    job = service.submit(key_id, *wire.encode(graph))
+    here.run(job.id)
+    assert service.get(key_id, job.id).result_bytes > SMALL_BYTES
+    assert here.objects(job.id) == ["result.safetensors"]
+    with service.jobs.db.tx() as conn:  # and nothing of it in the database
+        rows = conn.execute("SELECT name FROM small_objects WHERE job_id = %s", (job.id,)).fetchall()
+    assert [r["name"] for r in rows] == ["graph"]
+    for store in (service.results, here.another_frontend()):
+        with store.open(job.id) as stream:
+            assert_bitwise_equal(decode_results(stream.read()), here.lm.run_graph(graph))
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_results_expire_from_s3(here: InProcess, size: str) -> None:
+    """Past its `expires_at` a job's result and graph leave S3 and the database (the
+    upkeep loop's `expire`), a small result (a row) as a large one (an S3 object); its row
+    stays, COMPLETED, and the result is a 404."""
+    service, key_id = here.service, here.key_id
+    graph = (small_graph if size == "small" else large_graph)(here.lm, "expiring")
     job = service.submit(key_id, *wire.encode(graph))
     here.run(job.id)
     done = service.get(key_id, job.id)
-    assert done.status is JobStatus.COMPLETED and here.objects(job.id) == ["result.safetensors"]
-    assert service.results.has_graph(job.id)
+    stored = [] if size == "small" else ["result.safetensors"]
+    assert done.status is JobStatus.COMPLETED and here.objects(job.id) == stored
+    assert service.results.has_graph(job.id) and service.results.result_size(job.id) == done.result_bytes
     service.expire(done.expires_at - 1)  # not yet
-    assert here.objects(job.id) == ["result.safetensors"]
+    assert here.objects(job.id) == stored and here.another_frontend().result_size(job.id) == done.result_bytes
     service.expire(done.expires_at)
     assert here.objects(job.id) == [] and not service.results.has_graph(job.id)
-    fresh = S3ResultStore(service.config.results, PgSmallObjects(service.jobs.db))  # another frontend
+    fresh = here.another_frontend()
     assert not fresh.has_graph(job.id) and fresh.result_size(job.id) is None
     with pytest.raises(NotFoundError, match="no result"):
         service.open_result(key_id, job.id)

@@ -16,10 +16,10 @@ from nnglass.errors import UnavailableError
 from nnglass.server.jobs import Job, JobStatus, SQLiteJobStore, new_job_id
 from nnglass.server.leftovers import PARTIAL_AGE_S, sweep_partial
 from nnglass.server.pg import MIGRATIONS, Database
-from nnglass.server.pg_events import Listener
+from nnglass.server.pg_events import Listener, PgHub
 from nnglass.server.pg_queue import PgQueue
 from nnglass.server.pg_stores import PgJobStore, PgKeyStore, PgSmallObjects
-from nnglass.server.results import DirResultStore
+from nnglass.server.results import RESULT_FILE, DirResultStore
 from nnglass.server.s3 import SMALL_BYTES, S3ResultStore
 from nnglass.server.scheduler import Scheduler, Share
 
@@ -93,12 +93,14 @@ def test_half_written_jobs_are_swept_once_old_and_nothing_else(results: Any, tmp
         results.write_result(kept, b"R")
         partial, bare = new_job_id(), new_job_id()
         results.save_graph(partial, b"G", b"T")
+        results.write_result(partial, b"R")  # (a graph and a result: both kinds of object go)
         results.save_graph(bare, b"G")
         assert set(results.stored_before(time.time() + 5)) == {kept, partial, bare}
         assert sweep_partial(results, jobs) == []  # all young: may be in flight
         later = time.time() + PARTIAL_AGE_S + 5
         assert sorted(sweep_partial(results, jobs, now=later)) == sorted([partial, bare])
         assert not results.has_graph(partial) and not results.has_graph(bare)
+        assert results.result_size(partial) is None
         assert results.load_graph(kept) == (b"G", b"T") and results.result_size(kept) == 1
         assert sweep_partial(results, jobs, now=later) == []
 
@@ -125,29 +127,35 @@ def test_s3_store_creates_its_bucket_and_keeps_to_its_prefix(s3: Any) -> None:
     assert [o["Key"] for o in listed] == [f"results/{jid}/result.safetensors"]
 
 
-def test_small_graphs_live_next_to_the_rows(s3: Any, pg_clean: Database) -> None:
-    """With the job store's database, a small graph is a row written in the transaction
-    open on this thread (no S3 object; rolled back with it), a large one an S3 object;
-    another frontend reads both; a delete removes both."""
+def test_small_objects_live_next_to_the_rows(s3: Any, pg_clean: Database) -> None:
+    """With the job store's database, a small graph or result is a row written in the
+    transaction open on this thread (no S3 object; rolled back with it), a large one an S3
+    object; another frontend reads both; a delete removes both."""
     url = s3.url()
     writer, other = S3ResultStore(url, PgSmallObjects(pg_clean)), S3ResultStore(url, PgSmallObjects(pg_clean))
     small, large, dropped = new_job_id(), new_job_id(), new_job_id()
     big = b"T" * SMALL_BYTES
     writer.save_graph(small, b"GRAPH", b"T")
+    writer.write_result(small, b"R" * SMALL_BYTES)  # at the limit: still a row
     writer.save_graph(large, b"GRAPH", big)
+    writer.write_result(large, b"R" * (SMALL_BYTES + 1))
+    writer.save_graph(dropped, b"GRAPH")
     with pytest.raises(RuntimeError), pg_clean.tx():
-        writer.save_graph(dropped, b"GRAPH")
-        raise RuntimeError("the submission failed after its graph: nothing stays")
+        writer.write_result(dropped, b"R")
+        raise RuntimeError("the job's COMPLETED failed to commit: its result does not stay")
 
     def objects(jid: str) -> list[str]:
         return [o["Key"] for o in writer.s3.list_objects_v2(Bucket=writer.bucket, Prefix=f"results/{jid}/")
                 .get("Contents", [])]
 
-    assert objects(small) == [] and objects(large) == [f"results/{large}/graph"]
+    assert objects(small) == [] and objects(large) == [f"results/{large}/{o}" for o in ("graph", RESULT_FILE)]
     assert other.load_graph(small) == (b"GRAPH", b"T") and other.load_graph(large) == (b"GRAPH", big)
-    assert other.has_graph(small) and not other.has_graph(dropped)
+    assert other.open(small).read() == b"R" * SMALL_BYTES and other.result_size(large) == SMALL_BYTES + 1
+    assert other.open(large).read() == b"R" * (SMALL_BYTES + 1)
+    assert other.has_graph(small) and other.has_graph(dropped) and other.result_size(dropped) is None
     assert writer.delete(small) and writer.delete(large)
-    assert not other.has_graph(small) and not other.has_graph(large) and objects(large) == []
+    for jid in (small, large):
+        assert not other.has_graph(jid) and other.result_size(jid) is None and objects(jid) == []
 
 
 def test_s3_store_reads_what_it_wrote_from_memory_and_others_from_storage(
@@ -341,6 +349,78 @@ def test_queue_shares_only_matching_jobs(queue: Any) -> None:
     assert queue.take_sharing("m", "j4", limit=5) == []
     order = list(queue.positions("m"))  # k0 was served twice: k1 goes first (and, counted in
     assert order[0] == "j1" and sorted(order) == ["j1", "j3", "j4"]  # tokens, again next)
+
+
+def _until(condition: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.01)
+
+
+def test_a_drained_queue_looks_again_on_word_of_a_job_or_at_its_poll(pg_clean: Database) -> None:
+    """Once a claim leaves nothing waiting, `next` makes no claim (no transaction) until a
+    job is announced (here by another frontend's NOTIFY), or its poll comes round (a job no
+    NOTIFY announced); a replica of another model is not woken by this model's jobs."""
+    a, la = _pg_queue(pg_clean, ["m", "n"])
+    b, lb = _pg_queue(pg_clean, ["m"])
+    me = threading.current_thread().name
+    try:
+        a.submit("m", "k", "j1")
+        assert a.next("m", timeout=1) == "j1"  # the last one waiting
+        before = pg_clean.transactions[me]
+        assert a.next("m", timeout=0) is None and pg_clean.transactions[me] == before
+        b.submit("m", "k", "j2")
+        assert a.next("m", timeout=10) == "j2"
+        with pg_clean.tx() as conn:  # queued with no NOTIFY (as if it were lost)
+            conn.execute("INSERT INTO queue (job_id, model, key_id) VALUES ('j3', 'm', 'k')")
+        assert a.next("m", timeout=0) is None
+        assert a.next("m", timeout=5) == "j3"  # the poll
+
+        def wait_for_n() -> None:
+            assert a.next("n", timeout=0.4) is None
+
+        waiter = threading.Thread(target=wait_for_n, name="replica-of-n")
+        waiter.start()
+        for i in range(5):  # jobs of m meanwhile, from here and from another frontend
+            (a if i % 2 else b).submit("m", "k", f"m{i}")
+        waiter.join()
+        assert pg_clean.transactions["replica-of-n"] == 2  # its first look, and its last
+    finally:
+        for x in (a, la, b, lb):
+            x.close()
+
+
+def test_a_frontend_hears_each_change_once(pg_clean: Database) -> None:
+    """A hub delivers what it publishes at the commit (before any NOTIFY comes back) and
+    skips its own NOTIFY when it does; another frontend's it delivers when it arrives."""
+    hubs, listeners, seen = [], [], []
+    for _ in range(2):
+        listener = Listener(pg_clean)
+        hub, heard = PgHub(pg_clean, listener), []
+        hub.observe(heard.append)
+        listener.start()
+        hubs.append(hub)
+        listeners.append(listener)
+        seen.append(heard)
+    a, b = hubs
+    try:
+        a.publish("job-a")
+        assert seen[0] == ["job-a"]  # at its commit
+        b.publish_many(["job-b", "job-c"])
+        assert {"job-b", "job-c"} <= set(seen[1])  # (job-a may have come already, or not yet)
+        # Each listener delivers in commit order: once it has the other's later NOTIFY it
+        # has met (and skipped) its own earlier one.
+        _until(lambda: "job-c" in seen[0], "a to hear b's changes")
+        a.publish("job-d")
+        _until(lambda: "job-d" in seen[1], "b to hear a's last change")
+        assert seen[0] == ["job-a", "job-b", "job-c", "job-d"]
+        assert sorted(seen[1]) == ["job-a", "job-b", "job-c", "job-d"]
+    finally:
+        for hub in hubs:
+            hub.relay.close()
+        for listener in listeners:
+            listener.close()
 
 
 def test_two_frontends_never_take_one_job(pg_clean: Database) -> None:

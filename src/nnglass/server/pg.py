@@ -13,8 +13,11 @@ Invariants:
   every other error is left as it is. Nothing half-written: a failed transaction is
   rolled back whole.
 - Once the database is back, requests answer again within about `2 * timeout`
-  seconds, however long it was away: a pooled connection is checked before it is lent
-  (an idle one died with the outage), and the pool gives up a reconnection after
+  seconds, however long it was away: a pooled connection idle for `FRESH_S` or more is
+  checked before it is lent (an idle one died with the outage; one that committed a
+  moment ago is lent as it is, saving a round trip per transaction: should it have died
+  since, its transaction fails as any would in an outage, and the pool drops it), and
+  the pool gives up a reconnection after
   `2 * timeout` rather than keep its doubling backoff, which after a long outage would
   wait about as long again; the next request then connects afresh.
 - A `tx()` opened inside another on the same thread is that same transaction (one
@@ -22,15 +25,20 @@ Invariants:
   as one round of BEGIN..COMMIT (a job's row, its queue row and its NOTIFY), by opening
   an outer `tx()`; an error anywhere in it rolls all of it back, so nothing inside may
   catch a database error and go on writing (retries wrap the outer block).
+- `after_commit(call)` runs `call` in the committing thread once the open transaction
+  has committed (never after a rollback): what a NOTIFY tells other processes, this one
+  learns then, without the NOTIFY's round trip.
 - `transactions` counts the transactions begun (outer ones only) by thread name, for
   tests that pin how many a job makes (tests/server/test_pg_transactions.py).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
@@ -41,7 +49,10 @@ from ..errors import UnavailableError
 
 __all__ = ["MIGRATIONS", "Database"]
 
+log = logging.getLogger(__name__)
+
 TIMEOUT_S = 2.0  # as db.BUSY_TIMEOUT_S: a request behind an unreachable database answers promptly
+FRESH_S = 1.0  # a connection that committed this recently is lent unchecked
 _MIGRATE_LOCK = 0x6E6E67  # "nng": the advisory lock migrations run under
 
 # Each entry moves the schema one version up; never edit one that has shipped, append.
@@ -133,7 +144,7 @@ class Database:
             min_size=1,
             max_size=max_size,
             timeout=timeout,
-            check=ConnectionPool.check_connection,
+            check=_check_unless_fresh,
             reconnect_timeout=2 * timeout,
             open=False,
             kwargs={"row_factory": dict_row, "options": options, "connect_timeout": max(1, int(timeout))},
@@ -156,11 +167,13 @@ class Database:
             return
         with self._counting:
             self.transactions[threading.current_thread().name] += 1
+        after: list[Callable[[], None]] = []
         try:
             with self.pool.connection() as conn:  # commits or rolls back on exit
-                self._open.conn = conn
+                self._open.conn, self._open.after = conn, after
                 try:
                     yield conn
+                    conn._nnglass_used = time.monotonic()  # type: ignore[attr-defined]  # (see FRESH_S)
                 finally:
                     self._open.conn = None
         except PoolTimeout:
@@ -171,6 +184,20 @@ class Database:
             raise UnavailableError(
                 f"the server's database is unavailable ({type(e).__name__}); try again in a few seconds"
             ) from None
+        for call in after:  # committed
+            try:
+                call()
+            except Exception:  # a waker's defect: the transaction stands, its caller goes on
+                log.exception("after-commit call %r failed", call)
+
+    def after_commit(self, call: Callable[[], None]) -> None:
+        """`call()` once the transaction open on this thread has committed, never if it rolls
+        back (this process's own waiters learn of a change at once, not when its NOTIFY comes
+        back); now if none is open."""
+        if getattr(self._open, "conn", None) is None:
+            call()
+            return
+        self._open.after.append(call)
 
     def migrate(self) -> int:
         """Run the migrations not yet applied; the version now."""
@@ -192,6 +219,13 @@ class Database:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _check_unless_fresh(conn: psycopg.Connection) -> None:
+    """The pool's check before lending `conn`: a round trip, unless it committed within
+    FRESH_S (see the outage invariant above)."""
+    if time.monotonic() - getattr(conn, "_nnglass_used", -FRESH_S) >= FRESH_S:
+        ConnectionPool.check_connection(conn)
 
 
 def _redact(url: str) -> str:

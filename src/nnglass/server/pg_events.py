@@ -5,10 +5,13 @@ Invariants:
   the handlers of each channel with the payload. It reconnects after a database outage;
   what it missed meanwhile is at worst seen late, since every waiter re-reads on its
   timeout (events.py) and the queue is polled too (pg_queue.py).
-- `PgHub.publish(job_id)` is a NOTIFY; every frontend's listener (this one's too)
-  delivers it to the local waiters. A database that cannot take the NOTIFY still
-  delivers locally: this frontend's streams never wait on the outage.
-- Payloads are job ids or model names only, never who owns them (as events.py).
+- `PgHub.publish(job_id)` is a NOTIFY, sent at the commit of the transaction it is
+  part of; this frontend delivers it to its own waiters right then (`after_commit`), every
+  other frontend's listener when it arrives. A NOTIFY names the hub that sent it (its
+  `origin`), which skips its own when they come back: each change wakes each waiter once.
+  A database that cannot take the NOTIFY still delivers locally: this frontend's streams
+  never wait on the outage.
+- Payloads are "<origin> <job id or model name>", never who owns the job (as events.py).
   Generation steps (server/steps.py) cross only for a stream that wants them, through the
   hub's relay (`step_relay.PgStepRelay`); `wake` is the local hub's.
 """
@@ -16,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 
@@ -79,16 +83,17 @@ class PgHub(EventHub):
 
     def __init__(self, db: Database, listener: Listener) -> None:
         super().__init__()
-        self.db = db
-        listener.on(JOBS_CHANNEL, self.deliver)
+        self.db, self.origin = db, secrets.token_hex(8)
+        listener.on(JOBS_CHANNEL, self._arrived)
         self.relay = PgStepRelay(db, listener)
 
+    def _arrived(self, payload: str) -> None:
+        origin, _, job_id = payload.partition(" ")
+        if origin != self.origin:  # this hub's own were delivered at their commit
+            self.deliver(job_id)
+
     def publish(self, job_id: str) -> None:
-        try:
-            with self.db.tx() as conn:
-                conn.execute("SELECT pg_notify(%s, %s)", (JOBS_CHANNEL, job_id))
-        except UnavailableError:
-            self.deliver(job_id)  # this frontend's waiters still learn of it now
+        self.publish_many([job_id])
 
     def publish_many(self, job_ids: list[str]) -> None:
         """One transaction for all (a job's start moves every queued job's position)."""
@@ -96,8 +101,12 @@ class PgHub(EventHub):
             return
         try:
             with self.db.tx() as conn:
-                notify = "SELECT pg_notify(%s, id) FROM unnest(%s::text[]) AS id"
-                conn.execute(notify, (JOBS_CHANNEL, job_ids))
+                notify = "SELECT pg_notify(%s, %s || ' ' || id) FROM unnest(%s::text[]) AS id"
+                conn.execute(notify, (JOBS_CHANNEL, self.origin, job_ids))
+                self.db.after_commit(lambda: self._deliver_all(job_ids))
         except UnavailableError:
-            for job_id in job_ids:
-                self.deliver(job_id)
+            self._deliver_all(job_ids)  # this frontend's waiters still learn of it now
+
+    def _deliver_all(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self.deliver(job_id)

@@ -16,8 +16,14 @@ Invariants:
   submission order. Whatever reads or charges the tokens (a submit, a claim, a shared
   pass's takes) holds the model's advisory lock for its transaction, so frontends
   charge one after another (and never deadlock on the rows).
-- An idle replica waits for a NOTIFY (`_POLL_S` at most); one that lands while its claim
-  looks is never waited past (a count of notifications, read before the claim).
+- An idle replica waits for word of a job of its model (`_POLL_S` at most): a NOTIFY
+  from another frontend, or this frontend's own commit of one (`Database.after_commit`;
+  its NOTIFY, named by `self.id`, is skipped when it comes back). One that lands while
+  its claim looks is never waited past (a count per model, read before the claim);
+  another model's replicas sleep on. A claim that leaves none waiting marks the model
+  drained at the count it read: the next `next` waits for word before it looks again (no
+  claim after each job, or at each generation step, that can only find nothing), and
+  looks anyway after `_POLL_S`, for a job no note announced (a lost NOTIFY).
 - Each frontend renews its lease (`frontends.heartbeat`, the database's clock) every
   `tick`; a frontend silent for `LEASE_S` is dead. `orphans` hands back, once, the
   unfinished jobs that no live frontend holds (claimed by a dead one, or with no row
@@ -134,16 +140,32 @@ class PgQueue:
         self.db, self.models = db, list(models)
         self.id = "fe_" + secrets.token_hex(8)
         self._wake = threading.Condition()
-        self._notes = 0  # notifications so far: one that lands during a claim is not waited past
+        # Per model, the jobs queued so far (a NOTIFY from elsewhere, or a commit here): one
+        # that lands during a claim is not waited past.
+        self._notes = dict.fromkeys(self.models, 0)
+        self._drained: dict[str, int] = {}  # model -> its notes when a claim left none waiting
         self._closed = False
         self._alone: set[str] = set()  # claimed here when no other job waited, or sharing nothing
-        listener.on(QUEUE_CHANNEL, self._notified)
+        listener.on(QUEUE_CHANNEL, self._arrived)
         self.tick()
 
-    def _notified(self, model: str) -> None:
+    def _arrived(self, payload: str) -> None:
+        origin, _, model = payload.partition(" ")
+        if origin != self.id:  # this frontend's own woke its replicas at their commit
+            self._queued(model)
+
+    def _queued(self, model: str) -> None:
+        """A job of `model` is waiting: its replicas here look (another model's sleep on)."""
         with self._wake:
-            self._notes += 1
-            self._wake.notify_all()
+            if model in self._notes:
+                self._notes[model] += 1
+                self._wake.notify_all()
+
+    def _notify(self, conn: Any, model: str) -> None:
+        """Tell every frontend a job of `model` waits: others by a NOTIFY, sent at commit;
+        this one's replicas as soon as it has committed."""
+        conn.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, f"{self.id} {model}"))
+        self.db.after_commit(lambda: self._queued(model))
 
     def submit(self, model: str, key_id: str, job_id: str, share: Share | None = None,
                cost: int = 1) -> None:
@@ -159,38 +181,48 @@ class PgQueue:
                 "ON CONFLICT (job_id) DO NOTHING",
                 (job_id, model, key_id, shared, max(int(cost), 1)),
             )
-            conn.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, model))  # sent at commit
+            self._notify(conn, model)
 
-    def _claim(self, model: str, skip: str | None) -> str | None:
+    def _claim(self, model: str, skip: str | None, seen: int) -> str | None:
+        """The next job, claimed; `seen`: the model's notes before it looked."""
         with self.db.tx() as conn:
             conn.execute(_MODEL_LOCK, {"model": model})
             sql = _CLAIM if skip is None else _CLAIM_SKIP
             row = conn.execute(sql, {"model": model, "skip": skip}).fetchone()
             if row is None:
+                if skip is None:
+                    self._drained[model] = seen
                 return None
             conn.execute("UPDATE queue SET claimed_by = %s WHERE job_id = %s", (self.id, row["job_id"]))
             conn.execute(_CHARGE, {"model": model, "key": row["key_id"], "cost": row["cost"]})
+            if row["waiting"] <= 1:
+                self._drained[model] = seen
+            else:
+                self._drained.pop(model, None)
             if row["share"] is None or row["waiting"] <= 1:
                 self._alone.add(str(row["job_id"]))  # nothing to share with: `take_sharing` asks nobody
             return str(row["job_id"])
 
     def next(self, model: str, timeout: float | None = None, skip: str | None = None) -> str | None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        with self._wake:  # drained, and no word of a job since: nothing to look for until one comes
+            look = model not in self._notes or self._drained.get(model) != self._notes[model]
         while not self._closed:
             with self._wake:
-                seen = self._notes
+                seen = self._notes.get(model, 0)
+            job_id = None
             try:
-                job_id = self._claim(model, skip)
+                job_id = self._claim(model, skip, seen) if look else None
             except UnavailableError:  # the replica waits it out, like an empty queue
-                job_id = None
+                pass
             if job_id is not None:
                 return job_id
+            look = True  # after a wait: a note, or the poll that finds what no note announced
             left = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
             if left <= 0:
                 return None
-            with self._wake:
-                if self._notes == seen:  # else a job came while this claim looked: look again now
-                    self._wake.wait(left)
+            with self._wake:  # (a job that came while this claim looked: no wait)
+                self._wake.wait_for(lambda seen=seen: self._notes.get(model, 0) != seen or self._closed, left)
         return None
 
     def take_sharing(self, model: str, job_id: str, limit: int, tokens: int | None = None,
@@ -242,7 +274,7 @@ class PgQueue:
         with self.db.tx() as conn:
             conn.execute("UPDATE queue SET claimed_by = NULL WHERE job_id = %s AND claimed_by = %s",
                          (job.id, self.id))
-            conn.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, job.model))
+            self._notify(conn, job.model)
 
     def cancel(self, model: str, job_id: str) -> bool:
         with self.db.tx() as conn:
@@ -309,11 +341,13 @@ class PgQueue:
             self._wake.notify_all()
         try:
             with self.db.tx() as conn:
-                conn.execute(
+                given = conn.execute(
                     "UPDATE queue SET claimed_by = NULL WHERE claimed_by = %s AND job_id IN "
-                    "(SELECT id FROM jobs WHERE status = 'QUEUED')",
+                    "(SELECT id FROM jobs WHERE status = 'QUEUED') RETURNING model",
                     (self.id,),
-                )
+                ).fetchall()
+                for model in {r["model"] for r in given}:
+                    self._notify(conn, model)
                 conn.execute("DELETE FROM frontends WHERE id = %s", (self.id,))
         except Exception:  # the database is gone too: the lease lapses on its own
             pass

@@ -123,8 +123,9 @@ class PgKeyStore(SqlKeys):
 
 
 class PgSmallObjects:
-    """Job objects (a small graph) in the database: written in the transaction that is
-    open on this thread (the job's submission: the graph and the row commit together)."""
+    """Small job objects (a graph, a result) in the database, written in the transaction
+    open on this thread: a graph in its job's submission, a result in the transaction that
+    marks its job COMPLETED (each commits with its row)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db

@@ -26,8 +26,9 @@ Invariants:
   a cancelled one is dropped at the next step. A lost session is a lost shared pass
   (each job still in it reruns alone; a job alone in it ends ERROR, as a lone job does).
 - A job's files reach the worker as `results.LocalFiles` (the result store's own files,
-  or private copies); a result is committed to the store before the job is COMPLETED,
-  so any frontend that sees COMPLETED can serve it. The copies go when the job ends.
+  or private copies); a result is committed to the store in the step that marks the job
+  COMPLETED (`Service.finish(store=...)`: one transaction where the stores share a
+  database), so any frontend that sees COMPLETED can serve it. The copies go when the job ends.
   A store that cannot write it (a full disk) makes the job ERROR with the reason.
 - Nothing that fails in this loop (rather than in the worker) ends the replica's thread
   or leaves its jobs RUNNING: they end ERROR, and the loop takes the next job.
@@ -377,17 +378,19 @@ class Replica:
             state.checksums.add(answer["checksum"])
             state.grad_seen = state.grad_seen or bool(answer.get("has_grad"))
         if answer.get("status") == "COMPLETED":
-            files = self._files.get(job_id)
-            try:  # stored before anyone can see COMPLETED
-                if isinstance(answer.get("data"), bytes):  # a worker without this server's disk
-                    service.results.write_result(job_id, answer["data"])
+            files, data = self._files.get(job_id), answer.get("data")
+
+            def store() -> None:  # in the transaction that marks it COMPLETED
+                if isinstance(data, bytes):  # a worker without this server's disk
+                    service.results.write_result(job_id, data)
                 if files is not None:
-                    service.durably(files.commit)
+                    files.commit()
+
+            try:
+                service.finish(job_id, JobStatus.COMPLETED, store=store, result_bytes=answer.get("bytes"))
+                return
             except OSError as e:  # a full disk: this job's ERROR, the next job runs
                 why = f"the result could not be stored: {why_not_stored(e)}"
                 answer = {"status": "ERROR", "error": {"type": "RemoteError", "message": why, "where": ""}}
-        if answer.get("status") == "COMPLETED":
-            service.finish(job_id, JobStatus.COMPLETED, result_bytes=answer.get("bytes"))
-        else:
-            service.finish(job_id, JobStatus.ERROR, error=answer.get("error") or {
-                "type": "RemoteError", "message": "the worker gave no answer", "where": ""})
+        service.finish(job_id, JobStatus.ERROR, error=answer.get("error") or {
+            "type": "RemoteError", "message": "the worker gave no answer", "where": ""})

@@ -9,11 +9,16 @@ Invariants:
   request costs a round trip) and `result.safetensors`. Every method checks the job id
   first (`check_job_id`): a key is never built from an unchecked string.
 - A PUT is atomic in S3: a reader sees the old object, the new one, or none.
-- With `small` (the job store's database, stores.py), a job's graph of at most
-  `SMALL_BYTES` packed is kept there instead of in S3: written in the submission's own
-  transaction (no PUT on the way to the client's answer; the row and its graph commit
-  together), read by any frontend from there; `stored_before` counts it as one of the
-  job's objects (with the time the database wrote it). Results always go to S3.
+- With `small` (the job store's database, stores.py), a job's object of at most
+  `SMALL_BYTES` (a packed graph, a result) is kept there instead of in S3, written in the
+  transaction open on this thread: a graph in its submission's (the row and its graph
+  commit together), a result in the one that marks its job COMPLETED (service.finish:
+  the status and its result commit together). So a small job makes no S3 request at all
+  on its way; any frontend reads the objects from there. A larger one is an S3 object,
+  as before. Reads look in `small` first: an object in both (a large result whose status
+  did not commit, rewritten small by the job's rerun) is the newer one there. `delete`
+  removes both kinds, and `stored_before` counts a small object as one of the job's
+  (with the time the database wrote it), so expiry and the leftovers sweep cover both.
 - Results leave only through the API after the key check (`open` streams the object);
   no presigned URL is ever made: a link would be a bearer token that outlives the key.
 - Storage that cannot be reached is `UnavailableError` (503); a missing object is
@@ -68,7 +73,7 @@ def _unpack(data: bytes) -> tuple[bytes, bytes | None]:
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 RECENT_BYTES = 64 * 2**20  # what this process remembers of what it wrote, in all
 RECENT_OBJECT = 8 * 2**20  # a larger object is never remembered
-SMALL_BYTES = 64 * 2**10  # a packed graph this small goes to `small`, when there is one
+SMALL_BYTES = 64 * 2**10  # an object this small goes to `small`, when there is one
 
 
 class SmallObjects(Protocol):
@@ -167,27 +172,30 @@ class S3ResultStore:
 
     def _put(self, job_id: str, name: str, data: bytes) -> None:
         key = self._key(job_id, name)
-        if self.small is not None and name == GRAPH_OBJECT and len(data) <= SMALL_BYTES:
+        if self.small is not None and len(data) <= SMALL_BYTES:
             self.small.put(job_id, name, data)
         else:
             with _reachable():
                 self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
         self.recent.put(key, data)  # stored: from now on what a read would answer
 
-    def _get(self, job_id: str, name: str) -> bytes:
-        key = self._key(job_id, name)
-        data = self.recent.get(key)
-        if data is None and self.small is not None and name == GRAPH_OBJECT:
+    def _held(self, job_id: str, name: str) -> bytes | None:
+        """The object without a request to S3: remembered, or a row of `small`."""
+        data = self.recent.get(self._key(job_id, name))
+        if data is None and self.small is not None:
             data = self.small.get(job_id, name)
+        return data
+
+    def _get(self, job_id: str, name: str) -> bytes:
+        data = self._held(job_id, name)
         if data is not None:
             return data
         with _reachable():
-            return cast(bytes, self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+            body = self.s3.get_object(Bucket=self.bucket, Key=self._key(job_id, name))["Body"]
+            return cast(bytes, body.read())
 
     def _size(self, job_id: str, name: str) -> int | None:
-        data = self.recent.get(self._key(job_id, name))
-        if data is None and self.small is not None and name == GRAPH_OBJECT:
-            data = self.small.get(job_id, name)
+        data = self._held(job_id, name)
         if data is not None:
             return len(data)
         try:
@@ -241,7 +249,7 @@ class S3ResultStore:
 
     def open(self, job_id: str) -> BinaryIO:
         """The result as a stream from storage (FileNotFoundError when there is none)."""
-        data = self.recent.get(self._key(job_id, RESULT_FILE))
+        data = self._held(job_id, RESULT_FILE)
         if data is not None:
             return io.BytesIO(data)
         with _reachable():

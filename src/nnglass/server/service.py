@@ -301,14 +301,20 @@ class Service:
             state.ended_one(tokens)
             self.counters["prompt_tokens_total"] = self.counters.get("prompt_tokens_total", 0) + tokens
 
-    def finish(self, job_id: str, status: JobStatus, *, retry: bool = True, **fields: Any) -> None:
+    def finish(self, job_id: str, status: JobStatus, *, retry: bool = True,
+               store: Callable[[], None] | None = None, **fields: Any) -> None:
         """The job's final status. `retry`: wait out a locked database (background threads,
-        which must not lose it); else a locked database raises UnavailableError."""
+        which must not lose it); else a locked database raises UnavailableError. `store`:
+        what must be stored before anyone can see the status (a result), in the same
+        transaction where the stores share a database (a small result commits with it);
+        what it raises (OSError: a full disk) is raised with nothing written."""
         now = clock.now()
         fields.update(status=status.value, finished_at=now, expires_at=now + self.config.result_ttl_s)
 
         def write() -> bool:
-            with self.stores.together():  # the status and its NOTIFY: one transaction
+            with self.stores.together():  # the result, the status and its NOTIFY: one transaction
+                if store is not None:
+                    store()
                 done = self.jobs.update(job_id, **fields)
                 self.hub.publish(job_id)
             return bool(done)
