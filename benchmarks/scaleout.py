@@ -195,8 +195,9 @@ def plain_jobs_per_s(procs: int, n: int, size: int, products: int) -> float:
 
 
 def floors(database: str, results: str, n: int) -> dict[str, float]:
-    """p50 ms of one small S3 PUT and one PostgreSQL transaction, alone (what a cluster job
-    makes one and eight of, on its way: tests/server/test_pg_transactions.py)."""
+    """p50 ms of one small S3 PUT and one PostgreSQL transaction, alone (what a job with a
+    result over 64 KiB makes one of, and what every cluster job makes eight of, on its way:
+    tests/server/test_pg_transactions.py)."""
     from nnglass.server.pg import Database
     from nnglass.server.s3 import S3ResultStore
 

@@ -40,8 +40,8 @@ from service_fixtures import TINY, recording, small_graph, with_stores
 # Per job, on the cluster stores: the request side (quota check, graph, job row, queue row
 # and NOTIFY in one; a status read with its queue position in one) and the replica's
 # (the claim, with no round trip for sharing when nothing else waits; RUNNING; the NOTIFYs
-# of it and of the queue's moved positions; the final status and its NOTIFY). Raise one
-# only for a reason the commit message gives.
+# of it and of the queue's moved positions; the result, the final status and its NOTIFY).
+# Raise one only for a reason the commit message gives.
 PER_JOB = {"submit": 1, "status": 1, "run": 4, "done": 1, "download": 1}
 
 

@@ -149,10 +149,11 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
         try:
             graph_json, tensors = await _read_graph(request, config.max_request_bytes)
             submit = closing(request.state.arrived, service.submit)  # closed once queued
-            job = await asyncio.to_thread(submit, request.state.key_id, graph_json, tensors)
+            key_id = request.state.key_id
+            # The status reads the queue (the database, with PostgreSQL): off the event loop too.
+            return await asyncio.to_thread(lambda: service.status(submit(key_id, graph_json, tensors)))
         finally:
             request.state.arrived()  # refused before it (arrivals.py)
-        return service.status(job)
 
     @app.get("/v1/jobs")
     async def list_jobs(request: Request, limit: str | None = None, before: str | None = None) -> Any:
