@@ -4,6 +4,7 @@ unreachable database or bucket is a 503, keys hashed in PostgreSQL too)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -392,9 +393,11 @@ def test_a_drained_queue_looks_again_on_word_of_a_job_or_at_its_poll(pg_clean: D
 
 
 def test_a_frontend_hears_each_change_once(pg_clean: Database) -> None:
-    """A hub delivers what it publishes at the commit (before any NOTIFY comes back) and
-    skips its own NOTIFY when it does; another frontend's it delivers when it arrives."""
-    hubs, listeners, seen = [], [], []
+    """A hub tells its own waiters of what it publishes at the commit (before any NOTIFY
+    comes back) and skips its own NOTIFY when it does; another frontend's changes it
+    delivers as they arrive, to its waiters and to its observers (which look for a cancel
+    made elsewhere: never called for the hub's own changes)."""
+    hubs, listeners, observed = [], [], []
     for _ in range(2):
         listener = Listener(pg_clean)
         hub, heard = PgHub(pg_clean, listener), []
@@ -402,20 +405,33 @@ def test_a_frontend_hears_each_change_once(pg_clean: Database) -> None:
         listener.start()
         hubs.append(hub)
         listeners.append(listener)
-        seen.append(heard)
+        observed.append(heard)
     a, b = hubs
+
+    async def until(job: str, heard: list[str]) -> None:
+        deadline = time.monotonic() + 10
+        while job not in heard:
+            assert time.monotonic() < deadline, f"{job} never arrived"
+            await asyncio.sleep(0.01)
+
+    async def follow() -> None:
+        with a.listen_all() as changes:
+            a.publish("job-a")
+            assert changes.take() == {"job-a"}  # at its commit
+            b.publish_many(["job-b", "job-c"])
+            # A listener delivers in commit order: once a has b's later NOTIFY it has met
+            # (and skipped) its own earlier one.
+            await until("job-c", observed[0])
+            a.publish("job-d")
+            b.publish("job-e")
+            await until("job-e", observed[0])
+            assert changes.take() == {"job-b", "job-c", "job-d", "job-e"}  # job-a's NOTIFY skipped
+
     try:
-        a.publish("job-a")
-        assert seen[0] == ["job-a"]  # at its commit
-        b.publish_many(["job-b", "job-c"])
-        assert {"job-b", "job-c"} <= set(seen[1])  # (job-a may have come already, or not yet)
-        # Each listener delivers in commit order: once it has the other's later NOTIFY it
-        # has met (and skipped) its own earlier one.
-        _until(lambda: "job-c" in seen[0], "a to hear b's changes")
-        a.publish("job-d")
-        _until(lambda: "job-d" in seen[1], "b to hear a's last change")
-        assert seen[0] == ["job-a", "job-b", "job-c", "job-d"]
-        assert sorted(seen[1]) == ["job-a", "job-b", "job-c", "job-d"]
+        asyncio.run(follow())
+        asyncio.run(until("job-d", observed[1]))
+        assert observed[0] == ["job-b", "job-c", "job-e"]
+        assert sorted(observed[1]) == ["job-a", "job-d"]
     finally:
         for hub in hubs:
             hub.relay.close()

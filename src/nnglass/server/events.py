@@ -7,7 +7,9 @@ just re-reads: nothing is lost, a change is at worst seen on the next wake. The 
 carries job ids only, never who owns them: a listener checks ownership when it reads.
 `deliver` is the local half of `publish`; a hub that spans processes (pg_events.PgHub)
 publishes elsewhere and delivers what comes back. Observers (`observe`) learn of every
-delivered change, in the delivering thread. `wake` reaches only the waiters of one job
+delivered change, in the delivering thread, except a hub's own changes delivered at their
+commit (`deliver(job_id, observed=False)`): its process made them and acted on them already.
+`wake` reaches only the waiters of one job
 that listen for its steps too (`listen(job_id, steps=True)`), in this process: a new
 generation step (server/steps.py) is not a change of the job, and costs nobody else a read.
 Such a listener also wants the job's steps from wherever it runs (`relay`, step_relay.py:
@@ -48,8 +50,8 @@ class EventHub:
         for job_id in job_ids:
             self.publish(job_id)
 
-    def deliver(self, job_id: str) -> None:
-        for observer in self._observers:
+    def deliver(self, job_id: str, observed: bool = True) -> None:
+        for observer in self._observers if observed else ():
             observer(job_id)
         with self._lock:
             waiters = list(self._waiters.get(job_id, ()))

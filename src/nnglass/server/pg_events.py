@@ -108,5 +108,7 @@ class PgHub(EventHub):
             self._deliver_all(job_ids)  # this frontend's waiters still learn of it now
 
     def _deliver_all(self, job_ids: list[str]) -> None:
+        """This frontend's own changes to its waiters (its observers, which look for a
+        cancel made elsewhere, have nothing to learn: no job get on the committing thread)."""
         for job_id in job_ids:
-            self.deliver(job_id)
+            self.deliver(job_id, observed=False)
