@@ -122,8 +122,13 @@ def test_a_pass_due_during_submissions_takes_them_and_every_submission_closes(
             assert got.keys() == alone.keys()
             for node, value in alone.items():
                 torch.testing.assert_close(got[node], value, atol=1e-4, rtol=1e-4)
-        with here.client() as http:  # refused and unauthenticated submissions close too
+        opened: list[int] = []
+        arrivals_open = service.arrivals.open
+        service.arrivals.open = lambda: opened.append(1) or arrivals_open()  # type: ignore[method-assign]
+        with here.client() as http:  # refused submissions close too; anonymous ones never open
+            assert httpx.post(f"{here.url}/v1/jobs", content=b"").status_code == 401
+            assert opened == []
             broken = {"graph": ("g.json", b"{", "application/json")}
             assert http.post("/v1/jobs", files=broken).status_code == 400
-            assert httpx.post(f"{here.url}/v1/jobs", content=b"").status_code == 401
+            assert opened == [1]
         assert service.arrivals.pending == 0

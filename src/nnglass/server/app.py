@@ -84,16 +84,7 @@ class Guard:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["method"] != "POST" or scope["path"] not in SUBMISSIONS:
-            return await self._call(scope, receive, send)
-        # A pass about to start waits for this job (arrivals.py); the route closes it once
-        # the job is queued, this when the request ends, whichever comes first.
-        closer = self.service.arrivals.open()
-        scope.setdefault("state", {})["arrived"] = closer
-        try:
-            return await self._call(scope, receive, send)
-        finally:
-            closer()
+        return await self._call(scope, receive, send)
 
     async def _call(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         refuse = openai_error if scope["path"] in OPENAI_PATHS else error_response  # each API its shape
@@ -115,7 +106,17 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             error = TooLargeError(f"request body over {self.limit} bytes")
             return await refuse(error)(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if scope["method"] != "POST" or scope["path"] not in SUBMISSIONS:
+            return await self.app(scope, receive, send)
+        # A pass about to start waits for this job (arrivals.py): a key's, never an anonymous
+        # caller's. The route closes it once the job is queued, this when the request ends,
+        # whichever comes first.
+        closer = self.service.arrivals.open()
+        scope["state"]["arrived"] = closer
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            closer()
 
 
 def create_app(config: ServerConfig, service: Service | None = None, start: bool = True) -> FastAPI:

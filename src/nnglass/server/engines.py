@@ -1,13 +1,45 @@
-"""Which `Worker` a replica gets: one factory per `[server] engine`, picked once from the
-config, so the service and the replica loop never ask which kind they hold."""
+"""The `Worker` protocol, and which one a replica gets: one factory per `[server] engine`,
+picked once from the config, so the service and the replica loop never ask which kind
+they hold (`handle.WorkerHandle`, a subprocess; `ray_worker.RayWorker`, a Ray actor)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from .config import ModelConfig, ServerConfig
 from .handle import WorkerHandle
-from .replica import Worker
+
+
+class Worker(Protocol):
+    """One model replica that runs job requests (the JSON protocol of `server/worker.py`)."""
+
+    paths: list[str]  # the model's module paths, once ready
+    ready: dict[str, Any]  # the whole ready message (paths, lookups, debug checksums)
+
+    @property
+    def alive(self) -> bool: ...
+
+    def start(self, timeout: float = 300.0) -> None:
+        """(Re)start and wait until the model is loaded; raise NNglassError if it is not."""
+
+    def run(self, request: dict[str, Any], timeout: float | None = None,
+            on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """One request's answer; never raises for a job's failure (that is an ERROR answer).
+        Past `timeout` the worker is stopped and the answer says so. `on_step`: the step
+        lines of its jobs while they run, from a worker that can send them (else never)."""
+
+    def stream(self, requests: list[dict[str, Any]], on_step: Callable[[dict[str, Any]], dict[str, Any]],
+               timeout: float, on_line: Callable[[dict[str, Any]], None] | None = None,
+               ) -> dict[str, Any] | None:
+        """A generation session (server/generation.py): `on_step` gets each step message and
+        returns the reply; None when it ended, else the answer saying why it was lost."""
+
+    def stop_job(self, job: Any) -> bool:
+        """Stop the worker if (and only if) it is running `job` now."""
+
+    def kill(self) -> None: ...
+
 
 WorkerFactory = Callable[[ModelConfig, ServerConfig], Worker]
 

@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .exposure import describe
 
 if TYPE_CHECKING:  # a Worker is a replica's protocol (server/replica.py)
-    from .replica import Worker
+    from .engines import Worker
 
 
 @dataclass

@@ -156,7 +156,7 @@ def ray_worker(model: ModelConfig, server: ServerConfig) -> RayWorker:
 
 
 class RayWorker:
-    """The server's side of one replica actor (the `Worker` protocol of replica.py)."""
+    """The server's side of one replica actor (the `Worker` protocol of engines.py)."""
 
     def __init__(self, model_config: dict[str, Any], options: dict[str, Any],
                  bundles: list[dict[str, float]] | None = None, strategy: str = "PACK") -> None:

@@ -1,6 +1,6 @@
 """A replica: one worker that holds a model, and the thread that feeds it jobs.
 
-The service drives every replica through the `Worker` protocol; `handle.WorkerHandle`
+The service drives every replica through the `Worker` protocol (engines.py); `handle.WorkerHandle`
 (a subprocess) is one implementation, `ray_worker.RayWorker` (a Ray actor) another. The replica loop
 never asks which one it has.
 
@@ -38,9 +38,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ..graph.ir import GENERATE
 from . import clock
@@ -50,40 +49,11 @@ from .jobs import JobStatus
 from .results import LocalFiles, why_not_stored
 
 if TYPE_CHECKING:
+    from .engines import Worker
     from .model_state import ModelState
     from .service import Service
 
 log = logging.getLogger(__name__)
-
-
-class Worker(Protocol):
-    """One model replica that runs job requests (the JSON protocol of `server/worker.py`)."""
-
-    paths: list[str]  # the model's module paths, once ready
-    ready: dict[str, Any]  # the whole ready message (paths, lookups, debug checksums)
-
-    @property
-    def alive(self) -> bool: ...
-
-    def start(self, timeout: float = 300.0) -> None:
-        """(Re)start and wait until the model is loaded; raise NNglassError if it is not."""
-
-    def run(self, request: dict[str, Any], timeout: float | None = None,
-            on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """One request's answer; never raises for a job's failure (that is an ERROR answer).
-        Past `timeout` the worker is stopped and the answer says so. `on_step`: the step
-        lines of its jobs while they run, from a worker that can send them (else never)."""
-
-    def stream(self, requests: list[dict[str, Any]], on_step: Callable[[dict[str, Any]], dict[str, Any]],
-               timeout: float, on_line: Callable[[dict[str, Any]], None] | None = None,
-               ) -> dict[str, Any] | None:
-        """A generation session (server/generation.py): `on_step` gets each step message and
-        returns the reply; None when it ended, else the answer saying why it was lost."""
-
-    def stop_job(self, job: Any) -> bool:
-        """Stop the worker if (and only if) it is running `job` now."""
-
-    def kill(self) -> None: ...
 
 
 class Replica:
@@ -111,7 +81,7 @@ class Replica:
                 if not self._restart():
                     return
             if job_id is not None:
-                if cfg.share_jobs > 1:  # the jobs being submitted now join this pass
+                if self._room():  # the jobs being submitted now join this pass
                     service.arrivals.settle(cfg.share_settle_s)
                 # A generation's first joiners are gathered as at a step boundary, at least.
                 wait = max(cfg.share_wait_s, cfg.join_wait_s if service.generates(job_id) else 0)
@@ -121,6 +91,13 @@ class Replica:
                     self.run_jobs([job_id, *others])
                 except Exception as e:  # a defect, or a store failing past its retries: the
                     self._abandon([job_id, *others], e)  # replica lives on, its jobs end
+
+    def _room(self) -> bool:
+        """A pass about to start has room for jobs still being submitted (those queued do
+        not fill it): only then does it wait for them, so a full pass never waits."""
+        service, cfg = self.service, self.state.config
+        return (cfg.share_jobs > 1 and service.arrivals.pending > 0
+                and service.scheduler.depth(cfg.name) < cfg.share_jobs - 1)
 
     def _abandon(self, job_ids: list[str], e: Exception) -> None:
         """Jobs of a pass that failed in this loop (not in the worker) end ERROR, never

@@ -43,11 +43,11 @@ from . import clock, upkeep
 from .arrivals import Arrivals
 from .batching import GENERATION, cost_of, prompt_tokens, share_of
 from .config import ServerConfig
-from .engines import WorkerFactory, configured_worker
+from .engines import Worker, WorkerFactory, configured_worker
 from .jobs import Job, JobStatus
 from .model_state import ModelState
 from .policy import check_policy
-from .replica import Replica, Worker
+from .replica import Replica
 from .results import why_not_stored
 from .steps import StepLog
 from .stores import open_stores
