@@ -20,6 +20,7 @@ import uvicorn
 from nnglass.server.app import create_app
 from nnglass.server.config import ModelConfig, ServerConfig, load_config
 from nnglass.server.generation import run_session
+from nnglass.server.replica import Replica
 from nnglass.server.service import Service
 from nnglass.server.worker import LoadedModel, answer, ready_message
 from service_fixtures import free_port
@@ -77,6 +78,28 @@ class Live:
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30)
+
+
+@contextmanager
+def unstarted(home: Path, config_text: str,
+              model: str = "tiny") -> Iterator[tuple[Service, Replica, ThreadWorker]]:
+    """The service `config_text` describes, in this process and not started (no replica
+    threads, no upkeep), with one replica of `model` on a `ThreadWorker`, its model loaded:
+    a test drives the replica's steps itself."""
+    path = home / "server.toml"
+    path.write_text(config_text.replace("PORT", "0").replace("HOME", str(home)))
+    config = load_config(path)
+    gate = threading.Event()
+    gate.set()
+    service = Service(config, worker=lambda model, server: ThreadWorker(model, server, gate))
+    try:
+        state = service.models[model]
+        worker = ThreadWorker(state.config, config, gate)
+        replica = Replica(service, state, worker)
+        assert replica._start()  # the model loaded: what a graph may name is known
+        yield service, replica, worker
+    finally:
+        service.stop()
 
 
 @contextmanager

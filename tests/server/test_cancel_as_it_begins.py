@@ -10,7 +10,6 @@ the exact moment between the two.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,11 @@ from typing import Any
 import pytest
 import torch
 
-from faults.live_service import ThreadWorker
+from faults.live_service import ThreadWorker, unstarted
 from nnglass import LanguageModel
 from nnglass.errors import NotFoundError
 from nnglass.graph import wire
 from nnglass.graph.results import decode_results
-from nnglass.server.config import load_config
 from nnglass.server.jobs import JobStatus
 from nnglass.server.replica import Replica
 from nnglass.server.service import Service
@@ -66,21 +64,9 @@ class Here:
 @pytest.fixture(scope="module")
 def here(tmp_path_factory: pytest.TempPathFactory, tiny_config: Any, tiny_dir: Path) -> Iterator[Here]:
     home = tmp_path_factory.mktemp("cancel-as-it-begins")
-    path = home / "server.toml"
-    path.write_text(tiny_config().replace("PORT", "0").replace("HOME", str(home)))
-    config = load_config(path)
-    gate = threading.Event()
-    gate.set()
-    service = Service(config, worker=lambda model, server: ThreadWorker(model, server, gate))
-    try:
-        state = service.models[TINY]
-        worker = ThreadWorker(state.config, config, gate)
-        replica = Replica(service, state, worker)
-        assert replica._start()
+    with unstarted(home, tiny_config()) as (service, replica, worker):
         lm = LanguageModel(str(tiny_dir), name=TINY)
         yield Here(service, replica, worker, service.keys.create("alice")[0], lm)
-    finally:
-        service.stop()
 
 
 def _generation(lm: LanguageModel, prompt: str, n: int) -> Any:

@@ -22,12 +22,11 @@ from typing import Any
 
 import pytest
 
-from faults.live_service import ThreadWorker
+from faults.live_service import unstarted
 from nnglass import LanguageModel
 from nnglass.errors import NotFoundError
 from nnglass.graph import wire
 from nnglass.graph.results import decode_results
-from nnglass.server.config import load_config
 from nnglass.server.jobs import JobStatus
 from nnglass.server.pg import Database
 from nnglass.server.pg_stores import PgSmallObjects
@@ -115,22 +114,11 @@ class InProcess:
 def here(tmp_path_factory: pytest.TempPathFactory, tiny_config: Any, tiny_dir: Path, postgres: Any,
          s3: Any) -> Iterator[InProcess]:
     """The service on the cluster stores, in this process and not started."""
-    home = tmp_path_factory.mktemp("in-process")
     stores = {"database": postgres.fresh_database(), "results": s3.url()}
-    path = home / "server.toml"
-    path.write_text(with_stores(tiny_config(), stores).replace("PORT", "0").replace("HOME", str(home)))
-    config = load_config(path)
-    gate = threading.Event()
-    gate.set()
-    service = Service(config, worker=lambda model, server: ThreadWorker(model, server, gate))
-    try:
-        state = service.models[TINY]
-        replica = Replica(service, state, ThreadWorker(state.config, config, gate))
-        assert replica._start()  # the model loaded: what a graph may name is known
+    home = tmp_path_factory.mktemp("in-process")
+    with unstarted(home, with_stores(tiny_config(), stores)) as (service, replica, _):
         lm = LanguageModel(str(tiny_dir), name=TINY)
         yield InProcess(service, replica, service.keys.create("alice")[0], lm)
-    finally:
-        service.stop()
 
 
 def test_a_job_makes_few_transactions(here: InProcess) -> None:
