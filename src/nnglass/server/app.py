@@ -17,10 +17,10 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from ..errors import (
@@ -205,9 +205,11 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
     @app.get("/v1/jobs/{job_id}/result")
     async def result(job_id: str, request: Request) -> StreamingResponse:
         # Streamed from whichever store holds it, after the key check; never a link.
-        stream, size = await asyncio.to_thread(service.open_result, request.state.key_id, job_id)
-        headers = {"Content-Length": str(size),
-                   "Content-Disposition": f'attachment; filename="{job_id}.safetensors"'}
+        stream, size, whole = await asyncio.to_thread(_open_result, service, request.state.key_id, job_id)
+        headers = {"Content-Disposition": f'attachment; filename="{job_id}.safetensors"'}
+        if whole is not None:  # one chunk or less: read with the key check, sent in one piece
+            return Response(whole, media_type="application/octet-stream", headers=headers)
+        headers["Content-Length"] = str(size)
         return StreamingResponse(_chunks(stream), media_type="application/octet-stream", headers=headers)
 
     @app.delete("/v1/jobs/{job_id}")
@@ -232,6 +234,19 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
 
 
 _CHUNK = 1 << 20
+
+
+def _open_result(service: Service, key_id: str, job_id: str) -> tuple[BinaryIO, int, bytes | None]:
+    """The result's stream and size; a result of at most one chunk is read whole here
+    (`whole`), in the thread that checked the job, instead of a thread call a chunk."""
+    stream, size = service.open_result(key_id, job_id)
+    if size > _CHUNK:
+        return stream, size, None
+    with stream:
+        whole = stream.read(_CHUNK + 1)
+    if len(whole) != size:  # a damaged file: streamed against its recorded size, as a big one
+        return (*service.open_result(key_id, job_id), None)
+    return stream, size, whole
 
 
 async def _chunks(stream: Any) -> AsyncIterator[bytes]:

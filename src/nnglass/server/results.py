@@ -95,15 +95,16 @@ class DirResultStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._real_root = self.root.resolve()
+        self._root = str(self.root.resolve())
 
     def _dir(self, job_id: str) -> Path:
-        d = self.root / check_job_id(job_id)
-        # The id pattern already rules out separators and "..", this guards against a
-        # symlink planted under root.
-        if d.resolve().parent != self._real_root:
-            raise ValueError(f"job directory for {job_id!r} resolves outside {self.root}")
-        return d
+        # The id pattern rules out separators and "..", so `root/<id>` leaves the root only
+        # as a symlink planted there: one lstat refuses it (no realpath walk per call; a
+        # job's files are found five times per job).
+        d = os.path.join(self._root, check_job_id(job_id))
+        if os.path.islink(d):
+            raise ValueError(f"job directory for {job_id!r} is a link that may lead outside {self.root}")
+        return Path(d)
 
     def _write(self, job_id: str, name: str, data: bytes) -> None:
         d = self._dir(job_id)
