@@ -39,6 +39,9 @@ Invariants:
   in the milliseconds between joins the next pass instead).
 - `hold(key_id)` is a transaction-scoped advisory lock on the key: the quota check and
   the queueing are one step across frontends.
+- Round trips are the cost on a job's path: a read or write that is one statement is its
+  own transaction (`Database.statement()`), and statements whose results nobody reads
+  go out together (psycopg's pipeline: a submission's five, a claim's last two).
 """
 
 from __future__ import annotations
@@ -172,7 +175,7 @@ class PgQueue:
         """Queue a job that costs `cost` tokens (see the fairness invariant above)."""
         shared = None if share is None else json.dumps([share.key, share.rows, share.width])
         where = {"model": model, "key": key_id}
-        with self.db.tx() as conn:
+        with self.db.tx() as conn, conn.pipeline():  # nothing read back: one round trip
             conn.execute(_MODEL_LOCK, where)
             conn.execute(_RESET, where)
             conn.execute(_JOIN, where)
@@ -193,8 +196,9 @@ class PgQueue:
                 if skip is None:
                     self._drained[model] = seen
                 return None
-            conn.execute("UPDATE queue SET claimed_by = %s WHERE job_id = %s", (self.id, row["job_id"]))
-            conn.execute(_CHARGE, {"model": model, "key": row["key_id"], "cost": row["cost"]})
+            with conn.pipeline():  # nothing read back: one round trip
+                conn.execute("UPDATE queue SET claimed_by = %s WHERE job_id = %s", (self.id, row["job_id"]))
+                conn.execute(_CHARGE, {"model": model, "key": row["key_id"], "cost": row["cost"]})
             if row["waiting"] <= 1:
                 self._drained[model] = seen
             else:
@@ -277,25 +281,25 @@ class PgQueue:
             self._notify(conn, job.model)
 
     def cancel(self, model: str, job_id: str) -> bool:
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             return (
                 conn.execute("DELETE FROM queue WHERE job_id = %s AND claimed_by IS NULL", (job_id,)).rowcount
                 == 1
             )
 
     def positions(self, model: str) -> dict[str, int]:
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             return {r["job_id"]: i for i, r in enumerate(conn.execute(_ORDER, {"model": model}).fetchall())}
 
     def depth(self, model: str) -> int:
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             row = conn.execute(
                 "SELECT count(*) AS n FROM queue WHERE model = %s AND claimed_by IS NULL", (model,)
             ).fetchone()
         return int(row["n"])
 
     def queued_by(self, key_id: str) -> int:
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             row = conn.execute(
                 "SELECT count(*) AS n FROM queue WHERE key_id = %s AND claimed_by IS NULL", (key_id,)
             ).fetchone()
@@ -309,7 +313,7 @@ class PgQueue:
 
     def tick(self) -> None:
         """Renew this frontend's lease; drop the rows of jobs that have ended."""
-        with self.db.tx() as conn:
+        with self.db.tx() as conn, conn.pipeline():
             conn.execute(
                 "INSERT INTO frontends (id, heartbeat) VALUES (%s, now()) "
                 "ON CONFLICT (id) DO UPDATE SET heartbeat = now()",

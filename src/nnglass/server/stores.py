@@ -68,7 +68,7 @@ def open_stores(config: ServerConfig, models: list[str]) -> Stores:
     db = Database(config.database, max_size=32)
     results = open_results(config, PgSmallObjects(db))
     listener = Listener(db)
-    hub, queue = PgHub(db, listener), PgQueue(db, listener, models)
+    hub, queue, keys = PgHub(db, listener), PgQueue(db, listener, models), PgKeyStore(db, listener)
     listener.start()
 
     def close_pg() -> None:
@@ -77,7 +77,7 @@ def open_stores(config: ServerConfig, models: list[str]) -> Stores:
         listener.close()
         db.close()
 
-    return Stores(PgKeyStore(db), PgJobStore(db), results, queue, hub, close_pg, together=db.tx)
+    return Stores(keys, PgJobStore(db), results, queue, hub, close_pg, together=db.tx)
 
 
 def open_keys(config: ServerConfig) -> Any:
