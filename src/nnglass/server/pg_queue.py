@@ -41,7 +41,8 @@ Invariants:
   the queueing are one step across frontends.
 - Round trips are the cost on a job's path: a read or write that is one statement is its
   own transaction (`Database.statement()`), and statements whose results nobody reads
-  go out together (psycopg's pipeline: a submission's five, a claim's last two).
+  go out together (psycopg's pipeline: all of a submission's up to the job's row, then
+  the rest with the queue's five; a claim's lock and pick, then its last two).
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ class PgQueue:
 
     def _claim(self, model: str, skip: str | None, seen: int) -> str | None:
         """The next job, claimed; `seen`: the model's notes before it looked."""
-        with self.db.tx() as conn:
+        with self.db.tx() as conn, conn.pipeline():  # BEGIN, the lock and the claim: one round trip
             conn.execute(_MODEL_LOCK, {"model": model})
             sql = _CLAIM if skip is None else _CLAIM_SKIP
             row = conn.execute(sql, {"model": model, "skip": skip}).fetchone()
@@ -307,7 +308,11 @@ class PgQueue:
 
     @contextmanager
     def hold(self, key_id: str) -> Iterator[None]:
-        with self.db.tx() as conn:
+        """The key's lock for the transaction that the block's store calls join; the block
+        runs pipelined (a statement waits for nothing until a result is read: a submission
+        is four round trips, not ten). So nothing inside may read a cursor's `rowcount`
+        (not known until a result is fetched) or catch a database error and go on."""
+        with self.db.tx() as conn, conn.pipeline():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key_id,))
             yield
 
