@@ -20,11 +20,16 @@ Invariants:
   the pool gives up a reconnection after
   `2 * timeout` rather than keep its doubling backoff, which after a long outage would
   wait about as long again; the next request then connects afresh.
-- Round trips are what a job's path pays for. Pooled connections are in autocommit:
-  `tx()` is BEGIN..COMMIT around its block, its BEGIN sent with its first statement (one
-  round trip: `_Begun`), so N statements cost N + 1; `statement()` lends one for a single
-  statement, its own transaction in one round trip. Reads and writes that are one
-  statement (a key check, a job's row, a status change) use it.
+- Round trips are what a job's path pays for. Pooled connections are in autocommit, and
+  `tx()` runs its block in psycopg's pipeline mode between a BEGIN and a COMMIT: a
+  statement is sent at once but waits for nothing until some result is read (a fetch),
+  so a transaction costs one round trip per read, plus one for the statements after the
+  last read with the COMMIT. Hence nothing inside a `tx()` reads a cursor's `rowcount`
+  (unknown until a fetch: writes that answer something say `RETURNING`), and a
+  statement's error may surface at a later statement of the block (it fails whole, as
+  before). `statement()` lends a connection for one statement, its own transaction in one
+  round trip: reads and writes that are one statement (a key check, a job's row, a status
+  change) use it.
 - A `tx()` opened inside another on the same thread is that same transaction (one
   connection, one commit): callers group what must happen together, or what is cheaper
   as one round of BEGIN..COMMIT (a job's row, its queue row and its NOTIFY), by opening
@@ -45,7 +50,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -174,13 +178,17 @@ class Database:
             return
         self._count()
         after: list[Callable[[], None]] = []
-        with self._borrowed() as conn:  # COMMIT on success, ROLLBACK on error (psycopg_pool)
-            lazy = _Begun(conn)
-            self._open.conn, self._open.after = lazy, after
+        # Pipelined: BEGIN goes with the first statement, and each statement waits for
+        # nothing until a result is read (or COMMIT, sent with the last ones). On error
+        # the pool rolls back.
+        with self._borrowed() as conn, conn.pipeline():
+            conn.execute("BEGIN")
+            self._open.conn, self._open.after = conn, after
             try:
-                yield lazy  # type: ignore[misc]  # a Connection in all that callers use
+                yield conn
             finally:
                 self._open.conn = None
+            conn.execute("COMMIT")
         for call in after:  # committed
             try:
                 call()
@@ -233,7 +241,7 @@ class Database:
 
     def migrate(self) -> int:
         """Run the migrations not yet applied; the version now."""
-        with self.tx() as conn:
+        with self._borrowed() as conn, conn.transaction():  # not pipelined: a migration is many statements
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS nnglass_schema (version INTEGER NOT NULL)")
             row = conn.execute("SELECT max(version) AS v FROM nnglass_schema").fetchone()
@@ -251,38 +259,6 @@ class Database:
 
     def close(self) -> None:
         self.pool.close()
-
-
-class _Begun:
-    """A pooled (autocommit) connection inside `tx()`: its transaction's BEGIN goes out with
-    its first statement, in one round trip (psycopg's pipeline), and a block that runs
-    none sends nothing at all. Anything else asked of it begins the transaction first, so
-    nothing ever runs outside it."""
-
-    def __init__(self, conn: psycopg.Connection) -> None:
-        self._conn, self._begun = conn, False
-
-    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> psycopg.Cursor[Any]:
-        if self._begun:
-            return self._conn.execute(query, params, **kwargs)
-        with self._conn.pipeline():  # synced on exit: the cursor holds its results after
-            self._conn.execute("BEGIN")
-            self._begun = True
-            return self._conn.execute(query, params, **kwargs)
-
-    @contextmanager
-    def pipeline(self) -> Iterator[Any]:
-        with self._conn.pipeline() as pipe:
-            if not self._begun:
-                self._conn.execute("BEGIN")
-                self._begun = True
-            yield pipe
-
-    def __getattr__(self, name: str) -> Any:
-        if not self._begun:
-            self._conn.execute("BEGIN")
-            self._begun = True
-        return getattr(self._conn, name)
 
 
 def _check_unless_fresh(conn: psycopg.Connection) -> None:

@@ -40,9 +40,9 @@ Invariants:
 - `hold(key_id)` is a transaction-scoped advisory lock on the key: the quota check and
   the queueing are one step across frontends.
 - Round trips are the cost on a job's path: a read or write that is one statement is its
-  own transaction (`Database.statement()`), and statements whose results nobody reads
-  go out together (psycopg's pipeline: all of a submission's up to the job's row, then
-  the rest with the queue's five; a claim's lock and pick, then its last two).
+  own transaction (`Database.statement()`), and a transaction waits only where it reads
+  (pg.py: pipelined), so a claim is two round trips (its BEGIN, lock and pick; the rest
+  with its COMMIT) and a submission's queueing waits for nothing.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ class PgQueue:
         """Queue a job that costs `cost` tokens (see the fairness invariant above)."""
         shared = None if share is None else json.dumps([share.key, share.rows, share.width])
         where = {"model": model, "key": key_id}
-        with self.db.tx() as conn, conn.pipeline():  # nothing read back: one round trip
+        with self.db.tx() as conn:  # nothing read back: one round trip with its COMMIT
             conn.execute(_MODEL_LOCK, where)
             conn.execute(_RESET, where)
             conn.execute(_JOIN, where)
@@ -189,7 +189,7 @@ class PgQueue:
 
     def _claim(self, model: str, skip: str | None, seen: int) -> str | None:
         """The next job, claimed; `seen`: the model's notes before it looked."""
-        with self.db.tx() as conn, conn.pipeline():  # BEGIN, the lock and the claim: one round trip
+        with self.db.tx() as conn:  # BEGIN, the lock and the pick: one round trip; the rest one more
             conn.execute(_MODEL_LOCK, {"model": model})
             sql = _CLAIM if skip is None else _CLAIM_SKIP
             row = conn.execute(sql, {"model": model, "skip": skip}).fetchone()
@@ -197,9 +197,8 @@ class PgQueue:
                 if skip is None:
                     self._drained[model] = seen
                 return None
-            with conn.pipeline():  # nothing read back: one round trip
-                conn.execute("UPDATE queue SET claimed_by = %s WHERE job_id = %s", (self.id, row["job_id"]))
-                conn.execute(_CHARGE, {"model": model, "key": row["key_id"], "cost": row["cost"]})
+            conn.execute("UPDATE queue SET claimed_by = %s WHERE job_id = %s", (self.id, row["job_id"]))
+            conn.execute(_CHARGE, {"model": model, "key": row["key_id"], "cost": row["cost"]})
             if row["waiting"] <= 1:
                 self._drained[model] = seen
             else:
@@ -283,10 +282,8 @@ class PgQueue:
 
     def cancel(self, model: str, job_id: str) -> bool:
         with self.db.statement() as conn:
-            return (
-                conn.execute("DELETE FROM queue WHERE job_id = %s AND claimed_by IS NULL", (job_id,)).rowcount
-                == 1
-            )
+            sql = "DELETE FROM queue WHERE job_id = %s AND claimed_by IS NULL RETURNING job_id"
+            return conn.execute(sql, (job_id,)).fetchone() is not None
 
     def positions(self, model: str) -> dict[str, int]:
         with self.db.statement() as conn:
@@ -308,17 +305,15 @@ class PgQueue:
 
     @contextmanager
     def hold(self, key_id: str) -> Iterator[None]:
-        """The key's lock for the transaction that the block's store calls join; the block
-        runs pipelined (a statement waits for nothing until a result is read: a submission
-        is four round trips, not ten). So nothing inside may read a cursor's `rowcount`
-        (not known until a result is fetched) or catch a database error and go on."""
-        with self.db.tx() as conn, conn.pipeline():
+        """The key's lock, for the transaction the block's store calls join (pipelined, as
+        every `tx()`: a submission is three round trips)."""
+        with self.db.tx() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key_id,))
             yield
 
     def tick(self) -> None:
         """Renew this frontend's lease; drop the rows of jobs that have ended."""
-        with self.db.tx() as conn, conn.pipeline():
+        with self.db.tx() as conn:
             conn.execute(
                 "INSERT INTO frontends (id, heartbeat) VALUES (%s, now()) "
                 "ON CONFLICT (id) DO UPDATE SET heartbeat = now()",

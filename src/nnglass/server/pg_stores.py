@@ -69,9 +69,9 @@ class PgJobStore:
         sql = f"UPDATE jobs SET {', '.join(f'{n} = %s' for n in names)} WHERE id = %s"
         if "status" in fields:
             sql += f" AND status NOT IN ({_TERMINAL_SQL})"  # the guard in the same statement
-        with self.db.statement() as conn:
-            cur = conn.execute(sql, [*(_to_sql(n, fields[n]) for n in names), job_id])
-        return cur.rowcount == 1
+        with self.db.statement() as conn:  # (RETURNING: no rowcount in a pipelined transaction)
+            return conn.execute(sql + " RETURNING 1", [*(_to_sql(n, fields[n]) for n in names),
+                                                       job_id]).fetchone() is not None
 
     def start(self, job_id: str, started_at: float) -> Job | None:
         with self.db.statement() as conn:
@@ -171,7 +171,8 @@ class PgSmallObjects:
 
     def delete(self, job_id: str) -> bool:
         with self.db.statement() as conn:
-            return conn.execute("DELETE FROM small_objects WHERE job_id = %s", (job_id,)).rowcount > 0
+            sql = "DELETE FROM small_objects WHERE job_id = %s RETURNING 1"
+            return bool(conn.execute(sql, (job_id,)).fetchall())
 
     def written(self) -> dict[str, float]:
         """Each job's newest object's time (epoch seconds, the database's clock)."""
