@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from faults.live_service import unstarted
@@ -81,6 +82,26 @@ def test_nested_transactions_are_one(pg_clean: Database) -> None:
         raise RuntimeError("after the inner block: all of it rolls back")
     with pg_clean.tx() as conn:
         assert [r["x"] for r in conn.execute("SELECT x FROM t").fetchall()] == [1]
+        conn.execute("DROP TABLE t")
+
+
+def test_a_failing_statement_nobody_read_fails_its_whole_transaction(pg_clean: Database) -> None:
+    """Transactions are pipelined (pg.py): a statement whose result nobody reads waits for
+    nothing, so its error comes at the COMMIT; the block still fails whole, and a
+    statement alone still stands alone."""
+    with pg_clean.tx() as conn:
+        conn.execute("CREATE TABLE t (x INT PRIMARY KEY)")
+    calls: list[str] = []
+    with pytest.raises(psycopg.errors.UniqueViolation), pg_clean.tx() as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.execute("INSERT INTO t VALUES (1)")  # fails, unread
+        conn.execute("INSERT INTO t VALUES (2)")
+        pg_clean.after_commit(lambda: calls.append("committed"))
+    assert calls == []
+    with pg_clean.statement() as conn:
+        conn.execute("INSERT INTO t VALUES (3)")
+    with pg_clean.tx() as conn:
+        assert [r["x"] for r in conn.execute("SELECT x FROM t").fetchall()] == [3]
         conn.execute("DROP TABLE t")
 
 
