@@ -180,7 +180,7 @@ class SqlKeys:
         with self._db() as db:
             # An id match wins, so a name that happens to look like another key's id
             # never revokes two keys at once.
-            for column in ("id", "name"):  # (RETURNING: PostgreSQL's transactions have no rowcount)
+            for column in ("id", "name"):
                 sql = f"UPDATE api_keys SET revoked = ? WHERE {column} = ? AND revoked IS NULL RETURNING id"
                 if db.execute(self._sql(sql), (now, name_or_id)).fetchall():
                     return True

@@ -20,16 +20,13 @@ Invariants:
   the pool gives up a reconnection after
   `2 * timeout` rather than keep its doubling backoff, which after a long outage would
   wait about as long again; the next request then connects afresh.
-- Round trips are what a job's path pays for. Pooled connections are in autocommit, and
-  `tx()` runs its block in psycopg's pipeline mode between a BEGIN and a COMMIT: a
-  statement is sent at once but waits for nothing until some result is read (a fetch),
-  so a transaction costs one round trip per read, plus one for the statements after the
-  last read with the COMMIT. Hence nothing inside a `tx()` reads a cursor's `rowcount`
-  (unknown until a fetch: writes that answer something say `RETURNING`), and a
-  statement's error may surface at a later statement of the block (it fails whole, as
-  before). `statement()` lends a connection for one statement, its own transaction in one
-  round trip: reads and writes that are one statement (a key check, a job's row, a status
-  change) use it.
+- Pooled connections are in autocommit: `tx()` is BEGIN..COMMIT around its block, and
+  `statement()` lends a connection for one statement, its own transaction in one round
+  trip where a `tx()` of it costs three (BEGIN, it, COMMIT): reads and writes that are
+  one statement (a key check, a job's row, a status change) use it. (psycopg's pipeline
+  mode, which would send a transaction's statements without waiting, cost more CPU and
+  more time than the round trips it saves against a PostgreSQL on the same machine:
+  not used.) Writes say what they changed with `RETURNING`, never `rowcount`.
 - A `tx()` opened inside another on the same thread is that same transaction (one
   connection, one commit): callers group what must happen together, or what is cheaper
   as one round of BEGIN..COMMIT (a job's row, its queue row and its NOTIFY), by opening
@@ -178,17 +175,12 @@ class Database:
             return
         self._count()
         after: list[Callable[[], None]] = []
-        # Pipelined: BEGIN goes with the first statement, and each statement waits for
-        # nothing until a result is read (or COMMIT, sent with the last ones). On error
-        # the pool rolls back.
-        with self._borrowed() as conn, conn.pipeline():
-            conn.execute("BEGIN")
+        with self._borrowed() as conn, conn.transaction():  # BEGIN .. COMMIT, or ROLLBACK
             self._open.conn, self._open.after = conn, after
             try:
                 yield conn
             finally:
                 self._open.conn = None
-            conn.execute("COMMIT")
         for call in after:  # committed
             try:
                 call()
@@ -241,7 +233,7 @@ class Database:
 
     def migrate(self) -> int:
         """Run the migrations not yet applied; the version now."""
-        with self._borrowed() as conn, conn.transaction():  # not pipelined: a migration is many statements
+        with self.tx() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS nnglass_schema (version INTEGER NOT NULL)")
             row = conn.execute("SELECT max(version) AS v FROM nnglass_schema").fetchone()

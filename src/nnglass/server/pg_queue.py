@@ -39,10 +39,8 @@ Invariants:
   in the milliseconds between joins the next pass instead).
 - `hold(key_id)` is a transaction-scoped advisory lock on the key: the quota check and
   the queueing are one step across frontends.
-- Round trips are the cost on a job's path: a read or write that is one statement is its
-  own transaction (`Database.statement()`), and a transaction waits only where it reads
-  (pg.py: pipelined), so a claim is two round trips (its BEGIN, lock and pick; the rest
-  with its COMMIT) and a submission's queueing waits for nothing.
+- A read or write that is one statement is its own transaction (`Database.statement()`:
+  one round trip, not three).
 """
 
 from __future__ import annotations
@@ -176,7 +174,7 @@ class PgQueue:
         """Queue a job that costs `cost` tokens (see the fairness invariant above)."""
         shared = None if share is None else json.dumps([share.key, share.rows, share.width])
         where = {"model": model, "key": key_id}
-        with self.db.tx() as conn:  # nothing read back: one round trip with its COMMIT
+        with self.db.tx() as conn:
             conn.execute(_MODEL_LOCK, where)
             conn.execute(_RESET, where)
             conn.execute(_JOIN, where)
@@ -189,7 +187,7 @@ class PgQueue:
 
     def _claim(self, model: str, skip: str | None, seen: int) -> str | None:
         """The next job, claimed; `seen`: the model's notes before it looked."""
-        with self.db.tx() as conn:  # BEGIN, the lock and the pick: one round trip; the rest one more
+        with self.db.tx() as conn:
             conn.execute(_MODEL_LOCK, {"model": model})
             sql = _CLAIM if skip is None else _CLAIM_SKIP
             row = conn.execute(sql, {"model": model, "skip": skip}).fetchone()
@@ -305,8 +303,6 @@ class PgQueue:
 
     @contextmanager
     def hold(self, key_id: str) -> Iterator[None]:
-        """The key's lock, for the transaction the block's store calls join (pipelined, as
-        every `tx()`: a submission is three round trips)."""
         with self.db.tx() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key_id,))
             yield

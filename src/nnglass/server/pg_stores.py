@@ -69,7 +69,7 @@ class PgJobStore:
         sql = f"UPDATE jobs SET {', '.join(f'{n} = %s' for n in names)} WHERE id = %s"
         if "status" in fields:
             sql += f" AND status NOT IN ({_TERMINAL_SQL})"  # the guard in the same statement
-        with self.db.statement() as conn:  # (RETURNING: no rowcount in a pipelined transaction)
+        with self.db.statement() as conn:
             return conn.execute(sql + " RETURNING 1", [*(_to_sql(n, fields[n]) for n in names),
                                                        job_id]).fetchone() is not None
 
