@@ -7,8 +7,11 @@ event hub all in that database, shared by every frontend pointed at it.
 `[server] results` empty means a folder in `home`; "s3://bucket/prefix" means S3.
 `together()` makes the store calls made inside it on this thread one database
 transaction where the stores share a database (PostgreSQL: one BEGIN..COMMIT, NOTIFYs
-sent at its commit); elsewhere each call stands alone, as it would anyway. It is a cost
-measure, never needed for correctness: each call is atomic by itself either way.
+sent at its commit); elsewhere each call stands alone, as it would anyway. Each call is
+atomic by itself either way; what `together` adds is that they commit as one (a small
+result with its COMPLETED status, s3.py) and, for blocks of several statements, fewer
+round trips. A call that is one statement costs one round trip alone (pg.py
+`statement()`) and three as the whole of a `together` block (BEGIN, it, COMMIT).
 """
 
 from __future__ import annotations
