@@ -28,7 +28,8 @@ with the embedded default (subprocess workers, SQLite, a folder). All have `thre
    `tiny`; remote - local per round (p50, p95). Remote values are checked bitwise against
    the local ones. Then `--runs` raw jobs on each (benchmarks/service.py's `phases`: POST,
    the SSE stream, GET result; queue/run from the job's own timestamps), to see where the
-   time goes.
+   time goes, and the CPU each server's API process spent per raw job meanwhile
+   (/proc/PID/stat: its own threads, not its workers).
 
 The machine has 2 cores shared with other work: two replicas can at best use both, next to
 the API process, so the ratio is bounded by what the machine has free (the load average is
@@ -247,10 +248,12 @@ def latency(lms: dict[str, LanguageModel], ray: Served, embedded: Served, runs: 
             lms[name].model.layers[0].output.save()
         graphs[name] = (where, tracer.graph)
     split: dict[str, list[dict[str, float]]] = {"one": [], "tiny": []}
+    cpu = {name: cpu_s(where.proc.pid) for name, (where, _) in graphs.items()}
     for i in range(runs):  # where the time goes: raw httpx, the jobs' own timestamps
         for name in ("one", "tiny")[i % 2 :] + ("one", "tiny")[: i % 2]:
             where, graph = graphs[name]
             split[name].append(phases(where.http, graph))
+    cpu = {name: (cpu_s(where.proc.pid) - cpu[name]) * 1e3 / runs for name, (where, _) in graphs.items()}
     return {
         "local_ms": stats(ms["local"]),
         "ray_minus_local_ms": stats([r - lo for r, lo in zip(ms["ray"], ms["local"])]),
@@ -259,7 +262,15 @@ def latency(lms: dict[str, LanguageModel], ray: Served, embedded: Served, runs: 
         "phases_ms": {kind: {phase: float(np.percentile([x[phase] for x in rows], 50)) * 1e3
                              for phase in PHASES}
                       for kind, rows in (("ray", split["one"]), ("embedded", split["tiny"]))},
+        "api_cpu_ms_per_job": {"ray": cpu["one"], "embedded": cpu["tiny"]},
     }
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process `pid` has used, its own threads only (the
+    embedded server's worker subprocess and Ray's actors are not in it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def render(res: dict[str, Any]) -> str:
@@ -285,6 +296,9 @@ def render(res: dict[str, Any]) -> str:
               "|---|" + "---:|" * len(PHASES)]
     for kind, label in (("embedded", "embedded default"), ("ray", "cluster")):
         lines.append(f"| {label} | " + " | ".join(f"{lat['phases_ms'][kind][p]:.1f}" for p in PHASES) + " |")
+    cpu = lat["api_cpu_ms_per_job"]
+    lines += ["", f"The API process's CPU per raw job (its own threads, over the raw jobs): embedded "
+              f"{cpu['embedded']:.1f} ms, cluster {cpu['ray']:.1f} ms."]
     ray50, emb50 = lat["ray_minus_local_ms"]["p50"], lat["embedded_minus_local_ms"]["p50"]
     f = res["floors"]
     lines += ["", f"Alone, between the rounds: one small S3 PUT to moto {f['s3_put_ms']:.1f} ms, one "

@@ -1,7 +1,8 @@
 """Two `nnglass serve` frontends on one PostgreSQL database and one S3 bucket: any
 frontend answers any job (status, events, result), the queue holds across both (the
 quota across frontends: test_store_contract.py, and test_hostile's PostgreSQL run), no
-job runs twice, a bounded run of benchmarks/load_frontends.py (clients of their own keys,
+job runs twice, a revoke through either reaches both (each remembers the keys it verified),
+a bounded run of benchmarks/load_frontends.py (clients of their own keys,
 each job submitted to one frontend and followed on the other) loses nothing and hands
 nobody another key's job, and a frontend killed with SIGKILL mid-job loses nothing (the
 survivor runs the job again). The servers are real processes; PostgreSQL and S3 are the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import pytest
 from nnglass import LanguageModel
 from nnglass.graph.ir import Graph
 from nnglass.graph.results import decode_results
+from nnglass.server.auth import KEY_CACHE_S
 from saved_values import assert_bitwise_equal
 from service_fixtures import TERMINAL, recording, small_graph, submit, wait_for
 
@@ -79,6 +82,21 @@ def test_any_frontend_answers_any_job(pair: tuple[Any, Any], lm: LanguageModel) 
         with b.client(other) as stranger:  # another key sees nothing on either frontend
             assert stranger.get(f"/v1/jobs/{job}").status_code == 404
             assert stranger.get(f"/v1/jobs/{job}/result").status_code == 404
+
+
+def test_a_revoke_reaches_both_frontends(pair: tuple[Any, Any]) -> None:
+    """Each frontend remembers the keys it verified; a revoke through the CLI's store (no
+    frontend's own) ends them on both, within the documented bound (docs/security.md)."""
+    a, b = pair
+    key = a.keys.create("erin")[1]
+    with a.client(key) as on_a, b.client(key) as on_b:
+        for http in (on_a, on_b):
+            assert http.get("/v1/jobs").status_code == 200  # checked, and remembered
+        assert a.keys.revoke("erin")
+        deadline = time.monotonic() + KEY_CACHE_S
+        while any(http.get("/v1/jobs").status_code != 401 for http in (on_a, on_b)):
+            assert time.monotonic() < deadline, "a revoked key was still served past the bound"
+            time.sleep(0.02)
 
 
 def test_every_job_runs_once_across_frontends(pair: tuple[Any, Any], lm: LanguageModel) -> None:

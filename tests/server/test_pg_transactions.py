@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from faults.live_service import unstarted
@@ -81,6 +82,24 @@ def test_nested_transactions_are_one(pg_clean: Database) -> None:
         raise RuntimeError("after the inner block: all of it rolls back")
     with pg_clean.tx() as conn:
         assert [r["x"] for r in conn.execute("SELECT x FROM t").fetchall()] == [1]
+        conn.execute("DROP TABLE t")
+
+
+def test_a_failing_statement_fails_its_whole_transaction(pg_clean: Database) -> None:
+    """A statement's error fails its whole transaction (nothing of it stays, its
+    after-commit calls never run), and a `statement()` alone stands alone."""
+    with pg_clean.tx() as conn:
+        conn.execute("CREATE TABLE t (x INT PRIMARY KEY)")
+    calls: list[str] = []
+    with pytest.raises(psycopg.errors.UniqueViolation), pg_clean.tx() as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+        pg_clean.after_commit(lambda: calls.append("committed"))
+        conn.execute("INSERT INTO t VALUES (1)")  # fails
+    assert calls == []
+    with pg_clean.statement() as conn:
+        conn.execute("INSERT INTO t VALUES (3)")
+    with pg_clean.tx() as conn:
+        assert [r["x"] for r in conn.execute("SELECT x FROM t").fetchall()] == [3]
         conn.execute("DROP TABLE t")
 
 

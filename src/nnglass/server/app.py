@@ -149,10 +149,13 @@ def create_app(config: ServerConfig, service: Service | None = None, start: bool
     async def submit(request: Request) -> dict[str, Any]:
         try:
             graph_json, tensors = await _read_graph(request, config.max_request_bytes)
-            submit = closing(request.state.arrived, service.submit)  # closed once queued
-            key_id = request.state.key_id
-            # The status reads the queue (the database, with PostgreSQL): off the event loop too.
-            return await asyncio.to_thread(lambda: service.status(submit(key_id, graph_json, tensors)))
+            arrived, key_id = request.state.arrived, request.state.key_id
+            submit = closing(arrived, service.submit)  # closed once queued (`arrived`), or refused
+
+            def take_in() -> dict[str, Any]:  # the status reads the queue: off the event loop too
+                return service.status(submit(key_id, graph_json, tensors, arrived))
+
+            return await asyncio.to_thread(take_in)
         finally:
             request.state.arrived()  # refused before it (arrivals.py)
 

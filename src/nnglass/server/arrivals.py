@@ -10,8 +10,10 @@ when it was due.
 Invariants:
 - A submission is open from the moment its request passes the key check (`app.Guard`: an
   anonymous caller holds nothing back) until it is queued or refused, whatever the outcome;
-  `open()`'s closer may be called any number of times. A pass waits only when the queued
-  jobs leave it room (replica._room).
+  `open()`'s closer may be called any number of times. `Service.submit` calls it the
+  moment the queue has the job (its `queued`), before the rest of the submission (the
+  event, the status answered): a lone job's pass never waits for its own tail. A pass
+  waits only when the queued jobs leave it room (replica._room).
 - `settle` waits while submissions are open (those open when it is called, and any that
   open meanwhile: clients that send at once reach the server over tens of milliseconds),
   at most its timeout in all, so a steady stream of arrivals delays a pass by at most the

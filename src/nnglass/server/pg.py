@@ -20,6 +20,13 @@ Invariants:
   the pool gives up a reconnection after
   `2 * timeout` rather than keep its doubling backoff, which after a long outage would
   wait about as long again; the next request then connects afresh.
+- Pooled connections are in autocommit: `tx()` is BEGIN..COMMIT around its block, and
+  `statement()` lends a connection for one statement, its own transaction in one round
+  trip where a `tx()` of it costs three (BEGIN, it, COMMIT): reads and writes that are
+  one statement (a key check, a job's row, a status change) use it. (psycopg's pipeline
+  mode, which would send a transaction's statements without waiting, cost more CPU and
+  more time than the round trips it saves against a PostgreSQL on the same machine:
+  not used.) Writes say what they changed with `RETURNING`, never `rowcount`.
 - A `tx()` opened inside another on the same thread is that same transaction (one
   connection, one commit): callers group what must happen together, or what is cheaper
   as one round of BEGIN..COMMIT (a job's row, its queue row and its NOTIFY), by opening
@@ -28,7 +35,7 @@ Invariants:
 - `after_commit(call)` runs `call` in the committing thread once the open transaction
   has committed (never after a rollback): what a NOTIFY tells other processes, this one
   learns then, without the NOTIFY's round trip.
-- `transactions` counts the transactions begun (outer ones only) by thread name, for
+- `transactions` counts the transactions begun (outer ones only, `statement()`s too) by thread name, for
   tests that pin how many a job makes (tests/server/test_pg_transactions.py).
 """
 
@@ -147,7 +154,8 @@ class Database:
             check=_check_unless_fresh,
             reconnect_timeout=2 * timeout,
             open=False,
-            kwargs={"row_factory": dict_row, "options": options, "connect_timeout": max(1, int(timeout))},
+            kwargs={"autocommit": True, "row_factory": dict_row, "options": options,
+                    "connect_timeout": max(1, int(timeout))},
         )
         try:
             self.pool.open(wait=True, timeout=timeout * 5)
@@ -165,17 +173,46 @@ class Database:
         if outer is not None:
             yield outer
             return
+        self._count()
+        after: list[Callable[[], None]] = []
+        with self._borrowed() as conn, conn.transaction():  # BEGIN .. COMMIT, or ROLLBACK
+            self._open.conn, self._open.after = conn, after
+            try:
+                yield conn
+            finally:
+                self._open.conn = None
+        for call in after:  # committed
+            try:
+                call()
+            except Exception:  # a waker's defect: the transaction stands, its caller goes on
+                log.exception("after-commit call %r failed", call)
+
+    @contextmanager
+    def statement(self) -> Iterator[psycopg.Connection]:
+        """A connection for ONE statement, which is its own transaction (autocommit: one
+        round trip, where `tx()` adds a BEGIN's and a COMMIT's); inside a `tx()` on this
+        thread, that transaction's. Never more than one statement: two would each commit
+        alone. No `after_commit` inside (there is no commit to wait for)."""
+        outer = getattr(self._open, "conn", None)
+        if outer is not None:
+            yield outer
+            return
+        self._count()
+        with self._borrowed() as conn:
+            yield conn
+
+    def _count(self) -> None:
         with self._counting:
             self.transactions[threading.current_thread().name] += 1
-        after: list[Callable[[], None]] = []
+
+    @contextmanager
+    def _borrowed(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection (autocommit: `tx()` opens its transaction itself), its
+        failures as UnavailableError (see the invariants)."""
         try:
-            with self.pool.connection() as conn:  # commits or rolls back on exit
-                self._open.conn, self._open.after = conn, after
-                try:
-                    yield conn
-                    conn._nnglass_used = time.monotonic()  # type: ignore[attr-defined]  # (see FRESH_S)
-                finally:
-                    self._open.conn = None
+            with self.pool.connection() as conn:
+                yield conn
+                conn._nnglass_used = time.monotonic()  # type: ignore[attr-defined]  # (see FRESH_S)
         except PoolTimeout:
             raise UnavailableError(
                 "the server's database is busy or unreachable; try again in a few seconds"
@@ -184,11 +221,6 @@ class Database:
             raise UnavailableError(
                 f"the server's database is unavailable ({type(e).__name__}); try again in a few seconds"
             ) from None
-        for call in after:  # committed
-            try:
-                call()
-            except Exception:  # a waker's defect: the transaction stands, its caller goes on
-                log.exception("after-commit call %r failed", call)
 
     def after_commit(self, call: Callable[[], None]) -> None:
         """`call()` once the transaction open on this thread has committed, never if it rolls

@@ -4,7 +4,9 @@ Invariants:
 - One listener thread per process, on a connection of its own (outside the pool), calls
   the handlers of each channel with the payload. It reconnects after a database outage;
   what it missed meanwhile is at worst seen late, since every waiter re-reads on its
-  timeout (events.py) and the queue is polled too (pg_queue.py).
+  timeout (events.py) and the queue is polled too (pg_queue.py). `live` says whether it
+  listens now; `on_connect` handlers run at each (re)connect, once it listens (what was
+  remembered on the word of notifications may have missed some: pg_stores' key cache).
 - `PgHub.publish(job_id)` is a NOTIFY, sent at the commit of the transaction it is
   part of; this frontend delivers it to its own waiters right then (`after_commit`), every
   other frontend's listener when it arrives. A NOTIFY names the hub that sent it (its
@@ -30,10 +32,10 @@ from .events import EventHub
 from .pg import Database
 from .step_relay import PgStepRelay
 
-__all__ = ["JOBS_CHANNEL", "QUEUE_CHANNEL", "Listener", "PgHub"]
+__all__ = ["JOBS_CHANNEL", "KEYS_CHANNEL", "QUEUE_CHANNEL", "Listener", "PgHub"]
 
 log = logging.getLogger(__name__)
-JOBS_CHANNEL, QUEUE_CHANNEL = "nnglass_jobs", "nnglass_queue"
+JOBS_CHANNEL, QUEUE_CHANNEL, KEYS_CHANNEL = "nnglass_jobs", "nnglass_queue", "nnglass_keys"
 
 
 class Listener:
@@ -42,12 +44,17 @@ class Listener:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._handlers: dict[str, list[Callable[[str], None]]] = {}
+        self._connected: list[Callable[[], None]] = []
+        self.live = False  # LISTENing now
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
 
     def on(self, channel: str, handler: Callable[[str], None]) -> None:
         self._handlers.setdefault(channel, []).append(handler)
+
+    def on_connect(self, handler: Callable[[], None]) -> None:
+        self._connected.append(handler)
 
     def start(self, timeout: float = 10.0) -> None:
         self._thread = threading.Thread(target=self._run, daemon=True, name="nnglass-pg-listener")
@@ -60,6 +67,9 @@ class Listener:
                 with self.db.connect() as conn:
                     for channel in self._handlers:
                         conn.execute(f"LISTEN {channel}")
+                    for handler in self._connected:
+                        handler()
+                    self.live = True
                     self._ready.set()
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
@@ -69,8 +79,10 @@ class Listener:
                                 except Exception:  # one handler's bug must not stop the others
                                     log.exception("handler for %s failed", note.channel)
             except psycopg.Error as e:
+                self.live = False
                 log.warning("lost the database's notifications (%s); reconnecting", type(e).__name__)
                 self._stop.wait(1.0)
+        self.live = False
 
     def close(self) -> None:
         self._stop.set()
@@ -100,10 +112,10 @@ class PgHub(EventHub):
         if not job_ids:
             return
         try:
-            with self.db.tx() as conn:
+            with self.db.statement() as conn:  # alone, or in the caller's transaction
                 notify = "SELECT pg_notify(%s, %s || ' ' || id) FROM unnest(%s::text[]) AS id"
                 conn.execute(notify, (JOBS_CHANNEL, self.origin, job_ids))
-                self.db.after_commit(lambda: self._deliver_all(job_ids))
+                self.db.after_commit(lambda: self._deliver_all(job_ids))  # (alone: now, sent)
         except UnavailableError:
             self._deliver_all(job_ids)  # this frontend's waiters still learn of it now
 

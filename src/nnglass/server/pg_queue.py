@@ -39,6 +39,8 @@ Invariants:
   in the milliseconds between joins the next pass instead).
 - `hold(key_id)` is a transaction-scoped advisory lock on the key: the quota check and
   the queueing are one step across frontends.
+- A read or write that is one statement is its own transaction (`Database.statement()`:
+  one round trip, not three).
 """
 
 from __future__ import annotations
@@ -277,25 +279,23 @@ class PgQueue:
             self._notify(conn, job.model)
 
     def cancel(self, model: str, job_id: str) -> bool:
-        with self.db.tx() as conn:
-            return (
-                conn.execute("DELETE FROM queue WHERE job_id = %s AND claimed_by IS NULL", (job_id,)).rowcount
-                == 1
-            )
+        with self.db.statement() as conn:
+            sql = "DELETE FROM queue WHERE job_id = %s AND claimed_by IS NULL RETURNING job_id"
+            return conn.execute(sql, (job_id,)).fetchone() is not None
 
     def positions(self, model: str) -> dict[str, int]:
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             return {r["job_id"]: i for i, r in enumerate(conn.execute(_ORDER, {"model": model}).fetchall())}
 
     def depth(self, model: str) -> int:
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             row = conn.execute(
                 "SELECT count(*) AS n FROM queue WHERE model = %s AND claimed_by IS NULL", (model,)
             ).fetchone()
         return int(row["n"])
 
     def queued_by(self, key_id: str) -> int:
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             row = conn.execute(
                 "SELECT count(*) AS n FROM queue WHERE key_id = %s AND claimed_by IS NULL", (key_id,)
             ).fetchone()

@@ -4,10 +4,12 @@ Same contracts as `jobs.SQLiteJobStore` and `auth.KeyStore` (the contract tests 
 tests/server/test_store_contract.py run against both): each write is one statement,
 so atomic across threads, processes and frontends; a terminal status is final (the
 guard is in the UPDATE's WHERE); keys are stored as SHA-256 hashes only and `list()`
-never returns a key or a hash; an unreachable database is UnavailableError from any
-method, and then nothing was written. `PgSmallObjects` holds the job objects small
-enough to live next to the job's row (s3.py's `small`). PostgreSQL text cannot hold a NUL character: an
-id with one names no job (as in SQLite), a key name with one is a ValueError.
+never returns a key or a hash (a frontend's store remembers the keys it verified, at
+most auth.KEY_CACHE_S, forgotten at any revoke's NOTIFY: docs/security.md); an
+unreachable database is UnavailableError from any method, and then nothing was written.
+`PgSmallObjects` holds the job objects small enough to live next to the job's row (s3.py's
+`small`). PostgreSQL text cannot hold a NUL character: an id with one names no job (as in
+SQLite), a key name with one is a ValueError.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any
 
 import psycopg
 
-from .auth import SqlKeys
+from .auth import SqlKeys, VerifiedKeys
 from .jobs import _COLUMNS, _FIELDS, _START, _TERMINAL_SQL, _UPDATABLE, Job, JobStatus, _to_sql
 from .pg import Database
+from .pg_events import KEYS_CHANNEL, Listener
 
 __all__ = ["PgJobStore", "PgKeyStore", "PgSmallObjects"]
 
@@ -43,7 +46,7 @@ class PgJobStore:
             "RETURNING seq"
         )
         try:
-            with self.db.tx() as conn:
+            with self.db.statement() as conn:
                 seq = conn.execute(sql, values).fetchone()["seq"]
         except psycopg.errors.UniqueViolation:
             raise ValueError(f"a job with id {job.id!r} already exists") from None
@@ -52,7 +55,7 @@ class PgJobStore:
     def get(self, job_id: str) -> Job | None:
         if "\x00" in job_id:
             return None  # no id has one; PostgreSQL would refuse the query
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id = %s", (job_id,)).fetchone()
         return None if row is None else _job(row)
 
@@ -66,12 +69,12 @@ class PgJobStore:
         sql = f"UPDATE jobs SET {', '.join(f'{n} = %s' for n in names)} WHERE id = %s"
         if "status" in fields:
             sql += f" AND status NOT IN ({_TERMINAL_SQL})"  # the guard in the same statement
-        with self.db.tx() as conn:
-            cur = conn.execute(sql, [*(_to_sql(n, fields[n]) for n in names), job_id])
-        return cur.rowcount == 1
+        with self.db.statement() as conn:
+            return conn.execute(sql + " RETURNING 1", [*(_to_sql(n, fields[n]) for n in names),
+                                                       job_id]).fetchone() is not None
 
     def start(self, job_id: str, started_at: float) -> Job | None:
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             row = conn.execute(_START, (started_at, job_id)).fetchone()
         return None if row is None else _job(row)
 
@@ -82,7 +85,7 @@ class PgJobStore:
         if model is not None:
             sql += " AND model = %s"
             params.append(model)
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             return [_job(r) for r in conn.execute(sql + " ORDER BY seq", params).fetchall()]
 
     def by_key(self, key_id: str, limit: int, before: str | None = None) -> list[Job]:
@@ -90,7 +93,7 @@ class PgJobStore:
         if before is not None:
             sql += " AND seq < (SELECT seq FROM jobs WHERE id = %s AND key_id = %s)"
             params += [before, key_id]
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             rows = conn.execute(sql + " ORDER BY seq DESC LIMIT %s", [*params, int(limit)]).fetchall()
         return [_job(r) for r in rows]
 
@@ -99,7 +102,7 @@ class PgJobStore:
 
     def expired(self, now: float) -> list[Job]:
         sql = f"SELECT * FROM jobs WHERE expires_at <= %s AND status IN ({_TERMINAL_SQL}) ORDER BY seq"
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             return [_job(r) for r in conn.execute(sql, (now,)).fetchall()]
 
     def close(self) -> None:
@@ -107,13 +110,34 @@ class PgJobStore:
 
 
 class PgKeyStore(SqlKeys):
+    """With `listener` (a frontend): the keys it verified are remembered (auth.VerifiedKeys)
+    while the listener listens, and forgotten at each revoke's NOTIFY and each reconnect.
+    Every revoke, through whichever process, sends that NOTIFY in its own transaction."""
+
     _duplicate = psycopg.errors.UniqueViolation
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, listener: Listener | None = None) -> None:
         self.db = db
+        if listener is not None:
+            self._verified = VerifiedKeys(live=lambda: listener.live)
+            listener.on(KEYS_CHANNEL, lambda _payload: self._forget())
+            listener.on_connect(self._forget)
+
+    def _forget(self) -> None:
+        if self._verified is not None:
+            self._verified.forget()
+
+    def revoke(self, name_or_id: str) -> bool:
+        with self.db.tx() as conn:
+            revoked = super().revoke(name_or_id)
+            if revoked:
+                conn.execute("SELECT pg_notify(%s, '')", (KEYS_CHANNEL,))  # every frontend forgets
+        if revoked:
+            self._forget()  # this one now, not when its own NOTIFY comes back
+        return revoked
 
     def _db(self) -> Any:
-        return self.db.tx()
+        return self.db.statement()  # each of SqlKeys' statements stands alone (revoke: below)
 
     def _sql(self, text: str) -> str:
         return text.replace("?", "%s")
@@ -131,7 +155,7 @@ class PgSmallObjects:
         self.db = db
 
     def put(self, job_id: str, name: str, data: bytes) -> None:
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             conn.execute(
                 "INSERT INTO small_objects (job_id, name, data) VALUES (%s, %s, %s) "
                 "ON CONFLICT (job_id, name) DO UPDATE SET data = EXCLUDED.data, written = EXCLUDED.written",
@@ -139,19 +163,20 @@ class PgSmallObjects:
             )
 
     def get(self, job_id: str, name: str) -> bytes | None:
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             row = conn.execute(
                 "SELECT data FROM small_objects WHERE job_id = %s AND name = %s", (job_id, name)
             ).fetchone()
         return None if row is None else bytes(row["data"])
 
     def delete(self, job_id: str) -> bool:
-        with self.db.tx() as conn:
-            return conn.execute("DELETE FROM small_objects WHERE job_id = %s", (job_id,)).rowcount > 0
+        with self.db.statement() as conn:
+            sql = "DELETE FROM small_objects WHERE job_id = %s RETURNING 1"
+            return bool(conn.execute(sql, (job_id,)).fetchall())
 
     def written(self) -> dict[str, float]:
         """Each job's newest object's time (epoch seconds, the database's clock)."""
-        with self.db.tx() as conn:
+        with self.db.statement() as conn:
             sql = "SELECT job_id, max(written) AS t FROM small_objects GROUP BY job_id"
             rows = conn.execute(sql).fetchall()
         return {r["job_id"]: float(r["t"]) for r in rows}

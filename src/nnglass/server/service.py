@@ -116,7 +116,10 @@ class Service:
         self._threads.append(t)
 
     # --- requests --------------------------------------------------------------------------
-    def submit(self, key_id: str, graph_json: bytes, tensors: bytes | None) -> Job:
+    def submit(self, key_id: str, graph_json: bytes, tensors: bytes | None,
+               queued: Callable[[], None] | None = None) -> Job:
+        """Take a job in; `queued()` (its arrival's closer, arrivals.py) as soon as the queue
+        has it, so that a pass its queueing wakes never waits for the rest of this call."""
         graph = wire.decode(graph_json, tensors, limits=self._wire_limits())
         state = self.models.get(graph.model)
         if state is None:
@@ -144,6 +147,8 @@ class Service:
                 job = self.jobs.create(job)
                 self._note(job.id, graph, share)  # before a replica can take it
                 self.scheduler.submit(graph.model, key_id, job.id, share=share, cost=cost_of(graph))
+                if queued is not None:
+                    queued()
                 self.hub.publish(job.id)  # a live view of all this key's jobs learns of it now
         except (UnavailableError, OSError) as e:
             self._forget(job.id)

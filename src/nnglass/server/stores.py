@@ -7,8 +7,11 @@ event hub all in that database, shared by every frontend pointed at it.
 `[server] results` empty means a folder in `home`; "s3://bucket/prefix" means S3.
 `together()` makes the store calls made inside it on this thread one database
 transaction where the stores share a database (PostgreSQL: one BEGIN..COMMIT, NOTIFYs
-sent at its commit); elsewhere each call stands alone, as it would anyway. It is a cost
-measure, never needed for correctness: each call is atomic by itself either way.
+sent at its commit); elsewhere each call stands alone, as it would anyway. Each call is
+atomic by itself either way; what `together` adds is that they commit as one (a small
+result with its COMPLETED status, s3.py) and, for blocks of several statements, fewer
+round trips. A call that is one statement costs one round trip alone (pg.py
+`statement()`) and three as the whole of a `together` block (BEGIN, it, COMMIT).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def open_stores(config: ServerConfig, models: list[str]) -> Stores:
     db = Database(config.database, max_size=32)
     results = open_results(config, PgSmallObjects(db))
     listener = Listener(db)
-    hub, queue = PgHub(db, listener), PgQueue(db, listener, models)
+    hub, queue, keys = PgHub(db, listener), PgQueue(db, listener, models), PgKeyStore(db, listener)
     listener.start()
 
     def close_pg() -> None:
@@ -77,7 +80,7 @@ def open_stores(config: ServerConfig, models: list[str]) -> Stores:
         listener.close()
         db.close()
 
-    return Stores(PgKeyStore(db), PgJobStore(db), results, queue, hub, close_pg, together=db.tx)
+    return Stores(keys, PgJobStore(db), results, queue, hub, close_pg, together=db.tx)
 
 
 def open_keys(config: ServerConfig) -> Any:
