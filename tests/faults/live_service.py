@@ -55,9 +55,11 @@ class ThreadWorker:
         return answer(self.replica, request, on_step)  # step lines straight to the service
 
     def stream(self, requests: list[dict[str, Any]], on_step: Callable[[dict[str, Any]], dict[str, Any]],
-               timeout: float, on_line: Callable[[dict[str, Any]], None] | None = None) -> None:
+               timeout: float, on_line: Callable[[dict[str, Any]], None] | None = None,
+               beside: Any = None) -> None:
         """A generation session in this thread: worker.py's session, its messages straight
-        to the replica's `on_step`."""
+        to the replica's `on_step`; no lane, so other jobs run between two steps (`beside`
+        is never asked)."""
         assert self.replica is not None
         self.gate.wait()
         run_session(self.replica, requests, on_step, on_line)

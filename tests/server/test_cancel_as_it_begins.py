@@ -83,12 +83,13 @@ def test_a_job_cancelled_as_it_joins_a_session_never_runs_a_step(here: Here,
     admitted: list[str] = []
     stream = here.worker.stream
 
-    def watched(requests: list[dict[str, Any]], on_step: Any, timeout: float, on_line: Any = None) -> None:
+    def watched(requests: list[dict[str, Any]], on_step: Any, timeout: float, on_line: Any = None,
+                beside: Any = None) -> None:
         def replied(message: dict[str, Any]) -> dict[str, Any]:
             reply = on_step(message)
             admitted.extend(r["job"] for r in reply["more"])
             return reply
-        return stream(requests, replied, timeout, on_line)
+        return stream(requests, replied, timeout, on_line, beside)
 
     monkeypatch.setattr(here.worker, "stream", watched)
     assert service.scheduler.next(TINY, timeout=5) == first

@@ -1,7 +1,8 @@
 """Generate jobs that arrive while a generation runs join it together: at the step
 boundary they share one prompt forward, within the model's `join_tokens` (the rest join at
-the next steps), a trace queued with them runs at that same boundary, and every job's
-result is the one it gets alone."""
+the next steps), a trace queued with them runs by that same boundary, other jobs run
+beside the batch even while a step is held (server/beside.py), and every job's result is
+the one it gets alone."""
 
 from __future__ import annotations
 
@@ -9,11 +10,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from nnglass import LanguageModel
 from nnglass.server.worker import TEST_GATE
-from service_fixtures import TINY, assert_as_alone, recording, submit, wait_for
+from service_fixtures import (
+    TERMINAL,
+    TINY,
+    assert_as_alone,
+    recording,
+    slow_graph,
+    small_graph,
+    submit,
+    wait_for,
+)
 
 
 def _generation(lm: LanguageModel, prompt: str, n: int) -> Any:
@@ -75,6 +86,53 @@ def test_joiners_share_a_prompt_forward_within_the_budget(gated: tuple[Any, Path
         assert (count, rows) == (3, 4)
         ended = [wait_for(c, j) for c, j in zip(clients, [first, *ids, small])]
         assert ended[4]["finished_at"] < min(e["finished_at"] for e in ended[:4])  # between steps
+    finally:
+        gate.unlink(missing_ok=True)
+        for c in clients:
+            c.close()
+
+
+def _first_step(server: Any, key: str, job: str) -> None:
+    """Returns once the job has made its first step (its worker now holds it at the gate)."""
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.stream("GET", f"{server.url}/v1/jobs/{job}/events?steps=true", headers=auth, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: step"):
+                return
+    raise AssertionError(f"job {job} ended without a step")
+
+
+def test_jobs_beside_a_held_step_end_before_it_as_alone(gated: tuple[Any, Path], lm: LanguageModel) -> None:
+    """While a generation's step is held (the gate), traces sent meanwhile run beside the
+    batch: one completes before the step is let go, with the result it gets alone; one
+    that fails ends ERROR alone; one cancelled while it runs stays CANCELLED, and the
+    next trace still runs beside the held step. The generation is its lone run, and the
+    worker never restarts."""
+    server, gate = gated
+    keys = [server.keys.create(f"beside{i}")[1] for i in range(4)]
+    clients = [server.client(k) for k in keys]
+    pid = server.worker_pid(TINY)
+    try:
+        gen = _generation(lm, "held", 4)
+        gate.touch()
+        first = submit(clients[0], gen)
+        _first_step(server, keys[0], first)
+        small = small_graph(lm, "a small trace")
+        with recording(lm.trace("a failing trace")) as failing:
+            lm.model.layers[0].output[:, 40].save()  # out of range: fails when it runs
+        ok, bad = submit(clients[1], small), submit(clients[2], failing.graph)
+        assert wait_for(clients[2], bad)["status"] == "ERROR"
+        assert_as_alone(clients[1], ok, lm, small)
+        slow = submit(clients[3], slow_graph(lm))
+        wait_for(clients[3], slow, ("RUNNING",))
+        assert clients[3].delete(f"/v1/jobs/{slow}").json()["status"] == "CANCELLED"
+        after = submit(clients[1], small)
+        assert_as_alone(clients[1], after, lm, small)  # the lane went on
+        assert gate.exists() and wait_for(clients[0], first, ("RUNNING", *TERMINAL))["status"] == "RUNNING"
+        gate.unlink()
+        assert_as_alone(clients[0], first, lm, gen)
+        assert wait_for(clients[3], slow)["status"] == "CANCELLED"
+        assert server.worker_pid(TINY) == pid
     finally:
         gate.unlink(missing_ok=True)
         for c in clients:

@@ -31,9 +31,14 @@ class Worker(Protocol):
 
     def stream(self, requests: list[dict[str, Any]], on_step: Callable[[dict[str, Any]], dict[str, Any]],
                timeout: float, on_line: Callable[[dict[str, Any]], None] | None = None,
-               ) -> dict[str, Any] | None:
+               beside: Callable[[float], list[dict[str, Any]]] | None = None) -> dict[str, Any] | None:
         """A generation session (server/generation.py): `on_step` gets each step message and
-        returns the reply; None when it ended, else the answer saying why it was lost."""
+        returns the reply (and each message of answers of jobs beside the batch: its reply
+        unused); None when it ended, else the answer saying why it was lost. `beside(wait)`:
+        jobs to run beside the batch now, asked (from a thread of the worker's) only by a
+        worker that can run them so (the subprocess: server/beside.py); one that cannot
+        (a Ray actor, a rank group) never asks, and the jobs the replica takes at a step
+        boundary run in its next request or between two steps."""
 
     def stop_job(self, job: Any) -> bool:
         """Stop the worker if (and only if) it is running `job` now."""

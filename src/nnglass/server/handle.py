@@ -8,6 +8,9 @@ Invariants:
   failure.
 - A step line (server/steps.py) of a job in flight goes to `run`'s `on_step`, in the
   thread that called `run`, as it arrives; it is never the answer.
+- In a generation session, jobs to run beside the batch go to the child from a feeder
+  thread as the replica has them (`beside`), and `stream` returns only once every job it
+  sent has its answer, or the child is dead.
 - `stop_job(job)` kills the child only while `job` is part of the request in flight, so
   a cancel that arrives late never kills the next job on the same worker.
 - Nothing in the server's working directory reaches the child: it runs in a private
@@ -75,6 +78,7 @@ class WorkerHandle:
         self._home: str | None = None  # the child's private working directory
         self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._lock = threading.Lock()  # one request in flight
+        self._writing = threading.Lock()  # a session's thread and its feeder both write
         self._jobs_lock = threading.Lock()  # guards _jobs and the kill stop_job makes
         self._jobs: frozenset[Any] = frozenset()  # the jobs of the request in flight
         self._dead = True
@@ -171,41 +175,22 @@ class WorkerHandle:
 
     def stream(self, requests: list[dict[str, Any]], on_step: Callable[[dict[str, Any]], dict[str, Any]],
                timeout: float, on_line: Callable[[dict[str, Any]], None] | None = None,
-               ) -> dict[str, Any] | None:
+               beside: Callable[[float], list[dict[str, Any]]] | None = None) -> dict[str, Any] | None:
         """A generation session (server/generation.py): `on_step(message)` gets every step
         message and returns the reply ({"more", "drop"}, and "timeout": how long the next
-        step may take). None when the session ended; else the answer that says why it was
-        lost (a crash, or no step message within the timeout: the child is killed)."""
+        step may take); it also gets each {"beside"} message of answers (its reply unused).
+        `beside(wait)`: jobs to run beside the batch now, asked from a thread of this
+        handle's while the session runs (a child that has no lane is never asked). None
+        when the session ended and every job it was given has its answer; else the answer
+        that says why it was lost (a crash; no step message, or no answer of a job beside
+        the batch, within its timeout: the child is killed). See handle_session.py."""
+        from .handle_session import converse
+
         with self._lock:
             if not self.alive:
                 return error_answer(None, "ExecutionError", "the worker is not running (restart it)")
-            jobs = {r.get("job") for r in requests}
-            with self._jobs_lock:
-                self._jobs = frozenset(jobs)
             try:
-                self._write({"stream": [_absolute_paths(r) for r in requests]})
-                while True:
-                    try:
-                        msg = self._lines.get(timeout=timeout)
-                    except queue.Empty:
-                        self.kill()
-                        return error_answer(None, "TimeLimitError",
-                                            f"time limit: the worker was stopped after {timeout:g} s")
-                    if msg is None:
-                        return self._crashed(None)
-                    if not msg.get("session"):
-                        if on_line is not None and msg.get("job") is not None and "step" in msg:
-                            on_line(msg)  # a job's step line (server/steps.py)
-                        continue
-                    reply = on_step(msg)
-                    timeout = float(reply.pop("timeout", timeout))
-                    more = [_absolute_paths(r) for r in reply.get("more") or []]
-                    jobs.update(r.get("job") for r in more)
-                    with self._jobs_lock:
-                        self._jobs = frozenset(jobs)
-                    self._write({"more": more, "drop": list(reply.get("drop") or [])})
-                    if not msg.get("running") and not more:
-                        return None
+                return converse(self, requests, on_step, timeout, on_line, beside)
             except OSError:
                 return self._crashed(None)
             finally:
@@ -240,8 +225,10 @@ class WorkerHandle:
 
     def _write(self, message: dict[str, Any]) -> None:
         assert self._proc is not None and self._proc.stdin is not None
-        self._proc.stdin.write(json.dumps(message, ensure_ascii=True).encode() + b"\n")
-        self._proc.stdin.flush()
+        line = json.dumps(message, ensure_ascii=True).encode() + b"\n"
+        with self._writing:
+            self._proc.stdin.write(line)
+            self._proc.stdin.flush()
 
     def _crashed(self, job: Any) -> dict[str, Any]:
         assert self._proc is not None
@@ -298,3 +285,4 @@ def _read_lines(stream: IO[bytes], into: queue.Queue[dict[str, Any] | None]) -> 
     finally:
         stream.close()
         into.put(None)
+

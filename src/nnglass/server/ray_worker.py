@@ -221,8 +221,10 @@ class RayWorker:
             logger.info("ranks of model %r on Ray nodes %s", name, " ".join(msg["rank_nodes"]))
 
     def stream(self, requests: list[dict[str, Any]], on_step: Any, timeout: float,
-               on_line: Any = None) -> dict[str, Any] | None:
-        """A generation session, as whole requests: an actor answers one request at a time."""
+               on_line: Any = None, beside: Any = None) -> dict[str, Any] | None:
+        """A generation session, as whole requests: an actor answers one request at a time,
+        so nothing runs beside its batch (`beside` is never asked): the jobs taken at a
+        boundary ride in the next whole request, as they did before jobs ran beside."""
         from .generation import stream_by_batches
 
         return stream_by_batches(self, requests, on_step, timeout, on_line)

@@ -20,11 +20,13 @@ Invariants:
 - A generate job asks its worker for step lines; each goes to the service's StepLog
   (server/steps.py) as it comes, and the log is ended when the worker answers.
 - A generate job that this frontend queued starts a generation session (`_session`,
-  server/generation.py): at each of its step boundaries the model's next queued job and
-  those that can share with it are taken (generate jobs join the batch, others run
-  between two steps, also while the batch is full), each recorded when its answer comes;
-  a cancelled one is dropped at the next step. A lost session is a lost shared pass
-  (each job still in it reruns alone; a job alone in it ends ERROR, as a lone job does).
+  server/replica_session.py; the worker's side, server/generation.py): at each of its step
+  boundaries the model's next queued job and those that can share with it are taken
+  (generate jobs join the batch), and other jobs run beside the batch as they come (or
+  between two steps, on a worker that cannot), also while the batch is full; each is
+  recorded when its answer comes; a cancelled one is dropped. A lost session is a lost
+  shared pass (each job still in it reruns alone; a job alone in it ends ERROR, as a
+  lone job does).
 - A job's files reach the worker as `results.LocalFiles` (the result store's own files,
   or private copies); a result is committed to the store in the step that marks the job
   COMPLETED (`Service.finish(store=...)`: one transaction where the stores share a
@@ -43,7 +45,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..graph.ir import GENERATE
 from . import clock
-from .batching import GENERATION
 from .handle import GRACE_SECONDS
 from .jobs import JobStatus
 from .results import LocalFiles, why_not_stored
@@ -185,86 +186,10 @@ class Replica:
             self._record(request["job"], {**answer, **debug})
 
     def _session(self, requests: list[dict[str, Any]], seconds: float) -> None:
-        """Generate jobs in one continuous batch that queued jobs join at its step boundaries
-        (more generate jobs into the batch; others run between two steps), each recorded
-        when it ends; a cancelled one is dropped at its next step. A lost session (the
-        worker died) runs each job still in it again alone, as a lost shared pass does; a
-        job alone in it then ends ERROR with the reason, as a lone job does."""
-        service, state, live = self.service, self.state, {}
+        """Generate jobs in one continuous batch that queued jobs join (replica_session.py)."""
+        from .replica_session import Session
 
-        seen = [0]
-
-        def track(new: list[dict[str, Any]]) -> None:
-            seen[0] += len(new)
-            for r in new:
-                live[r["job"]] = r
-                state.running[r["job"]] = self.worker
-                state.sharing.add(r["job"])
-
-        def untrack(job: str) -> None:
-            self.service.steps.end(job)
-            live.pop(job, None)
-            self._untrack(job)
-
-        def on_step(message: dict[str, Any]) -> dict[str, Any]:
-            debug = {k: message[k] for k in ("checksum", "has_grad") if k in message}
-            for answer in message.get("answers") or ():
-                if answer.get("job") in live:
-                    untrack(answer["job"])
-                    self._record(answer["job"], {**answer, **debug})
-                    files = self._files.pop(answer["job"], None)
-                    if files is not None:
-                        files.close()
-            state.passes.stepped(message.get("steps") or [])
-            drop = [j for j in live if j in state.dropping]
-            for j in drop:
-                untrack(j)
-            more = self._more(len(live)) if message.get("running") and not service.stopping else []
-            for r in [r for r in more if r["job"] in state.dropping]:  # cancelled as it began
-                more.remove(r)
-                self._untrack(r["job"])
-            track(more)
-            return {"more": more, "drop": drop, "timeout": seconds * (len(more) + 2) + GRACE_SECONDS}
-
-        track(requests)
-        try:
-            lost = self.worker.stream(requests, on_step, seconds * 2 + GRACE_SECONDS, self.service.step_line)
-        finally:
-            left = list(live.values())
-            for job in list(live):
-                untrack(job)
-        if seen[0] > 1:
-            service.count("shared_jobs_total", seen[0])
-        if lost is not None and len(left) == 1:  # alone in the batch when the worker died:
-            self._record(left[0]["job"], lost)  # as a lone job's crash, it ends ERROR with why
-        elif lost is not None and left:
-            service.count("shared_passes_lost_total")
-            self._rerun_alone(left, seconds + GRACE_SECONDS)
-
-    def _more(self, running: int) -> list[dict[str, Any]]:
-        """At a step boundary: the model's next queued job and what can share with it; when
-        that is generate jobs joining, also the next other job and its sharers (they run
-        before the step), so a small trace never waits a step behind joiners of other keys."""
-        service, cfg = self.service, self.state.config
-        if cfg.share_jobs <= 1:  # sharing off: one job at a time, none between the steps
-            return []
-        # A full batch takes no generate job, but other jobs still run between its steps:
-        # a small trace never waits for a whole generation.
-        skip = GENERATION if running >= cfg.share_jobs else None
-        taken: list[str] = []
-        while (job_id := service.scheduler.next(cfg.name, timeout=0, skip=skip)) is not None:
-            joining = service.generates(job_id)  # joiners arriving meanwhile join with it
-            limit = cfg.share_jobs - running - 1 if joining else cfg.share_jobs - 1
-            wait = cfg.join_wait_s if joining else 0
-            taken += [job_id, *service.scheduler.take_sharing(cfg.name, job_id, limit,
-                                                              tokens=cfg.share_tokens, wait=wait)]
-            if not joining:
-                break
-            skip = GENERATION
-        new = [r for r in (self._begin(j, joining=True) for j in taken) if r is not None]
-        if new:
-            service.publish_queue(cfg.name, [r["job"] for r in new])
-        return new
+        Session(self, seconds).run(requests)
 
     def _rerun_alone(self, requests: list[dict[str, Any]], timeout: float) -> None:
         """Each job of a shared pass that killed the worker (a hang past the time limit, a

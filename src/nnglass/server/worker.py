@@ -8,7 +8,8 @@ Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
                           [, "shards": N: this child is rank 0 of N tensor-parallel ranks, shards/]
                           [, "join_tokens": the most prompt tokens joining a generation per step]}
   child → parent:       {"ready": true, "paths": [...], "operations": [...], "lookups": [[path, kind], ...],
-                         "pid": n} (operations: the `.source` paths a forward makes, exposure.py)
+                         "pid": n, "beside": bool} (operations: the `.source` paths a forward makes,
+                         exposure.py; beside: it runs jobs beside a generation, server/beside.py)
                         or {"ready": false, "error": {...}} (then it exits)
   parent → child, a job: {"job", "graph": path, "tensors": path | null, "result": path,
                           "limits": {"run_seconds", "result_bytes", "op_bytes", "live_bytes", ...},
@@ -23,7 +24,8 @@ Protocol: JSON lines over the child's stdin/stdout, never pickle, never tensors.
   Generate jobs in a batch run as one continuous generation (runtime/decode_batch.py); the
   first answer then carries "steps": [[rows, seconds, kind], ...], one per shared forward.
   parent → child, a generation session that jobs join while it runs: {"stream": [job, ...]},
-  then step messages and replies in lockstep (server/generation.py states them).
+  then step messages and replies in lockstep (server/generation.py states them), and, at
+  any moment, {"beside": [job, ...]}: jobs to run beside the batch (server/beside.py).
   With debug_checksums, "ready" and every answer also carry "checksum" (sha256 over all
   parameters and buffers) and "has_grad" (whether any parameter holds a `.grad`).
   EOF on stdin: the child exits 0.
@@ -72,6 +74,7 @@ from ..graph.ops import REGISTRY
 from ..graph.results import encode_results
 from ..models.batched_generate import generation_key
 from ..runtime.limits import RunLimits
+from .beside import Inbox, Lane
 from .exposure import lookup_sites, operation_sites
 from .fault_hooks import TEST_CRASH as TEST_CRASH
 from .fault_hooks import TEST_GATE as TEST_GATE
@@ -288,10 +291,15 @@ def _limits(*requests: dict[str, Any]) -> RunLimits:
                      hide_weights=any(bool(r.get("hide_weights")) for r in requests))
 
 
+_SENDING = threading.Lock()  # the session's thread and the lane's (server/beside.py) both send
+
+
 def _send(out: IO[str], message: dict[str, Any]) -> None:
     """The only writer of protocol lines (the only thing that reaches the real stdout)."""
-    out.write(json.dumps(message, ensure_ascii=True, separators=(",", ":")) + "\n")
-    out.flush()
+    line = json.dumps(message, ensure_ascii=True, separators=(",", ":")) + "\n"
+    with _SENDING:
+        out.write(line)
+        out.flush()
 
 
 def _watch_parent() -> None:
@@ -326,33 +334,30 @@ def main() -> int:
         _send(out, {"ready": False, "error": _error(None, e)["error"]})
         return 1
     _watch_parent()
-    _send(out, ready_message(replica))
-    while line := sys.stdin.readline():
-        try:
-            request = json.loads(line)
-            if type(request) is not dict:
-                raise ValueError(f"a request is a JSON object, got {type(request).__name__}")
-        except ValueError as e:
-            _send(out, _error(None, e))
+    send = functools.partial(_send, out)
+    # Jobs beside a generation run on a lane of their own, except on a rank group, whose
+    # ranks must see every forward in one order (there they run between two steps).
+    lane = Lane(replica, send) if not replica.rank_nodes else None
+    inbox = Inbox(sys.stdin, lane)
+    _send(out, {**ready_message(replica), "beside": lane is not None})
+    while (request := inbox.get()) is not None:
+        if isinstance(request, ValueError):
+            _send(out, _error(None, request))
             continue
         if type(request.get("stream")) is list:  # a generation session (server/generation.py)
-            run_session(replica, request["stream"], lambda message: _converse(out, message),
-                        gated_sender(functools.partial(_send, out)))
+            run_session(replica, request["stream"], lambda message: _converse(inbox, send, message),
+                        gated_sender(send), lane)
             continue
-        _send(out, answer(replica, request, send=functools.partial(_send, out)))
+        _send(out, answer(replica, request, send=send))
     return 0
 
 
-def _converse(out: IO[str], message: dict[str, Any]) -> dict[str, Any]:
+def _converse(inbox: Inbox, send: Send, message: dict[str, Any]) -> dict[str, Any]:
     """In a generation session: send a step message, read the parent's reply."""
-    _send(out, message)
-    line = sys.stdin.readline()
-    if not line:
+    send(message)
+    reply = inbox.get()
+    if reply is None:
         sys.exit(0)  # the parent is gone
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        return {}
     return reply if type(reply) is dict else {}
 
 
