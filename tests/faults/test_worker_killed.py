@@ -42,9 +42,11 @@ from service_fixtures import (
 )
 
 
-def generation(lm: LanguageModel, prompt: str) -> Graph:
-    """A job that never shares a pass (generation), so it runs alone."""
-    with recording(lm.generate(prompt, max_new_tokens=2)) as tracer:
+def lone(lm: LanguageModel, prompt: str) -> Graph:
+    """A job that never shares a pass (validated first), so it runs alone. Not a generate
+    job: a generation session runs the traces queued behind it beside its batch
+    (server/beside.py) at once, and here they must wait behind it."""
+    with recording(lm.trace(prompt, validate=True)) as tracer:
         lm.lm_head.output[:, -1].argmax(-1).save()
     return tracer.graph
 
@@ -88,12 +90,12 @@ def scene(start_server: Callable[..., Any], tiny_config: Callable[..., str],
 
     with server.client(key) as http:
         add(http, slow_graph(lm, 1500, 4))  # busy while the lone job is named
-        scene.alone = add(http, generation(lm, PROMPTS[0]))
+        scene.alone = add(http, lone(lm, PROMPTS[0]))
         hang.write_text(scene.alone)
         assert wait_for(http, scene.alone, ("RUNNING", *TERMINAL))["status"] == "RUNNING"
-        scene.after_alone = add(http, generation(lm, PROMPTS[1]))
+        scene.after_alone = add(http, lone(lm, PROMPTS[1]))
         scene.shared = [add(http, record(lm, prompt)) for prompt in PROMPTS[1:]]
-        scene.after_pass = add(http, generation(lm, PROMPTS[2]))
+        scene.after_pass = add(http, lone(lm, PROMPTS[2]))
         hang.write_text("\n".join(scene.shared))
         kill_worker()  # mid-job: the lone job's worker
         for job in scene.shared:  # the restarted worker holds them, in one pass

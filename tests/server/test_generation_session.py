@@ -1,6 +1,8 @@
 """The worker's side of a generation session (server/generation.run_session), against a
-stand-in parent: a job that runs between two steps is answered before the next step, and
-the generation still steps between any two such messages."""
+stand-in parent: without a lane, a job that runs between two steps is answered before the
+next step, and the generation still steps between any two such messages; with one
+(server/beside.py), such a job runs beside the batch and is answered there, a dropped
+generate job is answered CANCELLED, and every job gets exactly one answer."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 import torch
 
 from nnglass import LanguageModel
+from nnglass.server.beside import Lane
 from nnglass.server.generation import run_session
 from service_fixtures import recording
 
@@ -26,10 +29,17 @@ class Replica:
     def _load(self, request: dict[str, Any]) -> Any:
         return self.graphs[request["job"]]
 
+    @property
+    def module(self) -> Any:
+        return self.lm.module
+
     def batch(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"batch": self._shared(requests)}
+
+    def _shared(self, requests: list[dict[str, Any]], send: Any = None) -> list[dict[str, Any]]:
         for r in requests:
             self.saved[r["job"]] = self.lm.run_graph(self.graphs[r["job"]])
-        return {"batch": [{"job": r["job"], "status": "COMPLETED"} for r in requests]}
+        return [{"job": r["job"], "status": "COMPLETED"} for r in requests]
 
     def _store(self, request: dict[str, Any], graph: Any, saved: dict[int, Any]) -> int:
         self.saved[request["job"]] = saved
@@ -71,4 +81,36 @@ def test_a_job_between_steps_is_answered_before_the_next_step(tiny_dir: Path) ->
     for i in range(3):
         torch.testing.assert_close(replica.saved[f"trace{i}"], lm.run_graph(graphs[f"trace{i}"]))
     alone = lm.run_graph(gen.graph)
+    assert all(torch.equal(alone[k], replica.saved["gen"][k]) for k in alone)
+
+
+def test_with_a_lane_other_jobs_are_answered_beside_the_batch(tiny_dir: Path) -> None:
+    lm = LanguageModel(str(tiny_dir), name="tiny")
+    graphs: dict[str, Any] = {}
+    for name in ("gen", "dropped"):
+        with recording(lm.generate(f"a generation {name}", max_new_tokens=6, min_new_tokens=6)) as gen:
+            gen.result.save()
+        graphs[name] = gen.graph
+    with recording(lm.trace("a trace")) as trace:
+        lm.output.logits.save()
+    graphs["trace"] = trace.graph
+    replica = Replica(lm, graphs)
+    beside: list[dict[str, Any]] = []
+    lane = Lane(replica, beside.append)  # type: ignore[arg-type]
+    messages: list[dict[str, Any]] = []
+
+    def converse(message: dict[str, Any]) -> dict[str, Any]:
+        messages.append(message)
+        return {1: {"more": [{"job": "trace"}]}, 2: {"drop": ["dropped"]}}.get(len(messages), {})
+
+    run_session(replica, [{"job": "gen"}, {"job": "dropped"}], converse, lane=lane)  # type: ignore[arg-type]
+    lane.wait(30)
+    assert not lane.busy
+    in_steps = [(a["job"], a["status"]) for m in messages for a in m["answers"]]
+    assert sorted(in_steps) == [("dropped", "CANCELLED"), ("gen", "COMPLETED")]
+    assert [[(a["job"], a["status"]) for a in m["answers"]] for m in beside] == [[("trace", "COMPLETED")]]
+    assert all(m["beside"] for m in beside)
+    assert sum(len(m["steps"]) for m in messages) == 6  # the generation's forwards, none lost
+    torch.testing.assert_close(replica.saved["trace"], lm.run_graph(graphs["trace"]))
+    alone = lm.run_graph(graphs["gen"])
     assert all(torch.equal(alone[k], replica.saved["gen"][k]) for k in alone)
