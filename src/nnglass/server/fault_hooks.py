@@ -6,7 +6,8 @@ before any hook runs. Each names a job id, or the absolute path of a file of job
 read at each request (so a server test can name a job once the server has given it its
 id). While the file named by
 NNGLASS_WORKER_TEST_GATE exists, each generation step waits after its step line, so a
-test can see a job stream while it is still RUNNING.
+test can see a job stream while it is still RUNNING (jobs beside a session's batch,
+server/beside.py, do not wait: a test sees them end while a step is held).
 
 Nothing here runs unless a variable is set; a job id never holds a "/", so an absolute
 path is always a file of ids.
