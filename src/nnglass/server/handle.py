@@ -285,4 +285,3 @@ def _read_lines(stream: IO[bytes], into: queue.Queue[dict[str, Any] | None]) -> 
     finally:
         stream.close()
         into.put(None)
-
