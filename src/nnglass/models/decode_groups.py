@@ -18,10 +18,17 @@ Invariants:
   length; its content is read by none of them), so every row gets what its own job's
   call gives it: the same scores, the same argmax; a sampling job draws from its own
   generator over its own rows, one `multinomial` a step, as alone.
+- The two length processors (a minimum length, a minimum of new tokens) are applied as
+  what they compute: while the minimum is not reached, EOS's scores become -inf, the
+  others stay (their `torch.where` over an EOS mask, bit for bit); once it is, nothing.
+  That is one in-place fill of the group's own copy of the scores, instead of a clone,
+  a mask and a `where` over [rows, vocab] each, every step. Every other processor is
+  transformers' own call.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
 # Processors whose output row is a function of that row's scores alone (and their fields).
 _SCORES_ONLY = frozenset({"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
                           "MinPLogitsWarper"})
+_INDEX_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
 
 
 def _frozen(x: Any) -> Hashable:
@@ -97,7 +105,7 @@ def choose_group(rules: DecodeRules, members: Sequence[tuple[torch.Tensor, torch
     order of their rows in `logits` ([sum of rows, vocab], the last position's)."""
     first = members[0][0]
     stand_in = first[:1].expand(logits.shape[0], first.shape[1])  # the length the key fixed
-    scores = rules.processors(stand_in, logits.to(copy=True, dtype=torch.float32))
+    scores = _processed(rules, stand_in, logits.to(copy=True, dtype=torch.float32))
     sizes = [ids.shape[0] for ids, _, _ in members]
     if rules.do_sample:
         probs = torch.nn.functional.softmax(scores, dim=-1)
@@ -112,3 +120,38 @@ def choose_group(rules: DecodeRules, members: Sequence[tuple[torch.Tensor, torch
     going = unfinished & ~rules.stopping(after, None)
     return [(torch.cat([ids, t[:, None]], dim=-1), u)
             for (ids, _, _), t, u in zip(members, tokens.split(sizes), going.split(sizes))]
+
+
+def _processed(rules: DecodeRules, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """`rules.processors(ids, scores)` (the whitelisted ones, in their order); `scores`: the
+    group's own copy, which the length processors' EOS mask fills in place."""
+    length, vocab = ids.shape[1], scores.shape[-1]
+    for p in rules.processors:
+        eos = _eos_mask(p, length, vocab)
+        if eos is None:
+            scores = p(ids, scores)  # LogitsProcessorList's own call of a two-argument processor
+        elif eos.numel():
+            scores.index_fill_(-1, eos.to(scores.device), -math.inf)
+    return scores
+
+
+def _eos_mask(p: Any, length: int, vocab: int) -> torch.Tensor | None:
+    """A length processor's EOS ids to mask at this length (empty: its minimum is reached);
+    None: call the processor itself (another kind, or ids that are not plain vocabulary
+    indices, whose `isin` mask an index fill would not give)."""
+    name = type(p).__name__
+    if name == "MinNewTokensLengthLogitsProcessor":
+        active = length - p.prompt_length_to_skip < p.min_new_tokens
+    elif name == "MinLengthLogitsProcessor":
+        active = length < p.min_length
+    else:
+        return None
+    eos = p.eos_token_id
+    if not isinstance(eos, torch.Tensor) or eos.dtype not in _INDEX_DTYPES or eos.dim() > 1:
+        return None
+    eos = eos.reshape(-1)
+    if not active:
+        return eos[:0]
+    if not all(0 <= i < vocab for i in eos.tolist()):
+        return None
+    return eos

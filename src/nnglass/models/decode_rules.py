@@ -18,7 +18,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,8 @@ class DecodeRules:
     do_sample: bool
     pad: torch.Tensor | None  # what a finished row gets while the others go on
     eos_stops: bool
+    # group keys by (ids length, device type): all a key depends on besides these rules
+    _keys: dict[tuple[int, str], Hashable | None] = field(default_factory=dict, repr=False, compare=False)
 
     def choose(self, ids: torch.Tensor, logits: torch.Tensor, unfinished: torch.Tensor,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +54,12 @@ class DecodeRules:
     def group(self, ids: torch.Tensor) -> Hashable | None:
         """Jobs with equal keys may pick this step's tokens in one `choose_many` (None:
         this job picks alone): models/decode_groups.py."""
-        return group_key(self, ids)
+        at = (ids.shape[1], ids.device.type)
+        try:
+            return self._keys[at]
+        except KeyError:
+            key = self._keys[at] = group_key(self, ids)
+            return key
 
     def choose_many(self, members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Generator]],
                     logits: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
