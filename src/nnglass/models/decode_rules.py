@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .decode_groups import choose_group, group_key
+from .decode_groups import choose_group, group_key, key_template
 
 
 @dataclass
@@ -33,8 +33,7 @@ class DecodeRules:
     do_sample: bool
     pad: torch.Tensor | None  # what a finished row gets while the others go on
     eos_stops: bool
-    # group keys by (ids length, device type): all a key depends on besides these rules
-    _keys: dict[tuple[int, str], Hashable | None] = field(default_factory=dict, repr=False, compare=False)
+    _template: Any = field(default=None, repr=False, compare=False)  # of its group keys, once
 
     def choose(self, ids: torch.Tensor, logits: torch.Tensor, unfinished: torch.Tensor,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,12 +53,9 @@ class DecodeRules:
     def group(self, ids: torch.Tensor) -> Hashable | None:
         """Jobs with equal keys may pick this step's tokens in one `choose_many` (None:
         this job picks alone): models/decode_groups.py."""
-        at = (ids.shape[1], ids.device.type)
-        try:
-            return self._keys[at]
-        except KeyError:
-            key = self._keys[at] = group_key(self, ids)
-            return key
+        if self._template is None:
+            self._template = (key_template(self),)
+        return group_key(self._template[0], ids)
 
     def choose_many(self, members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Generator]],
                     logits: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
