@@ -12,7 +12,8 @@ Invariants:
 - Sampling draws from the job's generator only, one `multinomial` over its rows a step:
   the draws `generate` makes from the process RNG seeded with the same seed.
 - Jobs whose rules act alike this step pick together (`group`, `choose_many`:
-  models/decode_groups.py), each row getting what `choose` gives it alone.
+  models/decode_groups.py), each row getting what `choose` gives it alone (bit for bit,
+  also where a group applies the two minimum-length processors' EOS mask itself).
 """
 
 from __future__ import annotations
