@@ -20,7 +20,10 @@ median; its CPU seconds too, which a busy machine inflates far less than wall ti
 
 - plain padded `generate` of the 32 prompts (transformers, no interventions);
 - transformers' `generate_batch` (continuous batching, paged cache; no interventions);
-- the nnglass continuous batch in this process (runtime/decode_batch.py, the 32 jobs);
+- the nnglass continuous batch in this process (runtime/decode_batch.py, the 32 jobs), all
+  joining in one prompt forward (as plain `generate` prefills its batch), and again with the
+  prompts joining at most the server's `join_tokens` padded tokens a step (as the server
+  admits them: several prompt forwards of a few rows before the first decode step);
 - the same jobs one at a time (the lone path, `lm.run_graph`): `--alone` of them, scaled;
 - the server (`_service_server.py`, defaults): 32 clients submit at once; new tokens /
   (last result decoded - first POST). Every server result is checked against the lone run.
@@ -58,6 +61,7 @@ from cobatch import MODEL, RESULTS, ROOT, Server, job, prompts, record
 from nnglass import LanguageModel
 from nnglass.graph.ir import Graph
 from nnglass.models.batched_generate import decode_batch, generate_job
+from nnglass.server.config import ModelConfig
 
 OUT = RESULTS.with_name("cobatch_generate.json")
 LAYER = 3
@@ -99,8 +103,8 @@ def rounds(rows: dict[str, Any], n: int) -> dict[str, tuple[float, float]]:
             for name, t in seen.items()}
 
 
-def in_process(lm: LanguageModel, graphs: list[Graph]) -> list[Any]:
-    batch = decode_batch(lm)
+def in_process(lm: LanguageModel, graphs: list[Graph], prefill_tokens: int | None = None) -> list[Any]:
+    batch = decode_batch(lm, prefill_tokens=prefill_tokens)
     for i, g in enumerate(graphs):
         batch.add(generate_job(lm, g, i))
     out: list[Any] = [None] * len(graphs)
@@ -219,10 +223,14 @@ def main() -> None:
                                         continuous_batching_config=paged, progress_bar=False)
 
     shared: list[Any] = []
+    budgeted: list[Any] = []
+    budget = args.join_tokens if args.join_tokens is not None else ModelConfig.join_tokens
     rows = {"plain padded generate (no interventions)": plain,
             "transformers generate_batch (no interventions)": continuous,
             "nnglass continuous batch, in process (steered)": lambda: shared.__setitem__(
-                slice(None), in_process(lm, graphs))}
+                slice(None), in_process(lm, graphs)),
+            f"the same, prompts joining {budget} padded tokens a step (as the server)":
+                lambda: budgeted.__setitem__(slice(None), in_process(lm, graphs, budget))}
     if not args.rounds:  # the server rows only: the in-process batch once, for the checks
         rows = {k: v for k, v in rows.items() if "nnglass" in k}
     for name, fn in list(rows.items()):  # warm each (first calls build caches); drop what fails
@@ -236,8 +244,9 @@ def main() -> None:
     took, alone = timed(lambda: [lm.run_graph(g) for g in graphs[: args.alone]])
     if args.rounds:
         note(f"same jobs one at a time (lone path, {args.alone} of {n})", args.alone * new / took)
-    for a, b in zip(alone, shared):
-        assert all(torch.equal(a[k], b[k]) for k in a), "the batch differs from the lone run"
+    for i, a in enumerate(alone):  # each batch that ran, against the lone runs
+        for batch in (b for b in (shared, budgeted) if b):
+            assert all(torch.equal(a[k], batch[i][k]) for k in a), "the batch differs from the lone run"
     probe = record(lm, ps[-1][:, :8])
     home = Path(tempfile.mkdtemp(prefix="cobatch-gen-"))
     model = "".join(f"{k} = {v}\n" for k, v in (("join_tokens", args.join_tokens),

@@ -122,3 +122,52 @@ def test_a_batch_of_alike_jobs_picks_once_a_step_and_equals_their_lone_runs(
                     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
                 else:
                     assert torch.equal(a, b)
+
+
+def test_groups_whose_rows_interleave_and_eos_masks_equal_their_lone_runs(
+        lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy and sampled jobs in turn (each group's rows are not one run of the batch's), with
+    minimums of new tokens that end inside the generation and an EOS that is likely: each job's tokens
+    and logits are its lone run's, and each group still picks in one call a step."""
+    eos = int(lm.module(torch.tensor([[7, 8, 9]])).logits[0, -1].argmax())  # greedy's likely next
+    layer = lm.transformer.h[0] if "gpt2" in lm.name else lm.model.layers[0]
+
+    def graph(prompt: str, i: int, **options: Any) -> Any:
+        with recording(lm.generate(prompt, max_new_tokens=5, eos_token_id=eos, **options)) as t:
+            with t.all():
+                layer.output[:] += 0.05 * i
+                lm.output.logits.save()
+            t.result.save()
+        return t.graph
+
+    prompts = ["a", "a longer prompt", "mid size", "b", "the widest prompt of all", "cd"]
+    graphs = [graph(p, i, min_new_tokens=3) if i % 2 == 0 else
+              graph(p, i, do_sample=True, top_k=9, seed=i, min_new_tokens=2)
+              for i, p in enumerate(prompts)]
+    calls: list[int] = []
+    choose_many = DecodeRules.choose_many
+
+    def counted(self: DecodeRules, members: Any, logits: torch.Tensor) -> Any:
+        calls.append(len(members))
+        return choose_many(self, members, logits)
+
+    monkeypatch.setattr(DecodeRules, "choose_many", counted)
+    batch = decode_batch(lm)
+    for i, g in enumerate(graphs):
+        batch.add(generate_job(lm, g, i))
+    shared: dict[int, Any] = {}
+    while len(batch):
+        for f in batch.step():
+            assert f.error is None, f.error
+            shared[f.key] = f.saved
+    assert calls and max(calls) == 3  # the greedy three and the sampled three, each in one call
+    for i, g in enumerate(graphs):
+        alone = lm.run_graph(g)
+        for k, v in alone.items():
+            pairs = zip(v, shared[i][k]) if isinstance(v, list) else [(v, shared[i][k])]
+            for a, b in pairs:
+                a, b = lmf.unwrap(getattr(a, "logits", a)), lmf.unwrap(getattr(b, "logits", b))
+                if a.is_floating_point():
+                    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+                else:
+                    assert torch.equal(a, b)

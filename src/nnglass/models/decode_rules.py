@@ -12,18 +12,19 @@ Invariants:
 - Sampling draws from the job's generator only, one `multinomial` over its rows a step:
   the draws `generate` makes from the process RNG seeded with the same seed.
 - Jobs whose rules act alike this step pick together (`group`, `choose_many`:
-  models/decode_groups.py), each row getting what `choose` gives it alone.
+  models/decode_groups.py), each row getting what `choose` gives it alone (bit for bit,
+  also where a group applies the two minimum-length processors' EOS mask itself).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .decode_groups import choose_group, group_key
+from .decode_groups import choose_group, group_key, key_template
 
 
 @dataclass
@@ -33,6 +34,7 @@ class DecodeRules:
     do_sample: bool
     pad: torch.Tensor | None  # what a finished row gets while the others go on
     eos_stops: bool
+    _template: Any = field(default=None, repr=False, compare=False)  # of its group keys, once
 
     def choose(self, ids: torch.Tensor, logits: torch.Tensor, unfinished: torch.Tensor,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +54,9 @@ class DecodeRules:
     def group(self, ids: torch.Tensor) -> Hashable | None:
         """Jobs with equal keys may pick this step's tokens in one `choose_many` (None:
         this job picks alone): models/decode_groups.py."""
-        return group_key(self, ids)
+        if self._template is None:
+            self._template = (key_template(self),)
+        return group_key(self._template[0], ids)
 
     def choose_many(self, members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Generator]],
                     logits: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

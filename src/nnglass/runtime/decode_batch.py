@@ -192,6 +192,9 @@ class DecodeBatch:
                 done.append(Finished(r.job.key, None, e, disrupted=True))
                 r.interp.close()
             return done
+        if len(keep) == len(started):  # every row stays: no copy of the cache
+            self._join(keep, cache, mask, positions[:, -1])
+            return done
         rows = torch.tensor([i for r in keep for i in _rows_of(started, r)], dtype=torch.long)
         cache.batch_select_indices(rows.to(ids.device))
         self._join(keep, cache, mask[rows], positions[rows, -1])
@@ -284,7 +287,7 @@ class DecodeBatch:
                     key = None
                 groups.setdefault(("alone", id(r)) if key is None else key, []).append((r, offset))
             offset += r.rows
-        going: list[_Running] = []
+        picked_all: list[_Running] = []
         for group in groups.values():
             picked = self._pick_together(group, logits) if len(group) > 1 else None
             for n, (r, at) in enumerate(group):
@@ -300,10 +303,19 @@ class DecodeBatch:
                     done.append(_failed(r.job.key, e))
                     r.interp.close()
                     continue
-                if bool(r.unfinished.any()):
-                    going.append(r)
-                else:
-                    done.append(_finish(r))
+                picked_all.append(r)
+        if not picked_all:
+            return []
+        # Which rows go on, read once for every job (not one `.any()` and sync a job).
+        flags = torch.cat([r.unfinished for r in picked_all]).tolist()
+        going: list[_Running] = []
+        at = 0
+        for r in picked_all:
+            if any(flags[at:at + r.rows]):
+                going.append(r)
+            else:
+                done.append(_finish(r))
+            at += r.rows
         order = {id(r): i for i, r in enumerate(members)}
         return sorted(going, key=lambda r: order[id(r)])  # the rows stay in cache order
 
@@ -311,10 +323,15 @@ class DecodeBatch:
     def _pick_together(group: list[tuple[_Running, int]], logits: torch.Tensor) -> list[Any] | None:
         """One `choose_many` over the group's rows; None when it fails (each then picks alone,
         so only a job whose own pick fails ends with an error)."""
-        rows = torch.cat([torch.arange(at, at + r.rows) for r, at in group]).to(logits.device)
+        start, stop = group[0][1], group[-1][1] + group[-1][0].rows
+        if stop - start == sum(r.rows for r, _ in group):  # their rows are one run: a view
+            rows = logits[start:stop]
+        else:
+            index = torch.cat([torch.arange(at, at + r.rows) for r, at in group]).to(logits.device)
+            rows = logits.index_select(0, index)
         try:
-            return group[0][0].job.rules.choose_many(
-                [(r.ids, r.unfinished, r.generator) for r, _ in group], logits.index_select(0, rows))
+            members = [(r.ids, r.unfinished, r.generator) for r, _ in group]
+            return group[0][0].job.rules.choose_many(members, rows)
         except Exception:
             return None
 
