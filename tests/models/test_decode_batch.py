@@ -118,21 +118,28 @@ def test_mixed_jobs_in_one_batch_equal_their_lone_runs(lm: LanguageModel) -> Non
 
 
 def test_joiners_over_the_prefill_budget_join_at_the_next_steps(lm: LanguageModel) -> None:
-    """At most `prefill_tokens` padded prompt tokens join in one step (the first joiner
-    always); the others join, in order, at the next steps, before the decode while more
-    rows wait than run; every job's numbers are still its lone run's."""
+    """While rows run, at most `prefill_tokens` padded prompt tokens join in one step (the
+    first joiner always); the others join, in order, at the next steps, before the decode
+    while more rows wait than run. With no row running, no step waits: all join at once.
+    Every job's numbers are still its lone run's."""
     graphs = [record(lm, p, n, steered(lm, i % 2, 0.2 * (i + 1)), min_new_tokens=n)
               for i, (p, n) in enumerate([("abcd", 4), (["wxyz", "qrst"], 3), ("efgh", 5), ("ijkl", 2),
                                           ("a much longer prompt", 3)])]
     width = lm.tokenizer("abcd", return_tensors="pt")["input_ids"].shape[1]
-    shared, passes = run_batch(lm, graphs, prefill_tokens=3 * width)
+    shared, passes = run_batch(lm, graphs, prefill_tokens=3 * width)  # nothing runs yet
     for i, g in enumerate(graphs):
+        assert shared[i].error is None, shared[i].error
+        same(lm.run_graph(g), shared[i].saved)
+    assert [p for p in passes if p[0] == "prefill"] == [("prefill", 6, 5)]
+    running = record(lm, "mnop", 8, steered(lm, 0, 0.1), min_new_tokens=8)
+    shared, passes = run_batch(lm, [running], joins={1: graphs}, prefill_tokens=3 * width)
+    for i, g in enumerate([running, *graphs]):
         assert shared[i].error is None, shared[i].error
         same(lm.run_graph(g), shared[i].saved)
     # rows x widest prompt within 3 widths: 1 + 2 rows, then 1 + 1 (a third would be 3 x 4),
     # then the long prompt alone (over the budget by itself: the first joiner always joins)
     prefills = [p for p in passes if p[0] == "prefill"]
-    assert prefills == [("prefill", 3, 2), ("prefill", 2, 2), ("prefill", 1, 1)]
+    assert prefills == [("prefill", 1, 1), ("prefill", 3, 2), ("prefill", 2, 2), ("prefill", 1, 1)]
     # One running row, four joiners of one width each: while more rows wait than run, a
     # step is only the next joiner's prompt (the running row waits; all end together).
     first = record(lm, "abcd", 6, steered(lm, 0, 0.3), min_new_tokens=6)

@@ -3,10 +3,10 @@ pass, over one left-padded KV cache; each joins at a step boundary and leaves at
 own end (its `max_new_tokens`, or EOS on all of its rows).
 
 One `step()`: the jobs that joined run their prompt (step 0) in one forward, left-padded
-to one width (at most `prefill_tokens` padded tokens of them: the others, in order, at the
-next steps), and their rows of the KV cache join the batch's; then every running job
-runs its next step in one decode forward (one new token a row, the attention mask and
-position ids per row), unless more rows still wait to join than run: then the next
+to one width (at most `prefill_tokens` padded tokens of them while other rows run: the
+others, in order, at the next steps; all of them when none runs), and their rows of the
+KV cache join the batch's; then every running job runs its next step in one decode
+forward (one new token a row, the attention mask and position ids per row), unless more rows still wait to join than run: then the next
 joiners' prompt goes first (a step is one bounded forward, and the rows end together).
 Finished jobs leave by index-select of the cache; columns no row needs any more are
 dropped from its left (runtime/kv_rows.py).
@@ -144,8 +144,8 @@ class DecodeBatch:
                     r.interp.close()  # its hooks and values go now, as a finished job's do
             self._keep([r for r in self.running if r.job.key not in self._dropped])
             self._dropped.clear()
-        if self.waiting:
-            n = _within(self.waiting, self.prefill_tokens)
+        if self.waiting:  # with no row running, no step waits on the prefill: all at once
+            n = _within(self.waiting, self.prefill_tokens if self.running else None)
             joining, self.waiting = self.waiting[:n], self.waiting[n:]
             done += self._prefill(joining)
         # More rows still to join than run: their prompts go first, so that all end together

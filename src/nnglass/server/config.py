@@ -99,8 +99,9 @@ class ModelConfig:
     share_wait_s: float = 0.005  # how long a pass that is not full waits for more jobs to arrive
     # Generate jobs joining a running generation (server/generation.py) at a step boundary
     # are gathered while more keep arriving, gaps under join_wait_s (the batch waits
-    # meanwhile, at most 20x it); a step runs at most join_tokens padded tokens of their
-    # prompts (the rest at the next steps, before the decode while more rows wait than run).
+    # meanwhile, at most 20x it); while rows run, a step runs at most join_tokens padded
+    # tokens of their prompts (the rest at the next steps, before the decode while more rows
+    # wait than run); with none running, all of them at once.
     join_wait_s: float = 0.02
     join_tokens: int = 128
     # How long a pass may wait for the submissions this server is already taking in when it

@@ -1,9 +1,9 @@
 """The worker's side of a continuous generation session: generate jobs join and leave one
 running batch (runtime/decode_batch.py) at step boundaries, and other jobs run beside it
 (server/beside.py) from the moment they arrive, so a small trace never waits for the step
-that runs when it comes. The joiners' prompts take at most the model's `join_tokens`
-padded tokens a step (the worker's start config; the rest at the next steps), so a step
-that admits them stays short.
+that runs when it comes. While rows run, the joiners' prompts take at most the model's
+`join_tokens` padded tokens a step (the worker's start config; the rest at the next
+steps), so a step that admits them stays short; a session's first step takes them all.
 
 Protocol (JSON lines; the steps in lockstep, so neither side ever guesses what the other knows):
   parent → child: {"stream": [request, ...]}
