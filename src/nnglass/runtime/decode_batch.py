@@ -6,8 +6,9 @@ One `step()`: the jobs that joined run their prompt (step 0) in one forward, lef
 to one width (at most `prefill_tokens` padded tokens of them while other rows run: the
 others, in order, at the next steps; all of them when none runs), and their rows of the
 KV cache join the batch's; then every running job runs its next step in one decode
-forward (one new token a row, the attention mask and position ids per row), unless more rows still wait to join than run: then the next
-joiners' prompt goes first (a step is one bounded forward, and the rows end together).
+forward (one new token a row, the attention mask and position ids per row), unless more
+rows still wait to join than run: then the next joiners' prompt goes first (a step is one
+bounded forward, and the rows end together).
 Finished jobs leave by index-select of the cache; columns no row needs any more are
 dropped from its left (runtime/kv_rows.py).
 
