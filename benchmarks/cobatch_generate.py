@@ -23,10 +23,12 @@ median; its CPU seconds too, which a busy machine inflates far less than wall ti
 - the nnglass continuous batch in this process (runtime/decode_batch.py, the 32 jobs), all
   joining in one prompt forward (as plain `generate` prefills its batch), and again with the
   prompts joining at most the server's `join_tokens` padded tokens a step (as the server
-  admits them: several prompt forwards of a few rows before the first decode step);
+  admits them: all at once while no row runs, then at most that many tokens a step);
 - the same jobs one at a time (the lone path, `lm.run_graph`): `--alone` of them, scaled;
 - the server (`_service_server.py`, defaults): 32 clients submit at once; new tokens /
-  (last result decoded - first POST). Every server result is checked against the lone run.
+  (last result decoded - first POST), `--rounds` times (median), each round followed by a
+  plain `generate` (its ratio to that run, same minute, is printed too). Every server
+  result is checked against the lone run.
 - latency of a small job (one trace of 8 tokens, one save) on the idle server, and
   submitted while the 32 generations run again (a second round after the throughput one,
   so that the probes' own work on the worker is not in the throughput row): p50 and p95 of
@@ -249,17 +251,24 @@ def main() -> None:
             assert all(torch.equal(a[k], batch[i][k]) for k in a), "the batch differs from the lone run"
     probe = record(lm, ps[-1][:, :8])
     home = Path(tempfile.mkdtemp(prefix="cobatch-gen-"))
-    model = "".join(f"{k} = {v}\n" for k, v in (("join_tokens", args.join_tokens),
+    settings = "".join(f"{k} = {v}\n" for k, v in (("join_tokens", args.join_tokens),
                                                  ("join_wait_s", args.join_wait_s)) if v is not None)
     limits = f"[models.policy.limits]\nrun_seconds = {args.run_seconds:g}"
-    server = Server(home, args.threads, model + limits, n + 1)
+    server = Server(home, args.threads, settings + limits, n + 1)
     try:
         job(server.url, server.keys[0], graphs[0], threading.Barrier(1))  # warm
         idle = latency(server, probe, args.probes, args.probe_gap, 0)
         print(f"idle small-job latencies {np.round(idle, 3).tolist()}", file=sys.stderr, flush=True)
-        out, _ = generations(server, graphs, shared)
-        note(f"server, {n} concurrent steered generate jobs", tokens / (
-            max(r["t3"] for r in out) - min(r["t0"] for r in out)))
+        # Rounds of the server row too (median; one round moves by +-0.1x on a quiet
+        # machine), each next to a plain `generate` of the same minute: the ratio per round.
+        served: list[float] = []
+        paired: list[float] = []
+        for _ in range(max(1, args.rounds)):
+            out, _ = generations(server, graphs, shared)
+            served.append(tokens / (max(r["t3"] for r in out) - min(r["t0"] for r in out)))
+            if args.rounds:
+                paired.append(served[-1] / (tokens / timed(plain)[0]))
+        note(f"server, {n} concurrent steered generate jobs", float(np.median(served)))
         _, busy = generations(server, graphs, shared, lambda running: latency(
             server, probe, args.probes, args.probe_gap, 1, running))
         print(f"busy small-job latencies {np.round(busy, 3).tolist()}", file=sys.stderr, flush=True)
@@ -272,6 +281,7 @@ def main() -> None:
                               "busy_p95": float(np.percentile(busy, 95)),
                               "idle_p50": float(np.median(idle)), "busy_p50": float(np.median(busy)),
                               "idle": idle, "busy": busy},
+              "server_rounds_tokens_per_s": served, "server_over_plain_same_minute": paired,
               "generate_jobs": phases(out), "batching": batching, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.write_text(json.dumps(result, indent=2))
@@ -286,6 +296,8 @@ def main() -> None:
                  f"{s['busy_p95']:.3f} s ({s['busy_p95'] / s['idle_p95']:.2f}x); p50 {s['idle_p50']:.3f} s, "
                  f"{s['busy_p50']:.3f} s ({s['busy_p50'] / s['idle_p50']:.2f}x); "
                  f"{len(idle)} and {len(busy)} probes")
+    lines.append(f"server rounds, tokens/s: {[round(v, 1) for v in served]}; each / the plain generate "
+                 f"run right after it: {[round(v, 2) for v in paired]}")
     lines.append("generate jobs (s): " + json.dumps(result["generate_jobs"]))
     lines.append("batching: " + json.dumps(batching))
     print("\n".join(lines))
