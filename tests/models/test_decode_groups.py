@@ -95,33 +95,9 @@ def test_a_batch_of_alike_jobs_picks_once_a_step_and_equals_their_lone_runs(
     graphs = [graph(p, i) for i, p in enumerate(prompts)]
     graphs += [graph(p, i, do_sample=True, top_k=9, seed=i) for i, p in enumerate(prompts[:3])]
     graphs.append(graph("penalised", 9, repetition_penalty=1.5))  # picks alone
-    calls: list[int] = []
-    choose_many = DecodeRules.choose_many
-
-    def counted(self: DecodeRules, members: Any, logits: torch.Tensor) -> Any:
-        calls.append(len(members))
-        return choose_many(self, members, logits)
-
-    monkeypatch.setattr(DecodeRules, "choose_many", counted)
-    batch = decode_batch(lm)
-    for i, g in enumerate(graphs):
-        batch.add(generate_job(lm, g, i))
-    shared: dict[int, Any] = {}
-    while len(batch):
-        for f in batch.step():
-            assert f.error is None, f.error
-            shared[f.key] = f.saved
+    calls, shared = batched_counting_picks(lm, graphs, monkeypatch)
     assert sorted(set(calls)) == [3, 5] and len(calls) == 2 * 5  # greedy and sampled: 5 steps each
-    for i, g in enumerate(graphs):
-        alone = lm.run_graph(g)
-        for k, v in alone.items():
-            pairs = zip(v, shared[i][k]) if isinstance(v, list) else [(v, shared[i][k])]
-            for a, b in pairs:
-                a, b = lmf.unwrap(getattr(a, "logits", a)), lmf.unwrap(getattr(b, "logits", b))
-                if a.is_floating_point():
-                    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-                else:
-                    assert torch.equal(a, b)
+    same_as_alone(lm, graphs, shared)
 
 
 def test_groups_whose_rows_interleave_and_eos_masks_equal_their_lone_runs(
@@ -144,6 +120,15 @@ def test_groups_whose_rows_interleave_and_eos_masks_equal_their_lone_runs(
     graphs = [graph(p, i, min_new_tokens=3) if i % 2 == 0 else
               graph(p, i, do_sample=True, top_k=9, seed=i, min_new_tokens=2)
               for i, p in enumerate(prompts)]
+    calls, shared = batched_counting_picks(lm, graphs, monkeypatch)
+    assert calls and max(calls) == 3  # the greedy three and the sampled three, each in one call
+    same_as_alone(lm, graphs, shared)
+
+
+def batched_counting_picks(lm: LanguageModel, graphs: list[Any],
+                           monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], dict[int, Any]]:
+    """The graphs run in one continuous batch: the size of each group pick call, and each
+    job's saves."""
     calls: list[int] = []
     choose_many = DecodeRules.choose_many
 
@@ -160,7 +145,11 @@ def test_groups_whose_rows_interleave_and_eos_masks_equal_their_lone_runs(
         for f in batch.step():
             assert f.error is None, f.error
             shared[f.key] = f.saved
-    assert calls and max(calls) == 3  # the greedy three and the sampled three, each in one call
+    return calls, shared
+
+
+def same_as_alone(lm: LanguageModel, graphs: list[Any], shared: dict[int, Any]) -> None:
+    """Each job's saves equal its lone run's: tokens exactly, logits allclose 1e-4."""
     for i, g in enumerate(graphs):
         alone = lm.run_graph(g)
         for k, v in alone.items():
