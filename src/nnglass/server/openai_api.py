@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -65,9 +66,10 @@ async def _complete(request: Request, service: Service, frontends: Frontends, ch
         try:
             body = await _read_json(request, service.config.max_request_bytes)
             req = parse_request(body, chat)
-            submit = closing(request.state.arrived, _submit)  # closed once queued
+            arrived = request.state.arrived
+            submit = closing(arrived, _submit)  # closed once queued (`arrived`), or refused
             frontend, job, plan = await asyncio.to_thread(submit, service, frontends, req,
-                                                          request.state.key_id)
+                                                          request.state.key_id, arrived)
         finally:  # queued or refused: a pass due now waits no more for it (arrivals.py)
             request.state.arrived()
     except NNglassError as e:
@@ -94,16 +96,17 @@ async def _complete(request: Request, service: Service, frontends: Frontends, ch
     return _whole(req, frontend, answer, job.id, created)
 
 
-def _submit(service: Service, frontends: Frontends, req: CompletionRequest,
-            key_id: str) -> tuple[Frontend, Job, Plan]:
-    """In a worker thread: a model's first request loads its tokenizer and config."""
+def _submit(service: Service, frontends: Frontends, req: CompletionRequest, key_id: str,
+            queued: Callable[[], None]) -> tuple[Frontend, Job, Plan]:
+    """In a worker thread: a model's first request loads its tokenizer and config.
+    `queued()` once the queue has the job (Service.submit)."""
     frontend = frontends.get(req.model)
     limit = service.config.model(req.model).policy.limits.new_tokens  # type: ignore[union-attr]
     if req.max_tokens is not None and req.max_tokens > limit:
         raise MalformedError(f"max_tokens: at most {limit} on model {req.model!r}, got {req.max_tokens}")
     ids = frontend.prompt_ids(req)
     graph_json, tensors, plan = frontend.build(req, ids, req.max_tokens or limit)
-    return frontend, service.submit(key_id, graph_json, tensors), plan
+    return frontend, service.submit(key_id, graph_json, tensors, queued), plan
 
 
 async def _read_json(request: Request, limit: int) -> Any:
